@@ -1,6 +1,9 @@
 //! persona: an inference engine for persona vectors.
 
+pub mod backend;
+pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod model;
 
 pub use error::{Error, Result};

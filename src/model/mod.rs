@@ -1,7 +1,15 @@
 //! Model files: configuration, weights (safetensors, GGUF), tokenizer and chat template.
 //! Knows nothing of execution.
 
+pub mod chat;
 pub mod config;
 pub mod gguf;
+// pub mod gguf_model; (enabled once gguf.rs lands)
 pub mod gguf_tokenizer;
+pub mod load;
+pub mod safetensors;
 pub mod tensor;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::ModelConfig;
+pub use load::ModelFiles;

@@ -1,0 +1,288 @@
+//! The forward pass, written once over [`Backend`]: embed → N × (norm, attention, residual,
+//! norm, MLP, residual) → norm → logits, for a batch of ragged sequences that each own a
+//! KV-cache slot. Prefill and decode are the same call.
+
+pub mod generate;
+pub mod sampler;
+
+use crate::backend::{AttnShape, Backend, KvLayer, TokenPos};
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::load::ModelTensors;
+use crate::model::tensor::HostTensor;
+
+struct Layer<B: Backend> {
+    attn_norm: B::Weight,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    bq: Option<B::Weight>,
+    bk: Option<B::Weight>,
+    bv: Option<B::Weight>,
+    wo: B::Weight,
+    mlp_norm: B::Weight,
+    w_gate: B::Weight,
+    w_up: B::Weight,
+    w_down: B::Weight,
+}
+
+/// A model's weights on a backend, ready to run.
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pub config: ModelConfig,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Weight,
+    lm_head: Option<B::Weight>,
+    rope: B::Weight,
+    /// Longest sequence the RoPE table covers.
+    pub max_context: usize,
+}
+
+/// KV cache for `slots` sequences of up to `capacity` tokens each, plus reusable scratch.
+pub struct KvCache<B: Backend> {
+    layers: Vec<KvLayer<B>>,
+    pub capacity: usize,
+    lens: Vec<usize>,
+    scratch: Option<Scratch<B>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+    /// Tokens already cached for `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens[slot]
+    }
+    /// Forget a slot's tokens so a new sequence can use it.
+    pub fn reset(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+}
+
+struct Scratch<B: Backend> {
+    tokens: usize,
+    h: B::Buf,
+    x: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    o: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    act: B::Buf,
+}
+
+/// One sequence's part of a forward call: new tokens appended to its slot.
+#[derive(Debug, Clone)]
+pub struct SeqInput<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    /// Logits for every new token (else only for the last one).
+    pub all_logits: bool,
+}
+
+/// What a forward call returns: logits rows (`[rows, vocab]`), and per sequence the range of rows
+/// that belong to it.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOutput {
+    pub logits: Vec<f32>,
+    pub vocab: usize,
+    pub rows: Vec<std::ops::Range<usize>>,
+    /// With `trace`: the residual stream at every index 0..=N, `[N+1][t][hidden]`.
+    pub residuals: Vec<Vec<f32>>,
+}
+
+impl ForwardOutput {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.logits[r * self.vocab..(r + 1) * self.vocab]
+    }
+    /// The last logits row of sequence `i` of the call.
+    pub fn last(&self, i: usize) -> &[f32] {
+        self.row(self.rows[i].end - 1)
+    }
+}
+
+/// `[positions, head_dim/2, 2]` cos/sin table (rotate-half convention), computed in f64.
+fn rope_table(cfg: &ModelConfig, positions: usize) -> HostTensor {
+    let inv = cfg.rope.inv_freq(cfg.head_dim);
+    let half = cfg.head_dim / 2;
+    let mut t = Vec::with_capacity(positions * half * 2);
+    for p in 0..positions {
+        for f in &inv {
+            // transformers computes the angle in f32; round the same way before cos/sin.
+            let a = (p as f32 * *f as f32) as f64;
+            t.push(a.cos() as f32);
+            t.push(a.sin() as f32);
+        }
+    }
+    HostTensor::from_f32("rope.cos_sin", vec![positions, half * 2], t)
+}
+
+impl<B: Backend> Engine<B> {
+    /// Upload a model's tensors. `max_context` bounds positions (and the RoPE table).
+    pub fn new(backend: B, config: ModelConfig, t: &ModelTensors, max_context: usize) -> Result<Self> {
+        let max_context = max_context.min(config.max_positions.max(1)).max(1);
+        let up = |x: &HostTensor| backend.upload(x);
+        let upo = |x: &Option<HostTensor>| x.as_ref().map(|x| backend.upload(x)).transpose();
+        let mut layers = Vec::with_capacity(t.layers.len());
+        for l in &t.layers {
+            layers.push(Layer {
+                attn_norm: up(&l.attn_norm)?,
+                wq: up(&l.wq)?,
+                wk: up(&l.wk)?,
+                wv: up(&l.wv)?,
+                bq: upo(&l.bq)?,
+                bk: upo(&l.bk)?,
+                bv: upo(&l.bv)?,
+                wo: up(&l.wo)?,
+                mlp_norm: up(&l.mlp_norm)?,
+                w_gate: up(&l.w_gate)?,
+                w_up: up(&l.w_up)?,
+                w_down: up(&l.w_down)?,
+            });
+        }
+        Ok(Engine {
+            embed: up(&t.embed)?,
+            final_norm: up(&t.final_norm)?,
+            lm_head: upo(&t.lm_head)?,
+            rope: up(&rope_table(&config, max_context))?,
+            layers,
+            config,
+            backend,
+            max_context,
+        })
+    }
+
+    fn attn_shape(&self, capacity: usize) -> AttnShape {
+        let c = &self.config;
+        AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, capacity }
+    }
+
+    /// A KV cache for `slots` sequences of up to `capacity` tokens.
+    pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<KvCache<B>> {
+        if capacity > self.max_context {
+            return Err(Error::Invalid(format!(
+                "a context of {capacity} tokens exceeds the model's limit of {}",
+                self.max_context
+            )));
+        }
+        let c = &self.config;
+        let n = slots * capacity * c.n_kv_heads * c.head_dim;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(KvLayer { k: self.backend.alloc(n)?, v: self.backend.alloc(n)? });
+        }
+        Ok(KvCache { layers, capacity, lens: vec![0; slots], scratch: None })
+    }
+
+    fn scratch(&self, tokens: usize) -> Result<Scratch<B>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let (h, q, kv, f) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate);
+        Ok(Scratch {
+            tokens,
+            h: b.alloc(tokens * h)?,
+            x: b.alloc(tokens * h)?,
+            q: b.alloc(tokens * q)?,
+            k: b.alloc(tokens * kv)?,
+            v: b.alloc(tokens * kv)?,
+            attn: b.alloc(tokens * q)?,
+            o: b.alloc(tokens * h)?,
+            gate: b.alloc(tokens * f)?,
+            up: b.alloc(tokens * f)?,
+            act: b.alloc(tokens * f)?,
+        })
+    }
+
+    /// Run the new tokens of each sequence through the model, appending them to the KV cache.
+    pub fn forward(&self, cache: &mut KvCache<B>, seqs: &[SeqInput], trace: bool) -> Result<ForwardOutput> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut out_rows = Vec::new();
+        let mut seen = vec![false; cache.slots()];
+        for s in seqs {
+            if s.slot >= cache.slots() {
+                return Err(Error::Invalid(format!("slot {} is outside the KV cache ({} slots)", s.slot, cache.slots())));
+            }
+            if std::mem::replace(&mut seen[s.slot], true) {
+                return Err(Error::Invalid(format!("slot {} appears twice in one forward call", s.slot)));
+            }
+            if s.tokens.is_empty() {
+                return Err(Error::Invalid(format!("sequence in slot {} has no new tokens", s.slot)));
+            }
+            let start = cache.lens[s.slot];
+            if start + s.tokens.len() > cache.capacity {
+                return Err(Error::Invalid(format!(
+                    "sequence in slot {} would reach {} tokens, beyond the KV cache capacity {}",
+                    s.slot,
+                    start + s.tokens.len(),
+                    cache.capacity
+                )));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= c.vocab) {
+                return Err(Error::Invalid(format!("token id {bad} is out of vocabulary (size {})", c.vocab)));
+            }
+            let first = out_rows.len();
+            for (i, &id) in s.tokens.iter().enumerate() {
+                if s.all_logits || i + 1 == s.tokens.len() {
+                    out_rows.push(tokens.len() as u32);
+                }
+                ids.push(id);
+                tokens.push(TokenPos { slot: s.slot as u32, pos: (start + i) as u32 });
+            }
+            rows.push(first..out_rows.len());
+        }
+        let t = tokens.len();
+        if cache.scratch.as_ref().is_none_or(|s| s.tokens < t) {
+            cache.scratch = Some(self.scratch(t)?);
+        }
+        let b = &self.backend;
+        let layout = b.layout(&tokens)?;
+        let shape = self.attn_shape(cache.capacity);
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let mut residuals = Vec::new();
+        let ws = cache.scratch.as_mut().expect("scratch allocated above");
+        let kv_layers = &mut cache.layers;
+
+        b.embed(&self.embed, &ids, c.hidden, &mut ws.h)?;
+        let first_norm = self.layers.first().map(|l| &l.attn_norm).unwrap_or(&self.final_norm);
+        b.residual_norm(&mut ws.h, None, first_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+        if trace {
+            residuals.push(b.read(&ws.h, t * c.hidden)?);
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            b.matmul(&ws.x, &l.wq, l.bq.as_ref(), t, &mut ws.q)?;
+            b.matmul(&ws.x, &l.wk, l.bk.as_ref(), t, &mut ws.k)?;
+            b.matmul(&ws.x, &l.wv, l.bv.as_ref(), t, &mut ws.v)?;
+            b.rope(&mut ws.q, &self.rope, &layout, t, nh, hd)?;
+            b.rope(&mut ws.k, &self.rope, &layout, t, nkv, hd)?;
+            b.attention(&ws.q, &ws.k, &ws.v, &mut kv_layers[li], &layout, t, shape, &mut ws.attn)?;
+            b.matmul(&ws.attn, &l.wo, None, t, &mut ws.o)?;
+            b.residual_norm(&mut ws.h, Some(&ws.o), &l.mlp_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+            b.matmul(&ws.x, &l.w_gate, None, t, &mut ws.gate)?;
+            b.matmul(&ws.x, &l.w_up, None, t, &mut ws.up)?;
+            b.silu_mul(&ws.gate, &ws.up, t * c.intermediate, &mut ws.act)?;
+            b.matmul(&ws.act, &l.w_down, None, t, &mut ws.o)?;
+            let next_norm = self.layers.get(li + 1).map(|n| &n.attn_norm).unwrap_or(&self.final_norm);
+            b.residual_norm(&mut ws.h, Some(&ws.o), next_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+            if trace {
+                residuals.push(b.read(&ws.h, t * c.hidden)?);
+            }
+        }
+        let n_out = out_rows.len();
+        let mut xs = b.alloc(n_out * c.hidden)?;
+        b.gather_rows(&ws.x, &out_rows, c.hidden, &mut xs)?;
+        let mut logits = b.alloc(n_out * c.vocab)?;
+        b.matmul(&xs, self.lm_head.as_ref().unwrap_or(&self.embed), None, n_out, &mut logits)?;
+        let logits = b.read(&logits, n_out * c.vocab)?;
+        for s in seqs {
+            cache.lens[s.slot] += s.tokens.len();
+        }
+        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals })
+    }
+}

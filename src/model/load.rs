@@ -1,0 +1,205 @@
+//! Load a model from a HF folder or a GGUF file into named host tensors (HF naming),
+//! plus its tokenizer and chat template.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
+use crate::model::config::ModelConfig;
+use crate::model::safetensors::SafetensorsSet;
+use crate::model::tensor::HostTensor;
+
+/// Weights of one decoder block, PyTorch layout (`[out, in]` for projections).
+#[derive(Debug, Clone)]
+pub struct LayerTensors {
+    pub attn_norm: HostTensor,
+    pub wq: HostTensor,
+    pub wk: HostTensor,
+    pub wv: HostTensor,
+    pub bq: Option<HostTensor>,
+    pub bk: Option<HostTensor>,
+    pub bv: Option<HostTensor>,
+    pub wo: HostTensor,
+    pub mlp_norm: HostTensor,
+    pub w_gate: HostTensor,
+    pub w_up: HostTensor,
+    pub w_down: HostTensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelTensors {
+    pub embed: HostTensor,
+    pub layers: Vec<LayerTensors>,
+    pub final_norm: HostTensor,
+    /// `None` when the output projection is tied to the embedding table.
+    pub lm_head: Option<HostTensor>,
+}
+
+/// Which file format a model came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    Safetensors,
+    Gguf,
+}
+
+/// Everything read from a model's files. Nothing here executes.
+pub struct ModelFiles {
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    pub config: ModelConfig,
+    pub tensors: ModelTensors,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    /// (name, shape, dtype) of every tensor in the files, for `persona info`.
+    pub listing: Vec<(String, Vec<usize>, String)>,
+}
+
+impl ModelFiles {
+    /// Open a HF folder (config.json + safetensors) or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            open_hf(path)
+        } else if path.is_file() {
+            Err(Error::Unsupported(format!("{}: GGUF (reader not yet built)", path.display())))
+        } else {
+            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")))
+        }
+    }
+}
+
+fn check_shape(origin: &Path, t: &HostTensor, want: &[usize]) -> Result<()> {
+    if t.shape != want {
+        return Err(Error::format(
+            origin,
+            format!("tensor `{}` has shape {:?}, expected {:?}", t.name, t.shape, want),
+        ));
+    }
+    Ok(())
+}
+
+/// Fetch every tensor the architecture needs through `get` (HF names), checking shapes.
+pub(crate) fn collect_tensors(
+    cfg: &ModelConfig,
+    origin: &Path,
+    get: &dyn Fn(&str) -> Result<Option<HostTensor>>,
+) -> Result<ModelTensors> {
+    let need = |name: &str, shape: &[usize]| -> Result<HostTensor> {
+        let t = get(name)?.ok_or_else(|| Error::MissingTensor { path: origin.to_path_buf(), name: name.into() })?;
+        check_shape(origin, &t, shape)?;
+        Ok(t)
+    };
+    let opt = |name: &str, shape: &[usize]| -> Result<Option<HostTensor>> {
+        match get(name)? {
+            Some(t) => check_shape(origin, &t, shape).map(|_| Some(t)),
+            None => Ok(None),
+        }
+    };
+    let (h, f, hd) = (cfg.hidden, cfg.intermediate, cfg.head_dim);
+    let (q, kv) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    let mut layers = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}.");
+        let bias = |n: &str, len: usize| -> Result<Option<HostTensor>> {
+            if cfg.qkv_bias {
+                need(&format!("{p}self_attn.{n}.bias"), &[len]).map(Some)
+            } else {
+                opt(&format!("{p}self_attn.{n}.bias"), &[len])
+            }
+        };
+        layers.push(LayerTensors {
+            attn_norm: need(&format!("{p}input_layernorm.weight"), &[h])?,
+            wq: need(&format!("{p}self_attn.q_proj.weight"), &[q, h])?,
+            wk: need(&format!("{p}self_attn.k_proj.weight"), &[kv, h])?,
+            wv: need(&format!("{p}self_attn.v_proj.weight"), &[kv, h])?,
+            bq: bias("q_proj", q)?,
+            bk: bias("k_proj", kv)?,
+            bv: bias("v_proj", kv)?,
+            wo: need(&format!("{p}self_attn.o_proj.weight"), &[h, q])?,
+            mlp_norm: need(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+            w_gate: need(&format!("{p}mlp.gate_proj.weight"), &[f, h])?,
+            w_up: need(&format!("{p}mlp.up_proj.weight"), &[f, h])?,
+            w_down: need(&format!("{p}mlp.down_proj.weight"), &[h, f])?,
+        });
+    }
+    let embed = need("model.embed_tokens.weight", &[cfg.vocab, h])?;
+    let lm_head = if cfg.tie_embeddings { None } else { opt("lm_head.weight", &[cfg.vocab, h])? };
+    if !cfg.tie_embeddings && lm_head.is_none() {
+        return Err(Error::MissingTensor { path: origin.to_path_buf(), name: "lm_head.weight".into() });
+    }
+    Ok(ModelTensors { embed, layers, final_norm: need("model.norm.weight", &[h])?, lm_head })
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+}
+
+/// A special token in tokenizer_config.json is a string or `{"content": ..}`.
+fn token_str(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        None => String::new(),
+    }
+}
+
+fn open_hf(dir: &Path) -> Result<ModelFiles> {
+    let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+    let set = SafetensorsSet::open_dir(dir)?;
+    let tensors = collect_tensors(&config, set.origin(), &|n| Ok(set.get(n)))?;
+    let listing = set
+        .names()
+        .filter_map(|n| set.get(n))
+        .map(|t| (t.name.clone(), t.shape.clone(), format!("{:?}", t.dtype())))
+        .collect();
+
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(
+            tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?,
+        )
+    } else {
+        None
+    };
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = read_json(&tc_path)?;
+    let jinja = dir.join("chat_template.jinja");
+    let mut source = if jinja.exists() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+    } else {
+        None
+    };
+    if source.is_none() {
+        source = match tc.as_ref().and_then(|t| t.get("chat_template")) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+    }
+    let chat_template = match source {
+        Some(s) => {
+            let bos = token_str(tc.as_ref().and_then(|t| t.get("bos_token")));
+            let eos = token_str(tc.as_ref().and_then(|t| t.get("eos_token")));
+            Some(ChatTemplate::new(&s, &bos, &eos)?)
+        }
+        None => None,
+    };
+    Ok(ModelFiles {
+        path: dir.to_path_buf(),
+        format: SourceFormat::Safetensors,
+        config,
+        tensors,
+        tokenizer,
+        chat_template,
+        listing,
+    })
+}
+
