@@ -7,3 +7,6 @@ pub mod fetch;
 pub mod model;
 
 pub use error::{Error, Result};
+
+pub use engine::loaded::LoadedModel;
+pub use engine::Engine;

