@@ -49,7 +49,13 @@ pub trait Backend: Send + Sync {
     fn layout(&self, tokens: &[TokenPos]) -> Result<Self::Layout>;
 
     /// `out[i] = table[ids[i]]` (rows of `width`).
-    fn embed(&self, table: &Self::Weight, ids: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
+    fn embed(
+        &self,
+        table: &Self::Weight,
+        ids: &[u32],
+        width: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// The fused residual boundary: `h += delta` (when given), then `x = rmsnorm(h) · norm`.
     /// One pass over `h`; steering and projections join here.
@@ -65,13 +71,26 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// `out[i, n] = Σ_k x[i, k] · w[n, k] + bias[n]` for `w` of shape `[n_out, k]`.
-    fn matmul(&self, x: &Self::Buf, w: &Self::Weight, bias: Option<&Self::Weight>, t: usize, out: &mut Self::Buf)
-        -> Result<()>;
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        t: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// Rotate `x` (`[t, heads, head_dim]`) in place by each token's position; `cos_sin` is
     /// `[positions, head_dim/2, 2]` (cos, sin) in rotate-half convention.
-    fn rope(&self, x: &mut Self::Buf, cos_sin: &Self::Weight, layout: &Self::Layout, t: usize, heads: usize, head_dim: usize)
-        -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        cos_sin: &Self::Weight,
+        layout: &Self::Layout,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
 
     /// Store this batch's `k`, `v` (`[t, n_kv_heads, head_dim]`) into `cache` at each token's
     /// (slot, pos), then causal attention of each token over its own slot's positions `0..=pos`.
@@ -90,8 +109,20 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// `out = silu(gate) · up`, elementwise over `n` values.
-    fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
+    fn silu_mul(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// `out[i] = x[rows[i]]` (rows of `width`).
-    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
+    fn gather_rows(
+        &self,
+        x: &Self::Buf,
+        rows: &[u32],
+        width: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 }

@@ -20,7 +20,13 @@ pub struct GenRequest {
 
 impl GenRequest {
     pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
-        GenRequest { prompt_ids, max_tokens, sampling: SamplingParams::greedy(), ignore_eos: false, top_logits: 0 }
+        GenRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: false,
+            top_logits: 0,
+        }
     }
 }
 
@@ -58,20 +64,30 @@ impl GenOutput {
 impl<B: Backend> Engine<B> {
     /// Generate for every request at once. `on_token(request_index, step)` is called as each
     /// token is produced (streaming).
-    pub fn generate(&self, reqs: &[GenRequest], on_token: &mut dyn FnMut(usize, &GenStep)) -> Result<Vec<GenOutput>> {
+    pub fn generate(
+        &self,
+        reqs: &[GenRequest],
+        on_token: &mut dyn FnMut(usize, &GenStep),
+    ) -> Result<Vec<GenOutput>> {
         for (i, r) in reqs.iter().enumerate() {
             if r.prompt_ids.is_empty() {
                 return Err(Error::Invalid(format!("request {i}: empty prompt")));
             }
             if r.max_tokens == 0 {
-                return Err(Error::Invalid(format!("request {i}: max tokens must be at least 1")));
+                return Err(Error::Invalid(format!(
+                    "request {i}: max tokens must be at least 1"
+                )));
             }
             r.sampling.validate()?;
         }
         if reqs.is_empty() {
             return Ok(vec![]);
         }
-        let capacity = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap_or(1);
+        let capacity = reqs
+            .iter()
+            .map(|r| r.prompt_ids.len() + r.max_tokens)
+            .max()
+            .unwrap_or(1);
         let mut cache = self.new_cache(reqs.len(), capacity)?;
         let mut rngs: Vec<Rng> = reqs.iter().map(|r| Rng::new(r.sampling.seed)).collect();
         let mut steps: Vec<Vec<GenStep>> = vec![vec![]; reqs.len()];
@@ -79,8 +95,15 @@ impl<B: Backend> Engine<B> {
         let eos = &self.config.eos_ids;
 
         let t0 = std::time::Instant::now();
-        let inputs: Vec<SeqInput> =
-            reqs.iter().enumerate().map(|(i, r)| SeqInput { slot: i, tokens: &r.prompt_ids, all_logits: false }).collect();
+        let inputs: Vec<SeqInput> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| SeqInput {
+                slot: i,
+                tokens: &r.prompt_ids,
+                all_logits: false,
+            })
+            .collect();
         let mut out = self.forward(&mut cache, &inputs, false)?;
         let mut active: Vec<usize> = (0..reqs.len()).collect();
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -91,7 +114,14 @@ impl<B: Backend> Engine<B> {
                 let r = &reqs[i];
                 let logits = out.last(row);
                 let id = sample(logits, &r.sampling, &mut rngs[i]);
-                let step = GenStep { id, top: if r.top_logits > 0 { top_k(logits, r.top_logits) } else { vec![] } };
+                let step = GenStep {
+                    id,
+                    top: if r.top_logits > 0 {
+                        top_k(logits, r.top_logits)
+                    } else {
+                        vec![]
+                    },
+                };
                 on_token(i, &step);
                 steps[i].push(step);
                 if !r.ignore_eos && eos.contains(&id) {
@@ -106,11 +136,18 @@ impl<B: Backend> Engine<B> {
             if active.is_empty() {
                 break;
             }
-            let last: Vec<[u32; 1]> = active.iter().map(|&i| [steps[i].last().map(|s| s.id).unwrap_or(0)]).collect();
+            let last: Vec<[u32; 1]> = active
+                .iter()
+                .map(|&i| [steps[i].last().map(|s| s.id).unwrap_or(0)])
+                .collect();
             let inputs: Vec<SeqInput> = active
                 .iter()
                 .zip(&last)
-                .map(|(&i, tok)| SeqInput { slot: i, tokens: tok, all_logits: false })
+                .map(|(&i, tok)| SeqInput {
+                    slot: i,
+                    tokens: tok,
+                    all_logits: false,
+                })
                 .collect();
             out = self.forward(&mut cache, &inputs, false)?;
         }

@@ -205,82 +205,61 @@ pub enum GgmlType {
     Other(u32),
 }
 
+/// (type, GGUF id, elements per block, bytes per block), as in ggml's type traits.
+const GGML_TYPES: [(GgmlType, u32, u64, u64); 32] = {
+    use GgmlType::*;
+    [
+        (F32, 0, 1, 4),
+        (F16, 1, 1, 2),
+        (Q4_0, 2, 32, 18),
+        (Q4_1, 3, 32, 20),
+        (Q5_0, 6, 32, 22),
+        (Q5_1, 7, 32, 24),
+        (Q8_0, 8, 32, 34),
+        (Q8_1, 9, 32, 36),
+        (Q2_K, 10, 256, 84),
+        (Q3_K, 11, 256, 110),
+        (Q4_K, 12, 256, 144),
+        (Q5_K, 13, 256, 176),
+        (Q6_K, 14, 256, 210),
+        (Q8_K, 15, 256, 292),
+        (IQ2_XXS, 16, 256, 66),
+        (IQ2_XS, 17, 256, 74),
+        (IQ3_XXS, 18, 256, 98),
+        (IQ1_S, 19, 256, 50),
+        (IQ4_NL, 20, 32, 18),
+        (IQ3_S, 21, 256, 110),
+        (IQ2_S, 22, 256, 82),
+        (IQ4_XS, 23, 256, 136),
+        (I8, 24, 1, 1),
+        (I16, 25, 1, 2),
+        (I32, 26, 1, 4),
+        (I64, 27, 1, 8),
+        (F64, 28, 1, 8),
+        (IQ1_M, 29, 256, 56),
+        (BF16, 30, 1, 2),
+        (TQ1_0, 34, 256, 54),
+        (TQ2_0, 35, 256, 66),
+        (MXFP4, 39, 32, 17),
+    ]
+};
+
 impl GgmlType {
     pub fn from_u32(id: u32) -> GgmlType {
-        use GgmlType::*;
-        match id {
-            0 => F32,
-            1 => F16,
-            2 => Q4_0,
-            3 => Q4_1,
-            6 => Q5_0,
-            7 => Q5_1,
-            8 => Q8_0,
-            9 => Q8_1,
-            10 => Q2_K,
-            11 => Q3_K,
-            12 => Q4_K,
-            13 => Q5_K,
-            14 => Q6_K,
-            15 => Q8_K,
-            16 => IQ2_XXS,
-            17 => IQ2_XS,
-            18 => IQ3_XXS,
-            19 => IQ1_S,
-            20 => IQ4_NL,
-            21 => IQ3_S,
-            22 => IQ2_S,
-            23 => IQ4_XS,
-            24 => I8,
-            25 => I16,
-            26 => I32,
-            27 => I64,
-            28 => F64,
-            29 => IQ1_M,
-            30 => BF16,
-            34 => TQ1_0,
-            35 => TQ2_0,
-            39 => MXFP4,
-            other => Other(other),
-        }
+        GGML_TYPES
+            .iter()
+            .find(|e| e.1 == id)
+            .map_or(GgmlType::Other(id), |e| e.0)
     }
 
+    /// The id stored in GGUF files.
     pub fn id(self) -> u32 {
-        use GgmlType::*;
         match self {
-            F32 => 0,
-            F16 => 1,
-            Q4_0 => 2,
-            Q4_1 => 3,
-            Q5_0 => 6,
-            Q5_1 => 7,
-            Q8_0 => 8,
-            Q8_1 => 9,
-            Q2_K => 10,
-            Q3_K => 11,
-            Q4_K => 12,
-            Q5_K => 13,
-            Q6_K => 14,
-            Q8_K => 15,
-            IQ2_XXS => 16,
-            IQ2_XS => 17,
-            IQ3_XXS => 18,
-            IQ1_S => 19,
-            IQ4_NL => 20,
-            IQ3_S => 21,
-            IQ2_S => 22,
-            IQ4_XS => 23,
-            I8 => 24,
-            I16 => 25,
-            I32 => 26,
-            I64 => 27,
-            F64 => 28,
-            IQ1_M => 29,
-            BF16 => 30,
-            TQ1_0 => 34,
-            TQ2_0 => 35,
-            MXFP4 => 39,
-            Other(id) => id,
+            GgmlType::Other(id) => id,
+            t => GGML_TYPES
+                .iter()
+                .find(|e| e.0 == t)
+                .map_or(u32::MAX, |e| e.1),
         }
     }
 
@@ -292,42 +271,9 @@ impl GgmlType {
         }
     }
 
-    /// (elements per block, bytes per block) as in ggml's type traits; None for unknown ids.
+    /// (elements per block, bytes per block); None for unknown ids.
     pub fn block_layout(self) -> Option<(u64, u64)> {
-        use GgmlType::*;
-        Some(match self {
-            F32 => (1, 4),
-            F16 | BF16 => (1, 2),
-            Q4_0 => (32, 18),
-            Q4_1 => (32, 20),
-            Q5_0 => (32, 22),
-            Q5_1 => (32, 24),
-            Q8_0 => (32, 34),
-            Q8_1 => (32, 36),
-            Q2_K => (256, 84),
-            Q3_K => (256, 110),
-            Q4_K => (256, 144),
-            Q5_K => (256, 176),
-            Q6_K => (256, 210),
-            Q8_K => (256, 292),
-            IQ2_XXS => (256, 66),
-            IQ2_XS => (256, 74),
-            IQ3_XXS => (256, 98),
-            IQ1_S => (256, 50),
-            IQ4_NL => (32, 18),
-            IQ3_S => (256, 110),
-            IQ2_S => (256, 82),
-            IQ4_XS => (256, 136),
-            I8 => (1, 1),
-            I16 => (1, 2),
-            I32 => (1, 4),
-            I64 | F64 => (1, 8),
-            IQ1_M => (256, 56),
-            TQ1_0 => (256, 54),
-            TQ2_0 => (256, 66),
-            MXFP4 => (32, 17),
-            Other(_) => return None,
-        })
+        GGML_TYPES.iter().find(|e| e.0 == self).map(|e| (e.2, e.3))
     }
 
     /// Whether [`GgufFile::tensor`] can read tensors of this type.
@@ -1260,7 +1206,7 @@ mod tests {
         assert_eq!(g.get_u64("a.f32"), None);
         assert_eq!(g.get_f64("a.u16"), Some(60000.0));
         assert_eq!(g.get_f64("a.f32"), Some(1e-5f32 as f64));
-        assert_eq!(g.get_f64("a.i64"), Some(-(1u64 << 40) as f64));
+        assert_eq!(g.get_f64("a.i64"), Some(-((1u64 << 40) as f64)));
         assert_eq!(g.get_bool("a.bool"), Some(true));
         assert_eq!(g.get_array("a.tokens").map(|a| a.len()), Some(3));
         assert_eq!(g.get("missing"), None);
@@ -1401,6 +1347,41 @@ mod tests {
             [y[0], y[1], y[2], y[16], y[17], y[31]],
             [9.0, 1.5, 1.0, 9.0, 2.0, 1.0]
         );
+    }
+
+    /// Blocks quantized by gguf-py 0.19.0 (`gguf.quants.quantize`) from
+    /// `x = (sin(0.7·i)·1.3 + 0.01·i) as f32, i in 0..64`; the expected values are gguf-py's
+    /// `dequantize` of the same bytes (f32 bit patterns at indices 0, 1, 5, 16, 17, 31, 32, 63,
+    /// and the f64 sum of all 64).
+    #[test]
+    fn dequantization_matches_gguf_py() {
+        #[rustfmt::skip]
+        let cases: [(GgmlType, &str, [u32; 8], f64); 5] = [
+            (GgmlType::Q4_0, "53b2e8b47132061a5d9edcd7b36122051a5d6db3194c8cbab693512205194b8cb9b68250",
+             [0x80000000, 0x3f4a6000, 0xbeca6000, 0xbf97c800, 0xbf17c800, 0x3f17c800, 0xbe6da000, 0x3f323800], 19.83447265625),
+            (GgmlType::Q4_1, "f331d4bc163b8dcdf9e4a15023174c8eddf9e5a1ee3163bbd4905013174c9eddf9e4a15123284c9f",
+             [0xbdbb8000, 0x3f568800, 0xbeed4000, 0xbf82b400, 0xbf263800, 0x3f26f000, 0xbe3a8000, 0x3f3e9000], 20.55908203125),
+            (GgmlType::Q5_0, "53aee1c18307b067e3541b34ab3c97af56d2440a239a6daf0f1e3c78329708646c25a2330a218607535b1491",
+             [0x80000000, 0x3f63ac00, 0xbeca6000, 0xbf8b2200, 0xbf17c800, 0x3f311400, 0xbe6da000, 0x3f4fec00], 20.61224365234375),
+            (GgmlType::Q5_1, "c12dd4bc1e3c7cf81d670c9ae3c941a0352f881dabf3da52bd2d63bbe0e1c387c831a0362f882dbbf3c942a147319a3e",
+             [0xbd1cc000, 0x3f5c5c00, 0xbecbb800, 0xbf8efe00, 0xbf2ae800, 0x3f2e5400, 0xbe530000, 0x3f47bc00], 20.09222412109375),
+            (GgmlType::Q8_0, "5f220044695d26dfaa9fc4094d70632ce5b0a7cd1255786931ebb7aed61b5e7f6f377c23f3c7c1e31f57726433f7ccc7eb265e796a38fcd2cef22e657f6f3d01d8d4fa36",
+             [0x00000000, 0x3f589e00, 0xbed23f00, 0xbf8dc1c0, 0xbf227680, 0x3f2f3480, 0xbe429800, 0x3f4a1400], 20.25489044189453),
+        ];
+        for (ty, hex, bits, sum) in cases {
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let y = dequantize(ty, &bytes, 64).unwrap();
+            let got: Vec<u32> = [0, 1, 5, 16, 17, 31, 32, 63]
+                .iter()
+                .map(|&i| y[i].to_bits())
+                .collect();
+            assert_eq!(got, bits, "{ty}");
+            let s: f64 = y.iter().map(|&v| v as f64).sum();
+            assert!((s - sum).abs() < 1e-12, "{ty}: sum {s} vs {sum}");
+        }
     }
 
     #[test]
@@ -1573,8 +1554,7 @@ mod tests {
         };
         assert_err(&kv(13, &[0; 8]), "unknown value type 13");
         assert_err(&kv(T_BOOL, &[2]), "bool value 2");
-        let mut arr = T_ARRAY.to_le_bytes().to_vec();
-        arr.extend_from_slice(&[0xFF; 4]);
+        let mut arr = vec![0xFF; 4];
         arr.extend_from_slice(&0u64.to_le_bytes());
         assert_err(&kv(T_ARRAY, &arr), "unknown array element type");
         // Arrays of arrays of ... nested 100 deep.
@@ -1654,6 +1634,7 @@ mod tests {
         let mut b = header(1, 0);
         put_str(&mut b, "cut");
         b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&4u64.to_le_bytes());
         b.extend_from_slice(&4u64.to_le_bytes());
         assert_err(&b, "truncated: tensor `cut`");
     }

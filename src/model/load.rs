@@ -62,7 +62,10 @@ impl ModelFiles {
         } else if path.is_file() {
             crate::model::gguf_model::open_gguf(path)
         } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")))
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
+            ))
         }
     }
 }
@@ -71,7 +74,10 @@ fn check_shape(origin: &Path, t: &HostTensor, want: &[usize]) -> Result<()> {
     if t.shape != want {
         return Err(Error::format(
             origin,
-            format!("tensor `{}` has shape {:?}, expected {:?}", t.name, t.shape, want),
+            format!(
+                "tensor `{}` has shape {:?}, expected {:?}",
+                t.name, t.shape, want
+            ),
         ));
     }
     Ok(())
@@ -84,7 +90,10 @@ pub(crate) fn collect_tensors(
     get: &dyn Fn(&str) -> Result<Option<HostTensor>>,
 ) -> Result<ModelTensors> {
     let need = |name: &str, shape: &[usize]| -> Result<HostTensor> {
-        let t = get(name)?.ok_or_else(|| Error::MissingTensor { path: origin.to_path_buf(), name: name.into() })?;
+        let t = get(name)?.ok_or_else(|| Error::MissingTensor {
+            path: origin.to_path_buf(),
+            name: name.into(),
+        })?;
         check_shape(origin, &t, shape)?;
         Ok(t)
     };
@@ -122,11 +131,23 @@ pub(crate) fn collect_tensors(
         });
     }
     let embed = need("model.embed_tokens.weight", &[cfg.vocab, h])?;
-    let lm_head = if cfg.tie_embeddings { None } else { opt("lm_head.weight", &[cfg.vocab, h])? };
+    let lm_head = if cfg.tie_embeddings {
+        None
+    } else {
+        opt("lm_head.weight", &[cfg.vocab, h])?
+    };
     if !cfg.tie_embeddings && lm_head.is_none() {
-        return Err(Error::MissingTensor { path: origin.to_path_buf(), name: "lm_head.weight".into() });
+        return Err(Error::MissingTensor {
+            path: origin.to_path_buf(),
+            name: "lm_head.weight".into(),
+        });
     }
-    Ok(ModelTensors { embed, layers, final_norm: need("model.norm.weight", &[h])?, lm_head })
+    Ok(ModelTensors {
+        embed,
+        layers,
+        final_norm: need("model.norm.weight", &[h])?,
+        lm_head,
+    })
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -134,14 +155,20 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 
 /// A special token in tokenizer_config.json is a string or `{"content": ..}`.
 fn token_str(v: Option<&serde_json::Value>) -> String {
     match v {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        Some(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_string(),
         None => String::new(),
     }
 }
@@ -202,4 +229,3 @@ fn open_hf(dir: &Path) -> Result<ModelFiles> {
         listing,
     })
 }
-

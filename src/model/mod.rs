@@ -4,7 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod gguf;
-// pub mod gguf_model; (enabled once gguf.rs lands)
+pub mod gguf_model;
 pub mod gguf_tokenizer;
 pub mod load;
 pub mod safetensors;

@@ -16,11 +16,19 @@ pub fn json(path: &std::path::Path) -> serde_json::Value {
 }
 
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1 GGUF), if it is in the cache or named by
@@ -35,9 +43,16 @@ pub fn default_model() -> Option<PathBuf> {
 /// Compare greedy ids with a reference up to the first step whose reference margin is below `noise`.
 pub fn assert_greedy_prefix(got: &[u32], want: &[u32], margins: &[f32], noise: f32, what: &str) {
     for i in 0..want.len() {
-        assert_eq!(got[i], want[i], "{what}: greedy id {i} differs (got {:?}, want {:?})", got, want);
+        assert_eq!(
+            got[i], want[i],
+            "{what}: greedy id {i} differs (got {:?}, want {:?})",
+            got, want
+        );
         if margins[i] < noise {
-            eprintln!("{what}: stopping comparison at step {i} (reference margin {} < {noise})", margins[i]);
+            eprintln!(
+                "{what}: stopping comparison at step {i} (reference margin {} < {noise})",
+                margins[i]
+            );
             return;
         }
     }

@@ -51,23 +51,34 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
+pub fn matmul(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    t: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
     assert!(x.len() >= t * k && w.len() >= n * k && out.len() >= t * n);
     const ROWS: usize = 16;
     let o = OutPtr(out.as_mut_ptr());
     let o = &o;
-    w[..n * k].par_chunks(ROWS * k).enumerate().for_each(|(blk, wb)| {
-        let n0 = blk * ROWS;
-        for ti in 0..t {
-            let xr = &x[ti * k..(ti + 1) * k];
-            for (r, wr) in wb.chunks_exact(k).enumerate() {
-                let mut v = dot(xr, wr);
-                if let Some(b) = bias {
-                    v += b[n0 + r];
+    w[..n * k]
+        .par_chunks(ROWS * k)
+        .enumerate()
+        .for_each(|(blk, wb)| {
+            let n0 = blk * ROWS;
+            for ti in 0..t {
+                let xr = &x[ti * k..(ti + 1) * k];
+                for (r, wr) in wb.chunks_exact(k).enumerate() {
+                    let mut v = dot(xr, wr);
+                    if let Some(b) = bias {
+                        v += b[n0 + r];
+                    }
+                    // SAFETY: column n0 + r belongs to this block only; rows ti < t, so the index is in bounds.
+                    unsafe { *o.0.add(ti * n + n0 + r) = v };
                 }
-                // SAFETY: column n0 + r belongs to this block only; rows ti < t, so the index is in bounds.
-                unsafe { *o.0.add(ti * n + n0 + r) = v };
             }
-        }
-    });
+        });
 }

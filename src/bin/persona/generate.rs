@@ -40,10 +40,20 @@ impl SamplingArgs {
         if self.max_tokens == 0 {
             bail!("--max-tokens must be at least 1");
         }
-        let sampling =
-            SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed };
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
         sampling.validate()?;
-        Ok(GenRequest { prompt_ids, max_tokens: self.max_tokens, sampling, ignore_eos: self.ignore_eos, top_logits })
+        Ok(GenRequest {
+            prompt_ids,
+            max_tokens: self.max_tokens,
+            sampling,
+            ignore_eos: self.ignore_eos,
+            top_logits,
+        })
     }
 }
 
@@ -55,7 +65,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// User message; repeat for a batch of prompts generated together.
-    #[arg(long, short = 'p', required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
+    #[arg(
+        long,
+        short = 'p',
+        required_unless_present = "prompt_ids",
+        conflicts_with = "prompt_ids"
+    )]
     pub prompt: Vec<String>,
     /// Comma-separated token ids (e.g. 1,2,3) instead of text; repeat for a batch.
     #[arg(long)]
@@ -78,7 +93,10 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("--prompt-ids: `{x}` is not a token id")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("--prompt-ids: `{x}` is not a token id"))
+        })
         .collect::<Result<_>>()?;
     if ids.is_empty() {
         bail!("--prompt-ids: no token ids in `{s}`");
@@ -106,7 +124,12 @@ fn prompt_ids(m: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<Vec<u
         .collect()
 }
 
-fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -> serde_json::Value {
+fn timing(
+    o: &GenOutput,
+    batch: usize,
+    prompt_tokens: usize,
+    generated: usize,
+) -> serde_json::Value {
     let decode_tokens = generated.saturating_sub(batch);
     json!({
         "batch": batch,
@@ -122,8 +145,10 @@ fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -
 pub fn run(a: GenerateArgs) -> Result<()> {
     let m = a.model.load()?;
     let prompts = prompt_ids(&m, &a)?;
-    let reqs: Vec<GenRequest> =
-        prompts.into_iter().map(|p| a.sampling.request(p, a.top_logits)).collect::<Result<_>>()?;
+    let reqs: Vec<GenRequest> = prompts
+        .into_iter()
+        .map(|p| a.sampling.request(p, a.top_logits))
+        .collect::<Result<_>>()?;
     let stream = !a.json && reqs.len() == 1 && m.tokenizer.is_some();
     let mut ts = TextStream::default();
     let mut stdout = std::io::stdout();
@@ -140,7 +165,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let t = timing(&outs[0], reqs.len(), prompt_tokens, generated);
     for o in &outs {
         let ids = o.ids();
-        let text = if m.tokenizer.is_some() { Some(m.decode(&ids)?) } else { None };
+        let text = if m.tokenizer.is_some() {
+            Some(m.decode(&ids)?)
+        } else {
+            None
+        };
         if a.json {
             let steps: Vec<serde_json::Value> = o
                 .steps
@@ -164,14 +193,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         } else {
             match text {
                 Some(s) => println!("{s}\n"),
-                None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+                None => println!(
+                    "{}",
+                    ids.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             }
         }
     }
     if !a.json {
         eprintln!(
             "[{} prompt tokens: {:.1} tok/s prefill; {} generated: {:.1} tok/s decode]",
-            prompt_tokens, t["prefill_tokens_per_s"].as_f64().unwrap_or(0.0), generated,
+            prompt_tokens,
+            t["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            generated,
             t["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
         );
     }
@@ -191,8 +228,15 @@ pub struct ChatArgs {
 /// Read a line per user turn; `/reset` clears the history, EOF or `/exit` ends.
 pub fn chat(a: ChatArgs) -> Result<()> {
     let m = a.model.load()?;
-    let tok = m.tokenizer.as_ref().context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
-    let mut history: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
+    let tok = m
+        .tokenizer
+        .as_ref()
+        .context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
+    let mut history: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::system(s.clone()))
+        .collect();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     eprintln!("persona chat: type a message; /reset clears the history, /exit or Ctrl-D ends.");
@@ -223,8 +267,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             }
         })?;
         println!();
-        let ids: Vec<u32> =
-            out[0].ids().into_iter().filter(|i| !m.engine.config.eos_ids.contains(i)).collect();
+        let ids: Vec<u32> = out[0]
+            .ids()
+            .into_iter()
+            .filter(|i| !m.engine.config.eos_ids.contains(i))
+            .collect();
         history.push(Message::assistant(m.decode(&ids)?));
     }
     Ok(())
