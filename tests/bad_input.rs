@@ -29,10 +29,7 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let e = open_err(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
 }
 
 #[test]
@@ -53,11 +50,8 @@ fn missing_tensor_is_named() {
     copy_fixture("tiny-llama", d.path());
     // Declare 4 layers where the file has 3.
     let c = std::fs::read_to_string(d.path().join("config.json")).unwrap();
-    std::fs::write(
-        d.path().join("config.json"),
-        c.replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 4"),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("config.json"), c.replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 4"))
+        .unwrap();
     let e = open_err(d.path());
     assert!(e.contains("model.layers.3.input_layernorm.weight"), "{e}");
 }
@@ -67,21 +61,10 @@ fn config_missing_field_and_unknown_arch() {
     let d = tempfile::tempdir().unwrap();
     copy_fixture("tiny-llama", d.path());
     let c = std::fs::read_to_string(d.path().join("config.json")).unwrap();
-    std::fs::write(
-        d.path().join("config.json"),
-        c.replace("\"intermediate_size\": 160,", ""),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("config.json"), c.replace("\"intermediate_size\": 160,", "")).unwrap();
     let e = open_err(d.path());
-    assert!(
-        e.contains("config.json") && e.contains("intermediate_size"),
-        "{e}"
-    );
-    std::fs::write(
-        d.path().join("config.json"),
-        c.replace("LlamaForCausalLM", "FalconForCausalLM"),
-    )
-    .unwrap();
+    assert!(e.contains("config.json") && e.contains("intermediate_size"), "{e}");
+    std::fs::write(d.path().join("config.json"), c.replace("LlamaForCausalLM", "FalconForCausalLM")).unwrap();
     let e = open_err(d.path());
     assert!(e.contains("FalconForCausalLM"), "{e}");
     std::fs::write(d.path().join("config.json"), "{not json").unwrap();
@@ -115,14 +98,8 @@ fn gguf_bad_magic_absurd_counts_and_offsets() {
 }
 
 fn persona(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
 #[test]
@@ -131,37 +108,15 @@ fn cli_rejects_bad_requests() {
     let m = m.to_str().unwrap();
     let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1,2,999"]);
     assert!(!ok && err.contains("out of vocabulary"), "{err}");
-    let (ok, err) = persona(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt-ids",
-        "1,2",
-        "--max-tokens",
-        "0",
-    ]);
+    let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1,2", "--max-tokens", "0"]);
     assert!(!ok && err.contains("--max-tokens"), "{err}");
     let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1,two"]);
     assert!(!ok && err.contains("`two`"), "{err}");
     let (ok, err) = persona(&["generate", "--model", m, "--prompt", "hi"]);
     assert!(!ok && err.contains("no tokenizer"), "{err}");
-    let (ok, err) = persona(&[
-        "generate",
-        "--model",
-        "/nonexistent/model",
-        "--prompt",
-        "hi",
-    ]);
+    let (ok, err) = persona(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
     assert!(!ok && err.contains("/nonexistent/model"), "{err}");
-    let (ok, err) = persona(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt-ids",
-        "1",
-        "--top-p",
-        "0",
-    ]);
+    let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1", "--top-p", "0"]);
     assert!(!ok && err.contains("top-p"), "{err}");
 }
 
@@ -171,23 +126,11 @@ fn cli_json_output_shape() {
     let r = json(&m.join("reference.json"));
     let ids: Vec<String> = u32s(&r["ids"]).iter().map(|i| i.to_string()).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_persona"))
-        .args([
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--prompt-ids",
-            &ids.join(","),
-            "--max-tokens",
-            "4",
-        ])
+        .args(["generate", "--model", m.to_str().unwrap(), "--prompt-ids", &ids.join(","), "--max-tokens", "4"])
         .args(["--ignore-eos", "--top-logits", "3", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let want = u32s(&r["greedy_16_no_eos"]);
     assert_eq!(u32s(&v["ids"]), want[..4]);

@@ -27,10 +27,7 @@ fn model_path() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "skipping: model {} not found (set PERSONA_MODEL_GGUF)",
-            path.display()
-        );
+        eprintln!("skipping: model {} not found (set PERSONA_MODEL_GGUF)", path.display());
         None
     }
 }
@@ -45,17 +42,13 @@ fn fixtures() -> serde_json::Value {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     let path = dir.join("smollm2_reference.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (set PERSONA_FIXTURES)", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (set PERSONA_FIXTURES)", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -80,25 +73,11 @@ fn header_metadata_and_every_tensor() {
     // 30 blocks × 9 tensors + token_embd + output_norm (the output projection is tied).
     assert_eq!(g.tensors().len(), 272);
     let count = |t: GgmlType| g.tensors().iter().filter(|i| i.ggml_type == t).count();
-    assert_eq!(
-        (
-            count(GgmlType::Q4_1),
-            count(GgmlType::F32),
-            count(GgmlType::Q8_0)
-        ),
-        (210, 61, 1)
-    );
+    assert_eq!((count(GgmlType::Q4_1), count(GgmlType::F32), count(GgmlType::Q8_0)), (210, 61, 1));
 
-    let shape = |name: &str| {
-        g.tensor_info(name)
-            .unwrap_or_else(|| panic!("no {name}"))
-            .shape()
-    };
+    let shape = |name: &str| g.tensor_info(name).unwrap_or_else(|| panic!("no {name}")).shape();
     assert_eq!(shape("token_embd.weight"), [49152, 576]);
-    assert_eq!(
-        g.tensor_info("token_embd.weight").unwrap().dims,
-        [576, 49152]
-    );
+    assert_eq!(g.tensor_info("token_embd.weight").unwrap().dims, [576, 49152]);
     assert_eq!(shape("output_norm.weight"), [576]);
     assert_eq!(shape("blk.0.attn_q.weight"), [576, 576]);
     assert_eq!(shape("blk.0.attn_k.weight"), [192, 576]);
@@ -116,11 +95,7 @@ fn header_metadata_and_every_tensor() {
         assert_eq!(t.shape, info.shape(), "{}", info.name);
         let v = t.to_f32();
         assert_eq!(v.len(), t.numel(), "{}", info.name);
-        assert!(
-            v.iter().all(|x| x.is_finite()),
-            "{} has non-finite values",
-            info.name
-        );
+        assert!(v.iter().all(|x| x.is_finite()), "{} has non-finite values", info.name);
         match info.ggml_type {
             GgmlType::F32 => assert!(matches!(t.storage, Storage::Mapped { .. }), "{}", info.name),
             _ => assert!(matches!(t.storage, Storage::F32(_)), "{}", info.name),
@@ -168,23 +143,12 @@ fn dequantization_matches_gguf_py() {
         let x = t.to_f32();
         for &(i, j, bits) in picks {
             let v = x[i * cols + j];
-            assert_eq!(
-                v.to_bits(),
-                bits,
-                "{name}[{i},{j}] = {v}, gguf-py {}",
-                f32::from_bits(bits)
-            );
+            assert_eq!(v.to_bits(), bits, "{name}[{i},{j}] = {v}, gguf-py {}", f32::from_bits(bits));
         }
         let s: f64 = x.iter().map(|&v| v as f64).sum();
         let s2: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        assert!(
-            (s - sum).abs() <= 1e-9 * sumsq.max(1.0),
-            "{name}: sum {s} vs {sum}"
-        );
-        assert!(
-            (s2 - sumsq).abs() <= 1e-9 * sumsq,
-            "{name}: sum of squares {s2} vs {sumsq}"
-        );
+        assert!((s - sum).abs() <= 1e-9 * sumsq.max(1.0), "{name}: sum {s} vs {sum}");
+        assert!((s2 - sumsq).abs() <= 1e-9 * sumsq, "{name}: sum of squares {s2} vs {sumsq}");
     }
 }
 
@@ -202,38 +166,24 @@ fn tokenizer_matches_hf_reference() {
         let enc = tok.encode(text, false).unwrap();
         assert_eq!(enc.get_ids(), &want[..], "ids of {text:?}");
         let decoded = tok.decode(&want, false).unwrap();
-        assert_eq!(
-            decoded,
-            case["decoded"].as_str().unwrap(),
-            "decoding of {text:?}"
-        );
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "decoding of {text:?}");
     }
     for p in fx["prompts"].as_array().unwrap() {
         let prompt = p["prompt"].as_str().unwrap();
         let enc = tok.encode(prompt, false).unwrap();
-        assert_eq!(
-            enc.get_ids(),
-            &ids(&p["ids"])[..],
-            "ids of prompt {prompt:?}"
-        );
+        assert_eq!(enc.get_ids(), &ids(&p["ids"])[..], "ids of prompt {prompt:?}");
         assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), prompt);
     }
     // tokenizer.ggml.add_bos_token is false: adding special tokens adds nothing.
     let with = tok.encode("Hello, world!", true).unwrap();
     assert_eq!(with.get_ids(), [19556, 28, 905, 17]);
     // Control tokens are special: skipped on request.
-    assert_eq!(
-        tok.decode(&[1, 4093, 198, 6004, 2], true).unwrap(),
-        "user\nhi"
-    );
+    assert_eq!(tok.decode(&[1, 4093, 198, 6004, 2], true).unwrap(), "user\nhi");
 }
 
 #[test]
 fn chat_template_is_read() {
     let Some(g) = open_model() else { return };
     let t = gguf_chat_template(&g).expect("tokenizer.chat_template");
-    assert!(
-        t.contains("<|im_start|>") && t.contains("add_generation_prompt"),
-        "{t}"
-    );
+    assert!(t.contains("<|im_start|>") && t.contains("add_generation_prompt"), "{t}");
 }

@@ -56,17 +56,7 @@ fn greedy_ids_logits_and_residuals_match() {
         let ids = u32s(&p["ids"]);
         // Top-20 logits and residuals at the last prompt position.
         let mut cache = e.new_cache(1, ids.len()).unwrap();
-        let out = e
-            .forward(
-                &mut cache,
-                &[SeqInput {
-                    slot: 0,
-                    tokens: &ids,
-                    all_logits: false,
-                }],
-                true,
-            )
-            .unwrap();
+        let out = e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: false }], true).unwrap();
         let logits = out.last(0);
         let top = &p["last_logits_top20"];
         let mut max_err = 0f32;
@@ -80,19 +70,12 @@ fn greedy_ids_logits_and_residuals_match() {
         for (l, want) in norms.iter().enumerate() {
             let v = &out.residuals[l][last * h..(last + 1) * h];
             let got = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-            assert!(
-                (got - want).abs() <= 1e-3 * want.max(1.0),
-                "prompt {pi} |h[{l}]| {got} vs {want}"
-            );
+            assert!((got - want).abs() <= 1e-3 * want.max(1.0), "prompt {pi} |h[{l}]| {got} vs {want}");
         }
         for (l, want) in p["residual_last_token"].as_object().unwrap() {
             let l: usize = l.parse().unwrap();
             let v = &out.residuals[l][last * h..(last + 1) * h];
-            let err = v
-                .iter()
-                .zip(f32s(want))
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let err = v.iter().zip(f32s(want)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err <= 2e-3, "prompt {pi} residual[{l}] max error {err}");
         }
         eprintln!("prompt {pi}: top-20 logit max error {max_err:.2e}");
@@ -102,41 +85,14 @@ fn greedy_ids_logits_and_residuals_match() {
         let margins = f32s(&p["greedy_24_margins"]);
         let mut req = GenRequest::greedy(ids.clone(), 24);
         req.ignore_eos = true;
-        let got24 = m
-            .engine
-            .generate(&[req], &mut |_, _| {})
-            .unwrap()
-            .remove(0)
-            .ids();
-        assert_greedy_prefix(
-            &got24,
-            &u32s(&p["greedy_24_no_eos"]),
-            &margins,
-            2e-3,
-            &format!("prompt {pi}"),
-        );
+        let got24 = m.engine.generate(&[req], &mut |_, _| {}).unwrap().remove(0).ids();
+        assert_greedy_prefix(&got24, &u32s(&p["greedy_24_no_eos"]), &margins, 2e-3, &format!("prompt {pi}"));
         let want = u32s(&p["greedy_natural"]);
-        let natural = m
-            .engine
-            .generate(
-                &[GenRequest::greedy(ids.clone(), want.len())],
-                &mut |_, _| {},
-            )
-            .unwrap();
+        let natural = m.engine.generate(&[GenRequest::greedy(ids.clone(), want.len())], &mut |_, _| {}).unwrap();
         let n = want.len().min(margins.len());
-        assert_greedy_prefix(
-            &natural[0].ids(),
-            &want[..n],
-            &margins[..n],
-            2e-3,
-            &format!("prompt {pi} natural"),
-        );
+        assert_greedy_prefix(&natural[0].ids(), &want[..n], &margins[..n], 2e-3, &format!("prompt {pi} natural"));
         if want.len() <= margins.len() && margins[..want.len()].iter().all(|&x| x > 2e-3) {
-            assert_eq!(
-                natural[0].ids(),
-                want,
-                "prompt {pi}: greedy run stopping at EOS"
-            );
+            assert_eq!(natural[0].ids(), want, "prompt {pi}: greedy run stopping at EOS");
         }
     }
 }
@@ -158,10 +114,7 @@ fn batch_generation_equals_single() {
         .collect();
     let batch = m.engine.generate(&reqs, &mut |_, _| {}).unwrap();
     for (i, q) in reqs.iter().enumerate() {
-        let single = m
-            .engine
-            .generate(std::slice::from_ref(q), &mut |_, _| {})
-            .unwrap();
+        let single = m.engine.generate(std::slice::from_ref(q), &mut |_, _| {}).unwrap();
         assert_eq!(batch[i].ids(), single[0].ids(), "request {i}");
     }
 }
@@ -177,30 +130,14 @@ fn gguf_and_safetensors_folder_give_identical_logits() {
     let t = &files.tensors;
     let mut all = vec![&t.embed, &t.final_norm];
     for l in &t.layers {
-        all.extend([
-            &l.attn_norm,
-            &l.wq,
-            &l.wk,
-            &l.wv,
-            &l.wo,
-            &l.mlp_norm,
-            &l.w_gate,
-            &l.w_up,
-            &l.w_down,
-        ]);
+        all.extend([&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]);
     }
-    let data: Vec<(String, Vec<usize>, Vec<f32>)> = all
-        .iter()
-        .map(|x| (x.name.clone(), x.shape.clone(), x.to_f32()))
-        .collect();
+    let data: Vec<(String, Vec<usize>, Vec<f32>)> =
+        all.iter().map(|x| (x.name.clone(), x.shape.clone(), x.to_f32())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
         .map(|(n, s, d)| {
-            let v = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                s.clone(),
-                bytemuck::cast_slice(d),
-            );
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d));
             (n.clone(), v.unwrap())
         })
         .collect();
@@ -219,17 +156,7 @@ fn gguf_and_safetensors_folder_give_identical_logits() {
         let e = persona::Engine::new(CpuBackend, f.config.clone(), &f.tensors, 64).unwrap();
         let mut cache = e.new_cache(1, 64).unwrap();
         let ids = [1u32, 9690, 198, 2683, 359, 253, 5356];
-        e.forward(
-            &mut cache,
-            &[SeqInput {
-                slot: 0,
-                tokens: &ids,
-                all_logits: true,
-            }],
-            false,
-        )
-        .unwrap()
-        .logits
+        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true }], false).unwrap().logits
     };
     let (a, b) = (run(&files), run(&st));
     assert!(a == b, "logits differ between GGUF and safetensors");

@@ -49,13 +49,7 @@ pub trait Backend: Send + Sync {
     fn layout(&self, tokens: &[TokenPos]) -> Result<Self::Layout>;
 
     /// `out[i] = table[ids[i]]` (rows of `width`).
-    fn embed(
-        &self,
-        table: &Self::Weight,
-        ids: &[u32],
-        width: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
+    fn embed(&self, table: &Self::Weight, ids: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
 
     /// The fused residual boundary: `h += delta` (when given), then `x = rmsnorm(h) · norm`.
     /// One pass over `h`; steering and projections join here.
@@ -109,20 +103,8 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// `out = silu(gate) · up`, elementwise over `n` values.
-    fn silu_mul(
-        &self,
-        gate: &Self::Buf,
-        up: &Self::Buf,
-        n: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
+    fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
 
     /// `out[i] = x[rows[i]]` (rows of `width`).
-    fn gather_rows(
-        &self,
-        x: &Self::Buf,
-        rows: &[u32],
-        width: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
+    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
 }

@@ -20,13 +20,7 @@ pub struct GenRequest {
 
 impl GenRequest {
     pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
-        GenRequest {
-            prompt_ids,
-            max_tokens,
-            sampling: SamplingParams::greedy(),
-            ignore_eos: false,
-            top_logits: 0,
-        }
+        GenRequest { prompt_ids, max_tokens, sampling: SamplingParams::greedy(), ignore_eos: false, top_logits: 0 }
     }
 }
 
@@ -64,30 +58,20 @@ impl GenOutput {
 impl<B: Backend> Engine<B> {
     /// Generate for every request at once. `on_token(request_index, step)` is called as each
     /// token is produced (streaming).
-    pub fn generate(
-        &self,
-        reqs: &[GenRequest],
-        on_token: &mut dyn FnMut(usize, &GenStep),
-    ) -> Result<Vec<GenOutput>> {
+    pub fn generate(&self, reqs: &[GenRequest], on_token: &mut dyn FnMut(usize, &GenStep)) -> Result<Vec<GenOutput>> {
         for (i, r) in reqs.iter().enumerate() {
             if r.prompt_ids.is_empty() {
                 return Err(Error::Invalid(format!("request {i}: empty prompt")));
             }
             if r.max_tokens == 0 {
-                return Err(Error::Invalid(format!(
-                    "request {i}: max tokens must be at least 1"
-                )));
+                return Err(Error::Invalid(format!("request {i}: max tokens must be at least 1")));
             }
             r.sampling.validate()?;
         }
         if reqs.is_empty() {
             return Ok(vec![]);
         }
-        let capacity = reqs
-            .iter()
-            .map(|r| r.prompt_ids.len() + r.max_tokens)
-            .max()
-            .unwrap_or(1);
+        let capacity = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap_or(1);
         let mut cache = self.new_cache(reqs.len(), capacity)?;
         let mut rngs: Vec<Rng> = reqs.iter().map(|r| Rng::new(r.sampling.seed)).collect();
         let mut steps: Vec<Vec<GenStep>> = vec![vec![]; reqs.len()];
@@ -98,11 +82,7 @@ impl<B: Backend> Engine<B> {
         let inputs: Vec<SeqInput> = reqs
             .iter()
             .enumerate()
-            .map(|(i, r)| SeqInput {
-                slot: i,
-                tokens: &r.prompt_ids,
-                all_logits: false,
-            })
+            .map(|(i, r)| SeqInput { slot: i, tokens: &r.prompt_ids, all_logits: false })
             .collect();
         let mut out = self.forward(&mut cache, &inputs, false)?;
         let mut active: Vec<usize> = (0..reqs.len()).collect();
@@ -114,14 +94,7 @@ impl<B: Backend> Engine<B> {
                 let r = &reqs[i];
                 let logits = out.last(row);
                 let id = sample(logits, &r.sampling, &mut rngs[i]);
-                let step = GenStep {
-                    id,
-                    top: if r.top_logits > 0 {
-                        top_k(logits, r.top_logits)
-                    } else {
-                        vec![]
-                    },
-                };
+                let step = GenStep { id, top: if r.top_logits > 0 { top_k(logits, r.top_logits) } else { vec![] } };
                 on_token(i, &step);
                 steps[i].push(step);
                 if !r.ignore_eos && eos.contains(&id) {
@@ -136,18 +109,11 @@ impl<B: Backend> Engine<B> {
             if active.is_empty() {
                 break;
             }
-            let last: Vec<[u32; 1]> = active
-                .iter()
-                .map(|&i| [steps[i].last().map(|s| s.id).unwrap_or(0)])
-                .collect();
+            let last: Vec<[u32; 1]> = active.iter().map(|&i| [steps[i].last().map(|s| s.id).unwrap_or(0)]).collect();
             let inputs: Vec<SeqInput> = active
                 .iter()
                 .zip(&last)
-                .map(|(&i, tok)| SeqInput {
-                    slot: i,
-                    tokens: tok,
-                    all_logits: false,
-                })
+                .map(|(&i, tok)| SeqInput { slot: i, tokens: tok, all_logits: false })
                 .collect();
             out = self.forward(&mut cache, &inputs, false)?;
         }

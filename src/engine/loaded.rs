@@ -37,50 +37,30 @@ impl<B: Backend> LoadedModel<B> {
 
     pub fn from_files(files: ModelFiles, backend: B, max_context: usize) -> Result<Self> {
         let engine = Engine::new(backend, files.config.clone(), &files.tensors, max_context)?;
-        Ok(LoadedModel {
-            engine,
-            tokenizer: files.tokenizer,
-            chat_template: files.chat_template,
-            path: files.path,
-        })
+        Ok(LoadedModel { engine, tokenizer: files.tokenizer, chat_template: files.chat_template, path: files.path })
     }
 
     fn tok(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "{} has no tokenizer; pass token ids instead",
-                self.path.display()
-            ))
+            Error::Tokenizer(format!("{} has no tokenizer; pass token ids instead", self.path.display()))
         })
     }
 
     /// Text to ids (`add_special`: let the tokenizer add BOS etc. as it is configured to).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tok()?
-            .encode(text, add_special)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self.tok()?.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Ids to text, special tokens included (as transformers' decode does by default).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tok()?
-            .decode(ids, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tok()?.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The exact prompt string the model's chat template produces.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
-            Error::Template(format!(
-                "{} has no chat template; use a raw prompt",
-                self.path.display()
-            ))
+            Error::Template(format!("{} has no chat template; use a raw prompt", self.path.display()))
         })?;
         t.render(messages, add_generation_prompt)
     }
@@ -105,10 +85,7 @@ impl TextStream {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
         let text = tok.decode(&self.ids, false).unwrap_or_default();
-        if text.ends_with('\u{FFFD}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
             return String::new();
         }
         let piece = text[self.emitted..].to_string();

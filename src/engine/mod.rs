@@ -124,12 +124,7 @@ fn rope_table(cfg: &ModelConfig, positions: usize) -> HostTensor {
 
 impl<B: Backend> Engine<B> {
     /// Upload a model's tensors. `max_context` bounds positions (and the RoPE table).
-    pub fn new(
-        backend: B,
-        config: ModelConfig,
-        t: &ModelTensors,
-        max_context: usize,
-    ) -> Result<Self> {
+    pub fn new(backend: B, config: ModelConfig, t: &ModelTensors, max_context: usize) -> Result<Self> {
         let max_context = max_context.min(config.max_positions.max(1)).max(1);
         let up = |x: &HostTensor| backend.upload(x);
         let upo = |x: &Option<HostTensor>| x.as_ref().map(|x| backend.upload(x)).transpose();
@@ -164,12 +159,7 @@ impl<B: Backend> Engine<B> {
 
     fn attn_shape(&self, capacity: usize) -> AttnShape {
         let c = &self.config;
-        AttnShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            capacity,
-        }
+        AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, capacity }
     }
 
     /// A KV cache for `slots` sequences of up to `capacity` tokens.
@@ -184,28 +174,15 @@ impl<B: Backend> Engine<B> {
         let n = slots * capacity * c.n_kv_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.n_layers);
         for _ in 0..c.n_layers {
-            layers.push(KvLayer {
-                k: self.backend.alloc(n)?,
-                v: self.backend.alloc(n)?,
-            });
+            layers.push(KvLayer { k: self.backend.alloc(n)?, v: self.backend.alloc(n)? });
         }
-        Ok(KvCache {
-            layers,
-            capacity,
-            lens: vec![0; slots],
-            scratch: None,
-        })
+        Ok(KvCache { layers, capacity, lens: vec![0; slots], scratch: None })
     }
 
     fn scratch(&self, tokens: usize) -> Result<Scratch<B>> {
         let c = &self.config;
         let b = &self.backend;
-        let (h, q, kv, f) = (
-            c.hidden,
-            c.n_heads * c.head_dim,
-            c.n_kv_heads * c.head_dim,
-            c.intermediate,
-        );
+        let (h, q, kv, f) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate);
         Ok(Scratch {
             tokens,
             h: b.alloc(tokens * h)?,
@@ -222,12 +199,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Run the new tokens of each sequence through the model, appending them to the KV cache.
-    pub fn forward(
-        &self,
-        cache: &mut KvCache<B>,
-        seqs: &[SeqInput],
-        trace: bool,
-    ) -> Result<ForwardOutput> {
+    pub fn forward(&self, cache: &mut KvCache<B>, seqs: &[SeqInput], trace: bool) -> Result<ForwardOutput> {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut tokens = Vec::new();
@@ -243,16 +215,10 @@ impl<B: Backend> Engine<B> {
                 )));
             }
             if std::mem::replace(&mut seen[s.slot], true) {
-                return Err(Error::Invalid(format!(
-                    "slot {} appears twice in one forward call",
-                    s.slot
-                )));
+                return Err(Error::Invalid(format!("slot {} appears twice in one forward call", s.slot)));
             }
             if s.tokens.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "sequence in slot {} has no new tokens",
-                    s.slot
-                )));
+                return Err(Error::Invalid(format!("sequence in slot {} has no new tokens", s.slot)));
             }
             let start = cache.lens[s.slot];
             if start + s.tokens.len() > cache.capacity {
@@ -264,10 +230,7 @@ impl<B: Backend> Engine<B> {
                 )));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= c.vocab) {
-                return Err(Error::Invalid(format!(
-                    "token id {bad} is out of vocabulary (size {})",
-                    c.vocab
-                )));
+                return Err(Error::Invalid(format!("token id {bad} is out of vocabulary (size {})", c.vocab)));
             }
             let first = out_rows.len();
             for (i, &id) in s.tokens.iter().enumerate() {
@@ -275,10 +238,7 @@ impl<B: Backend> Engine<B> {
                     out_rows.push(tokens.len() as u32);
                 }
                 ids.push(id);
-                tokens.push(TokenPos {
-                    slot: s.slot as u32,
-                    pos: (start + i) as u32,
-                });
+                tokens.push(TokenPos { slot: s.slot as u32, pos: (start + i) as u32 });
             }
             rows.push(first..out_rows.len());
         }
@@ -295,14 +255,8 @@ impl<B: Backend> Engine<B> {
         let kv_layers = &mut cache.layers;
 
         b.embed(&self.embed, &ids, c.hidden, &mut ws.h)?;
-        let first_norm = self
-            .layers
-            .first()
-            .map(|l| &l.attn_norm)
-            .unwrap_or(&self.final_norm);
-        b.residual_norm(
-            &mut ws.h, None, first_norm, c.rms_eps, t, c.hidden, &mut ws.x,
-        )?;
+        let first_norm = self.layers.first().map(|l| &l.attn_norm).unwrap_or(&self.final_norm);
+        b.residual_norm(&mut ws.h, None, first_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
         if trace {
             residuals.push(b.read(&ws.h, t * c.hidden)?);
         }
@@ -312,44 +266,15 @@ impl<B: Backend> Engine<B> {
             b.matmul(&ws.x, &l.wv, l.bv.as_ref(), t, &mut ws.v)?;
             b.rope(&mut ws.q, &self.rope, &layout, t, nh, hd)?;
             b.rope(&mut ws.k, &self.rope, &layout, t, nkv, hd)?;
-            b.attention(
-                &ws.q,
-                &ws.k,
-                &ws.v,
-                &mut kv_layers[li],
-                &layout,
-                t,
-                shape,
-                &mut ws.attn,
-            )?;
+            b.attention(&ws.q, &ws.k, &ws.v, &mut kv_layers[li], &layout, t, shape, &mut ws.attn)?;
             b.matmul(&ws.attn, &l.wo, None, t, &mut ws.o)?;
-            b.residual_norm(
-                &mut ws.h,
-                Some(&ws.o),
-                &l.mlp_norm,
-                c.rms_eps,
-                t,
-                c.hidden,
-                &mut ws.x,
-            )?;
+            b.residual_norm(&mut ws.h, Some(&ws.o), &l.mlp_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
             b.matmul(&ws.x, &l.w_gate, None, t, &mut ws.gate)?;
             b.matmul(&ws.x, &l.w_up, None, t, &mut ws.up)?;
             b.silu_mul(&ws.gate, &ws.up, t * c.intermediate, &mut ws.act)?;
             b.matmul(&ws.act, &l.w_down, None, t, &mut ws.o)?;
-            let next_norm = self
-                .layers
-                .get(li + 1)
-                .map(|n| &n.attn_norm)
-                .unwrap_or(&self.final_norm);
-            b.residual_norm(
-                &mut ws.h,
-                Some(&ws.o),
-                next_norm,
-                c.rms_eps,
-                t,
-                c.hidden,
-                &mut ws.x,
-            )?;
+            let next_norm = self.layers.get(li + 1).map(|n| &n.attn_norm).unwrap_or(&self.final_norm);
+            b.residual_norm(&mut ws.h, Some(&ws.o), next_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
             if trace {
                 residuals.push(b.read(&ws.h, t * c.hidden)?);
             }
@@ -358,22 +283,11 @@ impl<B: Backend> Engine<B> {
         let mut xs = b.alloc(n_out * c.hidden)?;
         b.gather_rows(&ws.x, &out_rows, c.hidden, &mut xs)?;
         let mut logits = b.alloc(n_out * c.vocab)?;
-        b.matmul(
-            &xs,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            None,
-            n_out,
-            &mut logits,
-        )?;
+        b.matmul(&xs, self.lm_head.as_ref().unwrap_or(&self.embed), None, n_out, &mut logits)?;
         let logits = b.read(&logits, n_out * c.vocab)?;
         for s in seqs {
             cache.lens[s.slot] += s.tokens.len();
         }
-        Ok(ForwardOutput {
-            logits,
-            vocab: c.vocab,
-            rows,
-            residuals,
-        })
+        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals })
     }
 }

@@ -15,12 +15,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -30,16 +25,10 @@ impl SamplingParams {
     }
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Invalid(format!(
-                "temperature must be a finite number ≥ 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::Invalid(format!("temperature must be a finite number ≥ 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "top-p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(Error::Invalid(format!("top-p must be in (0, 1], got {}", self.top_p)));
         }
         Ok(())
     }
@@ -84,11 +73,7 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return vec![];
     }
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
+    let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     idx.select_nth_unstable_by(k - 1, cmp);
     idx.truncate(k);
     idx.sort_by(cmp);
@@ -103,10 +88,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     let k = if p.top_k == 0 { logits.len() } else { p.top_k };
     let cands = top_k(logits, k);
     let m = cands[0].1;
-    let mut probs: Vec<f64> = cands
-        .iter()
-        .map(|&(_, l)| (((l - m) / p.temperature) as f64).exp())
-        .collect();
+    let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| (((l - m) / p.temperature) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
     // Nucleus: the smallest prefix whose mass reaches top_p.
@@ -144,11 +126,7 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let l = [0.5, 2.0, 1.0, 1.9];
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 1,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
         let mut r = Rng::new(7);
         for _ in 0..20 {
             assert_eq!(sample(&l, &p, &mut r), 1);
@@ -159,31 +137,19 @@ mod tests {
     fn top_p_restricts_to_nucleus() {
         // probabilities ≈ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps ids 0 and 1 only.
         let l = [3.0, 2.0, 1.0, 0.0];
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.8,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() };
         let mut r = Rng::new(1);
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
             seen[sample(&l, &p, &mut r) as usize] += 1;
         }
-        assert!(
-            seen[0] > 1200 && seen[1] > 400 && seen[2] == 0 && seen[3] == 0,
-            "{seen:?}"
-        );
+        assert!(seen[0] > 1200 && seen[1] > 400 && seen[2] == 0 && seen[3] == 0, "{seen:?}");
     }
 
     #[test]
     fn same_seed_same_draws() {
         let l: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams {
-            temperature: 0.8,
-            top_k: 20,
-            top_p: 0.95,
-            seed: 3,
-        };
+        let p = SamplingParams { temperature: 0.8, top_k: 20, top_p: 0.95, seed: 3 };
         let draw = |s| {
             let mut r = Rng::new(s);
             (0..30).map(|_| sample(&l, &p, &mut r)).collect::<Vec<_>>()

@@ -15,10 +15,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
     pub fn system(c: impl Into<String>) -> Self {
         Self::new("system", c)
@@ -41,10 +38,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos", &self.bos_token)
-            .field("eos", &self.eos_token)
-            .finish()
+        f.debug_struct("ChatTemplate").field("bos", &self.bos_token).field("eos", &self.eos_token).finish()
     }
 }
 
@@ -59,22 +53,13 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::Template(format!("{e:#}")))?;
-        Ok(ChatTemplate {
-            env,
-            source: source.to_string(),
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
+        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(format!("{e:#}")))?;
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// Render `messages`; with `add_generation_prompt` the assistant header is appended.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let t = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let t = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         t.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

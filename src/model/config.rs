@@ -45,9 +45,7 @@ impl RopeConfig {
     /// Inverse frequencies for a head of `head_dim`, as transformers computes them (f64 here).
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let half = head_dim / 2;
-        let mut f: Vec<f64> = (0..half)
-            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / head_dim as f64))
-            .collect();
+        let mut f: Vec<f64> = (0..half).map(|i| 1.0 / self.theta.powf((2 * i) as f64 / head_dim as f64)).collect();
         if let Some(s) = self.llama3 {
             let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
@@ -127,39 +125,25 @@ impl ModelConfig {
     }
 
     pub fn from_hf_str(text: &str, path: &Path) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::format(path, "expected a JSON object"))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
         // Some configs nest the language model under `text_config`.
-        let v = obj
-            .get("text_config")
-            .filter(|t| t.is_object())
-            .unwrap_or(&v);
+        let v = obj.get("text_config").filter(|t| t.is_object()).unwrap_or(&v);
         let field = |k: &str| v.get(k).filter(|x| !x.is_null());
         let req_usize = |k: &str| -> Result<usize> {
             field(k)
                 .ok_or_else(|| Error::format(path, format!("missing field `{k}`")))?
                 .as_u64()
                 .map(|x| x as usize)
-                .ok_or_else(|| {
-                    Error::format(path, format!("field `{k}` must be a non-negative integer"))
-                })
+                .ok_or_else(|| Error::format(path, format!("field `{k}` must be a non-negative integer")))
         };
         let arch_name = v
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(|a| a.as_str())
             .map(str::to_string)
-            .or_else(|| {
-                field("model_type")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .ok_or_else(|| {
-                Error::format(path, "missing field `architectures` (and `model_type`)")
-            })?;
+            .or_else(|| field("model_type").and_then(|m| m.as_str()).map(str::to_string))
+            .ok_or_else(|| Error::format(path, "missing field `architectures` (and `model_type`)"))?;
         let arch = match arch_name.as_str() {
             "LlamaForCausalLM" | "llama" => Arch::Llama,
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
@@ -173,27 +157,18 @@ impl ModelConfig {
         };
         let hidden = req_usize("hidden_size")?;
         let n_heads = req_usize("num_attention_heads")?;
-        let n_kv_heads = if field("num_key_value_heads").is_some() {
-            req_usize("num_key_value_heads")?
-        } else {
-            n_heads
-        };
+        let n_kv_heads =
+            if field("num_key_value_heads").is_some() { req_usize("num_key_value_heads")? } else { n_heads };
         let head_dim = if field("head_dim").is_some() {
             req_usize("head_dim")?
         } else {
             if n_heads == 0 || hidden % n_heads != 0 {
-                return Err(Error::format(
-                    path,
-                    "hidden_size is not a multiple of num_attention_heads",
-                ));
+                return Err(Error::format(path, "hidden_size is not a multiple of num_attention_heads"));
             }
             hidden / n_heads
         };
         let rms_eps = match field("rms_norm_eps") {
-            Some(x) => x
-                .as_f64()
-                .ok_or_else(|| Error::format(path, "`rms_norm_eps` must be a number"))?
-                as f32,
+            Some(x) => x.as_f64().ok_or_else(|| Error::format(path, "`rms_norm_eps` must be a number"))? as f32,
             None => 1e-6,
         };
         // RoPE: hub style (`rope_theta` + `rope_scaling`) or transformers 5 (`rope_parameters`).
@@ -202,23 +177,16 @@ impl ModelConfig {
         let theta = params
             .and_then(|p| p.get("rope_theta"))
             .or_else(|| field("rope_theta"))
-            .map(|t| {
-                t.as_f64()
-                    .ok_or_else(|| Error::format(path, "`rope_theta` must be a number"))
-            })
+            .map(|t| t.as_f64().ok_or_else(|| Error::format(path, "`rope_theta` must be a number")))
             .transpose()?
             .unwrap_or(10000.0);
         let mut llama3 = None;
         if let Some(s) = scaling {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
             let num = |k: &str| -> Result<f64> {
-                s.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
-                    Error::format(path, format!("rope scaling `{kind}` needs a numeric `{k}`"))
-                })
+                s.get(k)
+                    .and_then(|x| x.as_f64())
+                    .ok_or_else(|| Error::format(path, format!("rope scaling `{kind}` needs a numeric `{k}`")))
             };
             match kind {
                 "default" => {}
@@ -230,22 +198,13 @@ impl ModelConfig {
                         original_max_position_embeddings: num("original_max_position_embeddings")?,
                     })
                 }
-                other => {
-                    return Err(Error::Unsupported(format!(
-                        "{}: rope scaling `{other}`",
-                        path.display()
-                    )))
-                }
+                other => return Err(Error::Unsupported(format!("{}: rope scaling `{other}`", path.display()))),
             }
         }
         let ids = |k: &str| -> Vec<u32> {
             match field(k) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
                 _ => vec![],
             }
         };
@@ -260,17 +219,11 @@ impl ModelConfig {
             vocab: req_usize("vocab_size")?,
             rms_eps,
             rope: RopeConfig { theta, llama3 },
-            max_positions: field("max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .unwrap_or(4096) as usize,
-            tie_embeddings: field("tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
+            max_positions: field("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096) as usize,
+            tie_embeddings: field("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             qkv_bias: match arch {
                 Arch::Qwen2 => true,
-                _ => field("attention_bias")
-                    .and_then(|x| x.as_bool())
-                    .unwrap_or(false),
+                _ => field("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false),
             },
             bos_id: ids("bos_token_id").first().copied(),
             eos_ids: ids("eos_token_id"),
@@ -286,23 +239,18 @@ mod tests {
 
     #[test]
     fn missing_field_is_named() {
-        let e = ModelConfig::from_hf_str(
-            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":8}"#,
-            Path::new("c.json"),
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            ModelConfig::from_hf_str(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":8}"#, Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("num_attention_heads"), "{e}");
     }
 
     #[test]
     fn unknown_architecture_is_named() {
-        let e = ModelConfig::from_hf_str(
-            r#"{"architectures":["GPTNeoXForCausalLM"]}"#,
-            Path::new("c.json"),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = ModelConfig::from_hf_str(r#"{"architectures":["GPTNeoXForCausalLM"]}"#, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("GPTNeoXForCausalLM"), "{e}");
     }
 

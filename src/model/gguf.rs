@@ -246,20 +246,14 @@ const GGML_TYPES: [(GgmlType, u32, u64, u64); 32] = {
 
 impl GgmlType {
     pub fn from_u32(id: u32) -> GgmlType {
-        GGML_TYPES
-            .iter()
-            .find(|e| e.1 == id)
-            .map_or(GgmlType::Other(id), |e| e.0)
+        GGML_TYPES.iter().find(|e| e.1 == id).map_or(GgmlType::Other(id), |e| e.0)
     }
 
     /// The id stored in GGUF files.
     pub fn id(self) -> u32 {
         match self {
             GgmlType::Other(id) => id,
-            t => GGML_TYPES
-                .iter()
-                .find(|e| e.0 == t)
-                .map_or(u32::MAX, |e| e.1),
+            t => GGML_TYPES.iter().find(|e| e.0 == t).map_or(u32::MAX, |e| e.1),
         }
     }
 
@@ -362,11 +356,7 @@ impl GgufFile {
 
     fn from_map(path: &Path, map: Mmap) -> Result<GgufFile> {
         let (version, metadata, tensors, alignment, data_start) = parse(path, &map)?;
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
             path: path.to_path_buf(),
             map: Arc::new(map),
@@ -435,10 +425,9 @@ impl GgufFile {
     /// Read a tensor: F32/F16/BF16 zero-copy from the map, quantized types dequantized to f32.
     /// The shape is in PyTorch order (outermost first).
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
-        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            name: name.to_string(),
-        })?;
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.to_string() })?;
         let shape = info.shape();
         let (start, end) = self.data_range(info)?;
         let dtype = match info.ggml_type {
@@ -448,25 +437,14 @@ impl GgufFile {
             _ => None,
         };
         if let Some(dtype) = dtype {
-            let storage = Storage::Mapped {
-                map: self.map.clone(),
-                offset: start,
-                len: end - start,
-                dtype,
-            };
-            return Ok(HostTensor {
-                name: info.name.clone(),
-                shape,
-                storage,
-            });
+            let storage = Storage::Mapped { map: self.map.clone(), offset: start, len: end - start, dtype };
+            return Ok(HostTensor { name: info.name.clone(), shape, storage });
         }
         let n = info.n_elements() as usize;
         let data = dequantize(info.ggml_type, &self.map[start..end], n).map_err(|e| match e {
-            Error::Unsupported(msg) => Error::Unsupported(format!(
-                "{}: tensor `{}`: {msg}",
-                self.path.display(),
-                info.name
-            )),
+            Error::Unsupported(msg) => {
+                Error::Unsupported(format!("{}: tensor `{}`: {msg}", self.path.display(), info.name))
+            }
             other => other,
         })?;
         Ok(HostTensor::from_f32(info.name.clone(), shape, data))
@@ -608,17 +586,11 @@ impl<'a> Reader<'a> {
                 }
                 let elem_ty = self.u32(what)?;
                 let min = min_value_size(elem_ty).ok_or_else(|| {
-                    self.err(format!(
-                        "{}: unknown array element type {elem_ty} at offset {}",
-                        what(),
-                        self.pos - 4
-                    ))
+                    self.err(format!("{}: unknown array element type {elem_ty} at offset {}", what(), self.pos - 4))
                 })?;
                 let at = self.pos;
                 let n = self.u64(what)?;
-                if n.checked_mul(min)
-                    .map_or(true, |b| b > self.remaining() as u64)
-                {
+                if n.checked_mul(min).map_or(true, |b| b > self.remaining() as u64) {
                     return Err(self.err(format!(
                         "{}: array length {n} at offset {at} is larger than the rest of the file ({} bytes) could hold",
                         what(),
@@ -632,11 +604,7 @@ impl<'a> Reader<'a> {
                 GgufValue::Array(items)
             }
             other => {
-                return Err(self.err(format!(
-                    "{}: unknown value type {other} at offset {}",
-                    what(),
-                    self.pos - 4
-                )))
+                return Err(self.err(format!("{}: unknown value type {other} at offset {}", what(), self.pos - 4)))
             }
         })
     }
@@ -654,13 +622,7 @@ fn min_value_size(ty: u32) -> Option<u64> {
     })
 }
 
-type Parsed = (
-    u32,
-    BTreeMap<String, GgufValue>,
-    Vec<GgufTensorInfo>,
-    u64,
-    u64,
-);
+type Parsed = (u32, BTreeMap<String, GgufValue>, Vec<GgufTensorInfo>, u64, u64);
 
 /// Magic, version, tensor count, metadata count.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8;
@@ -679,10 +641,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     let mut r = Reader { buf, pos: 0, path };
     let magic = r.array::<4>(&|| "magic".into())?;
     if &magic != MAGIC {
-        return Err(r.err(format!(
-            "not a GGUF file: magic is {:?}, expected \"GGUF\"",
-            String::from_utf8_lossy(&magic)
-        )));
+        return Err(
+            r.err(format!("not a GGUF file: magic is {:?}, expected \"GGUF\"", String::from_utf8_lossy(&magic)))
+        );
     }
     let version = r.u32(&|| "version".into())?;
     match version {
@@ -713,14 +674,14 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     // key/value at least 8 (key length) + 4 (type) + 1 bytes.
     let rem = r.remaining() as u64;
     if n_tensors.checked_mul(24).map_or(true, |b| b > rem) {
-        return Err(r.err(format!(
-            "tensor count {n_tensors} is larger than the rest of the file ({rem} bytes) could hold"
-        )));
+        return Err(
+            r.err(format!("tensor count {n_tensors} is larger than the rest of the file ({rem} bytes) could hold"))
+        );
     }
     if n_kv.checked_mul(13).map_or(true, |b| b > rem) {
-        return Err(r.err(format!(
-            "metadata count {n_kv} is larger than the rest of the file ({rem} bytes) could hold"
-        )));
+        return Err(
+            r.err(format!("metadata count {n_kv} is larger than the rest of the file ({rem} bytes) could hold"))
+        );
     }
 
     let mut metadata = BTreeMap::new();
@@ -739,11 +700,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => {
-                return Err(r.err(format!(
-                    "general.alignment must be a power of two, found {v:?}"
-                )))
-            }
+            _ => return Err(r.err(format!("general.alignment must be a power of two, found {v:?}"))),
         },
     };
 
@@ -754,9 +711,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let what = || format!("tensor `{name}`");
         let n_dims = r.u32(&what)?;
         if n_dims > MAX_DIMS {
-            return Err(r.err(format!(
-                "tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})"
-            )));
+            return Err(r.err(format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -764,28 +719,19 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         }
         let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         if count.map_or(true, |c| c > i64::MAX as u64) {
-            return Err(r.err(format!(
-                "tensor `{name}` dims {dims:?}: element count overflows"
-            )));
+            return Err(r.err(format!("tensor `{name}` dims {dims:?}: element count overflows")));
         }
         let ggml_type = GgmlType::from_u32(r.u32(&what)?);
         let offset = r.u64(&what)?;
         if offset % alignment != 0 {
-            return Err(r.err(format!(
-                "tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}"
-            )));
+            return Err(
+                r.err(format!("tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}"))
+            );
         }
         if let Some(j) = seen.insert(name.clone(), i as usize) {
-            return Err(r.err(format!(
-                "duplicate tensor name `{name}` (entries #{j} and #{i})"
-            )));
+            return Err(r.err(format!("duplicate tensor name `{name}` (entries #{j} and #{i})")));
         }
-        tensors.push(GgufTensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        });
+        tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
     }
 
     let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
@@ -797,10 +743,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let start = data_start as u128 + t.offset as u128;
         let end = start + nbytes as u128;
         if end > size as u128 {
-            return Err(r.err(format!(
-                "tensor `{}` data [{start}..{end}) is past the end of the file (size {size})",
-                t.name
-            )));
+            return Err(
+                r.err(format!("tensor `{}` data [{start}..{end}) is past the end of the file (size {size})", t.name))
+            );
         }
     }
     Ok((version, metadata, tensors, alignment, data_start))
@@ -818,16 +763,11 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         }
     };
     if n % block != 0 {
-        return Err(Error::Invalid(format!(
-            "{n} elements are not a whole number of {ty} blocks of {block}"
-        )));
+        return Err(Error::Invalid(format!("{n} elements are not a whole number of {ty} blocks of {block}")));
     }
     let need = n / block * bytes;
     if data.len() != need {
-        return Err(Error::Invalid(format!(
-            "{n} {ty} elements need {need} bytes, got {}",
-            data.len()
-        )));
+        return Err(Error::Invalid(format!("{n} {ty} elements need {need} bytes, got {}", data.len())));
     }
     let f: fn(&[u8], &mut [f32]) = match ty {
         GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -849,9 +789,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         }
     };
     if n / block >= 4 * CHUNK {
-        out.par_chunks_mut(CHUNK * block)
-            .zip(data.par_chunks(CHUNK * bytes))
-            .for_each(run);
+        out.par_chunks_mut(CHUNK * block).zip(data.par_chunks(CHUNK * bytes)).for_each(run);
     } else {
         run((&mut out, data));
     }
@@ -944,9 +882,7 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> Result<()> {
         GgufValue::Array(items) => {
             let ty = items.first().map_or(T_U8, GgufValue::type_id);
             if items.iter().any(|x| x.type_id() != ty) {
-                return Err(Error::Invalid(
-                    "a GGUF array must hold values of a single type".into(),
-                ));
+                return Err(Error::Invalid("a GGUF array must hold values of a single type".into()));
             }
             out.extend_from_slice(&ty.to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
@@ -964,11 +900,7 @@ fn encode(metadata: &[(String, GgufValue)], tensors: &[RawTensor]) -> Result<Vec
         None => DEFAULT_ALIGNMENT,
         Some((_, v)) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "general.alignment must be a power of two, got {v:?}"
-                )))
-            }
+            _ => return Err(Error::Invalid(format!("general.alignment must be a power of two, got {v:?}"))),
         },
     } as usize;
     let mut out = Vec::new();
@@ -1024,10 +956,7 @@ pub fn write_gguf(
     let mut names = std::collections::HashSet::new();
     for (name, shape, data) in tensors {
         if !names.insert(name.as_str()) {
-            return Err(Error::Invalid(format!(
-                "write_gguf {}: duplicate tensor `{name}`",
-                path.display()
-            )));
+            return Err(Error::Invalid(format!("write_gguf {}: duplicate tensor `{name}`", path.display())));
         }
         if shape.len() > MAX_DIMS as usize || shape.iter().product::<usize>() != data.len() {
             return Err(Error::Invalid(format!(
@@ -1048,9 +977,7 @@ pub fn write_gguf(
         .collect();
     let bytes = encode(metadata, &raw)?;
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(&bytes)
-        .and_then(|_| f.flush())
-        .map_err(|e| Error::io(path, e))
+    f.write_all(&bytes).and_then(|_| f.flush()).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
@@ -1079,23 +1006,12 @@ mod tests {
 
     fn assert_err(bytes: &[u8], needle: &str) {
         let msg = err_of(bytes).to_string();
-        assert!(
-            msg.contains(needle),
-            "error `{msg}` does not mention `{needle}`"
-        );
-        assert!(
-            msg.contains("mem.gguf"),
-            "error `{msg}` does not name the file"
-        );
+        assert!(msg.contains(needle), "error `{msg}` does not mention `{needle}`");
+        assert!(msg.contains("mem.gguf"), "error `{msg}` does not name the file");
     }
 
     fn raw<'a>(name: &'a str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> RawTensor<'a> {
-        RawTensor {
-            name,
-            dims: dims.to_vec(),
-            ggml_type: ty.id(),
-            data,
-        }
+        RawTensor { name, dims: dims.to_vec(), ggml_type: ty.id(), data }
     }
 
     fn f16b(x: f32) -> [u8; 2] {
@@ -1146,18 +1062,8 @@ mod tests {
             ("a.f64".into(), F64(100000.5)),
             ("a.bool".into(), Bool(true)),
             ("a.utf8".into(), Str("naïve — 数学 🎉".into())),
-            (
-                "a.tokens".into(),
-                Array(vec![
-                    Str("<s>".into()),
-                    Str("Ġthe".into()),
-                    Str(String::new()),
-                ]),
-            ),
-            (
-                "a.nested".into(),
-                Array(vec![Array(vec![I32(1), I32(-2)]), Array(vec![])]),
-            ),
+            ("a.tokens".into(), Array(vec![Str("<s>".into()), Str("Ġthe".into()), Str(String::new())])),
+            ("a.nested".into(), Array(vec![Array(vec![I32(1), I32(-2)]), Array(vec![])])),
             ("a.empty".into(), Array(vec![])),
         ]
     }
@@ -1168,26 +1074,13 @@ mod tests {
         let f16s = [0.5f32, -1.0, 65504.0, 0.000061035156];
         let bf16s = [1.0f32, -3.0, 0.15625, 1e30];
         let tensors = [
-            raw(
-                "w",
-                &[3, 2],
-                GgmlType::F32,
-                f32s.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ),
-            raw(
-                "h",
-                &[4],
-                GgmlType::F16,
-                f16s.iter().flat_map(|&x| f16b(x)).collect(),
-            ),
+            raw("w", &[3, 2], GgmlType::F32, f32s.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            raw("h", &[4], GgmlType::F16, f16s.iter().flat_map(|&x| f16b(x)).collect()),
             raw(
                 "b",
                 &[2, 2],
                 GgmlType::BF16,
-                bf16s
-                    .iter()
-                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                    .collect(),
+                bf16s.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
             ),
         ];
         let md = sample_metadata();
@@ -1220,13 +1113,7 @@ mod tests {
 
         let w = g.tensor("w").unwrap();
         assert_eq!(w.shape, [2, 3]);
-        assert!(matches!(
-            w.storage,
-            Storage::Mapped {
-                dtype: DType::F32,
-                ..
-            }
-        ));
+        assert!(matches!(w.storage, Storage::Mapped { dtype: DType::F32, .. }));
         assert_eq!(w.to_f32(), f32s);
         let h = g.tensor("h").unwrap();
         assert_eq!(h.dtype(), DType::F16);
@@ -1242,17 +1129,9 @@ mod tests {
         let md = vec![("general.alignment".to_string(), GgufValue::U32(64))];
         let a: Vec<u8> = [1.0f32].iter().flat_map(|x| x.to_le_bytes()).collect();
         let b: Vec<u8> = [2.0f32, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let g = open_bytes(
-            &encode(
-                &md,
-                &[
-                    raw("a", &[1], GgmlType::F32, a),
-                    raw("b", &[2], GgmlType::F32, b),
-                ],
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let g =
+            open_bytes(&encode(&md, &[raw("a", &[1], GgmlType::F32, a), raw("b", &[2], GgmlType::F32, b)]).unwrap())
+                .unwrap();
         assert_eq!(g.alignment(), 64);
         assert_eq!(g.data_offset() % 64, 0);
         assert_eq!(g.tensor_info("b").unwrap().offset, 64);
@@ -1282,10 +1161,7 @@ mod tests {
         let t = read_one(GgmlType::Q4_0, &[32, 2], data);
         assert_eq!(t.shape, [2, 32]);
         let y = t.to_f32();
-        assert_eq!(
-            [y[0], y[1], y[8], y[15], y[16], y[17], y[31]],
-            [-4.0, -3.5, 0.0, 3.5, 3.5, 3.0, -4.0]
-        );
+        assert_eq!([y[0], y[1], y[8], y[15], y[16], y[17], y[31]], [-4.0, -3.5, 0.0, 3.5, 3.5, 3.0, -4.0]);
         assert!(y[32..48].iter().all(|&v| v == -14.0));
         assert!(y[48..64].iter().all(|&v| v == -2.0));
     }
@@ -1297,10 +1173,7 @@ mod tests {
         data.extend(f16b(-1.0));
         data.extend(nibbles());
         let y = read_one(GgmlType::Q4_1, &[32], data).to_f32();
-        assert_eq!(
-            [y[0], y[1], y[4], y[15], y[16], y[27], y[31]],
-            [-1.0, -0.75, 0.0, 2.75, 2.75, 0.0, -1.0]
-        );
+        assert_eq!([y[0], y[1], y[4], y[15], y[16], y[27], y[31]], [-1.0, -0.75, 0.0, 2.75, 2.75, 0.0, -1.0]);
     }
 
     #[test]
@@ -1333,20 +1206,14 @@ mod tests {
         data.extend(qh);
         data.extend(qs);
         let y = read_one(GgmlType::Q5_0, &[32], data).to_f32();
-        assert_eq!(
-            [y[0], y[1], y[2], y[16], y[17], y[31]],
-            [0.0, -15.0, -16.0, 0.0, -14.0, -16.0]
-        );
+        assert_eq!([y[0], y[1], y[2], y[16], y[17], y[31]], [0.0, -15.0, -16.0, 0.0, -14.0, -16.0]);
         // Q5_1, d = 0.5, m = 1: y = 0.5·q + 1.
         let mut data = f16b(0.5).to_vec();
         data.extend(f16b(1.0));
         data.extend(qh);
         data.extend(qs);
         let y = read_one(GgmlType::Q5_1, &[32], data).to_f32();
-        assert_eq!(
-            [y[0], y[1], y[2], y[16], y[17], y[31]],
-            [9.0, 1.5, 1.0, 9.0, 2.0, 1.0]
-        );
+        assert_eq!([y[0], y[1], y[2], y[16], y[17], y[31]], [9.0, 1.5, 1.0, 9.0, 2.0, 1.0]);
     }
 
     /// Blocks quantized by gguf-py 0.19.0 (`gguf.quants.quantize`) from
@@ -1369,15 +1236,10 @@ mod tests {
              [0x00000000, 0x3f589e00, 0xbed23f00, 0xbf8dc1c0, 0xbf227680, 0x3f2f3480, 0xbe429800, 0x3f4a1400], 20.25489044189453),
         ];
         for (ty, hex, bits, sum) in cases {
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
             let y = dequantize(ty, &bytes, 64).unwrap();
-            let got: Vec<u32> = [0, 1, 5, 16, 17, 31, 32, 63]
-                .iter()
-                .map(|&i| y[i].to_bits())
-                .collect();
+            let got: Vec<u32> = [0, 1, 5, 16, 17, 31, 32, 63].iter().map(|&i| y[i].to_bits()).collect();
             assert_eq!(got, bits, "{ty}");
             let s: f64 = y.iter().map(|&v| v as f64).sum();
             assert!((s - sum).abs() < 1e-12, "{ty}: sum {s} vs {sum}");
@@ -1407,21 +1269,11 @@ mod tests {
         let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
         let b = vec![-1.0f32; 5];
         let md = vec![
-            (
-                "general.architecture".to_string(),
-                GgufValue::Str("controlvector".into()),
-            ),
+            ("general.architecture".to_string(), GgufValue::Str("controlvector".into())),
             ("controlvector.layer_count".to_string(), GgufValue::U32(2)),
         ];
-        write_gguf(
-            &p,
-            &md,
-            &[
-                ("direction.1".into(), vec![2, 3], &a[..]),
-                ("direction.2".into(), vec![5], &b[..]),
-            ],
-        )
-        .unwrap();
+        write_gguf(&p, &md, &[("direction.1".into(), vec![2, 3], &a[..]), ("direction.2".into(), vec![5], &b[..])])
+            .unwrap();
         let g = GgufFile::open(&p).unwrap();
         assert_eq!(g.path(), p);
         assert_eq!(g.get_str("general.architecture"), Some("controlvector"));
@@ -1432,12 +1284,7 @@ mod tests {
         assert_eq!(g.tensor("direction.2").unwrap().to_f32(), b);
         // Shape/data mismatch and duplicate names are refused.
         assert!(write_gguf(&p, &[], &[("x".into(), vec![2, 2], &b[..])]).is_err());
-        assert!(write_gguf(
-            &p,
-            &[],
-            &[("x".into(), vec![5], &b[..]), ("x".into(), vec![5], &b[..])]
-        )
-        .is_err());
+        assert!(write_gguf(&p, &[], &[("x".into(), vec![5], &b[..]), ("x".into(), vec![5], &b[..])]).is_err());
     }
 
     #[test]
@@ -1447,15 +1294,9 @@ mod tests {
         assert!(matches!(GgufFile::open(&p), Err(Error::Io { .. })));
         std::fs::write(&p, b"GGUF").unwrap();
         let msg = GgufFile::open(&p).unwrap_err().to_string();
-        assert!(
-            msg.contains("too short") && msg.contains("none.gguf"),
-            "{msg}"
-        );
+        assert!(msg.contains("too short") && msg.contains("none.gguf"), "{msg}");
         std::fs::write(&p, b"").unwrap();
-        assert!(GgufFile::open(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("too short"));
+        assert!(GgufFile::open(&p).unwrap_err().to_string().contains("too short"));
     }
 
     #[test]
@@ -1468,10 +1309,7 @@ mod tests {
         let mut b = header(0, 0);
         b[4..8].copy_from_slice(&1u32.to_le_bytes());
         let e = err_of(&b);
-        assert!(
-            matches!(&e, Error::Unsupported(m) if m.contains("version 1") && m.contains("mem.gguf")),
-            "{e}"
-        );
+        assert!(matches!(&e, Error::Unsupported(m) if m.contains("version 1") && m.contains("mem.gguf")), "{e}");
         b[4..8].copy_from_slice(&3u32.to_be_bytes());
         assert!(err_of(&b).to_string().contains("big-endian"));
         b[4..8].copy_from_slice(&7u32.to_le_bytes());
@@ -1486,10 +1324,7 @@ mod tests {
         let data: Vec<u8> = (0..40).collect();
         let full = encode(
             &sample_metadata(),
-            &[
-                raw("q", &[32], GgmlType::Q4_0, data[..18].to_vec()),
-                raw("w", &[1], GgmlType::F32, data[..4].to_vec()),
-            ],
+            &[raw("q", &[32], GgmlType::Q4_0, data[..18].to_vec()), raw("w", &[1], GgmlType::F32, data[..4].to_vec())],
         )
         .unwrap();
         assert!(open_bytes(&full).is_ok());
@@ -1575,11 +1410,7 @@ mod tests {
         }
         assert_err(&b, "duplicate metadata key `dup`");
         // Alignment that is not a power of two.
-        for bad in [
-            GgufValue::U32(0),
-            GgufValue::U32(24),
-            GgufValue::Str("32".into()),
-        ] {
+        for bad in [GgufValue::U32(0), GgufValue::U32(24), GgufValue::Str("32".into())] {
             let mut b = header(0, 1);
             put_str(&mut b, "general.alignment");
             b.extend_from_slice(&bad.type_id().to_le_bytes());
@@ -1597,39 +1428,18 @@ mod tests {
             "tensor `blk.0.attn_q.weight` data [",
         );
         let e = err_of(&with_tensors(&[("big", &[1000], f32_id, 0)], 16)).to_string();
-        assert!(
-            e.contains("past the end of the file (size") && e.contains("`big`"),
-            "{e}"
-        );
+        assert!(e.contains("past the end of the file (size") && e.contains("`big`"), "{e}");
         // Offsets near u64::MAX do not overflow.
-        assert_err(
-            &with_tensors(&[("far", &[4], f32_id, u64::MAX - 31)], 16),
-            "past the end",
-        );
+        assert_err(&with_tensors(&[("far", &[4], f32_id, u64::MAX - 31)], 16), "past the end");
         // Element count overflow.
-        assert_err(
-            &with_tensors(&[("ovf", &[1 << 40, 1 << 40], f32_id, 0)], 16),
-            "element count overflows",
-        );
-        assert_err(
-            &with_tensors(&[("ovf", &[u64::MAX, 2], f32_id, 0)], 16),
-            "overflows",
-        );
+        assert_err(&with_tensors(&[("ovf", &[1 << 40, 1 << 40], f32_id, 0)], 16), "element count overflows");
+        assert_err(&with_tensors(&[("ovf", &[u64::MAX, 2], f32_id, 0)], 16), "overflows");
         // Too many dimensions.
-        assert_err(
-            &with_tensors(&[("d5", &[1, 1, 1, 1, 1], f32_id, 0)], 16),
-            "5 dimensions",
-        );
+        assert_err(&with_tensors(&[("d5", &[1, 1, 1, 1, 1], f32_id, 0)], 16), "5 dimensions");
         // Duplicate names.
-        assert_err(
-            &with_tensors(&[("t", &[4], f32_id, 0), ("t", &[4], f32_id, 32)], 64),
-            "duplicate tensor name `t`",
-        );
+        assert_err(&with_tensors(&[("t", &[4], f32_id, 0), ("t", &[4], f32_id, 32)], 64), "duplicate tensor name `t`");
         // Misaligned offset.
-        assert_err(
-            &with_tensors(&[("m", &[1], f32_id, 4)], 64),
-            "not a multiple of the alignment",
-        );
+        assert_err(&with_tensors(&[("m", &[1], f32_id, 4)], 64), "not a multiple of the alignment");
         // The tensor table itself cut short.
         let mut b = header(1, 0);
         put_str(&mut b, "cut");
@@ -1641,14 +1451,8 @@ mod tests {
 
     #[test]
     fn unknown_and_unsupported_types_fail_only_when_read() {
-        let b = with_tensors(
-            &[
-                ("odd", &[8, 2], 99, 0),
-                ("k4", &[256], GgmlType::Q4_K.id(), 0),
-                ("ok", &[2], 0, 160),
-            ],
-            192,
-        );
+        let b =
+            with_tensors(&[("odd", &[8, 2], 99, 0), ("k4", &[256], GgmlType::Q4_K.id(), 0), ("ok", &[2], 0, 160)], 192);
         let g = open_bytes(&b).unwrap();
         let odd = g.tensor_info("odd").unwrap();
         assert_eq!(odd.ggml_type, GgmlType::Other(99));
@@ -1656,27 +1460,14 @@ mod tests {
         assert_eq!(odd.shape(), [2, 8]);
         assert_eq!(odd.n_bytes(), None);
         let e = g.tensor("odd").unwrap_err();
-        assert!(
-            matches!(&e, Error::Unsupported(m) if m.contains("`odd`") && m.contains("99")),
-            "{e}"
-        );
+        assert!(matches!(&e, Error::Unsupported(m) if m.contains("`odd`") && m.contains("99")), "{e}");
         let e = g.tensor("k4").unwrap_err();
-        assert!(
-            matches!(&e, Error::Unsupported(m) if m.contains("`k4`") && m.contains("Q4_K")),
-            "{e}"
-        );
+        assert!(matches!(&e, Error::Unsupported(m) if m.contains("`k4`") && m.contains("Q4_K")), "{e}");
         assert_eq!(g.tensor("ok").unwrap().to_f32(), [0.0, 0.0]);
         // Rows that are not whole blocks.
-        let g = open_bytes(&with_tensors(
-            &[("part", &[16], GgmlType::Q8_0.id(), 0)],
-            64,
-        ))
-        .unwrap();
+        let g = open_bytes(&with_tensors(&[("part", &[16], GgmlType::Q8_0.id(), 0)], 64)).unwrap();
         let e = g.tensor("part").unwrap_err().to_string();
-        assert!(
-            e.contains("`part`") && e.contains("not a multiple of the Q8_0 block size 32"),
-            "{e}"
-        );
+        assert!(e.contains("`part`") && e.contains("not a multiple of the Q8_0 block size 32"), "{e}");
     }
 
     #[test]

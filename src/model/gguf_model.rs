@@ -35,29 +35,17 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     };
     let hidden = req("embedding_length")?;
     let n_heads = req("attention.head_count")?;
-    let n_kv_heads = g
-        .get_u64(&key("attention.head_count_kv"))
-        .map(|x| x as usize)
-        .unwrap_or(n_heads);
+    let n_kv_heads = g.get_u64(&key("attention.head_count_kv")).map(|x| x as usize).unwrap_or(n_heads);
     if n_heads == 0 {
-        return Err(Error::format(
-            path,
-            format!("`{}` is 0", key("attention.head_count")),
-        ));
+        return Err(Error::format(path, format!("`{}` is 0", key("attention.head_count"))));
     }
-    let head_dim = g
-        .get_u64(&key("attention.key_length"))
-        .map(|x| x as usize)
-        .unwrap_or(hidden / n_heads);
+    let head_dim = g.get_u64(&key("attention.key_length")).map(|x| x as usize).unwrap_or(hidden / n_heads);
     let vocab = match g.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()) {
         Some(a) => a.len(),
         None => g
             .tensor_info("token_embd.weight")
             .map(|t| t.shape()[0])
-            .ok_or_else(|| Error::MissingTensor {
-                path: path.to_path_buf(),
-                name: "token_embd.weight".into(),
-            })?,
+            .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: "token_embd.weight".into() })?,
     };
     if g.tensor_info("rope_freqs.weight").is_some() {
         return Err(Error::Unsupported(format!(
@@ -75,13 +63,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         n_kv_heads,
         head_dim,
         vocab,
-        rms_eps: g
-            .get_f64(&key("attention.layer_norm_rms_epsilon"))
-            .unwrap_or(1e-6) as f32,
-        rope: RopeConfig {
-            theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
-            llama3: None,
-        },
+        rms_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6) as f32,
+        rope: RopeConfig { theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0), llama3: None },
         max_positions: g.get_u64(&key("context_length")).unwrap_or(4096) as usize,
         tie_embeddings: g.tensor_info("output.weight").is_none(),
         qkv_bias: arch == Arch::Qwen2,
@@ -104,8 +87,7 @@ pub fn unpermute_rows(t: &HostTensor, n_heads: usize) -> Result<HostTensor> {
             for j in 0..2 {
                 let from = h * hd + 2 * i + j;
                 let to = h * hd + j * (hd / 2) + i;
-                dst[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                dst[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -165,16 +147,8 @@ pub(crate) fn open_gguf(path: &Path) -> Result<ModelFiles> {
         Ok(Some(t))
     };
     let tensors = collect_tensors(&config, path, &get)?;
-    let listing = g
-        .tensors()
-        .iter()
-        .map(|t| (t.name.clone(), t.shape(), t.ggml_type.name().to_string()))
-        .collect();
-    let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() {
-        Some(tokenizer_from_gguf(&g)?)
-    } else {
-        None
-    };
+    let listing = g.tensors().iter().map(|t| (t.name.clone(), t.shape(), t.ggml_type.name().to_string())).collect();
+    let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() { Some(tokenizer_from_gguf(&g)?) } else { None };
     let chat_template = match gguf_chat_template(&g) {
         Some(src) => {
             let tok = |id: Option<u32>| -> String {
@@ -183,11 +157,7 @@ pub(crate) fn open_gguf(path: &Path) -> Result<ModelFiles> {
                     _ => String::new(),
                 }
             };
-            Some(ChatTemplate::new(
-                &src,
-                &tok(config.bos_id),
-                &tok(config.eos_ids.first().copied()),
-            )?)
+            Some(ChatTemplate::new(&src, &tok(config.bos_id), &tok(config.eos_ids.first().copied()))?)
         }
         None => None,
     };

@@ -51,12 +51,8 @@ struct PreTokenizerSpec {
 }
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper> {
-    let s = Split::new(
-        SplitPattern::Regex(regex.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex `{regex}`: {e}")))?;
+    let s = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex `{regex}`: {e}")))?;
     Ok(s.into())
 }
 
@@ -73,11 +69,7 @@ fn byte_level_gpt2() -> PreTokenizerWrapper {
 /// The pre-tokenizer for a `tokenizer.ggml.pre` name, following llama-vocab.cpp: the name → type
 /// table in `llama_vocab::impl::load` and the type → regex table in `llm_tokenizer_bpe`.
 fn pre_tokenizer_spec(name: &str) -> Result<Option<PreTokenizerSpec>> {
-    let spec = |pre, ignore_merges, add_bos| PreTokenizerSpec {
-        pre,
-        ignore_merges,
-        add_bos,
-    };
+    let spec = |pre, ignore_merges, add_bos| PreTokenizerSpec { pre, ignore_merges, add_bos };
     Ok(Some(match name {
         // LLAMA_VOCAB_PRE_TYPE_DEFAULT (also used when the key is missing).
         "" | "default" => spec(
@@ -94,63 +86,38 @@ fn pre_tokenizer_spec(name: &str) -> Result<Option<PreTokenizerSpec>> {
         ),
         // STARCODER, REFACT, COMMAND_R, SMOLLM, CODESHELL, EXAONE, MINERVA, MELLUM2:
         // `\p{N}` then the GPT-2 regex. HF's Digits(individual) splits on exactly \p{N}.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b"
-        | "mellum2" => spec(
-            Sequence::new(vec![Digits::new(true).into(), byte_level_gpt2()]).into(),
-            false,
-            false,
-        ),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
+            spec(Sequence::new(vec![Digits::new(true).into(), byte_level_gpt2()]).into(), false, false)
+        }
         // GPT2, MPT, OLMO, JAIS, TRILLION, GRANITE_DOCLING: the GPT-2 regex alone.
         // ("gpt2" is not a llama.cpp name; accepted as an alias of "gpt-2".)
-        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
-        | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "exaone4" | "mpt" | "olmo"
-        | "jais" | "trillion" | "granite-docling" => spec(byte_level_gpt2(), false, false),
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
+        | "mellum" | "modern-bert" | "exaone4" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" => {
+            spec(byte_level_gpt2(), false, false)
+        }
         // LLAMA3: ignore_merges and add_bos are set with the type.
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" => spec(
-            Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level_only()]).into(),
-            true,
-            true,
-        ),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+        | "jina-v5-nano" => spec(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level_only()]).into(), true, true),
         // DBRX, SMAUG: the Llama 3 regex without the Llama 3 flags.
-        "dbrx" | "smaug-bpe" => spec(
-            Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level_only()]).into(),
-            false,
-            false,
-        ),
+        "dbrx" | "smaug-bpe" => spec(Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level_only()]).into(), false, false),
         // QWEN2, STABLELM2, HUNYUAN, SOLAR_OPEN.
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
-        | "solar-open" => spec(
-            Sequence::new(vec![split(QWEN2_REGEX)?, byte_level_only()]).into(),
-            false,
-            false,
-        ),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan" | "solar-open" => {
+            spec(Sequence::new(vec![split(QWEN2_REGEX)?, byte_level_only()]).into(), false, false)
+        }
         _ => return Ok(None),
     }))
 }
 
 fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
     let Some(v) = g.get(key) else { return Ok(None) };
-    let bad = || {
-        Error::format(
-            g.path(),
-            format!("`{key}` must be an array of strings, found {}", describe(v)),
-        )
-    };
+    let bad = || Error::format(g.path(), format!("`{key}` must be an array of strings, found {}", describe(v)));
     let items = v.as_array().ok_or_else(bad)?;
-    items
-        .iter()
-        .map(|x| x.as_str().ok_or_else(bad))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    items.iter().map(|x| x.as_str().ok_or_else(bad)).collect::<Result<Vec<_>>>().map(Some)
 }
 
 fn describe(v: &GgufValue) -> String {
     match v.as_array() {
-        Some(a) => format!(
-            "an array of {}",
-            a.first().map_or("nothing", GgufValue::type_name)
-        ),
+        Some(a) => format!("an array of {}", a.first().map_or("nothing", GgufValue::type_name)),
         None => format!("a {}", v.type_name()),
     }
 }
@@ -177,12 +144,9 @@ fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>> {
 /// pre-tokenizer does, when they are absent).
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let path = g.path();
-    let model = g.get_str("tokenizer.ggml.model").ok_or_else(|| {
-        Error::format(
-            path,
-            "no `tokenizer.ggml.model` metadata: the file carries no tokenizer",
-        )
-    })?;
+    let model = g
+        .get_str("tokenizer.ggml.model")
+        .ok_or_else(|| Error::format(path, "no `tokenizer.ggml.model` metadata: the file carries no tokenizer"))?;
     if model != "gpt2" {
         return Err(Error::Unsupported(format!(
             "{}: tokenizer model `{model}` (only `gpt2`, byte-level BPE, can be rebuilt from GGUF metadata)",
@@ -206,25 +170,18 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let mut texts = Vec::with_capacity(n);
     for (i, &t) in tokens.iter().enumerate() {
         // llama.cpp renames empty tokens so that every id has a distinct text.
-        let text = if t.is_empty() {
-            format!("[EMPTY_{i}]")
-        } else {
-            t.to_string()
-        };
+        let text = if t.is_empty() { format!("[EMPTY_{i}]") } else { t.to_string() };
         if let Some(prev) = vocab.insert(text.clone(), i as u32) {
             return Err(Error::format(
                 path,
-                format!(
-                    "duplicate token in tokenizer.ggml.tokens: `{text}` has ids {prev} and {i}"
-                ),
+                format!("duplicate token in tokenizer.ggml.tokens: `{text}` has ids {prev} and {i}"),
             ));
         }
         texts.push(text);
     }
 
-    let merges = string_array(g, "tokenizer.ggml.merges")?.ok_or_else(|| {
-        Error::format(path, "no `tokenizer.ggml.merges` metadata (needed by BPE)")
-    })?;
+    let merges = string_array(g, "tokenizer.ggml.merges")?
+        .ok_or_else(|| Error::format(path, "no `tokenizer.ggml.merges` metadata (needed by BPE)"))?;
     let mut pairs = Vec::with_capacity(merges.len());
     for (i, m) in merges.iter().enumerate() {
         // As llama.cpp: split at the first space after the first byte.
@@ -242,12 +199,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         .vocab_and_merges(vocab, pairs)
         .ignore_merges(spec.ignore_merges)
         .build()
-        .map_err(|e| {
-            Error::Tokenizer(format!(
-                "{}: building BPE from tokenizer.ggml.*: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| Error::Tokenizer(format!("{}: building BPE from tokenizer.ggml.*: {e}", path.display())))?;
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(spec.pre));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
@@ -255,27 +207,17 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     if let Some(v) = g.get("tokenizer.ggml.token_type") {
         let types = v
             .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .map(GgufValue::as_i64)
-                    .collect::<Option<Vec<i64>>>()
-            })
+            .and_then(|a| a.iter().map(GgufValue::as_i64).collect::<Option<Vec<i64>>>())
             .ok_or_else(|| {
                 Error::format(
                     path,
-                    format!(
-                        "`tokenizer.ggml.token_type` must be an array of integers, found {}",
-                        describe(v)
-                    ),
+                    format!("`tokenizer.ggml.token_type` must be an array of integers, found {}", describe(v)),
                 )
             })?;
         if types.len() < n {
             return Err(Error::format(
                 path,
-                format!(
-                    "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                    types.len()
-                ),
+                format!("tokenizer.ggml.token_type has {} entries for {n} tokens", types.len()),
             ));
         }
         let added = |kind: i64, special: bool| -> Vec<AddedToken> {
@@ -288,40 +230,25 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         tok.add_tokens(&added(TOKEN_USER_DEFINED, false));
     }
 
-    let add_bos = g
-        .get_bool("tokenizer.ggml.add_bos_token")
-        .unwrap_or(spec.add_bos);
+    let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(spec.add_bos);
     let add_eos = g.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
     if add_bos || add_eos {
         let mut special = Vec::new();
         let (mut single, mut pair) = (Vec::new(), Vec::new());
         if add_bos {
-            special.push(special_token(
-                g,
-                "[BOS]",
-                "tokenizer.ggml.bos_token_id",
-                &texts,
-            )?);
+            special.push(special_token(g, "[BOS]", "tokenizer.ggml.bos_token_id", &texts)?);
             single.push("[BOS]");
             pair.push("[BOS]");
         }
         single.push("$A");
         pair.push("$A");
         if add_eos {
-            special.push(special_token(
-                g,
-                "[EOS]",
-                "tokenizer.ggml.eos_token_id",
-                &texts,
-            )?);
+            special.push(special_token(g, "[EOS]", "tokenizer.ggml.eos_token_id", &texts)?);
             single.push("[EOS]");
             pair.push("[EOS]");
         }
         // A pair repeats the single template for the second sequence (llama.cpp has no pairs).
-        let second: Vec<&str> = single
-            .iter()
-            .map(|&p| if p == "$A" { "$B:1" } else { p })
-            .collect();
+        let second: Vec<&str> = single.iter().map(|&p| if p == "$A" { "$B:1" } else { p }).collect();
         pair.extend(second);
         let post = TemplateProcessing::builder()
             .try_single(single.join(" "))
@@ -337,18 +264,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
 
 /// `label` in the post-processor template stands for the token whose id is under `key`.
 fn special_token(g: &GgufFile, label: &str, key: &str, texts: &[String]) -> Result<SpecialToken> {
-    let id = token_id(g, key, texts.len())?.ok_or_else(|| {
-        Error::format(
-            g.path(),
-            format!("the tokenizer adds a {label} token but `{key}` is not set"),
-        )
-    })?;
-    SpecialToken::new(
-        label.to_string(),
-        vec![id],
-        vec![texts[id as usize].clone()],
-    )
-    .map_err(|e| Error::Tokenizer(e.to_string()))
+    let id = token_id(g, key, texts.len())?
+        .ok_or_else(|| Error::format(g.path(), format!("the tokenizer adds a {label} token but `{key}` is not set")))?;
+    SpecialToken::new(label.to_string(), vec![id], vec![texts[id as usize].clone()])
+        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// The Jinja chat template stored in `tokenizer.chat_template`, if any.
@@ -366,11 +285,7 @@ mod tests {
     fn vocab(extra: &[&str]) -> Vec<String> {
         let mut chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
         chars.sort();
-        chars
-            .iter()
-            .map(|c| c.to_string())
-            .chain(extra.iter().map(|s| s.to_string()))
-            .collect()
+        chars.iter().map(|c| c.to_string()).chain(extra.iter().map(|s| s.to_string())).collect()
     }
 
     fn strs(v: &[String]) -> GgufValue {
@@ -390,19 +305,10 @@ mod tests {
         types.extend(extra.iter().map(|e| GgufValue::I32(e.1)));
         let merges: Vec<String> = merges.iter().map(|s| s.to_string()).collect();
         let mut md = vec![
-            (
-                "tokenizer.ggml.model".to_string(),
-                GgufValue::Str("gpt2".into()),
-            ),
-            (
-                "tokenizer.ggml.pre".to_string(),
-                GgufValue::Str("smollm".into()),
-            ),
+            ("tokenizer.ggml.model".to_string(), GgufValue::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), GgufValue::Str("smollm".into())),
             ("tokenizer.ggml.tokens".to_string(), strs(&tokens)),
-            (
-                "tokenizer.ggml.token_type".to_string(),
-                GgufValue::Array(types),
-            ),
+            ("tokenizer.ggml.token_type".to_string(), GgufValue::Array(types)),
             ("tokenizer.ggml.merges".to_string(), strs(&merges)),
         ];
         for (k, v) in more {
@@ -429,14 +335,8 @@ mod tests {
         );
         let tok = tokenizer_from_gguf(&g).unwrap();
         let mut s = PreTokenizedString::from(text);
-        tok.get_pre_tokenizer()
-            .unwrap()
-            .pre_tokenize(&mut s)
-            .unwrap();
-        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
-            .into_iter()
-            .map(|(p, _, _)| p.to_string())
-            .collect()
+        tok.get_pre_tokenizer().unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect()
     }
 
     #[test]
@@ -444,48 +344,24 @@ mod tests {
         // Expected pieces worked out by hand from the regexes in llama-vocab.cpp.
         let text = "abc 1234 don't";
         let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            pieces("smollm", text),
-            v(&["abc", "Ġ", "1", "2", "3", "4", "Ġdon", "'t"])
-        );
+        assert_eq!(pieces("smollm", text), v(&["abc", "Ġ", "1", "2", "3", "4", "Ġdon", "'t"]));
         assert_eq!(pieces("gpt-2", text), v(&["abc", "Ġ1234", "Ġdon", "'t"]));
-        assert_eq!(
-            pieces("llama-bpe", text),
-            v(&["abc", "Ġ", "123", "4", "Ġdon", "'t"])
-        );
-        assert_eq!(
-            pieces("llama-bpe", "DON'T\n\nx"),
-            v(&["DON", "'T", "ĊĊ", "x"])
-        );
-        assert_eq!(
-            pieces("qwen2", text),
-            v(&["abc", "Ġ", "1", "2", "3", "4", "Ġdon", "'t"])
-        );
+        assert_eq!(pieces("llama-bpe", text), v(&["abc", "Ġ", "123", "4", "Ġdon", "'t"]));
+        assert_eq!(pieces("llama-bpe", "DON'T\n\nx"), v(&["DON", "'T", "ĊĊ", "x"]));
+        assert_eq!(pieces("qwen2", text), v(&["abc", "Ġ", "1", "2", "3", "4", "Ġdon", "'t"]));
         // default: punctuation runs, then GPT-2, then digit runs, then groups of three digits.
-        assert_eq!(
-            pieces("default", "a+=b 1234!"),
-            v(&["a", "+=", "b", "Ġ", "123", "4", "!"])
-        );
+        assert_eq!(pieces("default", "a+=b 1234!"), v(&["a", "+=", "b", "Ġ", "123", "4", "!"]));
     }
 
     #[test]
     fn encodes_merges_added_tokens_and_bos() {
-        let extra = [
-            ("Ġt", 1),
-            ("Ġth", 1),
-            ("<|end|>", 3),
-            ("<u>", 4),
-            ("<s>", 3),
-        ];
+        let extra = [("Ġt", 1), ("Ġth", 1), ("<|end|>", 3), ("<u>", 4), ("<s>", 3)];
         let (_d, g) = gguf_with(&extra, &["Ġ t", "Ġt h"], vec![]);
         let tok = tokenizer_from_gguf(&g).unwrap();
         let (th, end, user, bos) = (257, 258, 259, 260);
         let enc = tok.encode(" th<|end|><u>", true).unwrap();
         assert_eq!(enc.get_ids(), [th, end, user]);
-        assert_eq!(
-            tok.decode(&[th, end, user], false).unwrap(),
-            " th<|end|><u>"
-        );
+        assert_eq!(tok.decode(&[th, end, user], false).unwrap(), " th<|end|><u>");
         assert_eq!(tok.decode(&[th, end, user], true).unwrap(), " th<u>");
 
         let more = vec![
@@ -505,43 +381,21 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_reproduce() {
-        let e = err(
-            &[],
-            &[],
-            vec![("tokenizer.ggml.model", GgufValue::Str("llama".into()))],
-        );
+        let e = err(&[], &[], vec![("tokenizer.ggml.model", GgufValue::Str("llama".into()))]);
         assert!(e.contains("unsupported") && e.contains("`llama`"), "{e}");
-        let e = err(
-            &[],
-            &[],
-            vec![("tokenizer.ggml.pre", GgufValue::Str("deepseek-llm".into()))],
-        );
-        assert!(
-            e.contains("pre-tokenizer `deepseek-llm`") && e.contains("cannot be reproduced"),
-            "{e}"
-        );
+        let e = err(&[], &[], vec![("tokenizer.ggml.pre", GgufValue::Str("deepseek-llm".into()))]);
+        assert!(e.contains("pre-tokenizer `deepseek-llm`") && e.contains("cannot be reproduced"), "{e}");
         let e = err(&[], &["Ġ zz"], vec![]);
         assert!(e.contains("zz"), "{e}");
         let e = err(&[], &["nospace"], vec![]);
         assert!(e.contains("merges #0"), "{e}");
         let e = err(&[("a", 1)], &[], vec![]);
         assert!(e.contains("duplicate token") && e.contains("`a`"), "{e}");
-        let e = err(
-            &[],
-            &[],
-            vec![("tokenizer.ggml.add_bos_token", GgufValue::Bool(true))],
-        );
+        let e = err(&[], &[], vec![("tokenizer.ggml.add_bos_token", GgufValue::Bool(true))]);
         assert!(e.contains("bos_token_id"), "{e}");
         let e = err(&[], &[], vec![("tokenizer.ggml.tokens", GgufValue::U32(3))]);
-        assert!(
-            e.contains("tokenizer.ggml.tokens") && e.contains("array of strings"),
-            "{e}"
-        );
-        let e = err(
-            &[],
-            &[],
-            vec![("tokenizer.ggml.token_type", GgufValue::Array(vec![]))],
-        );
+        assert!(e.contains("tokenizer.ggml.tokens") && e.contains("array of strings"), "{e}");
+        let e = err(&[], &[], vec![("tokenizer.ggml.token_type", GgufValue::Array(vec![]))]);
         assert!(e.contains("token_type has 0 entries"), "{e}");
     }
 

@@ -62,23 +62,14 @@ impl ModelFiles {
         } else if path.is_file() {
             crate::model::gguf_model::open_gguf(path)
         } else {
-            Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
-            ))
+            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")))
         }
     }
 }
 
 fn check_shape(origin: &Path, t: &HostTensor, want: &[usize]) -> Result<()> {
     if t.shape != want {
-        return Err(Error::format(
-            origin,
-            format!(
-                "tensor `{}` has shape {:?}, expected {:?}",
-                t.name, t.shape, want
-            ),
-        ));
+        return Err(Error::format(origin, format!("tensor `{}` has shape {:?}, expected {:?}", t.name, t.shape, want)));
     }
     Ok(())
 }
@@ -90,10 +81,7 @@ pub(crate) fn collect_tensors(
     get: &dyn Fn(&str) -> Result<Option<HostTensor>>,
 ) -> Result<ModelTensors> {
     let need = |name: &str, shape: &[usize]| -> Result<HostTensor> {
-        let t = get(name)?.ok_or_else(|| Error::MissingTensor {
-            path: origin.to_path_buf(),
-            name: name.into(),
-        })?;
+        let t = get(name)?.ok_or_else(|| Error::MissingTensor { path: origin.to_path_buf(), name: name.into() })?;
         check_shape(origin, &t, shape)?;
         Ok(t)
     };
@@ -131,23 +119,11 @@ pub(crate) fn collect_tensors(
         });
     }
     let embed = need("model.embed_tokens.weight", &[cfg.vocab, h])?;
-    let lm_head = if cfg.tie_embeddings {
-        None
-    } else {
-        opt("lm_head.weight", &[cfg.vocab, h])?
-    };
+    let lm_head = if cfg.tie_embeddings { None } else { opt("lm_head.weight", &[cfg.vocab, h])? };
     if !cfg.tie_embeddings && lm_head.is_none() {
-        return Err(Error::MissingTensor {
-            path: origin.to_path_buf(),
-            name: "lm_head.weight".into(),
-        });
+        return Err(Error::MissingTensor { path: origin.to_path_buf(), name: "lm_head.weight".into() });
     }
-    Ok(ModelTensors {
-        embed,
-        layers,
-        final_norm: need("model.norm.weight", &[h])?,
-        lm_head,
-    })
+    Ok(ModelTensors { embed, layers, final_norm: need("model.norm.weight", &[h])?, lm_head })
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -155,20 +131,14 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 
 /// A special token in tokenizer_config.json is a string or `{"content": ..}`.
 fn token_str(v: Option<&serde_json::Value>) -> String {
     match v {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(o) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .unwrap_or("")
-            .to_string(),
+        Some(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
         None => String::new(),
     }
 }
@@ -195,11 +165,8 @@ fn open_hf(dir: &Path) -> Result<ModelFiles> {
     let tc_path = dir.join("tokenizer_config.json");
     let tc = read_json(&tc_path)?;
     let jinja = dir.join("chat_template.jinja");
-    let mut source = if jinja.exists() {
-        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
-    } else {
-        None
-    };
+    let mut source =
+        if jinja.exists() { Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?) } else { None };
     if source.is_none() {
         source = match tc.as_ref().and_then(|t| t.get("chat_template")) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),

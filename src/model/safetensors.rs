@@ -27,13 +27,9 @@ pub struct SafetensorsSet {
 
 fn describe(e: &SafeTensorError) -> String {
     match e {
-        SafeTensorError::HeaderTooLarge => {
-            "header length is larger than 100 MB (oversized or corrupt header)".into()
-        }
+        SafeTensorError::HeaderTooLarge => "header length is larger than 100 MB (oversized or corrupt header)".into(),
         SafeTensorError::HeaderTooSmall => "file is shorter than the 8-byte header length".into(),
-        SafeTensorError::InvalidHeaderLength => {
-            "header length points past the end of the file (truncated?)".into()
-        }
+        SafeTensorError::InvalidHeaderLength => "header length points past the end of the file (truncated?)".into(),
         SafeTensorError::MetadataIncompleteBuffer => {
             "tensor data does not match the file size (truncated or trailing bytes)".into()
         }
@@ -56,24 +52,18 @@ impl SafetensorsSet {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index, "missing object `weight_map`"))?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect();
+            let mut names: Vec<String> = map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
             for n in &names {
                 if n.contains('/') || n.contains("..") {
-                    return Err(Error::format(
-                        &index,
-                        format!("shard name `{n}` is not a plain file name"),
-                    ));
+                    return Err(Error::format(&index, format!("shard name `{n}` is not a plain file name")));
                 }
             }
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -87,10 +77,7 @@ impl SafetensorsSet {
                 .collect();
             v.sort();
             if v.is_empty() {
-                return Err(Error::format(
-                    dir,
-                    "no *.safetensors files in the model folder",
-                ));
+                return Err(Error::format(dir, "no *.safetensors files in the model folder"));
             }
             v
         };
@@ -98,14 +85,10 @@ impl SafetensorsSet {
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut set = SafetensorsSet {
-            files: vec![],
-            entries: BTreeMap::new(),
-        };
+        let mut set = SafetensorsSet { files: vec![], entries: BTreeMap::new() };
         for path in paths {
             let map = map_file(path)?;
-            let (n, meta) =
-                SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, describe(&e)))?;
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, describe(&e)))?;
             let base = 8 + n;
             let fi = set.files.len();
             for (name, info) in meta.tensors() {
@@ -122,21 +105,10 @@ impl SafetensorsSet {
                 };
                 let (s, e) = info.data_offsets;
                 if set.entries.contains_key(&name) {
-                    return Err(Error::format(
-                        path,
-                        format!("tensor `{name}` appears in more than one shard"),
-                    ));
+                    return Err(Error::format(path, format!("tensor `{name}` appears in more than one shard")));
                 }
-                set.entries.insert(
-                    name,
-                    Entry {
-                        file: fi,
-                        dtype,
-                        shape: info.shape.clone(),
-                        offset: base + s,
-                        len: e - s,
-                    },
-                );
+                set.entries
+                    .insert(name, Entry { file: fi, dtype, shape: info.shape.clone(), offset: base + s, len: e - s });
             }
             set.files.push((path.clone(), map));
         }
@@ -153,10 +125,7 @@ impl SafetensorsSet {
 
     /// Path of the (first) file, for error messages.
     pub fn origin(&self) -> &Path {
-        self.files
-            .first()
-            .map(|f| f.0.as_path())
-            .unwrap_or(Path::new("<none>"))
+        self.files.first().map(|f| f.0.as_path()).unwrap_or(Path::new("<none>"))
     }
 
     pub fn get(&self, name: &str) -> Option<HostTensor> {

@@ -27,12 +27,7 @@ impl DType {
 #[derive(Clone)]
 pub enum Storage {
     /// `len` bytes at `offset` of a shared memory map, little-endian `dtype` elements.
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-        dtype: DType,
-    },
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize, dtype: DType },
     /// Converted at load time.
     F32(Arc<Vec<f32>>),
 }
@@ -47,24 +42,14 @@ pub struct HostTensor {
 
 impl std::fmt::Debug for HostTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "HostTensor({}, {:?}, {:?})",
-            self.name,
-            self.shape,
-            self.dtype()
-        )
+        write!(f, "HostTensor({}, {:?}, {:?})", self.name, self.shape, self.dtype())
     }
 }
 
 impl HostTensor {
     pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor {
-            name: name.into(),
-            shape,
-            storage: Storage::F32(Arc::new(data)),
-        }
+        HostTensor { name: name.into(), shape, storage: Storage::F32(Arc::new(data)) }
     }
 
     pub fn numel(&self) -> usize {
@@ -81,9 +66,7 @@ impl HostTensor {
     /// Raw little-endian bytes of a mapped tensor, or of the owned f32 data.
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
-            Storage::Mapped {
-                map, offset, len, ..
-            } => &map[*offset..*offset + *len],
+            Storage::Mapped { map, offset, len, .. } => &map[*offset..*offset + *len],
             Storage::F32(v) => bytemuck::cast_slice(v.as_slice()),
         }
     }
@@ -92,18 +75,9 @@ impl HostTensor {
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes();
         match self.dtype() {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         }
     }
 }

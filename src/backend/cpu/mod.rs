@@ -22,10 +22,7 @@ pub struct CpuWeight {
 }
 
 fn invalid(msg: String) -> Error {
-    Error::Backend {
-        backend: "cpu",
-        msg,
-    }
+    Error::Backend { backend: "cpu", msg }
 }
 
 impl Backend for CpuBackend {
@@ -42,10 +39,7 @@ impl Backend for CpuBackend {
             Storage::F32(v) => v.clone(),
             Storage::Mapped { .. } => std::sync::Arc::new(t.to_f32()),
         };
-        Ok(CpuWeight {
-            data,
-            shape: t.shape.clone(),
-        })
+        Ok(CpuWeight { data, shape: t.shape.clone() })
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
@@ -54,43 +48,28 @@ impl Backend for CpuBackend {
 
     fn write(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
         if src.len() > dst.len() {
-            return Err(invalid(format!(
-                "write of {} values into a buffer of {}",
-                src.len(),
-                dst.len()
-            )));
+            return Err(invalid(format!("write of {} values into a buffer of {}", src.len(), dst.len())));
         }
         dst[..src.len()].copy_from_slice(src);
         Ok(())
     }
 
     fn read(&self, src: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
-        src.get(..len)
-            .map(<[f32]>::to_vec)
-            .ok_or_else(|| invalid(format!("read of {len} values from {}", src.len())))
+        src.get(..len).map(<[f32]>::to_vec).ok_or_else(|| invalid(format!("read of {len} values from {}", src.len())))
     }
 
     fn layout(&self, tokens: &[TokenPos]) -> Result<Vec<TokenPos>> {
         Ok(tokens.to_vec())
     }
 
-    fn embed(
-        &self,
-        table: &CpuWeight,
-        ids: &[u32],
-        width: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    fn embed(&self, table: &CpuWeight, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
         let rows = table.data.len() / width;
         for (i, &id) in ids.iter().enumerate() {
             let id = id as usize;
             if id >= rows {
-                return Err(invalid(format!(
-                    "token id {id} is outside the embedding table ({rows} rows)"
-                )));
+                return Err(invalid(format!("token id {id} is outside the embedding table ({rows} rows)")));
             }
-            out[i * width..(i + 1) * width]
-                .copy_from_slice(&table.data[id * width..(id + 1) * width]);
+            out[i * width..(i + 1) * width].copy_from_slice(&table.data[id * width..(id + 1) * width]);
         }
         Ok(())
     }
@@ -106,11 +85,8 @@ impl Backend for CpuBackend {
         x: &mut Vec<f32>,
     ) -> Result<()> {
         let w = &norm.data[..width];
-        h[..t * width]
-            .par_chunks_mut(width)
-            .zip(x[..t * width].par_chunks_mut(width))
-            .enumerate()
-            .for_each(|(i, (hr, xr))| {
+        h[..t * width].par_chunks_mut(width).zip(x[..t * width].par_chunks_mut(width)).enumerate().for_each(
+            |(i, (hr, xr))| {
                 if let Some(d) = delta {
                     for (a, b) in hr.iter_mut().zip(&d[i * width..(i + 1) * width]) {
                         *a += *b;
@@ -121,7 +97,8 @@ impl Backend for CpuBackend {
                 for ((o, &a), &g) in xr.iter_mut().zip(hr.iter()).zip(w) {
                     *o = a * inv * g;
                 }
-            });
+            },
+        );
         Ok(())
     }
 
@@ -134,15 +111,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let (n, k) = (w.shape[0], w.shape[1]);
-        matmul::matmul(
-            &x[..t * k],
-            &w.data,
-            bias.map(|b| b.data.as_slice()),
-            t,
-            n,
-            k,
-            &mut out[..t * n],
-        );
+        matmul::matmul(&x[..t * k], &w.data, bias.map(|b| b.data.as_slice()), t, n, k, &mut out[..t * n]);
         Ok(())
     }
 
@@ -160,26 +129,20 @@ impl Backend for CpuBackend {
         let max_pos = table.len() / hd;
         for tp in &layout[..t] {
             if tp.pos as usize >= max_pos {
-                return Err(invalid(format!(
-                    "position {} is beyond the RoPE table ({max_pos})",
-                    tp.pos
-                )));
+                return Err(invalid(format!("position {} is beyond the RoPE table ({max_pos})", tp.pos)));
             }
         }
-        x[..t * heads * hd]
-            .par_chunks_mut(heads * hd)
-            .zip(&layout[..t])
-            .for_each(|(row, tp)| {
-                let cs = &table[tp.pos as usize * hd..(tp.pos as usize + 1) * hd];
-                for head in row.chunks_mut(hd) {
-                    for i in 0..half {
-                        let (c, s) = (cs[2 * i], cs[2 * i + 1]);
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * c - b * s;
-                        head[i + half] = b * c + a * s;
-                    }
+        x[..t * heads * hd].par_chunks_mut(heads * hd).zip(&layout[..t]).for_each(|(row, tp)| {
+            let cs = &table[tp.pos as usize * hd..(tp.pos as usize + 1) * hd];
+            for head in row.chunks_mut(hd) {
+                for i in 0..half {
+                    let (c, s) = (cs[2 * i], cs[2 * i + 1]);
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * c - b * s;
+                    head[i + half] = b * c + a * s;
                 }
-            });
+            }
+        });
         Ok(())
     }
 
@@ -213,59 +176,46 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&cache.k, &cache.v);
         // One task per (token, head): scores over the slot's positions 0..=pos, softmax, weighted sum of v.
-        out[..t * s.n_heads * hd]
-            .par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(idx, o)| {
-                let (i, head) = (idx / s.n_heads, idx % s.n_heads);
-                let tp = layout[i];
-                let kvh = head / group;
-                let qv = &q[(i * s.n_heads + head) * hd..][..hd];
-                let base = tp.slot as usize * s.capacity;
-                let n = tp.pos as usize + 1;
-                let mut scores: Vec<f32> = (0..n)
-                    .map(|j| dot(qv, &kc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd]) * scale)
-                    .collect();
-                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - m).exp();
-                    sum += *sc as f64;
+        out[..t * s.n_heads * hd].par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (i, head) = (idx / s.n_heads, idx % s.n_heads);
+            let tp = layout[i];
+            let kvh = head / group;
+            let qv = &q[(i * s.n_heads + head) * hd..][..hd];
+            let base = tp.slot as usize * s.capacity;
+            let n = tp.pos as usize + 1;
+            let mut scores: Vec<f32> =
+                (0..n).map(|j| dot(qv, &kc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd]) * scale).collect();
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - m).exp();
+                sum += *sc as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let vr = &vc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd];
+                let p = p * inv;
+                for (a, &b) in o.iter_mut().zip(vr) {
+                    *a += p * b;
                 }
-                let inv = (1.0 / sum) as f32;
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let vr = &vc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd];
-                    let p = p * inv;
-                    for (a, &b) in o.iter_mut().zip(vr) {
-                        *a += p * b;
-                    }
-                }
-            });
+            }
+        });
         Ok(())
     }
 
     fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
-        out[..n]
-            .par_chunks_mut(4096)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let off = c * 4096;
-                for (j, y) in o.iter_mut().enumerate() {
-                    let g = gate[off + j];
-                    *y = g / (1.0 + (-g).exp()) * up[off + j];
-                }
-            });
+        out[..n].par_chunks_mut(4096).enumerate().for_each(|(c, o)| {
+            let off = c * 4096;
+            for (j, y) in o.iter_mut().enumerate() {
+                let g = gate[off + j];
+                *y = g / (1.0 + (-g).exp()) * up[off + j];
+            }
+        });
         Ok(())
     }
 
-    fn gather_rows(
-        &self,
-        x: &Vec<f32>,
-        rows: &[u32],
-        width: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
         for (i, &r) in rows.iter().enumerate() {
             let r = r as usize;
             out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);

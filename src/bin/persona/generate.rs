@@ -40,20 +40,10 @@ impl SamplingArgs {
         if self.max_tokens == 0 {
             bail!("--max-tokens must be at least 1");
         }
-        let sampling = SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            seed: self.seed,
-        };
+        let sampling =
+            SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed };
         sampling.validate()?;
-        Ok(GenRequest {
-            prompt_ids,
-            max_tokens: self.max_tokens,
-            sampling,
-            ignore_eos: self.ignore_eos,
-            top_logits,
-        })
+        Ok(GenRequest { prompt_ids, max_tokens: self.max_tokens, sampling, ignore_eos: self.ignore_eos, top_logits })
     }
 }
 
@@ -65,12 +55,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// User message; repeat for a batch of prompts generated together.
-    #[arg(
-        long,
-        short = 'p',
-        required_unless_present = "prompt_ids",
-        conflicts_with = "prompt_ids"
-    )]
+    #[arg(long, short = 'p', required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
     pub prompt: Vec<String>,
     /// Comma-separated token ids (e.g. 1,2,3) instead of text; repeat for a batch.
     #[arg(long)]
@@ -93,10 +78,7 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| {
-            x.parse::<u32>()
-                .with_context(|| format!("--prompt-ids: `{x}` is not a token id"))
-        })
+        .map(|x| x.parse::<u32>().with_context(|| format!("--prompt-ids: `{x}` is not a token id")))
         .collect::<Result<_>>()?;
     if ids.is_empty() {
         bail!("--prompt-ids: no token ids in `{s}`");
@@ -124,12 +106,7 @@ fn prompt_ids(m: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<Vec<u
         .collect()
 }
 
-fn timing(
-    o: &GenOutput,
-    batch: usize,
-    prompt_tokens: usize,
-    generated: usize,
-) -> serde_json::Value {
+fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -> serde_json::Value {
     let decode_tokens = generated.saturating_sub(batch);
     json!({
         "batch": batch,
@@ -145,10 +122,8 @@ fn timing(
 pub fn run(a: GenerateArgs) -> Result<()> {
     let m = a.model.load()?;
     let prompts = prompt_ids(&m, &a)?;
-    let reqs: Vec<GenRequest> = prompts
-        .into_iter()
-        .map(|p| a.sampling.request(p, a.top_logits))
-        .collect::<Result<_>>()?;
+    let reqs: Vec<GenRequest> =
+        prompts.into_iter().map(|p| a.sampling.request(p, a.top_logits)).collect::<Result<_>>()?;
     let stream = !a.json && reqs.len() == 1 && m.tokenizer.is_some();
     let mut ts = TextStream::default();
     let mut stdout = std::io::stdout();
@@ -165,11 +140,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let t = timing(&outs[0], reqs.len(), prompt_tokens, generated);
     for o in &outs {
         let ids = o.ids();
-        let text = if m.tokenizer.is_some() {
-            Some(m.decode(&ids)?)
-        } else {
-            None
-        };
+        let text = if m.tokenizer.is_some() { Some(m.decode(&ids)?) } else { None };
         if a.json {
             let steps: Vec<serde_json::Value> = o
                 .steps
@@ -193,13 +164,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         } else {
             match text {
                 Some(s) => println!("{s}\n"),
-                None => println!(
-                    "{}",
-                    ids.iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
+                None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
             }
         }
     }
@@ -228,15 +193,8 @@ pub struct ChatArgs {
 /// Read a line per user turn; `/reset` clears the history, EOF or `/exit` ends.
 pub fn chat(a: ChatArgs) -> Result<()> {
     let m = a.model.load()?;
-    let tok = m
-        .tokenizer
-        .as_ref()
-        .context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
-    let mut history: Vec<Message> = a
-        .system
-        .iter()
-        .map(|s| Message::system(s.clone()))
-        .collect();
+    let tok = m.tokenizer.as_ref().context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
+    let mut history: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     eprintln!("persona chat: type a message; /reset clears the history, /exit or Ctrl-D ends.");
@@ -267,11 +225,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             }
         })?;
         println!();
-        let ids: Vec<u32> = out[0]
-            .ids()
-            .into_iter()
-            .filter(|i| !m.engine.config.eos_ids.contains(i))
-            .collect();
+        let ids: Vec<u32> = out[0].ids().into_iter().filter(|i| !m.engine.config.eos_ids.contains(i)).collect();
         history.push(Message::assistant(m.decode(&ids)?));
     }
     Ok(())

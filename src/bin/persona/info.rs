@@ -21,11 +21,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let path = super::resolve_model(&a.model)?;
     let f = ModelFiles::open(&path)?;
     let c = &f.config;
-    let params: usize = f
-        .listing
-        .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>())
-        .sum();
+    let params: usize = f.listing.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
     let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
     for (_, _, d) in &f.listing {
         *dtypes.entry(d.as_str()).or_default() += 1;
@@ -47,56 +43,24 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("architecture  {}", c.arch.name());
     println!("parameters    {:.1} M", params as f64 / 1e6);
     println!("layers        {}", c.n_layers);
-    println!(
-        "hidden        {}  (intermediate {})",
-        c.hidden, c.intermediate
-    );
-    println!(
-        "heads         {} q / {} kv, head_dim {}",
-        c.n_heads, c.n_kv_heads, c.head_dim
-    );
+    println!("hidden        {}  (intermediate {})", c.hidden, c.intermediate);
+    println!("heads         {} q / {} kv, head_dim {}", c.n_heads, c.n_kv_heads, c.head_dim);
     println!("vocab         {}", c.vocab);
     println!(
         "rope          theta {}{}",
         c.rope.theta,
-        c.rope
-            .llama3
-            .map(|s| format!(", llama3 scaling ×{}", s.factor))
-            .unwrap_or_default()
+        c.rope.llama3.map(|s| format!(", llama3 scaling ×{}", s.factor)).unwrap_or_default()
     );
-    println!(
-        "embeddings    {}",
-        if c.tie_embeddings { "tied" } else { "untied" }
-    );
-    println!(
-        "dtypes        {}",
-        dtypes
-            .iter()
-            .map(|(d, n)| format!("{d}×{n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "tokenizer     {}",
-        if f.tokenizer.is_some() { "yes" } else { "no" }
-    );
-    println!(
-        "chat template {}",
-        if f.chat_template.is_some() {
-            "yes"
-        } else {
-            "no"
-        }
-    );
+    println!("embeddings    {}", if c.tie_embeddings { "tied" } else { "untied" });
+    println!("dtypes        {}", dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", "));
+    println!("tokenizer     {}", if f.tokenizer.is_some() { "yes" } else { "no" });
+    println!("chat template {}", if f.chat_template.is_some() { "yes" } else { "no" });
     if a.tensors {
         for (n, s, d) in &f.listing {
             println!("  {n:<48} {d:<6} {s:?}");
         }
     } else {
-        println!(
-            "tensors       {} (list them with --tensors)",
-            f.listing.len()
-        );
+        println!("tensors       {} (list them with --tensors)", f.listing.len());
     }
     Ok(())
 }

@@ -11,11 +11,7 @@ use persona::backend::cpu::CpuBackend;
 use persona::LoadedModel;
 
 #[derive(Parser)]
-#[command(
-    name = "persona",
-    version,
-    about = "Extract, monitor and steer persona vectors in chat models"
-)]
+#[command(name = "persona", version, about = "Extract, monitor and steer persona vectors in chat models")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,8 +66,7 @@ impl ModelArgs {
         if self.context == 0 {
             bail!("--context must be at least 1");
         }
-        LoadedModel::load(&path, CpuBackend, self.context)
-            .with_context(|| format!("loading {}", path.display()))
+        LoadedModel::load(&path, CpuBackend, self.context).with_context(|| format!("loading {}", path.display()))
     }
 }
 
