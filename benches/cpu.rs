@@ -29,7 +29,7 @@ fn ops(c: &mut Criterion) {
         let mut hh = rand_vec(t * h, 5);
         let mut xo = b.alloc(t * h).unwrap();
         g.bench_function(format!("residual_norm_{t}x{h}"), |bn| {
-            bn.iter(|| b.residual_norm(&mut hh, Some(&d), &norm, 1e-5, t, h, &mut xo).unwrap())
+            bn.iter(|| b.residual_steer_norm(&mut hh, Some(&d), None, &norm, 1e-5, t, h, &mut xo).unwrap())
         });
     }
     // Decode attention over 512 cached positions, SmolLM2 geometry (9 q heads, 3 kv heads, d 64).
@@ -58,18 +58,29 @@ fn model(c: &mut Criterion) {
     g.bench_function("prefill_64", |bn| {
         bn.iter(|| {
             let mut cache = e.new_cache(1, 128).unwrap();
-            e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false }], false).unwrap()
+            e.forward(
+                &mut cache,
+                &[SeqInput { slot: 0, tokens: &prompt, all_logits: false, ..Default::default() }],
+                false,
+            )
+            .unwrap()
         })
     });
     g.throughput(Throughput::Elements(1));
     let mut cache = e.new_cache(1, 1024).unwrap();
-    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false }], false).unwrap();
+    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false, ..Default::default() }], false)
+        .unwrap();
     g.bench_function("decode_token_at_64", |bn| {
         bn.iter(|| {
             if cache.len(0) + 1 >= cache.capacity {
                 cache.reset(0);
             }
-            e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &[42], all_logits: false }], false).unwrap()
+            e.forward(
+                &mut cache,
+                &[SeqInput { slot: 0, tokens: &[42], all_logits: false, ..Default::default() }],
+                false,
+            )
+            .unwrap()
         })
     });
     g.finish();

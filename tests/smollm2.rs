@@ -56,7 +56,9 @@ fn greedy_ids_logits_and_residuals_match() {
         let ids = u32s(&p["ids"]);
         // Top-20 logits and residuals at the last prompt position.
         let mut cache = e.new_cache(1, ids.len()).unwrap();
-        let out = e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: false }], true).unwrap();
+        let out = e
+            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: false, ..Default::default() }], true)
+            .unwrap();
         let logits = out.last(0);
         let top = &p["last_logits_top20"];
         let mut max_err = 0f32;
@@ -156,7 +158,9 @@ fn gguf_and_safetensors_folder_give_identical_logits() {
         let e = persona::Engine::new(CpuBackend, f.config.clone(), &f.tensors, 64).unwrap();
         let mut cache = e.new_cache(1, 64).unwrap();
         let ids = [1u32, 9690, 198, 2683, 359, 253, 5356];
-        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true }], false).unwrap().logits
+        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true, ..Default::default() }], false)
+            .unwrap()
+            .logits
     };
     let (a, b) = (run(&files), run(&st));
     assert!(a == b, "logits differ between GGUF and safetensors");

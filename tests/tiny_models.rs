@@ -24,7 +24,9 @@ fn logits_and_residual_norms_match_transformers() {
         let (e, r) = load(name);
         let ids = u32s(&r["ids"]);
         let mut cache = e.new_cache(1, ids.len()).unwrap();
-        let out = e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true }], true).unwrap();
+        let out = e
+            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true, ..Default::default() }], true)
+            .unwrap();
         let want = r["logits"].as_array().unwrap();
         assert_eq!(want.len(), ids.len());
         let mut max_err = 0f32;
@@ -74,14 +76,17 @@ fn ragged_batch_equals_single_sequences() {
     let b = &ids[3..];
     let single = |toks: &[u32]| {
         let mut c = e.new_cache(1, 64).unwrap();
-        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, all_logits: true }], false).unwrap()
+        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, all_logits: true, ..Default::default() }], false).unwrap()
     };
     let (sa, sb) = (single(a), single(b));
     let mut c = e.new_cache(3, 64).unwrap();
     let both = e
         .forward(
             &mut c,
-            &[SeqInput { slot: 2, tokens: b, all_logits: true }, SeqInput { slot: 0, tokens: a, all_logits: true }],
+            &[
+                SeqInput { slot: 2, tokens: b, all_logits: true, ..Default::default() },
+                SeqInput { slot: 0, tokens: a, all_logits: true, ..Default::default() },
+            ],
             false,
         )
         .unwrap();
@@ -97,8 +102,8 @@ fn ragged_batch_equals_single_sequences() {
         .forward(
             &mut c,
             &[
-                SeqInput { slot: 0, tokens: &[5], all_logits: false },
-                SeqInput { slot: 2, tokens: &[9], all_logits: false },
+                SeqInput { slot: 0, tokens: &[5], all_logits: false, ..Default::default() },
+                SeqInput { slot: 2, tokens: &[9], all_logits: false, ..Default::default() },
             ],
             false,
         )
@@ -113,11 +118,17 @@ fn ragged_batch_equals_single_sequences() {
 fn bad_forward_inputs_are_errors() {
     let (e, _) = load("tiny-llama");
     let mut c = e.new_cache(1, 8).unwrap();
-    let err = e.forward(&mut c, &[SeqInput { slot: 0, tokens: &[300], all_logits: false }], false).unwrap_err();
+    let err = e
+        .forward(&mut c, &[SeqInput { slot: 0, tokens: &[300], all_logits: false, ..Default::default() }], false)
+        .unwrap_err();
     assert!(err.to_string().contains("out of vocabulary"), "{err}");
-    let err = e.forward(&mut c, &[SeqInput { slot: 1, tokens: &[3], all_logits: false }], false).unwrap_err();
+    let err = e
+        .forward(&mut c, &[SeqInput { slot: 1, tokens: &[3], all_logits: false, ..Default::default() }], false)
+        .unwrap_err();
     assert!(err.to_string().contains("slot 1"), "{err}");
-    let err = e.forward(&mut c, &[SeqInput { slot: 0, tokens: &[3; 9], all_logits: false }], false).unwrap_err();
+    let err = e
+        .forward(&mut c, &[SeqInput { slot: 0, tokens: &[3; 9], all_logits: false, ..Default::default() }], false)
+        .unwrap_err();
     assert!(err.to_string().contains("capacity"), "{err}");
     let err = e.generate(&[GenRequest::greedy(vec![3], 0)], &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("max tokens"), "{err}");

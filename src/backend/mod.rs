@@ -29,6 +29,91 @@ pub struct KvLayer<B: Backend + ?Sized> {
     pub v: B::Buf,
 }
 
+/// Token flag: the token is part of a prompt (prefill).
+pub const TOKEN_PROMPT: u32 = 1;
+/// Token flag: the token is the last position of its sequence in this forward call.
+pub const TOKEN_LAST: u32 = 2;
+/// No condition / no capture.
+pub const NONE: u32 = u32::MAX;
+
+/// One steering op at one residual index, for one sequence of the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct OpDesc {
+    /// Index of the sequence (in the call) whose tokens it touches.
+    pub seq: u32,
+    /// 0 add, 1 ablate, 2 clamp.
+    pub kind: u32,
+    /// Row of the plan's vector tables.
+    pub vec: u32,
+    /// 0 all, 1 prompt tokens, 2 last position of the call.
+    pub positions: u32,
+    pub coeff: f32,
+    /// Projection column the condition reads, or NONE.
+    pub cond_col: u32,
+    /// 0: apply when projection > threshold; 1: when <.
+    pub cond_cmp: u32,
+    pub threshold: f32,
+}
+
+pub const OP_ADD: u32 = 0;
+pub const OP_ABLATE: u32 = 1;
+pub const OP_CLAMP: u32 = 2;
+pub const POS_ALL: u32 = 0;
+pub const POS_PROMPT: u32 = 1;
+pub const POS_LAST: u32 = 2;
+
+/// A projection column: `proj[t, col] = h · units[vec]` at one residual index.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ProbeDesc {
+    pub vec: u32,
+    pub col: u32,
+}
+
+/// Flat description of a forward call's steering, probes and captures, built by the engine and
+/// uploaded once per call. Grouped by residual index `l` in `0..=n_layers`:
+/// `ops[layer_ops[l]..layer_ops[l+1]]`, `probes[layer_probes[l]..layer_probes[l+1]]`.
+///
+/// At residual index `l`, for each token: this layer's probes are projected (so same-layer
+/// conditions see the pre-steering value), the token's ops are applied in order, the probes
+/// are projected again if anything changed, and the residual is added to its capture sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResidualPlan {
+    pub hidden: usize,
+    pub n_layers: usize,
+    /// `[n_vectors, hidden]` raw vectors and their unit vectors.
+    pub vectors: Vec<f32>,
+    pub units: Vec<f32>,
+    pub token_seq: Vec<u32>,
+    pub token_flags: Vec<u32>,
+    /// Capture slot per token, or NONE.
+    pub token_capture: Vec<u32>,
+    pub ops: Vec<OpDesc>,
+    pub layer_ops: Vec<u32>,
+    pub probes: Vec<ProbeDesc>,
+    pub layer_probes: Vec<u32>,
+    /// Projection columns (`proj` is `[t, n_cols]`).
+    pub n_cols: usize,
+    /// Capture slots (`capture` is `[n_captures, n_layers + 1, hidden]`).
+    pub n_captures: usize,
+}
+
+impl ResidualPlan {
+    pub fn ops_at(&self, l: usize) -> &[OpDesc] {
+        &self.ops[self.layer_ops[l] as usize..self.layer_ops[l + 1] as usize]
+    }
+    pub fn probes_at(&self, l: usize) -> &[ProbeDesc] {
+        &self.probes[self.layer_probes[l] as usize..self.layer_probes[l + 1] as usize]
+    }
+    pub fn vector(&self, v: u32) -> &[f32] {
+        &self.vectors[v as usize * self.hidden..(v as usize + 1) * self.hidden]
+    }
+    pub fn unit(&self, v: u32) -> &[f32] {
+        &self.units[v as usize * self.hidden..(v as usize + 1) * self.hidden]
+    }
+}
+
 /// The ops of the transformer forward pass. `t` is the number of tokens in the batch
 /// (all sequences concatenated); activations are row-major `[t, width]` f32 buffers.
 pub trait Backend: Send + Sync {
@@ -38,6 +123,8 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// A batch's per-token layout, uploaded once per forward call.
     type Layout;
+    /// A forward call's [`ResidualPlan`] on the device, with its projection and capture outputs.
+    type Plan: Send;
 
     fn name(&self) -> &'static str;
 
@@ -47,16 +134,23 @@ pub trait Backend: Send + Sync {
     fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
     fn layout(&self, tokens: &[TokenPos]) -> Result<Self::Layout>;
+    /// Upload a plan; its outputs start at zero.
+    fn plan(&self, plan: &ResidualPlan) -> Result<Self::Plan>;
+    /// Download a plan's outputs: projections `[t, n_cols]` and capture sums.
+    fn plan_outputs(&self, plan: &Self::Plan) -> Result<(Vec<f32>, Vec<f32>)>;
 
     /// `out[i] = table[ids[i]]` (rows of `width`).
     fn embed(&self, table: &Self::Weight, ids: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
 
-    /// The fused residual boundary: `h += delta` (when given), then `x = rmsnorm(h) · norm`.
-    /// One pass over `h`; steering and projections join here.
-    fn residual_norm(
+    /// The fused residual boundary, one pass over `h`: `h += delta` (when given); at a residual
+    /// index (`steer = Some((plan, l))`) the plan's probes, steering ops and captures for `l`;
+    /// then `x = rmsnorm(h) · norm`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_steer_norm(
         &self,
         h: &mut Self::Buf,
         delta: Option<&Self::Buf>,
+        steer: Option<(&mut Self::Plan, usize)>,
         norm: &Self::Weight,
         eps: f32,
         t: usize,

@@ -4,6 +4,7 @@
 
 pub mod generate;
 pub mod loaded;
+pub mod plan;
 pub mod sampler;
 
 use crate::backend::{AttnShape, Backend, KvLayer, TokenPos};
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::load::ModelTensors;
 use crate::model::tensor::HostTensor;
+use crate::steer::{Capture, SeqSteering};
 
 struct Layer<B: Backend> {
     attn_norm: B::Weight,
@@ -77,12 +79,25 @@ struct Scratch<B: Backend> {
 }
 
 /// One sequence's part of a forward call: new tokens appended to its slot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SeqInput<'a> {
     pub slot: usize,
     pub tokens: &'a [u32],
     /// Logits for every new token (else only for the last one).
     pub all_logits: bool,
+    /// These tokens are prompt (prefill) tokens, for `positions=prompt` steering.
+    pub prompt: bool,
+    /// Steering ops and probes for this sequence.
+    pub steering: Option<&'a SeqSteering>,
+    /// Sum the residual at every index over the new tokens from `from` on.
+    pub capture: Option<Capture>,
+}
+
+impl<'a> SeqInput<'a> {
+    /// Plain tokens: no steering, logits for the last token only.
+    pub fn new(slot: usize, tokens: &'a [u32]) -> Self {
+        SeqInput { slot, tokens, ..Default::default() }
+    }
 }
 
 /// What a forward call returns: logits rows (`[rows, vocab]`), and per sequence the range of rows
@@ -94,6 +109,10 @@ pub struct ForwardOutput {
     pub rows: Vec<std::ops::Range<usize>>,
     /// With `trace`: the residual stream at every index 0..=N, `[N+1][t][hidden]`.
     pub residuals: Vec<Vec<f32>>,
+    /// Per sequence: projections `[new tokens][its probes]`, flattened (empty without probes).
+    pub projections: Vec<Vec<f32>>,
+    /// Per sequence with a capture: residual sums `[(N+1) * hidden]` and the number of tokens summed.
+    pub captures: Vec<Option<(Vec<f32>, usize)>>,
 }
 
 impl ForwardOutput {
@@ -243,6 +262,13 @@ impl<B: Backend> Engine<B> {
             rows.push(first..out_rows.len());
         }
         let t = tokens.len();
+        for s in seqs {
+            if let Some(st) = s.steering {
+                st.validate(c.hidden, c.n_layers)?;
+            }
+        }
+        let built = plan::build(seqs, c.hidden, c.n_layers);
+        let mut dev_plan = built.as_ref().map(|(p, _)| self.backend.plan(p)).transpose()?;
         if cache.scratch.as_ref().is_none_or(|s| s.tokens < t) {
             cache.scratch = Some(self.scratch(t)?);
         }
@@ -256,7 +282,16 @@ impl<B: Backend> Engine<B> {
 
         b.embed(&self.embed, &ids, c.hidden, &mut ws.h)?;
         let first_norm = self.layers.first().map(|l| &l.attn_norm).unwrap_or(&self.final_norm);
-        b.residual_norm(&mut ws.h, None, first_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+        b.residual_steer_norm(
+            &mut ws.h,
+            None,
+            dev_plan.as_mut().map(|p| (p, 0)),
+            first_norm,
+            c.rms_eps,
+            t,
+            c.hidden,
+            &mut ws.x,
+        )?;
         if trace {
             residuals.push(b.read(&ws.h, t * c.hidden)?);
         }
@@ -268,13 +303,22 @@ impl<B: Backend> Engine<B> {
             b.rope(&mut ws.k, &self.rope, &layout, t, nkv, hd)?;
             b.attention(&ws.q, &ws.k, &ws.v, &mut kv_layers[li], &layout, t, shape, &mut ws.attn)?;
             b.matmul(&ws.attn, &l.wo, None, t, &mut ws.o)?;
-            b.residual_norm(&mut ws.h, Some(&ws.o), &l.mlp_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+            b.residual_steer_norm(&mut ws.h, Some(&ws.o), None, &l.mlp_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
             b.matmul(&ws.x, &l.w_gate, None, t, &mut ws.gate)?;
             b.matmul(&ws.x, &l.w_up, None, t, &mut ws.up)?;
             b.silu_mul(&ws.gate, &ws.up, t * c.intermediate, &mut ws.act)?;
             b.matmul(&ws.act, &l.w_down, None, t, &mut ws.o)?;
             let next_norm = self.layers.get(li + 1).map(|n| &n.attn_norm).unwrap_or(&self.final_norm);
-            b.residual_norm(&mut ws.h, Some(&ws.o), next_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+            b.residual_steer_norm(
+                &mut ws.h,
+                Some(&ws.o),
+                dev_plan.as_mut().map(|p| (p, li + 1)),
+                next_norm,
+                c.rms_eps,
+                t,
+                c.hidden,
+                &mut ws.x,
+            )?;
             if trace {
                 residuals.push(b.read(&ws.h, t * c.hidden)?);
             }
@@ -288,6 +332,24 @@ impl<B: Backend> Engine<B> {
         for s in seqs {
             cache.lens[s.slot] += s.tokens.len();
         }
-        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals })
+        let mut projections = vec![vec![]; seqs.len()];
+        let mut captures = vec![None; seqs.len()];
+        if let (Some(dp), Some((p, cols))) = (&dev_plan, &built) {
+            let (proj, cap) = b.plan_outputs(dp)?;
+            let per_cap = (c.n_layers + 1) * c.hidden;
+            let mut first = 0;
+            for (i, s) in seqs.iter().enumerate() {
+                let sc = &cols[i];
+                for tok in first..first + s.tokens.len() {
+                    projections[i].extend(sc.probe_cols.iter().map(|&col| proj[tok * p.n_cols + col]));
+                }
+                if let (Some(slot), Some(capt)) = (sc.capture, s.capture) {
+                    let count = s.tokens.len().saturating_sub(capt.from);
+                    captures[i] = Some((cap[slot * per_cap..(slot + 1) * per_cap].to_vec(), count));
+                }
+                first += s.tokens.len();
+            }
+        }
+        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals, projections, captures })
     }
 }

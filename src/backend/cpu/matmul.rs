@@ -1,87 +1,76 @@
 //! CPU matmul `out[t, n] = x[t, :] · w[n, :] + b[n]`, W in PyTorch `[out, in]` layout.
 //! Parallel over blocks of W rows: each block of W is read from memory once and reused for
-//! every token while it sits in cache, which is what decode (t = 1) is bound by.
+//! every token while it sits in cache, which is what decode (t = 1) is bound by. Inside a block,
+//! tiles of up to 4 tokens × 3 rows share their loads (12 accumulators + 3 x + 1 w = 16 AVX2
+//! registers), so prefill is bound by arithmetic.
+//!
+//! Every output is one 8-lane FMA chain over the row in order, reduced the same way, whatever
+//! tile it falls in and whether AVX2 is used: a token's result does not depend on its position
+//! in the batch, so a batch equals its sequences run alone, bit for bit.
 
 use rayon::prelude::*;
 
-/// Dot product with eight independent accumulators (vectorises; AVX2+FMA when available).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_plain(a, b)
-}
-
+/// Scalar tile with the exact arithmetic of the AVX2 one (lane-wise FMA, same reduction).
 #[inline(always)]
-fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let cb = b.chunks_exact(16);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+fn tile_plain<const NT: usize, const NR: usize>(x: [&[f32]; NT], w: [&[f32]; NR]) -> [[f32; NR]; NT] {
+    let k = x[0].len();
+    let chunks = k / 8;
+    let mut acc = [[[0f32; 8]; NR]; NT];
+    for c in 0..chunks {
+        let o = c * 8;
+        for i in 0..NT {
+            for j in 0..NR {
+                for l in 0..8 {
+                    acc[i][j][l] = x[i][o + l].mul_add(w[j][o + l], acc[i][j][l]);
+                }
+            }
         }
     }
-    let mut s = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        s = x.mul_add(*y, s);
+    let mut out = [[0f32; NR]; NT];
+    for i in 0..NT {
+        for j in 0..NR {
+            out[i][j] = finish(&acc[i][j], x[i], w[j], chunks * 8);
+        }
     }
-    let mut t = [0f32; 8];
-    for i in 0..8 {
-        t[i] = acc[i] + acc[i + 8];
-    }
-    (t[0] + t[4]) + (t[1] + t[5]) + (t[2] + t[6]) + (t[3] + t[7]) + s
+    out
 }
 
-/// Dot products of 4 x rows with 3 w rows at once: each loaded chunk is used three or four
-/// times, so prefill is bound by arithmetic rather than by loads. 12 accumulators + 3 x + 1 w
-/// = 16 AVX2 registers.
+/// Reduce 8 lanes and add the tail `[from..k)`.
+#[inline(always)]
+fn finish(a: &[f32; 8], x: &[f32], w: &[f32], from: usize) -> f32 {
+    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for l in from..x.len() {
+        s = x[l].mul_add(w[l], s);
+    }
+    s
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot4x3_avx2(x: [&[f32]; 4], w: [&[f32]; 3]) -> [[f32; 3]; 4] {
+unsafe fn tile_avx2<const NT: usize, const NR: usize>(x: [&[f32]; NT], w: [&[f32]; NR]) -> [[f32; NR]; NT] {
     use std::arch::x86_64::*;
     let k = x[0].len();
     let chunks = k / 8;
-    let mut acc = [[_mm256_setzero_ps(); 3]; 4];
+    let mut acc = [[_mm256_setzero_ps(); NR]; NT];
     for c in 0..chunks {
         let o = c * 8;
-        let wv = [
-            _mm256_loadu_ps(w[0].as_ptr().add(o)),
-            _mm256_loadu_ps(w[1].as_ptr().add(o)),
-            _mm256_loadu_ps(w[2].as_ptr().add(o)),
-        ];
-        for i in 0..4 {
+        let mut wv = [_mm256_setzero_ps(); NR];
+        for j in 0..NR {
+            wv[j] = _mm256_loadu_ps(w[j].as_ptr().add(o));
+        }
+        for i in 0..NT {
             let xv = _mm256_loadu_ps(x[i].as_ptr().add(o));
-            for j in 0..3 {
+            for j in 0..NR {
                 acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
             }
         }
     }
-    let mut out = [[0f32; 3]; 4];
-    for i in 0..4 {
-        for j in 0..3 {
+    let mut out = [[0f32; NR]; NT];
+    for i in 0..NT {
+        for j in 0..NR {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]);
-            let mut s =
-                ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            for l in chunks * 8..k {
-                s = x[i][l].mul_add(w[j][l], s);
-            }
-            out[i][j] = s;
+            out[i][j] = finish(&lanes, x[i], w[j], chunks * 8);
         }
     }
     out
@@ -98,9 +87,67 @@ fn has_avx2() -> bool {
     }
 }
 
+#[inline(always)]
+fn tile<const NT: usize, const NR: usize>(avx2: bool, x: [&[f32]; NT], w: [&[f32]; NR]) -> [[f32; NR]; NT] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 and FMA were detected by the caller; all rows have the same length.
+        return unsafe { tile_avx2(x, w) };
+    }
+    let _ = avx2;
+    tile_plain(x, w)
+}
+
+/// Dot product, with the same arithmetic as every matmul output.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    tile::<1, 1>(has_avx2(), [&a[..n]], [&b[..n]])[0][0]
+}
+
 struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+/// Up to 4 tokens starting at `ti` × up to 3 rows starting at `r`, dispatched to a fixed-size tile.
+#[allow(clippy::too_many_arguments)]
+fn run_tile(
+    avx2: bool,
+    x: &[f32],
+    wb: &[f32],
+    k: usize,
+    ti: usize,
+    nt: usize,
+    r: usize,
+    nr: usize,
+    put: &dyn Fn(usize, usize, f32),
+) {
+    let xr = |i: usize| &x[(ti + i) * k..(ti + i + 1) * k];
+    let wr = |j: usize| &wb[(r + j) * k..(r + j + 1) * k];
+    macro_rules! go {
+        ($nt:literal, $nr:literal) => {{
+            let v = tile::<$nt, $nr>(avx2, std::array::from_fn(xr), std::array::from_fn(wr));
+            for (i, vi) in v.iter().enumerate() {
+                for (j, &vij) in vi.iter().enumerate() {
+                    put(ti + i, r + j, vij);
+                }
+            }
+        }};
+    }
+    match (nt, nr) {
+        (4, 3) => go!(4, 3),
+        (4, 2) => go!(4, 2),
+        (4, 1) => go!(4, 1),
+        (3, 3) => go!(3, 3),
+        (3, 2) => go!(3, 2),
+        (3, 1) => go!(3, 1),
+        (2, 3) => go!(2, 3),
+        (2, 2) => go!(2, 2),
+        (2, 1) => go!(2, 1),
+        (1, 3) => go!(1, 3),
+        (1, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
 
 pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
     assert!(x.len() >= t * k && w.len() >= n * k && out.len() >= t * n);
@@ -118,37 +165,9 @@ pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k:
             // SAFETY: column n0 + r belongs to this block only, and ti < t, so the index is in bounds.
             unsafe { *o.0.add(ti * n + n0 + r) = v };
         };
-        let xr = |ti: usize| &x[ti * k..(ti + 1) * k];
-        let wr = |r: usize| &wb[r * k..(r + 1) * k];
-        let mut ti = 0;
-        // 4 tokens × 3 rows tiles (AVX2), then the leftovers one dot at a time.
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            while ti + 4 <= t {
-                let mut r = 0;
-                while r + 3 <= rows {
-                    // SAFETY: AVX2 and FMA were detected; all rows have length k.
-                    let v = unsafe {
-                        dot4x3_avx2([xr(ti), xr(ti + 1), xr(ti + 2), xr(ti + 3)], [wr(r), wr(r + 1), wr(r + 2)])
-                    };
-                    for (i, vi) in v.iter().enumerate() {
-                        for (j, &vij) in vi.iter().enumerate() {
-                            put(ti + i, r + j, vij);
-                        }
-                    }
-                    r += 3;
-                }
-                for r in r..rows {
-                    for i in 0..4 {
-                        put(ti + i, r, dot(xr(ti + i), wr(r)));
-                    }
-                }
-                ti += 4;
-            }
-        }
-        for ti in ti..t {
-            for r in 0..rows {
-                put(ti, r, dot(xr(ti), wr(r)));
+        for ti in (0..t).step_by(4) {
+            for r in (0..rows).step_by(3) {
+                run_tile(avx2, x, wb, k, ti, (t - ti).min(4), r, (rows - r).min(3), &put);
             }
         }
     });
@@ -158,9 +177,10 @@ pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k:
 mod tests {
     use super::*;
 
-    /// Every tile/leftover path against a plain f64 reference, on awkward sizes.
+    /// Every tile shape against a plain f64 reference, on awkward sizes; and each token's result
+    /// is the same whatever its position in the batch.
     #[test]
-    fn matmul_matches_reference() {
+    fn matmul_matches_reference_and_is_position_independent() {
         for (t, n, k) in [(1, 1, 1), (7, 33, 19), (5, 17, 64), (9, 40, 37), (4, 4, 8)] {
             let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 17) as f32 * 0.05 - 0.4).collect();
@@ -177,7 +197,11 @@ mod tests {
                         "t{t} n{n} k{k} [{ti},{r}] {got} vs {want}"
                     );
                 }
+                let mut one = vec![0f32; n];
+                matmul(&x[ti * k..(ti + 1) * k], &w, Some(&b), 1, n, k, &mut one);
+                assert_eq!(one, out[ti * n..(ti + 1) * n], "token {ti} alone differs from its batch row");
             }
+            assert_eq!(tile_plain::<1, 1>([&x[..k]], [&w[..k]])[0][0].to_bits(), dot(&x[..k], &w[..k]).to_bits());
         }
     }
 }

@@ -2,14 +2,16 @@
 //! (norms, softmax sums). Parallel over rows with rayon; SIMD dot product when the CPU has AVX2+FMA.
 
 mod matmul;
+mod residual;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, KvLayer, TokenPos};
+use super::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::{HostTensor, Storage};
 
 pub use matmul::dot;
+pub use residual::CpuPlan;
 
 /// The CPU backend. Stateless; cheap to create.
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,6 +31,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Weight = CpuWeight;
     type Layout = Vec<TokenPos>;
+    type Plan = CpuPlan;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -62,6 +65,14 @@ impl Backend for CpuBackend {
         Ok(tokens.to_vec())
     }
 
+    fn plan(&self, plan: &ResidualPlan) -> Result<CpuPlan> {
+        Ok(CpuPlan::new(plan))
+    }
+
+    fn plan_outputs(&self, plan: &CpuPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((plan.proj.clone(), plan.capture.clone()))
+    }
+
     fn embed(&self, table: &CpuWeight, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
         let rows = table.data.len() / width;
         for (i, &id) in ids.iter().enumerate() {
@@ -74,31 +85,23 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn residual_norm(
+    fn residual_steer_norm(
         &self,
         h: &mut Vec<f32>,
         delta: Option<&Vec<f32>>,
+        steer: Option<(&mut CpuPlan, usize)>,
         norm: &CpuWeight,
         eps: f32,
         t: usize,
         width: usize,
         x: &mut Vec<f32>,
     ) -> Result<()> {
-        let w = &norm.data[..width];
-        h[..t * width].par_chunks_mut(width).zip(x[..t * width].par_chunks_mut(width)).enumerate().for_each(
-            |(i, (hr, xr))| {
-                if let Some(d) = delta {
-                    for (a, b) in hr.iter_mut().zip(&d[i * width..(i + 1) * width]) {
-                        *a += *b;
-                    }
-                }
-                let ss: f64 = hr.iter().map(|&a| a as f64 * a as f64).sum();
-                let inv = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();
-                for ((o, &a), &g) in xr.iter_mut().zip(hr.iter()).zip(w) {
-                    *o = a * inv * g;
-                }
-            },
-        );
+        if let Some((p, l)) = &steer {
+            if p.desc.token_seq.len() < t || *l > p.desc.n_layers || p.desc.hidden != width {
+                return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
+            }
+        }
+        residual::residual_steer_norm(h, delta.map(|d| d.as_slice()), steer, &norm.data[..width], eps, t, width, x);
         Ok(())
     }
 

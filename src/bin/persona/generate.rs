@@ -43,7 +43,12 @@ impl SamplingArgs {
         let sampling =
             SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed };
         sampling.validate()?;
-        Ok(GenRequest { prompt_ids, max_tokens: self.max_tokens, sampling, ignore_eos: self.ignore_eos, top_logits })
+        Ok(GenRequest {
+            sampling,
+            ignore_eos: self.ignore_eos,
+            top_logits,
+            ..GenRequest::greedy(prompt_ids, self.max_tokens)
+        })
     }
 }
 

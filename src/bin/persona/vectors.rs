@@ -1,0 +1,283 @@
+//! `persona vectors`: inspect, compare and convert persona vectors.
+//!
+//! - `persona vectors A.safetensors [B ...] [--layer L|all] [--json]`: metadata and per-layer
+//!   norms of each file; with two or more files, their cosine similarities.
+//! - `--model M`: the model the vectors belong to; needed to read llama.cpp control vectors
+//!   (GGUF), and checks every vector's N and H against it.
+//! - `persona vectors IN.gguf --model M --out OUT.safetensors`: import a control vector.
+//! - `persona vectors IN.safetensors --export-gguf OUT.gguf [--model-hint NAME]`: export one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use persona::model::config::ModelConfig;
+use persona::model::ModelFiles;
+use persona::steer::control_vector::{export_control_vector, SOURCE_FORMAT};
+use persona::steer::vector::{cosine_table, is_gguf, PersonaVector};
+
+#[derive(Args, Debug)]
+pub struct VectorsArgs {
+    /// Persona vector files (safetensors), or llama.cpp control vectors (GGUF, needs --model).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// HF model folder or GGUF model the vectors are for: needed to import llama.cpp control
+    /// vectors (their layer numbering depends on N); every vector is checked against its N and H.
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Residual index (0..=N) for the cosine table, or `all` for one row per layer (default:
+    /// the layer where the first vector's norm is largest). With --out / --export-gguf: keep
+    /// only this layer (the others are zeroed), or `all` (the default) to keep every layer.
+    #[arg(long, value_parser = parse_layer_sel)]
+    pub layer: Option<LayerSel>,
+    /// Write the (single) FILE as a persona safetensors vector, e.g. to import a control vector.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: Option<PathBuf>,
+    /// Write the (single) FILE as a llama.cpp control vector (direction.K = our layer K+1).
+    #[arg(long, value_name = "OUT.gguf")]
+    pub export_gguf: Option<PathBuf>,
+    /// `controlvector.model_hint` for --export-gguf (default: the --model's architecture, else
+    /// the vector's `persona.model` metadata).
+    #[arg(long, value_name = "NAME", requires = "export_gguf")]
+    pub model_hint: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which layer(s) the cosine table covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerSel {
+    One(usize),
+    All,
+}
+
+fn parse_layer_sel(s: &str) -> std::result::Result<LayerSel, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(LayerSel::All);
+    }
+    s.parse().map(LayerSel::One).map_err(|_| format!("`{s}` is not a layer index (0..=N) or `all`"))
+}
+
+fn load_one(path: &Path, cfg: Option<&ModelConfig>) -> Result<PersonaVector> {
+    match cfg {
+        Some(cfg) => Ok(PersonaVector::load_for_model(path, cfg)?),
+        None => {
+            if is_gguf(path)? {
+                bail!(
+                    "{}: this is a GGUF file (a llama.cpp control vector?); give --model M so that its \
+                     direction.K tensors can be mapped onto the model's layers",
+                    path.display()
+                );
+            }
+            Ok(PersonaVector::load(path)?)
+        }
+    }
+}
+
+/// The file's own format (an imported-then-saved vector keeps `persona.source_format` in its
+/// metadata, but is a safetensors file).
+fn format_of(path: &Path, v: &PersonaVector) -> &'static str {
+    let from_gguf = v.metadata.get("persona.source_format").map(String::as_str) == Some(SOURCE_FORMAT);
+    if from_gguf && is_gguf(path).unwrap_or(false) {
+        "llama.cpp control vector (GGUF)"
+    } else {
+        "persona safetensors"
+    }
+}
+
+fn finite(x: f32) -> Option<f32> {
+    x.is_finite().then_some(x)
+}
+
+pub fn run(a: VectorsArgs) -> Result<()> {
+    let cfg = match &a.model {
+        Some(m) => Some(ModelFiles::open(m).with_context(|| format!("loading model {}", m.display()))?.config),
+        None => None,
+    };
+    let vectors: Vec<PersonaVector> =
+        a.files.iter().map(|p| load_one(p, cfg.as_ref())).collect::<Result<_>>()?;
+
+    if a.out.is_some() || a.export_gguf.is_some() {
+        return convert(&a, &vectors, cfg.as_ref());
+    }
+
+    let refs: Vec<&PersonaVector> = vectors.iter().collect();
+    let layers: Vec<usize> = if vectors.len() < 2 {
+        vec![]
+    } else {
+        let max_n = vectors.iter().map(|v| v.n_layers).max().unwrap_or(0);
+        match a.layer {
+            Some(LayerSel::All) => (0..=max_n).collect(),
+            Some(LayerSel::One(l)) => {
+                if l > max_n {
+                    bail!("--layer {l} is out of range: the vectors have layers 0..={max_n}");
+                }
+                vec![l]
+            }
+            None => vec![vectors[0].max_norm_layer()],
+        }
+    };
+    if vectors.len() >= 2 && vectors.iter().any(|v| v.hidden != vectors[0].hidden) {
+        eprintln!("note: the vectors have different hidden sizes; their cosines are undefined (shown as -)");
+    }
+
+    if a.json {
+        let vs: Vec<_> = vectors
+            .iter()
+            .zip(&a.files)
+            .enumerate()
+            .map(|(i, (v, p))| {
+                serde_json::json!({
+                    "index": i + 1, "path": p, "name": v.name, "format": format_of(p, v),
+                    "n_layers": v.n_layers, "hidden": v.hidden, "metadata": v.metadata,
+                    "norms": v.norms().into_iter().map(finite).collect::<Vec<_>>(),
+                    "max_norm_layer": v.max_norm_layer(),
+                })
+            })
+            .collect();
+        let mut out = serde_json::json!({ "vectors": vs });
+        if !layers.is_empty() {
+            let cos: Vec<_> = layers
+                .iter()
+                .map(|&l| serde_json::json!({ "layer": l, "matrix": cosine_table(&refs, l) }))
+                .collect();
+            out["cosine"] = serde_json::Value::Array(cos);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+
+    for (i, (v, p)) in vectors.iter().zip(&a.files).enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_vector(i + 1, p, v, vectors.len() > 1);
+    }
+    if !layers.is_empty() {
+        println!();
+        print_cosines(&refs, &layers, a.layer.is_none());
+    }
+    Ok(())
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', "\\n");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(n - 1).collect::<String>())
+    }
+}
+
+fn print_vector(index: usize, path: &Path, v: &PersonaVector, numbered: bool) {
+    if numbered {
+        println!("[{index}] {}", path.display());
+    } else {
+        println!("{}", path.display());
+    }
+    let width = v.metadata.keys().map(|k| k.len()).max().unwrap_or(0).max(6);
+    println!("  {:<width$}  {}", "name", v.name);
+    println!("  {:<width$}  {}", "format", format_of(path, v));
+    println!("  {:<width$}  N={} blocks, H={} ({} rows)", "shape", v.n_layers, v.hidden, v.rows());
+    for (k, val) in &v.metadata {
+        println!("  {k:<width$}  {}", clip(val, 100));
+    }
+    let norms = v.norms();
+    println!("  norms (layer: norm; layer 0 = embedding output, L = after block L-1):");
+    for chunk in norms.iter().enumerate().collect::<Vec<_>>().chunks(6) {
+        let cells: Vec<String> = chunk.iter().map(|(l, n)| format!("{l:>4}: {:<9}", fmt_norm(**n))).collect();
+        println!("  {}", cells.join(" ").trim_end());
+    }
+    let best = v.max_norm_layer();
+    println!("  max norm {} at layer {best}", fmt_norm(norms[best]));
+}
+
+fn fmt_norm(n: f32) -> String {
+    if n == 0.0 {
+        "0".into()
+    } else if !n.is_finite() {
+        format!("{n}")
+    } else if n >= 1e4 || n < 1e-3 {
+        format!("{n:.3e}")
+    } else {
+        format!("{n:.4}")
+    }
+}
+
+fn fmt_cos(c: Option<f32>) -> String {
+    c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into())
+}
+
+fn print_cosines(vs: &[&PersonaVector], layers: &[usize], default_layer: bool) {
+    let k = vs.len();
+    if layers.len() == 1 {
+        let l = layers[0];
+        let why = if default_layer { " (largest norm of [1])" } else { "" };
+        println!("cosine similarity at layer {l}{why}:");
+        let t = cosine_table(vs, l);
+        let head: Vec<String> = (1..=k).map(|j| format!("{:>7}", format!("[{j}]"))).collect();
+        println!("  {:>5} {}", "", head.join(" "));
+        for (i, row) in t.iter().enumerate() {
+            let cells: Vec<String> = row.iter().map(|&c| format!("{:>7}", fmt_cos(c))).collect();
+            println!("  {:>5} {}", format!("[{}]", i + 1), cells.join(" "));
+        }
+        return;
+    }
+    println!("cosine similarity per layer:");
+    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j))).collect();
+    let head: Vec<String> = pairs.iter().map(|(i, j)| format!("{:>9}", format!("[{}]·[{}]", i + 1, j + 1))).collect();
+    println!("  {:>5} {}", "layer", head.join(" "));
+    for &l in layers {
+        let cells: Vec<String> = pairs.iter().map(|&(i, j)| format!("{:>9}", fmt_cos(vs[i].cosine(vs[j], l)))).collect();
+        println!("  {l:>5} {}", cells.join(" "));
+    }
+}
+
+fn convert(a: &VectorsArgs, vectors: &[PersonaVector], cfg: Option<&ModelConfig>) -> Result<()> {
+    if vectors.len() != 1 {
+        bail!("--out and --export-gguf take exactly one FILE ({} given)", vectors.len());
+    }
+    let v = &match a.layer {
+        Some(LayerSel::One(l)) => vectors[0].only_layers(&[l])?,
+        Some(LayerSel::All) | None => vectors[0].clone(),
+    };
+    let mut wrote = Vec::new();
+    if let Some(out) = &a.out {
+        v.save(out).with_context(|| format!("writing {}", out.display()))?;
+        wrote.push(serde_json::json!({ "path": out, "format": "persona safetensors" }));
+        if !a.json {
+            println!("wrote {} (persona safetensors, N={}, H={})", out.display(), v.n_layers, v.hidden);
+        }
+    }
+    if let Some(out) = &a.export_gguf {
+        let hint = match (&a.model_hint, cfg, v.metadata.get("persona.model")) {
+            (Some(h), _, _) => h.clone(),
+            (None, Some(c), _) => c.arch.name().to_string(),
+            (None, None, Some(m)) => m.clone(),
+            (None, None, None) => bail!(
+                "--export-gguf needs a model hint: give --model-hint NAME (llama.cpp's cvector-generator \
+                 writes the model's general.architecture, e.g. `llama`) or --model M"
+            ),
+        };
+        export_control_vector(v, out, &hint).with_context(|| {
+            let hint = if a.layer.is_none() { " (to export a single layer, add --layer L)" } else { "" };
+            format!("exporting {}{hint}", out.display())
+        })?;
+        let n = (0..=v.n_layers).filter(|&l| !v.is_zero(l)).count();
+        wrote.push(serde_json::json!({
+            "path": out, "format": "llama.cpp control vector", "model_hint": hint, "directions": n,
+        }));
+        if !a.json {
+            println!(
+                "wrote {} (llama.cpp control vector, {n} direction(s), model_hint `{hint}`; our layer L is \
+                 direction.{{L-1}})",
+                out.display()
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "wrote": wrote }))?);
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Persona vectors (file formats, arithmetic), steering plans, probes and captures.
+
+pub mod control_vector;
+pub mod plan;
+pub mod vector;
+
+pub use plan::{Capture, Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};

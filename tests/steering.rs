@@ -1,0 +1,271 @@
+//! Steering and monitoring against HF transformers goldens (forward hooks, as the paper's code
+//! steers), and the properties of the fused residual op.
+
+mod common;
+use common::*;
+
+use std::sync::Arc;
+
+use persona::backend::cpu::CpuBackend;
+use persona::engine::generate::GenRequest;
+use persona::engine::{Engine, SeqInput};
+use persona::model::ModelFiles;
+use persona::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+use persona::LoadedModel;
+
+/// Rows of a `vector` [N+1, H] safetensors file (read directly: an independent reader).
+fn vector_rows(path: &std::path::Path) -> Vec<Arc<[f32]>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("vector").unwrap();
+    let h = t.shape()[1];
+    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    data.chunks(h).map(Arc::from).collect()
+}
+
+fn plan_from(ops: &serde_json::Value, rows: &[Arc<[f32]>]) -> SeqSteering {
+    let ops = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let layer = o["layer"].as_u64().unwrap() as usize;
+            SteerOp {
+                kind: match o["kind"].as_str().unwrap() {
+                    "add" => SteerKind::Add,
+                    "ablate" => SteerKind::Ablate,
+                    "clamp" => SteerKind::Clamp,
+                    k => panic!("unknown kind {k}"),
+                },
+                layer,
+                vector: rows[layer].clone(),
+                coeff: o["coeff"].as_f64().unwrap() as f32,
+                positions: match o["positions"].as_str().unwrap() {
+                    "all" => Positions::All,
+                    "response" => Positions::Response,
+                    "prompt" => Positions::Prompt,
+                    p => panic!("unknown positions {p}"),
+                },
+                when: None,
+            }
+        })
+        .collect();
+    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
+}
+
+fn steered(ids: &[u32], n: usize, st: &SeqSteering) -> GenRequest {
+    let mut r = GenRequest::greedy(ids.to_vec(), n);
+    r.ignore_eos = true;
+    r.top_logits = 0;
+    r.steering = Some(Arc::new(st.clone()));
+    r
+}
+
+/// Logits at the last prompt position under a plan (prefill = prompt tokens).
+fn last_logits<B: persona::backend::Backend>(e: &Engine<B>, ids: &[u32], st: Option<&SeqSteering>) -> Vec<f32> {
+    let mut c = e.new_cache(1, ids.len()).unwrap();
+    let input = SeqInput { slot: 0, tokens: ids, prompt: true, steering: st, ..Default::default() };
+    e.forward(&mut c, &[input], false).unwrap().last(0).to_vec()
+}
+
+#[test]
+fn tiny_models_steering_cases_match_transformers() {
+    for name in ["tiny-llama", "tiny-llama3-rope", "tiny-qwen2"] {
+        let dir = fixtures().join(name);
+        let f = ModelFiles::open(&dir).unwrap();
+        let e = Engine::new(CpuBackend, f.config.clone(), &f.tensors, 256).unwrap();
+        let r = json(&dir.join("reference.json"));
+        let rows = vector_rows(&dir.join("test_vector.safetensors"));
+        let ids = u32s(&r["ids"]);
+        for case in r["steering"].as_array().unwrap() {
+            let what = format!("{name}/{}", case["case"].as_str().unwrap());
+            let st = plan_from(&case["ops"], &rows);
+            let got = last_logits(&e, &ids, Some(&st));
+            let err = got.iter().zip(f32s(&case["logits_last"])).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-4, "{what}: last logits max error {err}");
+            let want = u32s(&case["greedy_16_no_eos"]);
+            let out = e.generate(&[steered(&ids, want.len(), &st)], &mut |_, _| {}).unwrap();
+            assert_greedy_prefix(&out[0].ids(), &want, &f32s(&case["greedy_16_margins"]), 1e-4, &what);
+        }
+    }
+}
+
+fn smollm2() -> Option<LoadedModel<CpuBackend>> {
+    let Some(path) = default_model() else {
+        eprintln!("skipping: default model not cached (run `persona fetch`)");
+        return None;
+    };
+    Some(LoadedModel::load(&path, CpuBackend, 512).unwrap())
+}
+
+#[test]
+fn smollm2_steering_and_monitor_match_transformers() {
+    let Some(m) = smollm2() else { return };
+    let e = &m.engine;
+    let r = json(&fixtures().join("smollm2_reference.json"));
+    let rows = vector_rows(&fixtures().join("smollm2_extracted_vector.safetensors"));
+    let prompts = r["prompts"].as_array().unwrap();
+    for case in r["steering"].as_array().unwrap() {
+        let pi = case["prompt_index"].as_u64().unwrap() as usize;
+        let what = format!("{} (prompt {pi})", case["case"].as_str().unwrap());
+        let ids = u32s(&prompts[pi]["ids"]);
+        let st = plan_from(&case["ops"], &rows);
+        let got = last_logits(e, &ids, Some(&st));
+        let top = &case["last_logits_top20"];
+        let err = u32s(&top["ids"])
+            .iter()
+            .zip(f32s(&top["values"]))
+            .map(|(&i, v)| (got[i as usize] - v).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= 2e-3, "{what}: top-20 logit error {err}");
+        let want = u32s(&case["greedy_24_no_eos"]);
+        let out = e.generate(&[steered(&ids, want.len(), &st)], &mut |_, _| {}).unwrap();
+        assert_greedy_prefix(&out[0].ids(), &want, &f32s(&case["greedy_24_margins"]), 2e-3, &what);
+    }
+    // Monitor: last-prompt-token projection onto unit vector[L], L = 1..=N.
+    let mon = &r["monitor"];
+    let ids = u32s(&prompts[mon["prompt_index"].as_u64().unwrap() as usize]["ids"]);
+    let probes =
+        (1..=e.config.n_layers).map(|l| Probe { name: format!("v{l}"), layer: l, vector: rows[l].clone() }).collect();
+    let st = SeqSteering { plan: SteeringPlan::default(), probes };
+    let mut req = GenRequest::greedy(ids.clone(), 1);
+    req.steering = Some(Arc::new(st));
+    let out = e.generate(&[req], &mut |_, _| {}).unwrap().remove(0);
+    for (k, want) in f32s(&mon["last_prompt_token_projection"]).iter().enumerate() {
+        let got = out.last_prompt_projection(k);
+        assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "monitor layer {}: {got} vs {want}", k + 1);
+    }
+}
+
+fn tiny() -> (Engine<CpuBackend>, Vec<u32>, Vec<Arc<[f32]>>) {
+    let dir = fixtures().join("tiny-qwen2");
+    let f = ModelFiles::open(&dir).unwrap();
+    let e = Engine::new(CpuBackend, f.config.clone(), &f.tensors, 256).unwrap();
+    let r = json(&dir.join("reference.json"));
+    (e, u32s(&r["ids"]), vector_rows(&dir.join("test_vector.safetensors")))
+}
+
+fn op(kind: SteerKind, layer: usize, v: &Arc<[f32]>, coeff: f32) -> SteerOp {
+    SteerOp { kind, layer, vector: v.clone(), coeff, positions: Positions::All, when: None }
+}
+
+#[test]
+fn zero_coefficient_is_bit_identical_to_no_plan() {
+    let (e, ids, rows) = tiny();
+    let plain = last_logits(&e, &ids, None);
+    let ops = (0..=e.config.n_layers).map(|l| op(SteerKind::Add, l, &rows[l], 0.0)).collect();
+    let st = SeqSteering { plan: SteeringPlan { ops }, probes: vec![] };
+    assert!(plain == last_logits(&e, &ids, Some(&st)));
+    let empty = SeqSteering::default();
+    assert!(plain == last_logits(&e, &ids, Some(&empty)));
+}
+
+/// With a probe on the steered layer: after ablate the projection is ~0, after clamp c it is c;
+/// and a probe equals the dot product of the traced residual with the unit vector.
+#[test]
+fn ablate_and_clamp_set_the_projection_and_probes_are_dot_products() {
+    let (e, ids, rows) = tiny();
+    let l = 2;
+    let probe = vec![Probe { name: "p".into(), layer: l, vector: rows[l].clone() }];
+    for (kind, c, want) in
+        [(SteerKind::Ablate, 0.0, 0.0), (SteerKind::Clamp, 3.25, 3.25), (SteerKind::Clamp, -1.5, -1.5)]
+    {
+        let st = SeqSteering { plan: SteeringPlan { ops: vec![op(kind, l, &rows[l], c)] }, probes: probe.clone() };
+        let mut cache = e.new_cache(1, ids.len()).unwrap();
+        let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(&st), ..Default::default() };
+        let out = e.forward(&mut cache, &[input], true).unwrap();
+        let u: Vec<f64> = {
+            let n = rows[l].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            rows[l].iter().map(|&x| x as f64 / n).collect()
+        };
+        let h = e.config.hidden;
+        for (t, &p) in out.projections[0].iter().enumerate() {
+            assert!((p - want).abs() < 1e-4, "{kind:?}: token {t} projection {p}, want {want}");
+            let dot: f64 = out.residuals[l][t * h..(t + 1) * h].iter().zip(&u).map(|(&a, &b)| a as f64 * b).sum();
+            assert!((dot as f32 - p).abs() < 1e-4, "probe {p} vs dot {dot}");
+        }
+    }
+}
+
+/// A batch where every sequence has its own plan gives each exactly what it gets alone.
+#[test]
+fn mixed_plans_in_one_batch_equal_each_alone() {
+    let (e, ids, rows) = tiny();
+    let plans = [
+        SeqSteering { plan: SteeringPlan { ops: vec![op(SteerKind::Add, 1, &rows[1], 2.0)] }, probes: vec![] },
+        SeqSteering::default(),
+        SeqSteering {
+            plan: SteeringPlan {
+                ops: vec![op(SteerKind::Clamp, 3, &rows[3], -1.0), op(SteerKind::Ablate, 2, &rows[2], 0.0)],
+            },
+            probes: vec![Probe { name: "q".into(), layer: 3, vector: rows[3].clone() }],
+        },
+    ];
+    let reqs: Vec<GenRequest> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = steered(&ids[i..], 6, p);
+            r.capture_response = i == 2;
+            r
+        })
+        .collect();
+    let batch = e.generate(&reqs, &mut |_, _| {}).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = e.generate(std::slice::from_ref(r), &mut |_, _| {}).unwrap().remove(0);
+        assert_eq!(batch[i].ids(), alone.ids(), "sequence {i}");
+        assert_eq!(batch[i].projections, alone.projections, "sequence {i}");
+        assert_eq!(batch[i].response_mean, alone.response_mean, "sequence {i}");
+    }
+    // Projections: every prompt token then every generated token.
+    assert_eq!(batch[2].projections[0].len(), ids.len() - 2 + 6);
+}
+
+/// Conditional steering: the op applies only where the condition's projection passes.
+#[test]
+fn conditional_steering_applies_only_where_the_condition_holds() {
+    let (e, ids, rows) = tiny();
+    let l = 2;
+    let probe = vec![Probe { name: "p".into(), layer: l, vector: rows[l].clone() }];
+    let base = SeqSteering { plan: SteeringPlan::default(), probes: probe.clone() };
+    let run = |st: &SeqSteering| {
+        let mut c = e.new_cache(1, ids.len()).unwrap();
+        let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(st), ..Default::default() };
+        e.forward(&mut c, &[input], false).unwrap().projections[0].clone()
+    };
+    let before = run(&base);
+    let mut sorted = before.clone();
+    sorted.sort_by(f32::total_cmp);
+    let tau = sorted[sorted.len() / 2];
+    let mut clamp = op(SteerKind::Clamp, l, &rows[l], 100.0);
+    clamp.when = Some(Condition { vector: rows[l].clone(), layer: l, cmp: Cmp::Gt, threshold: tau });
+    let after = run(&SeqSteering { plan: SteeringPlan { ops: vec![clamp] }, probes: probe });
+    for (b, a) in before.iter().zip(&after) {
+        if *b > tau {
+            assert!((a - 100.0).abs() < 1e-3, "clamped token: {a}");
+        } else {
+            assert_eq!(a, b, "untouched token");
+        }
+    }
+}
+
+#[test]
+fn bad_plans_are_errors_that_name_the_problem() {
+    let (e, ids, rows) = tiny();
+    let bad = |st: SeqSteering| {
+        let mut c = e.new_cache(1, ids.len()).unwrap();
+        let input = SeqInput { slot: 0, tokens: &ids, steering: Some(&st), ..Default::default() };
+        e.forward(&mut c, &[input], false).err().unwrap().to_string()
+    };
+    let one = |o: SteerOp| SeqSteering { plan: SteeringPlan { ops: vec![o] }, probes: vec![] };
+    let msg = bad(one(op(SteerKind::Add, 9, &rows[1], 1.0)));
+    assert!(msg.contains("layer 9") && msg.contains("out of range"), "{msg}");
+    let msg = bad(one(op(SteerKind::Add, 1, &rows[1], f32::NAN)));
+    assert!(msg.contains("coefficient"), "{msg}");
+    let short: Arc<[f32]> = Arc::from(vec![1.0f32; 5]);
+    let msg = bad(one(op(SteerKind::Add, 1, &short, 1.0)));
+    assert!(msg.contains("hidden size"), "{msg}");
+    let zero: Arc<[f32]> = Arc::from(vec![0.0f32; rows[1].len()]);
+    let msg = bad(one(op(SteerKind::Ablate, 1, &zero, 0.0)));
+    assert!(msg.contains("all zero"), "{msg}");
+}
