@@ -1,6 +1,7 @@
 //! The narrow Backend trait: the ops the forward pass is written over. Every backend
 //! (CPU reference, CUDA, wgpu) implements exactly these, and is checked against the CPU one.
 
+pub mod check;
 pub mod cpu;
 
 use crate::error::Result;

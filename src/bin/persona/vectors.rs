@@ -95,8 +95,7 @@ pub fn run(a: VectorsArgs) -> Result<()> {
         Some(m) => Some(ModelFiles::open(m).with_context(|| format!("loading model {}", m.display()))?.config),
         None => None,
     };
-    let vectors: Vec<PersonaVector> =
-        a.files.iter().map(|p| load_one(p, cfg.as_ref())).collect::<Result<_>>()?;
+    let vectors: Vec<PersonaVector> = a.files.iter().map(|p| load_one(p, cfg.as_ref())).collect::<Result<_>>()?;
 
     if a.out.is_some() || a.export_gguf.is_some() {
         return convert(&a, &vectors, cfg.as_ref());
@@ -138,10 +137,8 @@ pub fn run(a: VectorsArgs) -> Result<()> {
             .collect();
         let mut out = serde_json::json!({ "vectors": vs });
         if !layers.is_empty() {
-            let cos: Vec<_> = layers
-                .iter()
-                .map(|&l| serde_json::json!({ "layer": l, "matrix": cosine_table(&refs, l) }))
-                .collect();
+            let cos: Vec<_> =
+                layers.iter().map(|&l| serde_json::json!({ "layer": l, "matrix": cosine_table(&refs, l) })).collect();
             out["cosine"] = serde_json::Value::Array(cos);
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -229,7 +226,8 @@ fn print_cosines(vs: &[&PersonaVector], layers: &[usize], default_layer: bool) {
     let head: Vec<String> = pairs.iter().map(|(i, j)| format!("{:>9}", format!("[{}]·[{}]", i + 1, j + 1))).collect();
     println!("  {:>5} {}", "layer", head.join(" "));
     for &l in layers {
-        let cells: Vec<String> = pairs.iter().map(|&(i, j)| format!("{:>9}", fmt_cos(vs[i].cosine(vs[j], l)))).collect();
+        let cells: Vec<String> =
+            pairs.iter().map(|&(i, j)| format!("{:>9}", fmt_cos(vs[i].cosine(vs[j], l)))).collect();
         println!("  {l:>5} {}", cells.join(" "));
     }
 }

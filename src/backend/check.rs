@@ -1,0 +1,408 @@
+//! Op-by-op parity of a backend against the CPU reference (in the manner of ggml's
+//! test-backend-ops): random and awkward shapes, NMSE and max error, NaN/Inf and
+//! unwritten-output detection (outputs are poisoned with NaN first). The fused residual op is
+//! also checked against an unfused composition written here with plain loops.
+
+use super::cpu::CpuBackend;
+use super::*;
+use crate::engine::sampler::Rng;
+use crate::error::Result;
+use crate::model::tensor::HostTensor;
+
+/// One line of the parity table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckRow {
+    pub op: String,
+    pub case: String,
+    pub nmse: f64,
+    pub max_err: f64,
+    pub pass: bool,
+    pub note: String,
+}
+
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    // Values rounded to bf16 so a backend storing weights as bf16 converts them exactly.
+    (0..n).map(|_| half::bf16::from_f32((r.next_f64() as f32 * 2.0 - 1.0) * scale).to_f32()).collect()
+}
+
+/// NMSE, max abs error, and a reason to fail (NaN/Inf, unwritten, tolerance).
+fn compare(got: &[f32], want: &[f32], tol_nmse: f64) -> (f64, f64, Option<String>) {
+    if got.len() != want.len() {
+        return (f64::NAN, f64::NAN, Some(format!("length {} vs {}", got.len(), want.len())));
+    }
+    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !g.is_finite() {
+            let why = if g.is_nan() && w.is_finite() { "NaN (unwritten or computed)" } else { "Inf" };
+            return (f64::NAN, f64::NAN, Some(format!("{why} at element {i}")));
+        }
+        let d = (g - w) as f64;
+        num += d * d;
+        den += (w as f64) * (w as f64);
+        max = max.max(d.abs());
+    }
+    let nmse = if den > 0.0 { num / den } else { num };
+    let fail = (nmse > tol_nmse).then(|| format!("NMSE {nmse:.2e} > {tol_nmse:.0e}"));
+    (nmse, max, fail)
+}
+
+struct Table(Vec<CheckRow>);
+
+impl Table {
+    fn push(&mut self, op: &str, case: String, got: &[f32], want: &[f32], tol: f64) {
+        let (nmse, max_err, fail) = compare(got, want, tol);
+        self.0.push(CheckRow { op: op.into(), case, nmse, max_err, pass: fail.is_none(), note: fail.unwrap_or_default() });
+    }
+    fn error(&mut self, op: &str, case: String, e: crate::Error) {
+        self.0.push(CheckRow { op: op.into(), case, nmse: f64::NAN, max_err: f64::NAN, pass: false, note: e.to_string() });
+    }
+}
+
+/// A buffer of `n` NaNs on `b` (so unwritten outputs show).
+fn poisoned<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
+    let mut buf = b.alloc(n)?;
+    b.write(&mut buf, &vec![f32::NAN; n])?;
+    Ok(buf)
+}
+
+fn buf<B: Backend>(b: &B, data: &[f32]) -> Result<B::Buf> {
+    let mut x = b.alloc(data.len())?;
+    b.write(&mut x, data)?;
+    Ok(x)
+}
+
+fn weight(shape: Vec<usize>, seed: u64, scale: f32) -> HostTensor {
+    let n = shape.iter().product();
+    HostTensor::from_f32("w", shape, rand(n, seed, scale))
+}
+
+/// Token counts of the parity cases; `quick` keeps the small ones.
+pub fn token_cases(quick: bool) -> Vec<usize> {
+    if quick {
+        vec![1, 7, 33]
+    } else {
+        vec![1, 7, 33, 511, 1025]
+    }
+}
+
+/// A plan over `t` tokens split into 2 sequences, with every op kind, positions, a condition,
+/// probes and a capture.
+pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> ResidualPlan {
+    let split = t / 2;
+    let mut p = ResidualPlan { hidden: h, n_layers, ..Default::default() };
+    for i in 0..t {
+        let seq = (i >= split) as u32;
+        let last = i + 1 == split || i + 1 == t;
+        p.token_seq.push(seq);
+        p.token_flags.push(TOKEN_PROMPT * (seq == 0) as u32 | TOKEN_LAST * last as u32);
+        p.token_capture.push(if seq == 1 { 0 } else { NONE });
+    }
+    let nv = 4;
+    p.vectors = rand(nv * h, seed, 1.0);
+    p.units = p
+        .vectors
+        .chunks(h)
+        .flat_map(|v| {
+            let n = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            v.iter().map(move |&x| (x as f64 / n) as f32).collect::<Vec<_>>()
+        })
+        .collect();
+    let op = |seq, kind, vec, positions, coeff, cond_col| OpDesc {
+        seq,
+        kind,
+        vec,
+        positions,
+        coeff,
+        cond_col,
+        cond_cmp: 0,
+        threshold: 0.0,
+    };
+    // Layer 1: every kind on both sequences; layer 2: a conditional clamp.
+    p.ops = vec![
+        op(0, OP_ADD, 0, POS_ALL, 1.5, NONE),
+        op(1, OP_ADD, 1, POS_LAST, -2.0, NONE),
+        op(0, OP_ABLATE, 2, POS_PROMPT, 0.0, NONE),
+        op(1, OP_CLAMP, 3, POS_ALL, 0.75, NONE),
+        op(0, OP_CLAMP, 0, POS_ALL, 3.0, 1),
+    ];
+    p.layer_ops = vec![0, 0, 4, 5];
+    p.layer_ops.resize(n_layers + 2, 5);
+    p.probes = vec![ProbeDesc { vec: 3, col: 0 }, ProbeDesc { vec: 0, col: 1 }];
+    p.layer_probes = vec![0, 0, 1, 2];
+    p.layer_probes.resize(n_layers + 2, 2);
+    p.n_cols = 2;
+    p.n_captures = 1;
+    p
+}
+
+/// The fused op written unfused, with plain loops: add, probes, ops, probes, capture, norm.
+fn unfused_residual(
+    p: &ResidualPlan,
+    l: usize,
+    h: &mut [f32],
+    d: &[f32],
+    w: &[f32],
+    eps: f32,
+    proj: &mut [f32],
+    cap: &mut [f32],
+) -> Vec<f32> {
+    let hs = p.hidden;
+    let t = h.len() / hs;
+    let dotu = |a: &[f32], u: &[f32]| a.iter().zip(u).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
+    for (i, v) in h.iter_mut().enumerate() {
+        *v += d[i];
+    }
+    for i in 0..t {
+        let row = &mut h[i * hs..(i + 1) * hs];
+        for pr in p.probes_at(l) {
+            proj[i * p.n_cols + pr.col as usize] = dotu(row, p.unit(pr.vec));
+        }
+        for op in p.ops_at(l) {
+            let at = match op.positions {
+                POS_PROMPT => p.token_flags[i] & TOKEN_PROMPT != 0,
+                POS_LAST => p.token_flags[i] & TOKEN_LAST != 0,
+                _ => true,
+            };
+            if op.seq != p.token_seq[i] || !at {
+                continue;
+            }
+            if op.cond_col != NONE && !(proj[i * p.n_cols + op.cond_col as usize] > op.threshold) {
+                continue;
+            }
+            let u = p.unit(op.vec);
+            match op.kind {
+                OP_ADD => row.iter_mut().zip(p.vector(op.vec)).for_each(|(a, &v)| *a += op.coeff * v),
+                OP_ABLATE => {
+                    let c = dotu(row, u);
+                    row.iter_mut().zip(u).for_each(|(a, &v)| *a -= c * v)
+                }
+                _ => {
+                    let c = op.coeff - dotu(row, u);
+                    row.iter_mut().zip(u).for_each(|(a, &v)| *a += c * v)
+                }
+            }
+        }
+        for pr in p.probes_at(l) {
+            proj[i * p.n_cols + pr.col as usize] = dotu(row, p.unit(pr.vec));
+        }
+        if p.token_capture[i] != NONE {
+            let at = (p.token_capture[i] as usize * (p.n_layers + 1) + l) * hs;
+            cap[at..at + hs].iter_mut().zip(row.iter()).for_each(|(s, &a)| *s += a);
+        }
+    }
+    let mut x = vec![0f32; h.len()];
+    for i in 0..t {
+        let row = &h[i * hs..(i + 1) * hs];
+        let ss: f64 = row.iter().map(|&a| a as f64 * a as f64).sum();
+        let inv = 1.0 / ((ss / hs as f64) as f32 + eps).sqrt();
+        for j in 0..hs {
+            x[i * hs + j] = row[j] * inv * w[j];
+        }
+    }
+    x
+}
+
+/// Run every op of `b` against the CPU reference.
+pub fn run_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow> {
+    let mut tab = Table(vec![]);
+    let cpu = CpuBackend;
+    for t in token_cases(quick) {
+        for h in [200usize, 576] {
+            let case = format!("t={t} h={h}");
+            if let Err(e) = check_residual(b, &cpu, t, h, &mut tab, &case) {
+                tab.error("residual_steer_norm", case.clone(), e);
+            }
+            if let Err(e) = check_dense(b, &cpu, t, h, &mut tab, &case) {
+                tab.error("dense", case, e);
+            }
+        }
+        for (nh, nkv) in [(4usize, 4usize), (6, 2), (16, 2)] {
+            let case = format!("t={t} heads={nh}/{nkv}");
+            if let Err(e) = check_attention(b, &cpu, t, nh, nkv, &mut tab, &case) {
+                tab.error("attention", case, e);
+            }
+        }
+    }
+    tab.0
+}
+
+fn check_residual<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mut Table, case: &str) -> Result<()> {
+    let n_layers = 3;
+    let (h0, d, w) = (rand(t * h, 1, 2.0), rand(t * h, 2, 1.0), rand(h, 3, 1.0));
+    let plan = sample_plan(t, h, n_layers, 4);
+    let norm = b.upload(&HostTensor::from_f32("n", vec![h], w.clone()))?;
+    let cnorm = cpu.upload(&HostTensor::from_f32("n", vec![h], w.clone()))?;
+    for l in [None, Some(1usize), Some(2)] {
+        let (mut hb, db, mut xb) = (buf(b, &h0)?, buf(b, &d)?, poisoned(b, t * h)?);
+        let mut pb = b.plan(&plan)?;
+        b.residual_steer_norm(&mut hb, Some(&db), l.map(|l| (&mut pb, l)), &norm, 1e-5, t, h, &mut xb)?;
+        let (mut hc, mut xc) = (h0.clone(), vec![0f32; t * h]);
+        let mut pc = cpu.plan(&plan)?;
+        cpu.residual_steer_norm(&mut hc, Some(&d), l.map(|l| (&mut pc, l)), &cnorm, 1e-5, t, h, &mut xc)?;
+        let tag = match l {
+            None => "plain".to_string(),
+            Some(l) => format!("steer@{l}"),
+        };
+        tab.push("residual_steer_norm", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xc, 1e-10);
+        tab.push("residual_steer_norm", format!("{case} {tag} h"), &b.read(&hb, t * h)?, &hc, 1e-10);
+        if let Some(l) = l {
+            let (pg, cg) = b.plan_outputs(&pb)?;
+            let (pw, cw) = cpu.plan_outputs(&pc)?;
+            tab.push("residual_steer_norm", format!("{case} {tag} projections"), &pg, &pw, 1e-10);
+            tab.push("residual_steer_norm", format!("{case} {tag} capture"), &cg, &cw, 1e-10);
+            // The fused op against the unfused composition.
+            let mut hu = h0.clone();
+            let (mut pu, mut cu) = (vec![0f32; t * plan.n_cols], vec![0f32; cw.len()]);
+            let xu = unfused_residual(&plan, l, &mut hu, &d, &w, 1e-5, &mut pu, &mut cu);
+            tab.push("fused_vs_unfused", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xu, 1e-10);
+            tab.push("fused_vs_unfused", format!("{case} {tag} projections"), &pg, &pu, 1e-10);
+        }
+    }
+    Ok(())
+}
+
+fn check_dense<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mut Table, case: &str) -> Result<()> {
+    let n = h + 56;
+    let x = rand(t * h, 11, 1.0);
+    for bias in [false, true] {
+        let wt = weight(vec![n, h], 12, 0.1);
+        let bt = weight(vec![n], 13, 0.5);
+        let (wb, bb) = (b.upload(&wt)?, b.upload(&bt)?);
+        let (wc, bc) = (cpu.upload(&wt)?, cpu.upload(&bt)?);
+        let (xb, mut ob) = (buf(b, &x)?, poisoned(b, t * n)?);
+        b.matmul(&xb, &wb, bias.then_some(&bb), t, &mut ob)?;
+        let mut oc = vec![0f32; t * n];
+        cpu.matmul(&x, &wc, bias.then_some(&bc), t, &mut oc)?;
+        tab.push("matmul", format!("{case} n={n}{}", if bias { " +bias" } else { "" }), &b.read(&ob, t * n)?, &oc, 1e-9);
+    }
+    // Embedding gather and row gather.
+    let vocab = 301;
+    let table = weight(vec![vocab, h], 14, 1.0);
+    let ids: Vec<u32> = (0..t).map(|i| ((i * 37 + 5) % vocab) as u32).collect();
+    let mut eb = poisoned(b, t * h)?;
+    b.embed(&b.upload(&table)?, &ids, h, &mut eb)?;
+    let mut ec = vec![0f32; t * h];
+    cpu.embed(&cpu.upload(&table)?, &ids, h, &mut ec)?;
+    tab.push("embed", case.to_string(), &b.read(&eb, t * h)?, &ec, 0.0);
+    let rows: Vec<u32> = (0..t as u32).rev().step_by(2).collect();
+    let (xb, mut gb) = (buf(b, &x)?, poisoned(b, rows.len() * h)?);
+    b.gather_rows(&xb, &rows, h, &mut gb)?;
+    let mut gc = vec![0f32; rows.len() * h];
+    cpu.gather_rows(&x, &rows, h, &mut gc)?;
+    tab.push("gather_rows", case.to_string(), &b.read(&gb, rows.len() * h)?, &gc, 0.0);
+    // SiLU · up.
+    let (g, u) = (rand(t * h, 15, 4.0), rand(t * h, 16, 2.0));
+    let (gb_, ub, mut sb) = (buf(b, &g)?, buf(b, &u)?, poisoned(b, t * h)?);
+    b.silu_mul(&gb_, &ub, t * h, &mut sb)?;
+    let mut sc = vec![0f32; t * h];
+    cpu.silu_mul(&g, &u, t * h, &mut sc)?;
+    tab.push("silu_mul", case.to_string(), &b.read(&sb, t * h)?, &sc, 1e-12);
+    Ok(())
+}
+
+/// A ragged batch: `t` new tokens in 3 sequences whose caches already hold 0, 5 and 17 tokens.
+fn ragged(t: usize) -> Vec<TokenPos> {
+    let starts = [0u32, 5, 17];
+    let split = [t / 3, t / 3 + t / 3];
+    (0..t)
+        .map(|i| {
+            let s = if i < split[0] { 0 } else if i < split[1] { 1 } else { 2 };
+            let first = [0, split[0], split[1]][s];
+            TokenPos { slot: s as u32, pos: starts[s] + (i - first) as u32 }
+        })
+        .collect()
+}
+
+fn check_attention<B: Backend>(
+    b: &B,
+    cpu: &CpuBackend,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    tab: &mut Table,
+    case: &str,
+) -> Result<()> {
+    let hd = 64;
+    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: t + 24 };
+    let toks = ragged(t);
+    let (q, k, v) = (rand(t * nh * hd, 21, 1.0), rand(t * nkv * hd, 22, 1.0), rand(t * nkv * hd, 23, 1.0));
+    let cache_len = 3 * shape.capacity * nkv * hd;
+    let (k0, v0) = (rand(cache_len, 24, 1.0), rand(cache_len, 25, 1.0));
+    // RoPE on q (llama3-free default table, positions up to capacity + 24).
+    let half = hd / 2;
+    let mut cs = Vec::new();
+    for p in 0..shape.capacity + 24 {
+        for i in 0..half {
+            let a = p as f64 / 10000f64.powf(2.0 * i as f64 / hd as f64);
+            cs.push(a.cos() as f32);
+            cs.push(a.sin() as f32);
+        }
+    }
+    let table = HostTensor::from_f32("rope", vec![shape.capacity + 24, hd], cs);
+    let (lb, lc) = (b.layout(&toks)?, cpu.layout(&toks)?);
+    let mut qb = buf(b, &q)?;
+    b.rope(&mut qb, &b.upload(&table)?, &lb, t, nh, hd)?;
+    let mut qc = q.clone();
+    cpu.rope(&mut qc, &cpu.upload(&table)?, &lc, t, nh, hd)?;
+    tab.push("rope", case.to_string(), &b.read(&qb, t * nh * hd)?, &qc, 1e-12);
+
+    let mut cb = KvLayer::<B> { k: buf(b, &k0)?, v: buf(b, &v0)? };
+    let mut cc = KvLayer::<CpuBackend> { k: k0.clone(), v: v0.clone() };
+    let (kb, vb, mut ob) = (buf(b, &k)?, buf(b, &v)?, poisoned(b, t * nh * hd)?);
+    b.attention(&qb, &kb, &vb, &mut cb, &lb, t, shape, &mut ob)?;
+    let mut oc = vec![0f32; t * nh * hd];
+    cpu.attention(&qc, &k, &v, &mut cc, &lc, t, shape, &mut oc)?;
+    tab.push("attention", case.to_string(), &b.read(&ob, t * nh * hd)?, &oc, 1e-10);
+    tab.push("attention", format!("{case} kv-cache"), &b.read(&cb.k, cache_len)?, &cc.k, 0.0);
+    Ok(())
+}
+
+/// The parity table as text, failures first line by line.
+pub fn format_table(backend: &str, rows: &[CheckRow]) -> String {
+    let mut s = format!("{:<22} {:<34} {:>10} {:>10}  {}\n", "op", "case", "nmse", "max_err", "result");
+    for r in rows {
+        s += &format!(
+            "{:<22} {:<34} {:>10.2e} {:>10.2e}  {}{}\n",
+            r.op,
+            r.case,
+            r.nmse,
+            r.max_err,
+            if r.pass { "pass" } else { "FAIL" },
+            if r.note.is_empty() { String::new() } else { format!(" ({})", r.note) }
+        );
+    }
+    let fails = rows.iter().filter(|r| !r.pass).count();
+    s += &format!("{backend}: {} cases, {} passed, {} failed\n", rows.len(), rows.len() - fails, fails);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_flags_unwritten_inf_and_tolerance() {
+        assert!(compare(&[1.0, f32::NAN], &[1.0, 2.0], 1.0).2.unwrap().contains("unwritten"));
+        assert!(compare(&[1.0, f32::INFINITY], &[1.0, 2.0], 1.0).2.unwrap().contains("Inf"));
+        assert!(compare(&[1.0, 2.1], &[1.0, 2.0], 1e-6).2.unwrap().contains("NMSE"));
+        let (nmse, max, fail) = compare(&[1.0, 2.0], &[1.0, 2.0], 0.0);
+        assert!(nmse == 0.0 && max == 0.0 && fail.is_none());
+    }
+
+    /// The unfused composition is an independent check: a wrong fused op must fail it.
+    #[test]
+    fn unfused_composition_catches_a_wrong_plan_result() {
+        let (t, h) = (7, 40);
+        let plan = sample_plan(t, h, 3, 4);
+        let (mut h1, d, w) = (rand(t * h, 1, 2.0), rand(t * h, 2, 1.0), rand(h, 3, 1.0));
+        let mut h2 = h1.clone();
+        let (mut p1, mut c1) = (vec![0f32; t * 2], vec![0f32; 4 * h]);
+        let x1 = unfused_residual(&plan, 1, &mut h1, &d, &w, 1e-5, &mut p1, &mut c1);
+        let mut wrong = plan.clone();
+        wrong.ops[0].coeff = 1.25;
+        let (mut p2, mut c2) = (vec![0f32; t * 2], vec![0f32; 4 * h]);
+        let x2 = unfused_residual(&wrong, 1, &mut h2, &d, &w, 1e-5, &mut p2, &mut c2);
+        assert!(compare(&x2, &x1, 1e-10).2.is_some());
+    }
+}
