@@ -1,5 +1,5 @@
 //! Persona vectors through the public API: file format, model checks, arithmetic, llama.cpp
-//! control-vector import/export; and the `persona vectors` command (ignored until it is wired).
+//! control-vector import/export; and the `persona vectors` command.
 
 mod common;
 
@@ -149,10 +149,10 @@ fn composition_on_real_vectors() {
     let s = a.add(&a.scaled(-1.0)).unwrap();
     assert!(s.data.iter().all(|&x| x == 0.0));
     let t = cosine_table(&[&a, &b, &o], 2);
-    for i in 0..3 {
-        assert!((t[i][i].unwrap() - 1.0).abs() < 1e-6);
-        for j in 0..3 {
-            assert_eq!(t[i][j], t[j][i]);
+    for (i, row) in t.iter().enumerate() {
+        assert!((row[i].unwrap() - 1.0).abs() < 1e-6);
+        for (j, c) in row.iter().enumerate() {
+            assert_eq!(*c, t[j][i]);
         }
     }
 }
@@ -249,7 +249,6 @@ macro_rules! cli {
 }
 
 #[test]
-#[ignore = "enable once `persona vectors` is wired into src/bin/persona/main.rs"]
 fn cli_vectors() {
     let smol = vendored("smollm2_extracted_vector.safetensors");
     let tiny = vendored("tiny-llama/test_vector.safetensors");

@@ -5,18 +5,19 @@
 //! `general.architecture`), `controlvector.layer_count` (i32), and one 1-D F32 tensor
 //! `direction.K` of `[n_embd]` per steered layer.
 //!
-//! # Layer numbering, verified from llama.cpp's source (ggml-org/llama.cpp, master, 2025)
+//! # Layer numbering, verified by reading llama.cpp's source (ggml-org/llama.cpp, master)
 //! - `common/common.cpp`, `common_control_vector_load_one`: parses `K` from `direction.K`;
 //!   `K < 0` or unparsable → "invalid/unparsable direction tensor layer index", **`K == 0` →
 //!   "invalid (zero) direction tensor layer index"** and the whole file is skipped; non-F32 or
 //!   non-1-D tensors are refused; all directions must have the same length. Direction `K` is
 //!   added (times the strength) into a flat buffer at offset `n_embd * (K - 1)` ("layer 1 at
-//!   [0]"); several tensors for the same `K` are summed. `controlvector.layer_count`,
+//!   \[0\]"); several tensors for the same `K` are summed. `controlvector.layer_count`,
 //!   `controlvector.model_hint` and `general.architecture` are not read.
 //! - `common/common.cpp`, `common_init_from_params`: the buffer is handed to
-//!   `llama_apply_adapter_cvec` (older: `llama_control_vector_apply`) with `il_start = 1`,
-//!   `il_end = llama_model_n_layer(model)` by default. `include/llama.h` documents the buffer as
-//!   "n_embd x n_layers ... starting from layer 1".
+//!   `llama_set_adapter_cvec` (earlier names: `llama_apply_adapter_cvec`,
+//!   `llama_control_vector_apply`) with `il_start = 1`, `il_end = llama_model_n_layer(model)` by
+//!   default. `include/llama.h` documents the buffer as "n_embd x n_layers ... starting from
+//!   layer 1".
 //! - `src/llama-adapter.cpp`, `llama_adapter_cvec::init`: `tensors[0] = nullptr` ("there's
 //!   never a tensor for layer 0"), then one tensor for each `il` in `1..n_layer`.
 //!   `llama_adapter_cvec::apply`: for `il` in `1..n_layer`, `tensors[il]` is filled from
@@ -34,18 +35,18 @@
 //! # Mapping to our residual indices
 //! Our index L (1..=N) is the output of 0-based block L-1, so:
 //!
-//! | llama.cpp          | block output (0-based) | our index |
-//! |--------------------|------------------------|-----------|
-//! | —  (`direction.0` is rejected) | —          | 0 (embedding output) |
-//! | —  (`tensors[0]` never set)    | block 0    | 1         |
-//! | `direction.K`, 1 ≤ K ≤ N-1     | block K    | **K + 1** |
-//! | `direction.K`, K ≥ N (dropped) | —          | —         |
+//! | llama.cpp                          | block output (0-based) | our index            |
+//! |------------------------------------|------------------------|----------------------|
+//! | — (`direction.0` is rejected)      | —                      | 0 (embedding output) |
+//! | — (`tensors[0]` is never set)      | block 0                | 1                    |
+//! | `direction.K`, 1 ≤ K ≤ N-1         | block K                | **K + 1**            |
+//! | `direction.K`, K ≥ N (dropped)     | —                      | —                    |
 //!
 //! Our indices 0 and 1 have no llama.cpp equivalent; [`export_control_vector`] refuses a
 //! vector that is non-zero there.
 //!
 //! Note: llama.cpp's own `tools/cvector-generator` records `l_out` of blocks `0..n_layer-1`
-//! and names block `il`'s result `direction.{il+1}` (`mean.hpp`, `pca.hpp`), so its vectors are
+//! and names block `il`'s result `direction.{il+1}` (`mean.hpp` `mean::run`, `pca.hpp` `PCA::run_pca`), so its vectors are
 //! *measured* one block earlier than llama.cpp *applies* them. That is the generator's choice;
 //! this mapping follows what the applier does. `export_gguf` there writes
 //! `controlvector.layer_count` as an i32 equal to the number of directions, `n_layer - 1`.

@@ -4,7 +4,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use persona::backend::cpu::CpuBackend;
+use persona::backend::Backend;
 use persona::engine::generate::{Finish, GenOutput, GenRequest};
 use persona::engine::loaded::TextStream;
 use persona::engine::sampler::SamplingParams;
@@ -12,7 +12,7 @@ use persona::model::Message;
 use persona::LoadedModel;
 use serde_json::json;
 
-use super::ModelArgs;
+use super::{ModelArgs, ModelTask};
 
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
@@ -52,7 +52,7 @@ impl SamplingArgs {
     }
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -91,7 +91,7 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn prompt_ids(m: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<Vec<u32>>> {
+fn prompt_ids<B: Backend>(m: &LoadedModel<B>, a: &GenerateArgs) -> Result<Vec<Vec<u32>>> {
     if !a.prompt_ids.is_empty() {
         return a.prompt_ids.iter().map(|s| parse_ids(s)).collect();
     }
@@ -124,8 +124,13 @@ fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -
     })
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
-    let m = a.model.load()?;
+impl ModelTask for GenerateArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        generate(self, m)
+    }
+}
+
+fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let prompts = prompt_ids(&m, &a)?;
     let reqs: Vec<GenRequest> =
         prompts.into_iter().map(|p| a.sampling.request(p, a.top_logits)).collect::<Result<_>>()?;
@@ -185,7 +190,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -195,9 +200,14 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
+impl ModelTask for ChatArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        chat(self, m)
+    }
+}
+
 /// Read a line per user turn; `/reset` clears the history, EOF or `/exit` ends.
-pub fn chat(a: ChatArgs) -> Result<()> {
-    let m = a.model.load()?;
+fn chat<B: Backend>(a: ChatArgs, m: LoadedModel<B>) -> Result<()> {
     let tok = m.tokenizer.as_ref().context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
     let stdin = std::io::stdin();

@@ -1,13 +1,17 @@
 //! The `persona` command: parses flags and calls the library.
 
+mod check;
 mod generate;
 mod info;
+mod spec;
+mod vectors;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use persona::backend::cpu::CpuBackend;
+use persona::backend::Backend;
 use persona::LoadedModel;
 
 #[derive(Parser)]
@@ -19,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate a reply (or continue raw text / token ids).
+    /// Generate a reply (or continue raw text / token ids), optionally steered and monitored.
     Generate(generate::GenerateArgs),
     /// Interactive chat with streaming output.
     Chat(generate::ChatArgs),
@@ -27,11 +31,15 @@ enum Cmd {
     Info(info::InfoArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
     Fetch,
+    /// Check a backend op by op against the CPU reference.
+    Check(check::CheckArgs),
+    /// Inspect persona vector files: metadata, per-layer norms, cosine similarities; convert formats.
+    Vectors(vectors::VectorsArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum BackendKind {
-    /// The best available backend (today: cpu).
+    /// The best usable backend.
     Auto,
     /// The plain-Rust reference backend.
     Cpu,
@@ -57,25 +65,33 @@ pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// A command body that works on a model loaded on any backend.
+pub trait ModelTask {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()>;
+}
+
 impl ModelArgs {
-    pub fn load(&self) -> Result<LoadedModel<CpuBackend>> {
+    /// Load the model on the chosen backend and run `task` on it.
+    pub fn run(&self, task: impl ModelTask) -> Result<()> {
         let path = resolve_model(&self.model)?;
-        match self.backend {
-            BackendKind::Auto | BackendKind::Cpu => {}
-        }
         if self.context == 0 {
             bail!("--context must be at least 1");
         }
-        LoadedModel::load(&path, CpuBackend, self.context).with_context(|| format!("loading {}", path.display()))
+        let load = |b| LoadedModel::load(&path, b, self.context).with_context(|| format!("loading {}", path.display()));
+        match self.backend {
+            BackendKind::Auto | BackendKind::Cpu => task.run(load(CpuBackend)?),
+        }
     }
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Generate(a) => generate::run(a),
-        Cmd::Chat(a) => generate::chat(a),
+        Cmd::Generate(a) => a.model.clone().run(a),
+        Cmd::Chat(a) => a.model.clone().run(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Check(a) => check::run(a),
+        Cmd::Vectors(a) => vectors::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),

@@ -195,7 +195,7 @@ fn fmt_norm(n: f32) -> String {
         "0".into()
     } else if !n.is_finite() {
         format!("{n}")
-    } else if n >= 1e4 || n < 1e-3 {
+    } else if !(1e-3..1e4).contains(&n) {
         format!("{n:.3e}")
     } else {
         format!("{n:.4}")
