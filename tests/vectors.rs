@@ -228,8 +228,7 @@ fn cfg_with_layers(c: &ModelConfig, n: usize) -> ModelConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The `persona vectors` command. Ignored until `Cmd::Vectors` is wired into main.rs; run with
-// `cargo test --test vectors -- --ignored`. PERSONA_BIN overrides the binary under test.
+// The `persona vectors` command. PERSONA_BIN overrides the binary under test.
 
 fn persona_bin() -> PathBuf {
     std::env::var_os("PERSONA_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_persona")))
