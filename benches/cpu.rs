@@ -6,6 +6,7 @@ use persona::backend::cpu::CpuBackend;
 use persona::backend::{AttnShape, Backend, KvLayer, TokenPos};
 use persona::engine::SeqInput;
 use persona::model::tensor::HostTensor;
+use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
 use persona::LoadedModel;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -67,22 +68,34 @@ fn model(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(1));
-    let mut cache = e.new_cache(1, 1024).unwrap();
+    let mut cache = e.new_cache(1, prompt.len() + 1).unwrap();
     e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false, ..Default::default() }], false)
         .unwrap();
-    g.bench_function("decode_token_at_64", |bn| {
-        bn.iter(|| {
-            if cache.len(0) + 1 >= cache.capacity {
-                cache.reset(0);
-            }
-            e.forward(
-                &mut cache,
-                &[SeqInput { slot: 0, tokens: &[42], all_logits: false, ..Default::default() }],
-                false,
-            )
-            .unwrap()
-        })
-    });
+    // Steering + monitoring overhead: every layer steered (add) and probed vs nothing.
+    let c = &e.config;
+    let v: std::sync::Arc<[f32]> = std::sync::Arc::from(rand_vec(c.hidden, 77));
+    let op = |l| SteerOp {
+        kind: SteerKind::Add,
+        layer: l,
+        vector: v.clone(),
+        coeff: 0.5,
+        positions: Positions::All,
+        when: None,
+    };
+    let all = SeqSteering {
+        plan: SteeringPlan { ops: (1..=c.n_layers).map(op).collect() },
+        probes: (1..=c.n_layers).map(|l| Probe { name: "p".into(), layer: l, vector: v.clone() }).collect(),
+    };
+    for (name, st) in [("decode_token_at_64", None), ("decode_token_at_64_steer_probe_all_layers", Some(&all))] {
+        g.bench_function(name, |bn| {
+            bn.iter(|| {
+                // Every iteration decodes position 64 after the same 64-token prompt.
+                cache.truncate(0, prompt.len());
+                let input = SeqInput { slot: 0, tokens: &[42], steering: st, ..Default::default() };
+                e.forward(&mut cache, &[input], false).unwrap()
+            })
+        });
+    }
     g.finish();
 }
 

@@ -269,3 +269,60 @@ fn bad_plans_are_errors_that_name_the_problem() {
     let msg = bad(one(op(SteerKind::Ablate, 1, &zero, 0.0)));
     assert!(msg.contains("all zero"), "{msg}");
 }
+
+fn persona_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `persona generate --steer ... --monitor ... --json` reproduces the fixture's steered greedy ids
+/// and reports one projection per prompt token then per generated token.
+#[test]
+fn cli_steer_and_monitor() {
+    let dir = fixtures().join("tiny-llama");
+    let r = json(&dir.join("reference.json"));
+    let case = r["steering"].as_array().unwrap().iter().find(|c| c["case"] == "add").unwrap();
+    let ids: Vec<String> = u32s(&r["ids"]).iter().map(|i| i.to_string()).collect();
+    let vec = dir.join("test_vector.safetensors");
+    let (m, v) = (dir.to_str().unwrap(), vec.to_str().unwrap());
+    let steer = format!("vector={v},layer=2,coeff=1.5,op=add,positions=all");
+    let monitor = format!("vector={v},layers=1-3,name=tv");
+    let (ok, out, err) = persona_cli(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--steer",
+        &steer,
+        "--monitor",
+        &monitor,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let o: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want = u32s(&case["greedy_16_no_eos"]);
+    assert_greedy_prefix(&u32s(&o["ids"]), &want[..8], &f32s(&case["greedy_16_margins"])[..8], 1e-4, "cli add");
+    for l in ["1", "2", "3"] {
+        let p = o["projections"]["tv"][l].as_array().unwrap();
+        assert_eq!(p.len(), ids.len() + 8, "layer {l}");
+        let s = &o["scores"]["tv"][l];
+        assert_eq!(s["last_prompt"], p[ids.len() - 1]);
+    }
+    // Malformed specs and vectors for another model are refused with a message naming the part.
+    let bad = |spec: &str, flag: &str| persona_cli(&["generate", "--model", m, "--prompt-ids", "1,2", flag, spec]);
+    let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=1,op=boost"), "--steer");
+    assert!(!ok && err.contains("unknown op `boost`"), "{err}");
+    let (ok, _, err) = bad(&format!("vector={v},layer=7,coeff=1"), "--steer");
+    assert!(!ok && err.contains("layer 7"), "{err}");
+    let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=NaN"), "--steer");
+    assert!(!ok && err.contains("coeff `NaN`"), "{err}");
+    let other = fixtures().join("tiny-qwen2/test_vector.safetensors");
+    let (ok, _, err) = bad(&format!("vector={},layers=all", other.display()), "--monitor");
+    assert!(!ok && err.contains("the model has N=3, H=64"), "{err}");
+    let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=1,when=nobody>1"), "--steer");
+    assert!(!ok && err.contains("no --monitor named `nobody`"), "{err}");
+}

@@ -52,10 +52,24 @@ struct Table(Vec<CheckRow>);
 impl Table {
     fn push(&mut self, op: &str, case: String, got: &[f32], want: &[f32], tol: f64) {
         let (nmse, max_err, fail) = compare(got, want, tol);
-        self.0.push(CheckRow { op: op.into(), case, nmse, max_err, pass: fail.is_none(), note: fail.unwrap_or_default() });
+        self.0.push(CheckRow {
+            op: op.into(),
+            case,
+            nmse,
+            max_err,
+            pass: fail.is_none(),
+            note: fail.unwrap_or_default(),
+        });
     }
     fn error(&mut self, op: &str, case: String, e: crate::Error) {
-        self.0.push(CheckRow { op: op.into(), case, nmse: f64::NAN, max_err: f64::NAN, pass: false, note: e.to_string() });
+        self.0.push(CheckRow {
+            op: op.into(),
+            case,
+            nmse: f64::NAN,
+            max_err: f64::NAN,
+            pass: false,
+            note: e.to_string(),
+        });
     }
 }
 
@@ -274,7 +288,13 @@ fn check_dense<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mu
         b.matmul(&xb, &wb, bias.then_some(&bb), t, &mut ob)?;
         let mut oc = vec![0f32; t * n];
         cpu.matmul(&x, &wc, bias.then_some(&bc), t, &mut oc)?;
-        tab.push("matmul", format!("{case} n={n}{}", if bias { " +bias" } else { "" }), &b.read(&ob, t * n)?, &oc, 1e-9);
+        tab.push(
+            "matmul",
+            format!("{case} n={n}{}", if bias { " +bias" } else { "" }),
+            &b.read(&ob, t * n)?,
+            &oc,
+            1e-9,
+        );
     }
     // Embedding gather and row gather.
     let vocab = 301;
@@ -307,7 +327,13 @@ fn ragged(t: usize) -> Vec<TokenPos> {
     let split = [t / 3, t / 3 + t / 3];
     (0..t)
         .map(|i| {
-            let s = if i < split[0] { 0 } else if i < split[1] { 1 } else { 2 };
+            let s = if i < split[0] {
+                0
+            } else if i < split[1] {
+                1
+            } else {
+                2
+            };
             let first = [0, split[0], split[1]][s];
             TokenPos { slot: s as u32, pos: starts[s] + (i - first) as u32 }
         })

@@ -62,6 +62,10 @@ impl<B: Backend> KvCache<B> {
     pub fn reset(&mut self, slot: usize) {
         self.lens[slot] = 0;
     }
+    /// Keep only the first `len` tokens of a slot (e.g. to decode again from the same prompt).
+    pub fn truncate(&mut self, slot: usize, len: usize) {
+        self.lens[slot] = self.lens[slot].min(len);
+    }
 }
 
 struct Scratch<B: Backend> {

@@ -2,6 +2,7 @@
 
 pub mod control_vector;
 pub mod plan;
+pub mod spec;
 pub mod vector;
 
 pub use plan::{Capture, Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};

@@ -1,6 +1,7 @@
 //! `persona generate` and `persona chat`.
 
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -9,6 +10,8 @@ use persona::engine::generate::{Finish, GenOutput, GenRequest};
 use persona::engine::loaded::TextStream;
 use persona::engine::sampler::SamplingParams;
 use persona::model::Message;
+use persona::steer::spec::{resolve, MonitorSpec, SteerSpec};
+use persona::steer::Probe;
 use persona::LoadedModel;
 use serde_json::json;
 
@@ -73,6 +76,13 @@ pub struct GenerateArgs {
     /// Report the K highest logits behind every generated token (with --json).
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
+    /// Steer: `vector=PATH,layer=12,coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME>3.5]`
+    /// (also `layers=10-14`, `layers=all`); repeat for several ops.
+    #[arg(long = "steer", value_name = "SPEC")]
+    pub steer: Vec<String>,
+    /// Monitor: `vector=PATH[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector.
+    #[arg(long = "monitor", value_name = "SPEC")]
+    pub monitor: Vec<String>,
     /// Print one JSON object per prompt instead of text.
     #[arg(long)]
     pub json: bool,
@@ -132,8 +142,18 @@ impl ModelTask for GenerateArgs {
 
 fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let prompts = prompt_ids(&m, &a)?;
-    let reqs: Vec<GenRequest> =
-        prompts.into_iter().map(|p| a.sampling.request(p, a.top_logits)).collect::<Result<_>>()?;
+    let steer: Vec<SteerSpec> = a.steer.iter().map(|s| SteerSpec::parse(s)).collect::<persona::Result<_>>()?;
+    let monitor: Vec<MonitorSpec> = a.monitor.iter().map(|s| MonitorSpec::parse(s)).collect::<persona::Result<_>>()?;
+    let steering = if steer.is_empty() && monitor.is_empty() {
+        None
+    } else {
+        Some(Arc::new(resolve(&steer, &monitor, &m.engine.config)?))
+    };
+    let reqs: Vec<GenRequest> = prompts
+        .into_iter()
+        .map(|p| Ok(GenRequest { steering: steering.clone(), ..a.sampling.request(p, a.top_logits)? }))
+        .collect::<Result<_>>()?;
+    let probes = steering.as_ref().map(|s| s.probes.clone()).unwrap_or_default();
     let stream = !a.json && reqs.len() == 1 && m.tokenizer.is_some();
     let mut ts = TextStream::default();
     let mut stdout = std::io::stdout();
@@ -163,18 +183,37 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
                     }
                 })
                 .collect();
-            let v = json!({
+            let mut v = json!({
                 "prompt_ids": o.prompt_ids, "ids": ids, "text": text, "steps": steps,
                 "finish": match o.finish { Finish::Eos => "eos", Finish::Length => "length" },
                 "timing": t,
             });
+            if !probes.is_empty() {
+                v["projections"] = projections_json(&probes, o, |k| o.projections[k].clone().into());
+                v["scores"] = projections_json(
+                    &probes,
+                    o,
+                    |k| json!({"last_prompt": o.last_prompt_projection(k), "response_mean": o.response_mean_projection(k)}),
+                );
+            }
             println!("{}", serde_json::to_string(&v)?);
-        } else if stream {
-            println!();
         } else {
-            match text {
-                Some(s) => println!("{s}\n"),
-                None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+            if stream {
+                println!();
+            } else {
+                match text {
+                    Some(s) => println!("{s}\n"),
+                    None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+                }
+            }
+            for (k, p) in probes.iter().enumerate() {
+                println!(
+                    "[monitor {} layer {}: last prompt token {:+.3}, response mean {:+.3}]",
+                    p.name,
+                    p.layer,
+                    o.last_prompt_projection(k),
+                    o.response_mean_projection(k)
+                );
             }
         }
     }
@@ -188,6 +227,16 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `{"<probe>": {"<layer>": f(k)}}` over the request's probes.
+fn projections_json(probes: &[Probe], _o: &GenOutput, f: impl Fn(usize) -> serde_json::Value) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (k, p) in probes.iter().enumerate() {
+        let e = out.entry(p.name.clone()).or_insert_with(|| json!({}));
+        e[p.layer.to_string()] = f(k);
+    }
+    serde_json::Value::Object(out)
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,7 +3,6 @@
 mod check;
 mod generate;
 mod info;
-mod spec;
 mod vectors;
 
 use std::path::PathBuf;

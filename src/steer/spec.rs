@@ -1,0 +1,285 @@
+//! Steering and monitoring specs as the CLI writes them, and their resolution against a model.
+//!
+//! `--steer vector=PATH,layer=12,coeff=4,op=add,positions=all[,when=NAME>3.5]`
+//!   (also `layers=10-14`, `layers=all` = 1..=N, `layers=3+7`; `op=clamp` takes the target projection
+//!   as `coeff`; `when=NAME[@L]>τ` or `<τ` reads monitor NAME's vector — or `self`, the op's own
+//!   vector — at residual index L, default the op's layer)
+//! `--monitor vector=PATH[,layers=all][,name=NAME]` (name defaults to the file stem)
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::steer::vector::PersonaVector;
+use crate::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp};
+
+/// Which residual indices a spec names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layers {
+    /// 1..=N
+    All,
+    List(Vec<usize>),
+}
+
+impl Layers {
+    pub fn resolve(&self, n_layers: usize) -> Vec<usize> {
+        match self {
+            Layers::All => (1..=n_layers).collect(),
+            Layers::List(v) => v.clone(),
+        }
+    }
+
+    /// `12`, `10-14`, `3+7+9`, `all`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || Error::Invalid(format!("layers `{s}`: expected a number, A-B, A+B+C or `all`"));
+        if s == "all" {
+            return Ok(Layers::All);
+        }
+        let mut out = vec![];
+        for part in s.split('+') {
+            let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (num(a)?, num(b)?);
+                    if a > b {
+                        return Err(bad());
+                    }
+                    out.extend(a..=b);
+                }
+                None => out.push(num(part)?),
+            }
+        }
+        if out.is_empty() {
+            return Err(bad());
+        }
+        Ok(Layers::List(out))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WhenSpec {
+    /// A monitor's name, or `self`.
+    pub probe: String,
+    pub layer: Option<usize>,
+    pub cmp: Cmp,
+    pub threshold: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteerSpec {
+    pub vector: PathBuf,
+    pub layers: Layers,
+    pub kind: SteerKind,
+    pub coeff: f32,
+    pub positions: Positions,
+    pub when: Option<WhenSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorSpec {
+    pub vector: PathBuf,
+    pub layers: Layers,
+    pub name: String,
+}
+
+fn pairs(spec: &str, what: &str, known: &[&str]) -> Result<HashMap<String, String>> {
+    let mut m = HashMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("{what} `{spec}`: `{part}` is not key=value")))?;
+        let k = k.trim();
+        if !known.contains(&k) {
+            return Err(Error::Invalid(format!("{what} `{spec}`: unknown key `{k}` (known: {})", known.join(", "))));
+        }
+        if m.insert(k.to_string(), v.trim().to_string()).is_some() {
+            return Err(Error::Invalid(format!("{what} `{spec}`: `{k}` given twice")));
+        }
+    }
+    Ok(m)
+}
+
+fn finite(what: &str, key: &str, v: &str) -> Result<f32> {
+    match v.parse::<f32>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        _ => Err(Error::Invalid(format!("{what}: {key} `{v}` is not a finite number"))),
+    }
+}
+
+impl SteerSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let what = format!("--steer `{spec}`");
+        let m = pairs(spec, "--steer", &["vector", "layer", "layers", "coeff", "op", "positions", "when"])?;
+        let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH")))?;
+        let layers = match (m.get("layer"), m.get("layers")) {
+            (Some(_), Some(_)) => return Err(Error::Invalid(format!("{what}: give layer= or layers=, not both"))),
+            (Some(l), None) | (None, Some(l)) => {
+                Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?
+            }
+            (None, None) => return Err(Error::Invalid(format!("{what}: missing layer=L (or layers=A-B / all)"))),
+        };
+        let kind = match m.get("op").map(String::as_str).unwrap_or("add") {
+            "add" => SteerKind::Add,
+            "ablate" => SteerKind::Ablate,
+            "clamp" => SteerKind::Clamp,
+            o => return Err(Error::Invalid(format!("{what}: unknown op `{o}` (add, ablate, clamp)"))),
+        };
+        let coeff = match m.get("coeff") {
+            Some(c) => finite(&what, "coeff", c)?,
+            None if kind == SteerKind::Clamp => {
+                return Err(Error::Invalid(format!("{what}: op=clamp needs coeff= (the target projection)")))
+            }
+            None if kind == SteerKind::Add => {
+                return Err(Error::Invalid(format!("{what}: op=add needs coeff= (the multiple of the vector)")))
+            }
+            None => 0.0,
+        };
+        let positions = match m.get("positions").map(String::as_str).unwrap_or("all") {
+            "all" => Positions::All,
+            "prompt" => Positions::Prompt,
+            "response" => Positions::Response,
+            p => return Err(Error::Invalid(format!("{what}: unknown positions `{p}` (all, prompt, response)"))),
+        };
+        let when = m.get("when").map(|w| WhenSpec::parse(w, &what)).transpose()?;
+        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when })
+    }
+}
+
+impl WhenSpec {
+    fn parse(w: &str, what: &str) -> Result<Self> {
+        let (lhs, rhs, cmp) = if let Some((a, b)) = w.split_once('>') {
+            (a, b, Cmp::Gt)
+        } else if let Some((a, b)) = w.split_once('<') {
+            (a, b, Cmp::Lt)
+        } else {
+            return Err(Error::Invalid(format!("{what}: when `{w}` must be NAME>τ or NAME<τ")));
+        };
+        let threshold = finite(what, "when threshold", rhs.trim())?;
+        let (probe, layer) = match lhs.trim().split_once('@') {
+            Some((n, l)) => (
+                n.to_string(),
+                Some(
+                    l.parse::<usize>()
+                        .map_err(|_| Error::Invalid(format!("{what}: when layer `{l}` is not a number")))?,
+                ),
+            ),
+            None => (lhs.trim().to_string(), None),
+        };
+        if probe.is_empty() {
+            return Err(Error::Invalid(format!("{what}: when `{w}` names no probe")));
+        }
+        Ok(WhenSpec { probe, layer, cmp, threshold })
+    }
+}
+
+impl MonitorSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let what = format!("--monitor `{spec}`");
+        let m = pairs(spec, "--monitor", &["vector", "layers", "layer", "name"])?;
+        let vector =
+            PathBuf::from(m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH")))?);
+        let layers = match m.get("layers").or(m.get("layer")) {
+            Some(l) => Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?,
+            None => Layers::All,
+        };
+        let name = match m.get("name") {
+            Some(n) => n.clone(),
+            None => vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "probe".into()),
+        };
+        Ok(MonitorSpec { vector, layers, name })
+    }
+}
+
+/// Load the vectors that specs name (each file once) and build one sequence's steering.
+/// Every layer a spec uses is checked: in range, finite, not all zero.
+pub fn resolve(steer: &[SteerSpec], monitor: &[MonitorSpec], cfg: &ModelConfig) -> Result<SeqSteering> {
+    let mut files: HashMap<PathBuf, PersonaVector> = HashMap::new();
+    let mut load = |p: &PathBuf| -> Result<PersonaVector> {
+        if let Some(v) = files.get(p) {
+            return Ok(v.clone());
+        }
+        let v = PersonaVector::load_for_model(p, cfg)?;
+        files.insert(p.clone(), v.clone());
+        Ok(v)
+    };
+    let row = |v: &PersonaVector, l: usize| -> Result<Arc<[f32]>> {
+        v.check_layer(l)?;
+        Ok(Arc::from(v.layer(l)))
+    };
+    let mut out = SeqSteering::default();
+    let mut by_name: HashMap<String, PersonaVector> = HashMap::new();
+    for m in monitor {
+        let v = load(&m.vector)?;
+        if by_name.insert(m.name.clone(), v.clone()).is_some() {
+            return Err(Error::Invalid(format!("two monitors are named `{}`: give one a name=", m.name)));
+        }
+        for l in m.layers.resolve(cfg.n_layers) {
+            out.probes.push(Probe { name: m.name.clone(), layer: l, vector: row(&v, l)? });
+        }
+    }
+    for s in steer {
+        let v = load(&s.vector)?;
+        for l in s.layers.resolve(cfg.n_layers) {
+            let vector = row(&v, l)?;
+            let when = match &s.when {
+                None => None,
+                Some(w) => {
+                    let cv = if w.probe == "self" {
+                        &v
+                    } else {
+                        by_name.get(&w.probe).ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "when={}: no --monitor named `{}` (names: {}; or use `self`)",
+                                w.probe,
+                                w.probe,
+                                by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ))
+                        })?
+                    };
+                    let cl = w.layer.unwrap_or(l);
+                    Some(Condition { vector: row(cv, cl)?, layer: cl, cmp: w.cmp, threshold: w.threshold })
+                }
+            };
+            out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff: s.coeff, positions: s.positions, when });
+        }
+    }
+    out.validate(cfg.hidden, cfg.n_layers)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_specs() {
+        let s = SteerSpec::parse(
+            "vector=v.safetensors,layers=10-12,coeff=-2.5,op=clamp,positions=response,when=evil@9>3.5",
+        )
+        .unwrap();
+        assert_eq!(s.layers, Layers::List(vec![10, 11, 12]));
+        assert_eq!((s.kind, s.coeff, s.positions), (SteerKind::Clamp, -2.5, Positions::Response));
+        assert_eq!(s.when, Some(WhenSpec { probe: "evil".into(), layer: Some(9), cmp: Cmp::Gt, threshold: 3.5 }));
+        let m = MonitorSpec::parse("vector=/x/evil.safetensors").unwrap();
+        assert_eq!((m.name.as_str(), m.layers), ("evil", Layers::All));
+        assert_eq!(Layers::parse("3+7+9").unwrap(), Layers::List(vec![3, 7, 9]));
+    }
+
+    #[test]
+    fn malformed_specs_name_the_part() {
+        let err = |s: &str| SteerSpec::parse(s).unwrap_err().to_string();
+        assert!(err("vector=a,layer=3,coeff=1,op=boost").contains("unknown op `boost`"));
+        assert!(err("vector=a,layer=3,coeff=nan").contains("coeff `nan`"));
+        assert!(err("vector=a,layer=x,coeff=1").contains("layers `x`"));
+        assert!(err("vector=a,coeff=1").contains("missing layer"));
+        assert!(err("layer=3,coeff=1").contains("missing vector"));
+        assert!(err("vector=a,layer=3,coeff=1,colour=red").contains("unknown key `colour`"));
+        assert!(err("vector=a,layer=3,coeff=1,positions=middle").contains("unknown positions"));
+        assert!(err("vector=a,layer=3,op=clamp").contains("needs coeff"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil=3").contains("NAME>τ"));
+        assert!(err("vector=a,layer=5-3,coeff=1").contains("layers `5-3`"));
+        assert!(err("vector=a,layer 3").contains("not key=value"));
+    }
+}
