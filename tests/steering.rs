@@ -326,3 +326,48 @@ fn cli_steer_and_monitor() {
     let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=1,when=nobody>1"), "--steer");
     assert!(!ok && err.contains("no --monitor named `nobody`"), "{err}");
 }
+
+/// Answer-token mean residuals captured inside the forward pass reproduce the fixture's extracted
+/// vector: mean over pairs of (enthusiastic − flat) answer means, at every index 0..=N.
+#[test]
+fn capture_reproduces_the_reference_extraction() {
+    let Some(m) = smollm2() else { return };
+    let e = &m.engine;
+    let x = &json(&fixtures().join("smollm2_reference.json"))["extraction"];
+    let want = vector_rows(&fixtures().join("smollm2_extracted_vector.safetensors"));
+    let (n1, h) = (e.config.n_layers + 1, e.config.hidden);
+    let mut diff = vec![0f64; n1 * h];
+    let pairs = x["pairs"].as_array().unwrap();
+    for (pi, p) in pairs.iter().enumerate() {
+        for (side, sign) in [("pos", 1.0), ("neg", -1.0)] {
+            let msgs = [
+                persona::model::Message::system(x[format!("{side}_system")].as_str().unwrap()),
+                persona::model::Message::user(p["question"].as_str().unwrap()),
+            ];
+            let prompt = m.apply_chat_template(&msgs, true).unwrap();
+            let answer = p[format!("{side}_answer")].as_str().unwrap();
+            let ids = m.encode(&format!("{prompt}{answer}"), false).unwrap();
+            let plen = m.encode(&prompt, false).unwrap().len();
+            let counts = u32s(&x["token_counts"][pi + pairs.len() * (sign < 0.0) as usize]);
+            assert_eq!([plen as u32, ids.len() as u32], counts[..], "pair {pi} {side}: token counts");
+            let mut c = e.new_cache(1, ids.len()).unwrap();
+            let input = SeqInput {
+                slot: 0,
+                tokens: &ids,
+                capture: Some(persona::steer::Capture { from: plen }),
+                ..Default::default()
+            };
+            let out = e.forward(&mut c, &[input], false).unwrap();
+            let (sum, n) = out.captures[0].clone().unwrap();
+            assert_eq!(n, ids.len() - plen);
+            for (d, s) in diff.iter_mut().zip(sum) {
+                *d += sign * s as f64 / n as f64 / pairs.len() as f64;
+            }
+        }
+    }
+    for l in 0..n1 {
+        let norm = want[l].iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        let err = (0..h).map(|j| (diff[l * h + j] - want[l][j] as f64).abs()).fold(0f64, f64::max);
+        assert!(err <= 1e-3 * norm.max(1.0), "index {l}: max error {err} (|v| {norm})");
+    }
+}

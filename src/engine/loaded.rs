@@ -9,6 +9,17 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{ChatTemplate, Message, ModelFiles};
 
+/// What a request starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Chat messages, rendered with the model's chat template (with the generation prompt).
+    Chat(Vec<Message>),
+    /// Text sent as is (the tokenizer adds special tokens as configured).
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+}
+
 /// A model loaded on a backend, with text in and out.
 ///
 /// ```no_run
@@ -63,6 +74,15 @@ impl<B: Backend> LoadedModel<B> {
             Error::Template(format!("{} has no chat template; use a raw prompt", self.path.display()))
         })?;
         t.render(messages, add_generation_prompt)
+    }
+
+    /// The token ids of a [`Prompt`].
+    pub fn prompt_ids(&self, p: &Prompt) -> Result<Vec<u32>> {
+        match p {
+            Prompt::Chat(m) => self.chat_prompt_ids(m),
+            Prompt::Text(t) => self.encode(t, true),
+            Prompt::Ids(ids) => Ok(ids.clone()),
+        }
     }
 
     /// Chat messages to prompt ids, with the generation prompt (special tokens are in the text).
