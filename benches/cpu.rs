@@ -61,7 +61,7 @@ fn model(c: &mut Criterion) {
             let mut cache = e.new_cache(1, 128).unwrap();
             e.forward(
                 &mut cache,
-                &[SeqInput { slot: 0, tokens: &prompt, all_logits: false, ..Default::default() }],
+                &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }],
                 false,
             )
             .unwrap()
@@ -69,7 +69,7 @@ fn model(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(1));
     let mut cache = e.new_cache(1, prompt.len() + 1).unwrap();
-    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, all_logits: false, ..Default::default() }], false)
+    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }], false)
         .unwrap();
     // Steering + monitoring overhead: every layer steered (add) and probed vs nothing.
     let c = &e.config;

@@ -57,7 +57,7 @@ fn greedy_ids_logits_and_residuals_match() {
         // Top-20 logits and residuals at the last prompt position.
         let mut cache = e.new_cache(1, ids.len()).unwrap();
         let out = e
-            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: false, ..Default::default() }], true)
+            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, ..Default::default() }], true)
             .unwrap();
         let logits = out.last(0);
         let top = &p["last_logits_top20"];
@@ -158,7 +158,7 @@ fn gguf_and_safetensors_folder_give_identical_logits() {
         let e = persona::Engine::new(CpuBackend, f.config.clone(), &f.tensors, 64).unwrap();
         let mut cache = e.new_cache(1, 64).unwrap();
         let ids = [1u32, 9690, 198, 2683, 359, 253, 5356];
-        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, all_logits: true, ..Default::default() }], false)
+        e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, logits_from: Some(0), ..Default::default() }], false)
             .unwrap()
             .logits
     };

@@ -95,7 +95,7 @@ fn input<'a>(reqs: &'a [GenRequest], i: usize, tokens: &'a [u32], prompt: bool) 
     SeqInput {
         slot: i,
         tokens,
-        all_logits: false,
+        logits_from: None,
         prompt,
         steering: r.steering.as_deref(),
         capture: if r.capture_response && !prompt { Some(Capture { from: 0 }) } else { None },

@@ -87,8 +87,9 @@ struct Scratch<B: Backend> {
 pub struct SeqInput<'a> {
     pub slot: usize,
     pub tokens: &'a [u32],
-    /// Logits for every new token (else only for the last one).
-    pub all_logits: bool,
+    /// Logits for the new tokens from this index on (`Some(0)`: all of them); the last token's
+    /// logits always.
+    pub logits_from: Option<usize>,
     /// These tokens are prompt (prefill) tokens, for `positions=prompt` steering.
     pub prompt: bool,
     /// Steering ops and probes for this sequence.
@@ -257,7 +258,7 @@ impl<B: Backend> Engine<B> {
             }
             let first = out_rows.len();
             for (i, &id) in s.tokens.iter().enumerate() {
-                if s.all_logits || i + 1 == s.tokens.len() {
+                if s.logits_from.is_some_and(|f| i >= f) || i + 1 == s.tokens.len() {
                     out_rows.push(tokens.len() as u32);
                 }
                 ids.push(id);
