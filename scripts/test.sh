@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
 ./target/release/persona fetch
+scripts/install-nvrtc.sh
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod model;
+pub mod persona;
 pub mod steer;
 
 pub use error::{Error, Result};

@@ -233,12 +233,58 @@ pub fn run_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow> {
         }
         for (nh, nkv) in [(4usize, 4usize), (6, 2), (16, 2)] {
             let case = format!("t={t} heads={nh}/{nkv}");
-            if let Err(e) = check_attention(b, &cpu, t, nh, nkv, &mut tab, &case) {
+            if let Err(e) = check_attention(b, &cpu, &ragged(t), t + 24, nh, nkv, 64, &mut tab, &case) {
                 tab.error("attention", case, e);
             }
         }
     }
+    // A decode step of a batch: one new token per sequence, at very different positions (GPU
+    // backends take a different kernel for it); and head sizes other than 64.
+    let decode =
+        |ps: &[u32]| ps.iter().enumerate().map(|(s, &pos)| TokenPos { slot: s as u32, pos }).collect::<Vec<_>>();
+    for (toks, cap, nh, nkv, hd) in [
+        (decode(&[4, 40, 0, 63]), 64, 4usize, 4usize, 64usize),
+        (decode(&[4, 40, 0, 63]), 64, 6, 2, 64),
+        (decode(&[4, 40, 0, 63]), 64, 16, 2, 64),
+        (decode(&[17, 0, 90]), 96, 6, 2, 96),
+        (ragged(33), 57, 8, 2, 128),
+    ] {
+        let case = format!(
+            "{} tokens in {} slots heads={nh}/{nkv} hd={hd}",
+            toks.len(),
+            toks.iter().map(|t| t.slot).max().unwrap_or(0) + 1
+        );
+        if let Err(e) = check_attention(b, &cpu, &toks, cap, nh, nkv, hd, &mut tab, &case) {
+            tab.error("attention", case, e);
+        }
+    }
+    // A reduction length that is not a multiple of 8 (no 128-bit load path).
+    for t in token_cases(quick) {
+        let case = format!("t={t} k=203");
+        if let Err(e) = check_matmul(b, &cpu, t, 203, 77, &mut tab, &case) {
+            tab.error("matmul", case, e);
+        }
+    }
     tab.0
+}
+
+fn check_matmul<B: Backend>(
+    b: &B,
+    cpu: &CpuBackend,
+    t: usize,
+    k: usize,
+    n: usize,
+    tab: &mut Table,
+    case: &str,
+) -> Result<()> {
+    let x = rand(t * k, 31, 1.0);
+    let (wt, bt) = (weight(vec![n, k], 32, 0.1), weight(vec![n], 33, 0.5));
+    let (xb, mut ob) = (buf(b, &x)?, poisoned(b, t * n)?);
+    b.matmul(&xb, &b.upload(&wt)?, Some(&b.upload(&bt)?), t, &mut ob)?;
+    let mut oc = vec![0f32; t * n];
+    cpu.matmul(&x, &cpu.upload(&wt)?, Some(&cpu.upload(&bt)?), t, &mut oc)?;
+    tab.push("matmul", format!("{case} n={n} +bias"), &b.read(&ob, t * n)?, &oc, 1e-9);
+    Ok(())
 }
 
 fn check_residual<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mut Table, case: &str) -> Result<()> {
@@ -340,20 +386,25 @@ fn ragged(t: usize) -> Vec<TokenPos> {
         .collect()
 }
 
+/// Attention (and RoPE on q) for the tokens `toks` over a cache of `capacity` positions per slot
+/// whose earlier positions hold random keys and values.
+#[allow(clippy::too_many_arguments)]
 fn check_attention<B: Backend>(
     b: &B,
     cpu: &CpuBackend,
-    t: usize,
+    toks: &[TokenPos],
+    capacity: usize,
     nh: usize,
     nkv: usize,
+    hd: usize,
     tab: &mut Table,
     case: &str,
 ) -> Result<()> {
-    let hd = 64;
-    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: t + 24 };
-    let toks = ragged(t);
+    let t = toks.len();
+    let slots = toks.iter().map(|tp| tp.slot as usize + 1).max().unwrap_or(1).max(3);
+    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity };
     let (q, k, v) = (rand(t * nh * hd, 21, 1.0), rand(t * nkv * hd, 22, 1.0), rand(t * nkv * hd, 23, 1.0));
-    let cache_len = 3 * shape.capacity * nkv * hd;
+    let cache_len = slots * shape.capacity * nkv * hd;
     let (k0, v0) = (rand(cache_len, 24, 1.0), rand(cache_len, 25, 1.0));
     // RoPE on q (llama3-free default table, positions up to capacity + 24).
     let half = hd / 2;
@@ -365,8 +416,9 @@ fn check_attention<B: Backend>(
             cs.push(a.sin() as f32);
         }
     }
-    let table = HostTensor::from_f32("rope", vec![shape.capacity + 24, hd], cs);
-    let (lb, lc) = (b.layout(&toks)?, cpu.layout(&toks)?);
+    // Named as the engine names it: backends keep this table in f32 (it is not a weight).
+    let table = HostTensor::from_f32("rope.cos_sin", vec![shape.capacity + 24, hd], cs);
+    let (lb, lc) = (b.layout(toks)?, cpu.layout(toks)?);
     let mut qb = buf(b, &q)?;
     b.rope(&mut qb, &b.upload(&table)?, &lb, t, nh, hd)?;
     let mut qc = q.clone();

@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod cpu;
+pub mod wgpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::model::tensor::HostTensor;

@@ -4,6 +4,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use persona::backend::check::{format_table, run_checks};
 use persona::backend::cpu::CpuBackend;
+use persona::backend::cuda::{compile, CudaBackend};
+use persona::backend::wgpu::WgpuBackend;
 
 use super::BackendKind;
 
@@ -16,11 +18,31 @@ pub struct CheckArgs {
     pub quick: bool,
     #[arg(long)]
     pub json: bool,
+    /// CUDA: only compile every kernel with NVRTC (no GPU needed) and report registers, spills
+    /// and shared memory per kernel; fails on a compile error or any spill.
+    #[arg(long)]
+    pub compile_only: bool,
+    /// Architectures for --compile-only (comma-separated).
+    #[arg(long, default_value = "sm_80,sm_90", requires = "compile_only")]
+    pub arch: String,
 }
 
 pub fn run(a: CheckArgs) -> Result<()> {
+    if a.compile_only {
+        return compile_only(&a);
+    }
     let (name, rows) = match a.backend {
         BackendKind::Auto | BackendKind::Cpu => ("cpu", run_checks(&CpuBackend, a.quick)),
+        BackendKind::Cuda => {
+            let b = CudaBackend::new(0)?;
+            eprintln!("checking cuda on {} ({})", b.device_name(), b.arch());
+            ("cuda", run_checks(&b, a.quick))
+        }
+        BackendKind::Wgpu => {
+            let b = WgpuBackend::new()?;
+            eprintln!("checking wgpu on {}", b.describe());
+            ("wgpu", run_checks(&b, a.quick))
+        }
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -30,6 +52,27 @@ pub fn run(a: CheckArgs) -> Result<()> {
     let fails = rows.iter().filter(|r| !r.pass).count();
     if fails > 0 {
         bail!("{name}: {fails} of {} parity cases failed", rows.len());
+    }
+    Ok(())
+}
+
+/// `--compile-only`: every kernel through NVRTC for each architecture, with ptxas' resource report.
+fn compile_only(a: &CheckArgs) -> Result<()> {
+    if a.backend != BackendKind::Cuda {
+        bail!("--compile-only applies to --backend cuda");
+    }
+    let arches: Vec<String> = a.arch.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if arches.is_empty() {
+        bail!("--arch: no architectures in `{}` (e.g. sm_80,sm_90)", a.arch);
+    }
+    let (rows, failures) = compile::compile_report(&arches)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"kernels": rows, "failures": failures}))?);
+    } else {
+        print!("{}", compile::format_report(&rows, &failures));
+    }
+    if !failures.is_empty() {
+        bail!("cuda: {} kernel compile failures", failures.len());
     }
     Ok(())
 }

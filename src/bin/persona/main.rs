@@ -3,6 +3,8 @@
 mod check;
 mod generate;
 mod info;
+mod pipelines;
+mod traits;
 mod vectors;
 
 use std::path::PathBuf;
@@ -10,6 +12,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use persona::backend::cpu::CpuBackend;
+use persona::backend::cuda::CudaBackend;
+use persona::backend::wgpu::WgpuBackend;
 use persona::backend::Backend;
 use persona::LoadedModel;
 
@@ -34,6 +38,18 @@ enum Cmd {
     Check(check::CheckArgs),
     /// Inspect persona vector files: metadata, per-layer norms, cosine similarities; convert formats.
     Vectors(vectors::VectorsArgs),
+    /// List and validate trait definitions.
+    Traits(traits::TraitsArgs),
+    /// Extract a trait's persona vector from contrastive system prompts (or given answers).
+    Extract(pipelines::ExtractArgs),
+    /// Steering sweep over layers × coefficients: trait log-odds (or judge scores), best layer.
+    Eval(pipelines::EvalArgs),
+    /// Last-prompt-token projections on a ladder of system prompts: AUROC and correlation.
+    Monitor(pipelines::MonitorArgs),
+    /// Screen a training dataset: projection difference ΔP per sample, ranked.
+    Screen(pipelines::ScreenArgs),
+    /// Answers at −α, 0, +α with each answer's projection score, on the default model.
+    Demo(pipelines::DemoArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -42,6 +58,10 @@ pub enum BackendKind {
     Auto,
     /// The plain-Rust reference backend.
     Cpu,
+    /// NVIDIA GPU: hand-written kernels compiled by NVRTC (needs the driver and libnvrtc).
+    Cuda,
+    /// Vulkan, Metal or DX12 through wgpu (WGSL shaders); PERSONA_WGPU_ADAPTER picks an adapter by name.
+    Wgpu,
 }
 
 /// Flags shared by every command that runs a model.
@@ -76,9 +96,31 @@ impl ModelArgs {
         if self.context == 0 {
             bail!("--context must be at least 1");
         }
-        let load = |b| LoadedModel::load(&path, b, self.context).with_context(|| format!("loading {}", path.display()));
+        fn load<B: Backend>(path: &std::path::Path, b: B, context: usize) -> Result<LoadedModel<B>> {
+            LoadedModel::load(path, b, context).with_context(|| format!("loading {}", path.display()))
+        }
         match self.backend {
-            BackendKind::Auto | BackendKind::Cpu => task.run(load(CpuBackend)?),
+            BackendKind::Cpu => task.run(load(&path, CpuBackend, self.context)?),
+            BackendKind::Cuda => task.run(load(&path, CudaBackend::new(0)?, self.context)?),
+            BackendKind::Wgpu => task.run(load(&path, WgpuBackend::new()?, self.context)?),
+            // CUDA when usable, else the CPU; say which on stderr.
+            BackendKind::Auto => match CudaBackend::new(0) {
+                Ok(b) => {
+                    eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
+                    task.run(load(&path, b, self.context)?)
+                }
+                // Then a wgpu GPU adapter (not a CPU one such as lavapipe), then the CPU.
+                Err(e) => match WgpuBackend::new_gpu() {
+                    Ok(b) => {
+                        eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
+                        task.run(load(&path, b, self.context)?)
+                    }
+                    Err(w) => {
+                        eprintln!("backend: cpu (cuda not usable: {e}; {w})");
+                        task.run(load(&path, CpuBackend, self.context)?)
+                    }
+                },
+            },
         }
     }
 }
@@ -88,9 +130,15 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Generate(a) => a.model.clone().run(a),
         Cmd::Chat(a) => a.model.clone().run(a),
+        Cmd::Extract(a) => a.model.clone().run(a),
+        Cmd::Eval(a) => a.model.clone().run(a),
+        Cmd::Monitor(a) => a.model.clone().run(a),
+        Cmd::Screen(a) => a.model.clone().run(a),
+        Cmd::Demo(a) => a.model.clone().run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Check(a) => check::run(a),
         Cmd::Vectors(a) => vectors::run(a),
+        Cmd::Traits(a) => traits::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),

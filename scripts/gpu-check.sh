@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# The CUDA backend on a real GPU, in a few minutes, from binaries built elsewhere.
+#
+#   scripts/gpu-check.sh --prepare   # where Rust is: build the release binary and the CUDA test
+#                                    # binary, stripped, into target/gpu/ (carry that folder)
+#   scripts/gpu-check.sh             # on the GPU host (CUDA 13, driver 580, Python; no Rust,
+#                                    # no network): runs everything below, table last
+#
+# Steps: NVRTC compile report; `persona check --backend cuda` (every op vs the CPU, full
+# shapes); the CUDA test binary (parity, tiny-model and steering goldens, α = 0); the tiny-model
+# goldens through the CLI (top-20 logits within 1e-2 of HF's, greedy ids up to the first
+# low-margin step); CUDA vs CPU on a random-weight model of SmolLM2-135M's shape generated here
+# (bf16, so both backends see the same weights); prefill/decode timing. Exit status: non-zero
+# when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
+    cargo build --release
+    mkdir -p target/gpu
+    test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+    strip -o target/gpu/persona target/release/persona
+    strip -o target/gpu/cuda-tests "$test_bin"
+    ls -la target/gpu
+    exit 0
+fi
+
+BIN=${PERSONA_BIN:-target/gpu/persona}
+[[ -x "$BIN" ]] || BIN=target/release/persona
+TESTS=${PERSONA_CUDA_TESTS:-target/gpu/cuda-tests}
+WORK=${PERSONA_GPU_WORK:-/tmp/persona-gpu-check}
+mkdir -p "$WORK"
+export XDG_CACHE_HOME="$WORK/cache"
+export PERSONA_FIXTURES="$ROOT/tests/fixtures"
+PY=${PYTHON:-python3}
+# GPU_CHECK_BACKEND=cpu runs the model steps on the CPU: a dry run of this script without a GPU.
+BK=${GPU_CHECK_BACKEND:-cuda}
+ROWS=()
+FAILED=0
+row() { # name, status, detail
+    ROWS+=("$(printf '%-26s %-5s %s' "$1" "$2" "$3")")
+    [[ "$2" == "FAIL" ]] && FAILED=1
+    echo "== $1: $2 $3"
+}
+
+[[ "$BIN" == /* ]] || BIN="$ROOT/$BIN"
+export PERSONA_BIN="$BIN"
+if [[ ! -x "$BIN" ]]; then
+    echo "gpu-check: no persona binary (run scripts/gpu-check.sh --prepare where Rust is, carry target/gpu)" >&2
+    exit 2
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+# 1. Every kernel through NVRTC, with ptxas' register / spill / shared-memory report.
+if timeout 120 "$BIN" check --backend cuda --compile-only --arch sm_80,sm_90 >"$WORK/compile.txt" 2>&1; then
+    row "nvrtc compile sm_80,sm_90" pass "$(tail -1 "$WORK/compile.txt")"
+else
+    row "nvrtc compile sm_80,sm_90" FAIL "$(tail -1 "$WORK/compile.txt")"
+fi
+cat "$WORK/compile.txt"
+
+# 2. Full parity table against the CPU reference.
+if timeout 240 "$BIN" check --backend cuda >"$WORK/parity.txt" 2>&1; then st=pass; else st=FAIL; fi
+grep -E "FAIL|^cuda:" "$WORK/parity.txt" | head -40
+row "check --backend cuda" $st "$(grep -E '^cuda:' "$WORK/parity.txt" | tail -1)$(grep -m1 '^error' "$WORK/parity.txt")"
+
+# 3. The CUDA integration tests (goldens, steering goldens, α = 0), when the binary came along.
+if [[ -x "$TESTS" ]]; then
+    if timeout 240 "$TESTS" --test-threads=1 >"$WORK/tests.txt" 2>&1; then st=pass; else st=FAIL; fi
+    grep -E "^test |test result|panicked|error" "$WORK/tests.txt" | head -40
+    row "tests/cuda.rs" $st "$(grep -E 'test result' "$WORK/tests.txt" | tail -1)"
+else
+    row "tests/cuda.rs" skip "no test binary at $TESTS (scripts/gpu-check.sh --prepare)"
+fi
+
+# 4. Tiny-model goldens through the CLI: top-20 logits at the last prompt token against HF's
+#    full logits, greedy ids up to the first step whose HF margin is below the bf16 noise.
+for m in tiny-llama tiny-llama3-rope tiny-qwen2; do
+    dir="$ROOT/tests/fixtures/$m"
+    ids=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['ids'])))" "$dir/reference.json")
+    if timeout 120 "$BIN" generate --backend $BK --model "$dir" --prompt-ids "$ids" --max-tokens 16 --ignore-eos \
+        --json --top-logits 20 >"$WORK/$m.json" 2>"$WORK/$m.err"; then
+        out=$("$PY" - "$dir/reference.json" "$WORK/$m.json" <<'PYEOF'
+import json, sys
+ref = json.load(open(sys.argv[1])); got = json.loads(open(sys.argv[2]).read().splitlines()[-1])
+last = ref["logits"][-1]; scale = max(1.0, max(abs(v) for v in last))
+err = max(abs(l - last[i]) for i, l in got["steps"][0]["top"]) / scale
+want, margins = ref["greedy_16_no_eos"], ref["greedy_16_margins"]
+ok_ids, upto = True, len(want)
+for i, w in enumerate(want):
+    if got["ids"][i] != w: ok_ids, upto = False, i; break
+    if margins[i] < 0.05: upto = i + 1; break
+ok = err <= 1e-2 and ok_ids
+print(("pass" if ok else "FAIL") + f" top-20 rel err {err:.2e}, greedy ids match for {upto} steps" + ("" if ok_ids else f" (then {got['ids'][upto]} vs {want[upto]})"))
+PYEOF
+)
+        row "golden $m" "${out%% *}" "${out#* }"
+    else
+        row "golden $m" FAIL "$(tail -1 "$WORK/$m.err")"
+    fi
+done
+
+# 5. A random-weight model of SmolLM2-135M's shape (bf16, tied embeddings), CUDA vs CPU.
+RND="$WORK/smollm2-random"
+if "$PY" - "$RND" <<'PYEOF'
+import json, os, struct, sys
+import numpy as np
+out = sys.argv[1]; os.makedirs(out, exist_ok=True)
+H, F, L, NH, NKV, V, HD = 576, 1536, 30, 9, 3, 49152, 64
+cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": F,
+       "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV, "head_dim": HD,
+       "vocab_size": V, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+       "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "bos_token_id": 1,
+       "eos_token_id": 2, "torch_dtype": "bfloat16"}
+json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+rng = np.random.default_rng(7)
+def bf16(a):  # round to nearest even, as torch does
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+tensors = {"model.embed_tokens.weight": rng.standard_normal((V, H), dtype=np.float32) * 0.5,
+           "model.norm.weight": 1.0 + 0.1 * rng.standard_normal(H, dtype=np.float32)}
+for i in range(L):
+    p = f"model.layers.{i}."
+    for n, shape in [("self_attn.q_proj", (NH * HD, H)), ("self_attn.k_proj", (NKV * HD, H)),
+                     ("self_attn.v_proj", (NKV * HD, H)), ("self_attn.o_proj", (H, NH * HD)),
+                     ("mlp.gate_proj", (F, H)), ("mlp.up_proj", (F, H)), ("mlp.down_proj", (H, F))]:
+        tensors[p + n + ".weight"] = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])
+    tensors[p + "input_layernorm.weight"] = 1.0 + 0.1 * rng.standard_normal(H, dtype=np.float32)
+    tensors[p + "post_attention_layernorm.weight"] = 1.0 + 0.1 * rng.standard_normal(H, dtype=np.float32)
+header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+for name, a in tensors.items():
+    b = bf16(a).tobytes()
+    header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+    blobs.append(b); off += len(b)
+h = json.dumps(header).encode(); h += b" " * (-len(h) % 8)
+with open(os.path.join(out, "model.safetensors"), "wb") as f:
+    f.write(struct.pack("<Q", len(h))); f.write(h)
+    for b in blobs: f.write(b)
+PYEOF
+then
+    ids=$("$PY" -c "print(','.join(str((i * 7919 + 13) % 49152) for i in range(64)))")
+    ok=1
+    for b in cpu $BK; do
+        timeout 180 "$BIN" generate --backend $b --model "$RND" --prompt-ids "$ids" --max-tokens 8 --ignore-eos \
+            --json --top-logits 20 >"$WORK/rnd-$b.json" 2>"$WORK/rnd-$b.err" || ok=0
+    done
+    if [[ $ok == 1 ]]; then
+        out=$("$PY" - "$WORK/rnd-cpu.json" "$WORK/rnd-$BK.json" <<'PYEOF'
+import json, sys
+cpu, gpu = (json.loads(open(p).read().splitlines()[-1]) for p in sys.argv[1:3])
+c, g = dict(cpu["steps"][0]["top"]), dict(gpu["steps"][0]["top"])
+scale = max(1.0, max(abs(v) for v in c.values()))
+common = set(c) & set(g)
+err = max(abs(c[i] - g[i]) for i in common) / scale if common else float("inf")
+same = 0
+for a, b in zip(cpu["ids"], gpu["ids"]):
+    if a != b: break
+    same += 1
+ok = err <= 1e-2 and len(common) >= 15
+print(("pass" if ok else "FAIL") + f" top-20 overlap {len(common)}/20, rel err {err:.2e}, greedy ids equal for {same}/8 steps")
+PYEOF
+)
+        row "random smollm2 $BK~cpu" "${out%% *}" "${out#* }"
+    else
+        row "random smollm2 $BK~cpu" FAIL "$(tail -1 "$WORK/rnd-$BK.err") $(tail -1 "$WORK/rnd-cpu.err")"
+    fi
+    # 6. Timing: prefill of 512 tokens, then 128 decode steps (one sequence), on CUDA.
+    long=$("$PY" -c "print(','.join(str((i * 7919 + 13) % 49152) for i in range(512)))")
+    if timeout 180 "$BIN" generate --backend $BK --model "$RND" --prompt-ids "$long" --max-tokens 128 --ignore-eos \
+        --json >"$WORK/timing.json" 2>"$WORK/timing.err"; then
+        t=$("$PY" -c "import json,sys; t=json.loads(open(sys.argv[1]).read().splitlines()[-1])['timing']; print(f\"prefill {t['prefill_tokens_per_s']:.0f} tok/s (512), decode {t['decode_tokens_per_s']:.1f} tok/s (128)\")" "$WORK/timing.json")
+        row "timing smollm2 ($BK)" info "$t"
+    else
+        row "timing smollm2 ($BK)" FAIL "$(tail -1 "$WORK/timing.err")"
+    fi
+else
+    row "random smollm2 $BK~cpu" FAIL "could not generate the model (numpy needed)"
+fi
+
+echo
+echo "persona gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+printf '%s\n' "${ROWS[@]}"
+exit $FAILED

@@ -1,0 +1,404 @@
+//! The Backend ops on wgpu: host-side checks (a bad shape or index is an error here, never an
+//! out-of-bounds access on the device), parameters, and one or two dispatches per op.
+
+use std::sync::Arc;
+
+use super::context::{err, Access, Ctx, Gbuf, Kernel};
+use super::weights::{self, WgpuWeight};
+use super::WgpuBackend;
+use crate::backend::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos, NONE};
+use crate::error::Result;
+use crate::model::tensor::HostTensor;
+
+use Access::{Read as R, ReadWrite as RW};
+
+const EMBED: Kernel = Kernel { file: "embed.wgsl", entry: "embed", bindings: &[(1, R), (2, R), (3, RW)] };
+const GATHER: Kernel = Kernel { file: "gather_rows.wgsl", entry: "gather_rows", bindings: &[(1, R), (2, R), (3, RW)] };
+const SILU_MUL: Kernel = Kernel { file: "silu_mul.wgsl", entry: "silu_mul", bindings: &[(1, R), (2, R), (3, RW)] };
+const GEMV: Kernel = Kernel { file: "matmul.wgsl", entry: "matmul_gemv", bindings: &[(1, R), (2, R), (3, R), (4, RW)] };
+const GEMM: Kernel = Kernel { file: "matmul.wgsl", entry: "matmul_gemm", bindings: &[(1, R), (2, R), (3, R), (4, RW)] };
+const ROPE: Kernel = Kernel { file: "rope.wgsl", entry: "rope", bindings: &[(1, R), (2, R), (3, RW)] };
+const KV_STORE: Kernel =
+    Kernel { file: "attention.wgsl", entry: "kv_store", bindings: &[(1, R), (2, R), (3, R), (4, RW), (5, RW)] };
+const ATTENTION: Kernel =
+    Kernel { file: "attention.wgsl", entry: "attention", bindings: &[(1, R), (6, R), (7, R), (8, R), (9, RW)] };
+const RESIDUAL_NORM: Kernel =
+    Kernel { file: "residual_steer_norm.wgsl", entry: "residual_norm", bindings: &[(1, RW), (2, R), (3, R), (4, RW)] };
+const RESIDUAL_STEER_NORM: Kernel = Kernel {
+    file: "residual_steer_norm.wgsl",
+    entry: "residual_steer_norm",
+    bindings: &[(1, RW), (2, R), (3, R), (4, RW), (5, R), (6, R), (7, RW)],
+};
+const CAPTURE_SUM: Kernel =
+    Kernel { file: "residual_steer_norm.wgsl", entry: "capture_sum", bindings: &[(6, R), (8, R), (9, RW)] };
+
+/// Token counts up to which matmul runs as a GEMV (the shader keeps one accumulator per token).
+const GEMV_MAX_T: usize = 8;
+/// The attention shader keeps q in a 256-float workgroup array.
+const MAX_HEAD_DIM: usize = 256;
+
+/// An f32 activation buffer of `len` values.
+pub struct WgpuBuf {
+    pub(crate) g: Gbuf,
+    pub len: usize,
+}
+
+/// A batch's tokens: on the host for checks, on the device as (slot, pos) pairs.
+pub struct WgpuLayout {
+    tokens: Vec<TokenPos>,
+    buf: Gbuf,
+}
+
+/// A [`ResidualPlan`] on the device with its outputs (projections, capture sums).
+pub struct WgpuPlan {
+    desc: ResidualPlan,
+    vecs: Gbuf,
+    meta: Gbuf,
+    proj: Gbuf,
+    capture: Gbuf,
+    ops_off: u32,
+    probes_off: u32,
+    units_off: u32,
+}
+
+fn need(what: &str, have: usize, want: usize) -> Result<()> {
+    if have < want {
+        return Err(err(format!("{what} holds {have} values, the op needs {want}")));
+    }
+    Ok(())
+}
+
+fn u(x: usize) -> u32 {
+    x as u32
+}
+
+/// Largest element count a shader indexes with u32 arithmetic.
+fn fits_u32(what: &str, n: usize) -> Result<()> {
+    if n > u32::MAX as usize / 2 {
+        return Err(err(format!("{what} has {n} elements, beyond the shaders' 32-bit indexing")));
+    }
+    Ok(())
+}
+
+/// Checks that a plan's indices stay inside its own tables.
+fn validate_plan(p: &ResidualPlan) -> Result<()> {
+    let h = p.hidden;
+    let t = p.token_seq.len();
+    let bad = |m: String| Err(err(format!("residual plan: {m}")));
+    if h == 0 || p.vectors.len() % h != 0 || p.units.len() != p.vectors.len() {
+        return bad(format!("{} vector and {} unit values for hidden size {h}", p.vectors.len(), p.units.len()));
+    }
+    let nv = (p.vectors.len() / h) as u32;
+    if p.token_flags.len() != t || p.token_capture.len() != t {
+        return bad(format!("{t} token sequences but {} flags, {} captures", p.token_flags.len(), p.token_capture.len()));
+    }
+    if let Some(c) = p.token_capture.iter().find(|&&c| c != NONE && c as usize >= p.n_captures) {
+        return bad(format!("capture slot {c} of {}", p.n_captures));
+    }
+    for (name, offs, len) in [("layer_ops", &p.layer_ops, p.ops.len()), ("layer_probes", &p.layer_probes, p.probes.len())] {
+        if offs.len() != p.n_layers + 2 || offs.windows(2).any(|w| w[0] > w[1]) || offs[p.n_layers + 1] as usize > len {
+            return bad(format!("{name} is not {} ascending offsets into {len} entries", p.n_layers + 2));
+        }
+    }
+    let col_ok = |c: u32| (c as usize) < p.n_cols;
+    if let Some(o) = p.ops.iter().find(|o| o.vec >= nv || (o.cond_col != NONE && !col_ok(o.cond_col))) {
+        return bad(format!("op {o:?} refers outside {nv} vectors / {} columns", p.n_cols));
+    }
+    if let Some(pr) = p.probes.iter().find(|pr| pr.vec >= nv || !col_ok(pr.col)) {
+        return bad(format!("probe {pr:?} refers outside {nv} vectors / {} columns", p.n_cols));
+    }
+    Ok(())
+}
+
+impl WgpuBackend {
+    fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Buf = WgpuBuf;
+    type Weight = WgpuWeight;
+    type Layout = WgpuLayout;
+    type Plan = WgpuPlan;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<WgpuWeight> {
+        weights::upload(self.ctx(), t)
+    }
+
+    fn alloc(&self, len: usize) -> Result<WgpuBuf> {
+        fits_u32("buffer", len)?;
+        Ok(WgpuBuf { g: self.ctx.storage(len as u64 * 4, "activation buffer")?, len })
+    }
+
+    fn write(&self, dst: &mut WgpuBuf, src: &[f32]) -> Result<()> {
+        if src.len() > dst.len {
+            return Err(err(format!("write of {} values into a buffer of {}", src.len(), dst.len)));
+        }
+        self.ctx.write(&dst.g, bytemuck::cast_slice(src))
+    }
+
+    fn read(&self, src: &WgpuBuf, len: usize) -> Result<Vec<f32>> {
+        if len > src.len {
+            return Err(err(format!("read of {len} values from a buffer of {}", src.len)));
+        }
+        let bytes = self.ctx.read(&src.g, len as u64 * 4)?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    fn layout(&self, tokens: &[TokenPos]) -> Result<WgpuLayout> {
+        let words: Vec<u32> = tokens.iter().flat_map(|t| [t.slot, t.pos]).collect();
+        Ok(WgpuLayout { tokens: tokens.to_vec(), buf: self.ctx.storage_init(bytemuck::cast_slice(&words), "layout")? })
+    }
+
+    fn plan(&self, plan: &ResidualPlan) -> Result<WgpuPlan> {
+        validate_plan(plan)?;
+        let t = plan.token_seq.len();
+        let mut vecs = plan.vectors.clone();
+        vecs.extend_from_slice(&plan.units);
+        let mut meta: Vec<u32> = Vec::new();
+        for i in 0..t {
+            meta.extend([plan.token_seq[i], plan.token_flags[i], plan.token_capture[i]]);
+        }
+        let ops_off = u(meta.len());
+        meta.extend_from_slice(bytemuck::cast_slice(&plan.ops));
+        let probes_off = u(meta.len());
+        meta.extend_from_slice(bytemuck::cast_slice(&plan.probes));
+        let n_cap = plan.n_captures * (plan.n_layers + 1) * plan.hidden;
+        fits_u32("plan", vecs.len().max(meta.len()).max(n_cap).max(t * plan.n_cols))?;
+        let ctx = self.ctx();
+        Ok(WgpuPlan {
+            vecs: ctx.storage_init(bytemuck::cast_slice(&vecs), "plan vectors")?,
+            meta: ctx.storage_init(bytemuck::cast_slice(&meta), "plan")?,
+            proj: ctx.storage((t * plan.n_cols) as u64 * 4, "projections")?,
+            capture: ctx.storage(n_cap as u64 * 4, "captures")?,
+            ops_off,
+            probes_off,
+            units_off: u(plan.vectors.len()),
+            desc: plan.clone(),
+        })
+    }
+
+    fn plan_outputs(&self, plan: &WgpuPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+        let p = &plan.desc;
+        let f = |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let proj = self.ctx.read(&plan.proj, (p.token_seq.len() * p.n_cols) as u64 * 4)?;
+        let cap = self.ctx.read(&plan.capture, (p.n_captures * (p.n_layers + 1) * p.hidden) as u64 * 4)?;
+        Ok((f(proj), f(cap)))
+    }
+
+    fn embed(&self, table: &WgpuWeight, ids: &[u32], width: usize, out: &mut WgpuBuf) -> Result<()> {
+        if table.cols != width || table.shape.len() != 2 {
+            return Err(err(format!("embedding table {:?} does not have rows of width {width}", table.shape)));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(err(format!("token id {id} is outside the embedding table ({} rows)", table.rows)));
+        }
+        need("embedding output", out.len, ids.len() * width)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let idb = self.ctx.storage_init(bytemuck::cast_slice(ids), "token ids")?;
+        let grid = self.ctx.grid(ids.len())?;
+        for c in &table.chunks {
+            let params = [u(ids.len()), u(width), u(c.row0), u(c.rows), u(table.stride)];
+            self.ctx.dispatch(&EMBED, table.format as u32, &params, &[&idb, &c.buf, &out.g], grid)?;
+        }
+        Ok(())
+    }
+
+    fn residual_steer_norm(
+        &self,
+        h: &mut WgpuBuf,
+        delta: Option<&WgpuBuf>,
+        steer: Option<(&mut WgpuPlan, usize)>,
+        norm: &WgpuWeight,
+        eps: f32,
+        t: usize,
+        width: usize,
+        x: &mut WgpuBuf,
+    ) -> Result<()> {
+        need("h", h.len, t * width)?;
+        need("x", x.len, t * width)?;
+        if let Some(d) = delta {
+            need("delta", d.len, t * width)?;
+        }
+        if norm.cols < width || norm.shape.len() > 1 {
+            return Err(err(format!("norm weight {:?} is not a vector of {width}", norm.shape)));
+        }
+        let normb = norm.single("norm weight")?;
+        let deltab = delta.map(|d| &d.g).unwrap_or(&self.dummy);
+        let grid = self.ctx.grid(t)?;
+        let mut params = [0u32; 15];
+        params[..4].copy_from_slice(&[u(t), u(width), eps.to_bits(), delta.is_some() as u32]);
+        let Some((plan, l)) = steer else {
+            return self.ctx.dispatch(&RESIDUAL_NORM, 0, &params, &[&h.g, deltab, normb, &x.g], grid);
+        };
+        let p = &plan.desc;
+        if p.token_seq.len() < t || l > p.n_layers || p.hidden != width {
+            return Err(err(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
+        }
+        let (ops, probes) = ((p.layer_ops[l], p.layer_ops[l + 1]), (p.layer_probes[l], p.layer_probes[l + 1]));
+        params[4..].copy_from_slice(&[
+            u(l),
+            ops.0,
+            ops.1,
+            probes.0,
+            probes.1,
+            u(p.n_cols),
+            plan.ops_off,
+            plan.probes_off,
+            plan.units_off,
+            u(p.n_layers),
+            u(p.n_captures),
+        ]);
+        if ops.0 == ops.1 && probes.0 == probes.1 {
+            self.ctx.dispatch(&RESIDUAL_NORM, 0, &params, &[&h.g, deltab, normb, &x.g], grid)?;
+        } else {
+            let bufs = [&h.g, deltab, normb, &x.g, &plan.vecs, &plan.meta, &plan.proj];
+            self.ctx.dispatch(&RESIDUAL_STEER_NORM, 0, &params, &bufs, grid)?;
+        }
+        if p.token_capture[..t].iter().any(|&c| c != NONE) {
+            let max = self.ctx.limits.max_compute_workgroups_per_dimension as usize;
+            if p.n_captures > max {
+                return Err(err(format!("{} captures exceed max_compute_workgroups_per_dimension", p.n_captures)));
+            }
+            let grid = [u(width.div_ceil(256)), u(p.n_captures), 1];
+            self.ctx.dispatch(&CAPTURE_SUM, 0, &params, &[&plan.meta, &h.g, &plan.capture], grid)?;
+        }
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &WgpuBuf,
+        w: &WgpuWeight,
+        bias: Option<&WgpuWeight>,
+        t: usize,
+        out: &mut WgpuBuf,
+    ) -> Result<()> {
+        if w.shape.len() != 2 {
+            return Err(err(format!("matmul weight of shape {:?} is not a matrix", w.shape)));
+        }
+        let (n, k) = (w.rows, w.cols);
+        need("matmul input", x.len, t * k)?;
+        need("matmul output", out.len, t * n)?;
+        let biasb = match bias {
+            Some(b) if b.cols != n || b.shape.len() != 1 => {
+                return Err(err(format!("bias {:?} does not match {n} output columns", b.shape)));
+            }
+            Some(b) => b.single("bias")?,
+            None => &self.dummy,
+        };
+        if t == 0 {
+            return Ok(());
+        }
+        for c in &w.chunks {
+            let params = [u(t), u(k), u(c.rows), u(c.row0), u(n), u(w.stride), bias.is_some() as u32];
+            let bufs = [&x.g, &c.buf, biasb, &out.g];
+            if t <= GEMV_MAX_T {
+                self.ctx.dispatch(&GEMV, w.format as u32, &params, &bufs, self.ctx.grid(c.rows.div_ceil(8))?)?;
+            } else {
+                let (gx, gy) = (c.rows.div_ceil(64), t.div_ceil(64));
+                let max = self.ctx.limits.max_compute_workgroups_per_dimension as usize;
+                if gx > max || gy > max {
+                    return Err(err(format!("matmul of {t}×{n} exceeds max_compute_workgroups_per_dimension ({max})")));
+                }
+                self.ctx.dispatch(&GEMM, w.format as u32, &params, &bufs, [u(gx), u(gy), 1])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut WgpuBuf,
+        cos_sin: &WgpuWeight,
+        layout: &WgpuLayout,
+        t: usize,
+        heads: usize,
+        hd: usize,
+    ) -> Result<()> {
+        if hd % 2 != 0 || cos_sin.cols != hd {
+            return Err(err(format!("RoPE table {:?} does not fit head_dim {hd}", cos_sin.shape)));
+        }
+        need("layout", layout.tokens.len(), t)?;
+        need("rope input", x.len, t * heads * hd)?;
+        if let Some(tp) = layout.tokens[..t].iter().find(|tp| tp.pos as usize >= cos_sin.rows) {
+            return Err(err(format!("position {} is beyond the RoPE table ({})", tp.pos, cos_sin.rows)));
+        }
+        let table = cos_sin.single("RoPE table")?;
+        let n = t * heads * hd / 2;
+        let params = [u(t), u(heads), u(hd), u(cos_sin.stride)];
+        self.ctx.dispatch(&ROPE, cos_sin.format as u32, &params, &[&layout.buf, table, &x.g], self.ctx.grid(n.div_ceil(256))?)
+    }
+
+    fn attention(
+        &self,
+        q: &WgpuBuf,
+        k: &WgpuBuf,
+        v: &WgpuBuf,
+        cache: &mut KvLayer<Self>,
+        layout: &WgpuLayout,
+        t: usize,
+        s: AttnShape,
+        out: &mut WgpuBuf,
+    ) -> Result<()> {
+        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 || s.head_dim == 0 || s.head_dim > MAX_HEAD_DIM {
+            return Err(err(format!(
+                "attention shape {s:?}: heads must be a multiple of kv heads, head_dim 1..={MAX_HEAD_DIM}"
+            )));
+        }
+        let kvw = s.n_kv_heads * s.head_dim;
+        need("layout", layout.tokens.len(), t)?;
+        need("q", q.len, t * s.n_heads * s.head_dim)?;
+        need("k", k.len, t * kvw)?;
+        need("v", v.len, t * kvw)?;
+        need("attention output", out.len, t * s.n_heads * s.head_dim)?;
+        if cache.k.len != cache.v.len || s.capacity == 0 {
+            return Err(err(format!("KV cache k ({}) and v ({}) differ", cache.k.len, cache.v.len)));
+        }
+        let slots = cache.k.len / (s.capacity * kvw);
+        for tp in &layout.tokens[..t] {
+            if tp.slot as usize >= slots || tp.pos as usize >= s.capacity {
+                return Err(err(format!(
+                    "token at slot {} position {} is outside the KV cache ({slots}×{})",
+                    tp.slot, tp.pos, s.capacity
+                )));
+            }
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let params = [u(t), u(s.n_heads), u(s.n_kv_heads), u(s.head_dim), u(s.capacity), scale.to_bits()];
+        let bufs = [&layout.buf, &k.g, &v.g, &cache.k.g, &cache.v.g];
+        self.ctx.dispatch(&KV_STORE, 0, &params, &bufs, self.ctx.grid((t * kvw).div_ceil(256))?)?;
+        let bufs = [&layout.buf, &q.g, &cache.k.g, &cache.v.g, &out.g];
+        self.ctx.dispatch(&ATTENTION, 0, &params, &bufs, self.ctx.grid(t * s.n_heads)?)
+    }
+
+    fn silu_mul(&self, gate: &WgpuBuf, up: &WgpuBuf, n: usize, out: &mut WgpuBuf) -> Result<()> {
+        need("gate", gate.len, n)?;
+        need("up", up.len, n)?;
+        need("silu_mul output", out.len, n)?;
+        self.ctx.dispatch(&SILU_MUL, 0, &[u(n)], &[&gate.g, &up.g, &out.g], self.ctx.grid(n.div_ceil(256))?)
+    }
+
+    fn gather_rows(&self, x: &WgpuBuf, rows: &[u32], width: usize, out: &mut WgpuBuf) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| (r as usize + 1) * width > x.len) {
+            return Err(err(format!("row {r} is outside the input ({} rows of {width})", x.len / width.max(1))));
+        }
+        need("gather output", out.len, rows.len() * width)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rb = self.ctx.storage_init(bytemuck::cast_slice(rows), "row indices")?;
+        let params = [u(rows.len()), u(width)];
+        self.ctx.dispatch(&GATHER, 0, &params, &[&rb, &x.g, &out.g], self.ctx.grid(rows.len())?)
+    }
+}

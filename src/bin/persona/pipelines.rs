@@ -1,0 +1,521 @@
+//! `persona extract`, `eval`, `monitor`, `screen` and `demo`: the paper's pipelines.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use persona::backend::Backend;
+use persona::engine::generate::GenRequest;
+use persona::persona::common::write_atomic;
+use persona::persona::eval::{sweep, EvalOptions};
+use persona::persona::extract::{
+    chat_ids, generate_responses, judge_and_filter, read_responses, vector_from_responses, ExtractOptions, Method,
+};
+use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
+use persona::persona::monitor::{ladder, LadderPrompt, MonitorOptions};
+use persona::persona::screen::{read_dataset, screen, ScreenOptions};
+use persona::persona::traits::{find_trait, TraitDef};
+use persona::steer::spec::Layers;
+use persona::steer::vector::PersonaVector;
+use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+use persona::LoadedModel;
+
+use super::{ModelArgs, ModelTask};
+
+/// `--judge none|self|URL` and its companions.
+#[derive(Args, Debug, Clone)]
+pub struct JudgeArgs {
+    /// none, self (the local model), or the base URL of an OpenAI-compatible endpoint.
+    #[arg(long, default_value = "none")]
+    pub judge: String,
+    /// Model name sent to the judge endpoint.
+    #[arg(long, default_value = "gpt-4.1-mini")]
+    pub judge_model: String,
+    /// API key for the judge endpoint.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub judge_key: Option<String>,
+}
+
+impl JudgeArgs {
+    fn build<'a, B: Backend>(&self, m: &'a LoadedModel<B>) -> Result<Option<Box<dyn Judge + 'a>>> {
+        Ok(match self.judge.as_str() {
+            "none" => None,
+            "self" => Some(Box::new(LocalJudge::new(m)?)),
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(Box::new(OpenAiJudge::new(url, &self.judge_model, self.judge_key.clone())?))
+            }
+            other => bail!("--judge `{other}`: expected none, self, or an http(s) URL"),
+        })
+    }
+}
+
+/// Create an output file's folder before any work is done, so no work is lost at the end.
+fn ensure_parent(out: &Path) -> Result<()> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
+fn model_name(m: &Path) -> String {
+    m.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Trait name in the catalog (traits/) or a path to a trait JSON file.
+    #[arg(long = "trait")]
+    pub trait_name: String,
+    /// Output vector file (.safetensors); the answers go to the same path with .jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Build the vector from given answers (JSONL lines {"system"?, "question", "answer", "label"}).
+    #[arg(long)]
+    pub from_responses: Option<PathBuf>,
+    /// Answers per (instruction, question).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Use at most this many instruction pairs / questions.
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    #[arg(long)]
+    pub questions: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// response_avg | prompt_avg | prompt_last
+    #[arg(long, default_value = "response_avg")]
+    pub method: String,
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+}
+
+impl ModelTask for ExtractArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let a = self;
+        let method = Method::parse(&a.method)?;
+        let t0 = std::time::Instant::now();
+        ensure_parent(&a.out)?;
+        let (name, mut responses) = match &a.from_responses {
+            Some(f) => {
+                let name = find_trait(&a.trait_name).map(|t| t.name).unwrap_or_else(|_| a.trait_name.clone());
+                (name, read_responses(f)?)
+            }
+            None => {
+                let t = find_trait(&a.trait_name)?;
+                let o = ExtractOptions {
+                    pairs: a.pairs.unwrap_or(usize::MAX),
+                    questions: a.questions.unwrap_or(usize::MAX),
+                    samples: a.samples,
+                    max_tokens: a.max_tokens,
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                    batch: a.batch,
+                    method,
+                    show_progress: true,
+                };
+                let mut r = generate_responses(&m, &t, &o)?;
+                if let Some(j) = a.judge.build(&m)? {
+                    judge_and_filter(&t, j.as_ref(), &mut r)?;
+                }
+                (t.name.clone(), r)
+            }
+        };
+        if a.from_responses.is_some() && a.judge.judge != "none" {
+            let t = find_trait(&a.trait_name)?;
+            if let Some(j) = a.judge.build(&m)? {
+                judge_and_filter(&t, j.as_ref(), &mut responses)?;
+            }
+        }
+        let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, true)?;
+        v.metadata.insert("persona.model".into(), model_name(&m.path));
+        v.metadata.insert("persona.seed".into(), a.seed.to_string());
+        v.metadata.insert("persona.temperature".into(), a.temperature.to_string());
+        v.metadata.insert("persona.judge".into(), a.judge.judge.clone());
+        v.metadata.insert("persona.command".into(), command_line());
+        v.save(&a.out)?;
+        let jsonl = a.out.with_extension("jsonl");
+        let text: String = responses.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
+        write_atomic(&jsonl, text.as_bytes())?;
+        let kept = responses.iter().filter(|r| r.kept).count();
+        eprintln!(
+            "{}: {} responses ({} kept) → {} and {} in {:.1}s",
+            name,
+            responses.len(),
+            kept,
+            a.out.display(),
+            jsonl.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        let norms = v.norms();
+        let best = v.max_norm_layer();
+        println!("vector norms by layer: max {:.2} at layer {best}; layer N/2 = {:.2}", norms[best], norms[norms.len() / 2]);
+        Ok(())
+    }
+}
+
+fn default_layers(n: usize) -> Vec<usize> {
+    // The method works from about half depth on: five layers from 40% to 80%.
+    let mut v: Vec<usize> = (0..5).map(|i| ((0.4 + 0.1 * i as f64) * n as f64).round() as usize).collect();
+    v.dedup();
+    v.retain(|&l| l >= 1 && l <= n);
+    v
+}
+
+fn parse_coeffs(s: &str) -> Result<Vec<f32>> {
+    s.split(',')
+        .map(|x| match x.trim().parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => bail!("--coeffs: `{x}` is not a finite number"),
+        })
+        .collect()
+}
+
+fn trait_for(arg: &Option<String>, v: &PersonaVector) -> Result<TraitDef> {
+    let name = match arg {
+        Some(n) => n.clone(),
+        None => v
+            .metadata
+            .get("persona.trait")
+            .cloned()
+            .context("the vector records no trait (persona.trait): pass --trait")?,
+    };
+    Ok(find_trait(&name)?)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long = "trait")]
+    pub trait_name: Option<String>,
+    #[arg(long)]
+    pub vector: PathBuf,
+    /// Layers to sweep (e.g. 12-18, 10+14; default: five layers at 40–80% depth).
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[arg(long, default_value = "-3,-2,-1,0,1,2,3")]
+    pub coeffs: String,
+    #[arg(long, default_value_t = 10)]
+    pub questions: usize,
+    #[arg(long, default_value_t = 40)]
+    pub max_tokens: usize,
+    /// Also generate steered answers (response projection, samples).
+    #[arg(long)]
+    pub generate: bool,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for eval.json, eval.txt and eval.svg (default: beside the vector).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Do not record the best layer in the vector's metadata.
+    #[arg(long)]
+    pub no_update: bool,
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+}
+
+impl ModelTask for EvalArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let a = self;
+        let mut v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let t = trait_for(&a.trait_name, &v)?;
+        let n = m.engine.config.n_layers;
+        let layers = match &a.layers {
+            Some(l) => Layers::parse(l)?.resolve(n),
+            None => default_layers(n),
+        };
+        let judge = a.judge.build(&m)?;
+        let o = EvalOptions {
+            layers,
+            coeffs: parse_coeffs(&a.coeffs)?,
+            questions: a.questions,
+            generate: a.generate,
+            max_tokens: a.max_tokens,
+            batch: a.batch,
+            seed: a.seed,
+            show_progress: true,
+        };
+        let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
+        let dir = a.out_dir.clone().unwrap_or_else(|| a.vector.parent().map(Path::to_path_buf).unwrap_or_default());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let stem = format!("{}.eval", a.vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        let table = r.table();
+        write_atomic(&dir.join(format!("{stem}.txt")), table.as_bytes())?;
+        write_atomic(&dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&r)?.as_bytes())?;
+        write_atomic(&dir.join(format!("{stem}.svg")), r.svg().as_bytes())?;
+        print!("{table}");
+        if !a.no_update {
+            v.metadata.insert("persona.layer".into(), r.best_layer.to_string());
+            v.metadata.insert(
+                "persona.eval".into(),
+                serde_json::to_string(&r.effect).unwrap_or_default(),
+            );
+            v.save(&a.vector)?;
+            eprintln!("recorded persona.layer = {} in {}", r.best_layer, a.vector.display());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub vector: PathBuf,
+    /// The trait whose ladder of system prompts to use (default: the vector's).
+    #[arg(long = "trait")]
+    pub trait_name: Option<String>,
+    /// JSONL prompts `{"question", "system"?, "level": -1|0|1}` instead of the trait's ladder.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub questions: usize,
+    /// Layers to probe (default all).
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    /// Layer for the correlation (default: the best AUROC).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Generate responses and correlate projection with their trait.
+    #[arg(long)]
+    pub generate: bool,
+    #[arg(long, default_value_t = 40)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the full report (every prompt's projections) as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+}
+
+fn read_prompts(path: &Path) -> Result<Vec<LadderPrompt>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: line {}: not valid JSON", path.display(), i + 1))?;
+        let question = v["question"]
+            .as_str()
+            .with_context(|| format!("{}: line {}: missing string `question`", path.display(), i + 1))?;
+        out.push(LadderPrompt {
+            question: question.to_string(),
+            system: v["system"].as_str().map(str::to_string),
+            level: v["level"].as_i64().unwrap_or(0).clamp(-1, 1) as i32,
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+impl ModelTask for MonitorArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let a = self;
+        let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let t = if a.prompts.is_some() && a.trait_name.is_none() { None } else { Some(trait_for(&a.trait_name, &v)?) };
+        let prompts = match &a.prompts {
+            Some(p) => read_prompts(p)?,
+            None => ladder(t.as_ref().context("a trait is needed for the ladder")?, a.questions),
+        };
+        let judge = a.judge.build(&m)?;
+        let o = MonitorOptions {
+            questions: a.questions,
+            layers: Layers::parse(&a.layers)?.resolve(m.engine.config.n_layers),
+            layer: a.layer,
+            generate: a.generate,
+            max_tokens: a.max_tokens,
+            batch: a.batch,
+            seed: a.seed,
+            show_progress: true,
+        };
+        let name = t.as_ref().map(|t| t.name.clone()).unwrap_or_else(|| v.name.clone());
+        if let Some(out) = &a.out {
+            ensure_parent(out)?;
+        }
+        let r = persona::persona::monitor::run(&m, &name, prompts, &v, t.as_ref(), judge.as_deref(), &o)?;
+        print!("{}", r.table());
+        if let Some(out) = &a.out {
+            write_atomic(out, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScreenArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub vector: PathBuf,
+    /// Chat JSONL (`messages`) or prompt/response JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Layer to project at (default: the vector's persona.layer).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Report file: .json or .csv.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Show the K highest-ΔP samples.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+}
+
+fn vector_layer(v: &PersonaVector, arg: Option<usize>) -> Result<usize> {
+    match arg {
+        Some(l) => Ok(l),
+        None => v
+            .metadata
+            .get("persona.layer")
+            .and_then(|l| l.parse().ok())
+            .context("the vector records no layer (persona.layer; run `persona eval`): pass --layer"),
+    }
+}
+
+impl ModelTask for ScreenArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let a = self;
+        let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let layer = vector_layer(&v, a.layer)?;
+        let samples = read_dataset(&a.data)?;
+        ensure_parent(&a.out)?;
+        let progress_file = a.out.with_extension("progress.jsonl");
+        let o = ScreenOptions { layer, max_tokens: a.max_tokens, batch: a.batch, show_progress: true };
+        let rows = screen(&m, &v, &samples, &progress_file, &o)?;
+        let mean = rows.iter().map(|r| r.delta_p).sum::<f64>() / rows.len().max(1) as f64;
+        let mut ranked = rows.clone();
+        ranked.sort_by(|x, y| y.delta_p.total_cmp(&x.delta_p));
+        let is_csv = a.out.extension().is_some_and(|e| e == "csv");
+        let body = if is_csv {
+            let mut s = String::from("rank,index,delta_p,p_data,p_own\n");
+            for (k, r) in ranked.iter().enumerate() {
+                s += &format!("{},{},{:.6},{:.6},{:.6}\n", k + 1, r.index, r.delta_p, r.p_data, r.p_own);
+            }
+            s
+        } else {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "vector": a.vector, "layer": layer, "samples": rows.len(), "mean_delta_p": mean, "ranking": ranked,
+            }))?
+        };
+        write_atomic(&a.out, body.as_bytes())?;
+        let _ = std::fs::remove_file(&progress_file);
+        println!("{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}; top {}:", rows.len(), a.top.min(rows.len()));
+        for r in ranked.iter().take(a.top) {
+            let resp: String = samples[r.index].response.chars().take(70).collect();
+            println!("  #{:<5} ΔP {:+8.3}  {}", r.index, r.delta_p, resp.replace('\n', " "));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Trait of a shipped vector (vectors/smollm2-135m-instruct/<trait>.safetensors) ...
+    #[arg(long = "trait", default_value = "evil")]
+    pub trait_name: String,
+    /// ... or any vector file.
+    #[arg(long)]
+    pub vector: Option<PathBuf>,
+    /// Steering coefficient α (raw); answers at −α, 0, +α.
+    #[arg(long)]
+    pub coeff: Option<f32>,
+    #[arg(long)]
+    pub layer: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    pub questions: usize,
+    #[arg(long, default_value_t = 48)]
+    pub max_tokens: usize,
+}
+
+/// The shipped vectors' folder.
+pub fn shipped_vectors() -> PathBuf {
+    let local = PathBuf::from("vectors/smollm2-135m-instruct");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct")
+}
+
+impl ModelTask for DemoArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let a = self;
+        let path = a.vector.clone().unwrap_or_else(|| shipped_vectors().join(format!("{}.safetensors", a.trait_name)));
+        let v = PersonaVector::load_for_model(&path, &m.engine.config)
+            .with_context(|| format!("loading the {} vector", a.trait_name))?;
+        let t = trait_for(&Some(a.trait_name.clone()).filter(|_| a.vector.is_none()), &v)?;
+        let layer = vector_layer(&v, a.layer)?;
+        let coeff = match a.coeff {
+            Some(c) => c,
+            // A fifth of the layer's mean residual norm, in raw units of the vector.
+            None => {
+                let norms: Vec<f32> = v
+                    .metadata
+                    .get("persona.mean_norms")
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .context("the vector has no persona.mean_norms: pass --coeff")?;
+                0.2 * norms[layer] / v.norm(layer)
+            }
+        };
+        let row: Arc<[f32]> = Arc::from(v.layer(layer));
+        let probe = Probe { name: t.name.clone(), layer, vector: row.clone() };
+        let questions: Vec<&String> = t.eval_questions.iter().take(a.questions).collect();
+        println!("persona demo: `{}` vector, layer {layer}, α = {coeff:.2} (raw)\n", t.name);
+        let mut reqs = vec![];
+        for q in &questions {
+            for c in [-coeff, 0.0, coeff] {
+                let ops = if c == 0.0 {
+                    vec![]
+                } else {
+                    vec![SteerOp { kind: SteerKind::Add, layer, vector: row.clone(), coeff: c, positions: Positions::All, when: None }]
+                };
+                let st = Arc::new(SeqSteering { plan: SteeringPlan { ops }, probes: vec![probe.clone()] });
+                reqs.push(GenRequest { steering: Some(st), ..GenRequest::greedy(chat_ids(&m, None, q)?, a.max_tokens) });
+            }
+        }
+        let outs = m.engine.generate(&reqs, &mut |_, _| {})?;
+        let eos = &m.engine.config.eos_ids;
+        for (qi, q) in questions.iter().enumerate() {
+            println!("Q: {q}");
+            for (k, label) in ["−α", " 0", "+α"].iter().enumerate() {
+                let o = &outs[qi * 3 + k];
+                let ids: Vec<u32> = o.ids().into_iter().filter(|i| !eos.contains(i)).collect();
+                let text = m.decode(&ids)?.replace('\n', " ");
+                println!("  {label} [score {:+7.2}] {}", o.response_mean_projection(0), text.trim());
+            }
+            println!();
+        }
+        println!("score = mean projection of the answer onto the unit `{}` vector at layer {layer}", t.name);
+        Ok(())
+    }
+}

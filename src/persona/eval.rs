@@ -1,0 +1,331 @@
+//! Steering sweeps: layers × coefficients on a trait's evaluation questions. The objective metric
+//! without a judge is the trait log-odds: the mean per-token log-probability of the model's own
+//! trait-positive answers minus its trait-negative answers (each generated once, unsteered, under
+//! the trait's system prompts), scored with no system prompt under steering. With a judge, steered
+//! answers are generated and scored for the trait and coherence. A norm-matched random direction
+//! at the best layer is the control.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::common::{progress, teacher_force, CaptureRange, Forced};
+use super::extract::chat_ids;
+use super::judge::Judge;
+use super::traits::TraitDef;
+use crate::backend::Backend;
+use crate::engine::generate::GenRequest;
+use crate::engine::sampler::Rng;
+use crate::error::{Error, Result};
+use crate::steer::vector::PersonaVector;
+use crate::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+use crate::LoadedModel;
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub layers: Vec<usize>,
+    pub coeffs: Vec<f32>,
+    /// Evaluation questions to use (at most).
+    pub questions: usize,
+    /// Generate steered answers (for the response projection and the judge).
+    pub generate: bool,
+    pub max_tokens: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub show_progress: bool,
+}
+
+/// One (layer, coefficient) cell of the sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub layer: usize,
+    pub coeff: f32,
+    /// `true` for the norm-matched random direction.
+    pub control: bool,
+    /// Mean over questions of (log p(pos answer) − log p(neg answer)) per token, nats.
+    pub log_odds: f64,
+    /// Mean projection of the steered answers onto the unit vector at `layer`.
+    pub response_projection: Option<f64>,
+    pub trait_score: Option<f64>,
+    pub coherence: Option<f64>,
+    /// A few steered answers, for reading.
+    pub samples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub trait_name: String,
+    pub points: Vec<EvalPoint>,
+    /// Per layer: log_odds(max coeff) − log_odds(min coeff).
+    pub effect: Vec<(usize, f64)>,
+    pub best_layer: usize,
+    /// The same span for the random direction at the best layer.
+    pub random_effect: f64,
+}
+
+/// The model's own reference answers (unsteered) to the evaluation questions, under the
+/// trait's positive and negative instructions (pair `q mod pairs` for question `q`).
+fn reference_answers<B: Backend>(
+    m: &LoadedModel<B>,
+    t: &TraitDef,
+    questions: &[String],
+    max_tokens: usize,
+) -> Result<Vec<(Forced, Forced)>> {
+    let mut reqs = vec![];
+    for (qi, q) in questions.iter().enumerate() {
+        let pair = &t.instructions[qi % t.instructions.len()];
+        for sys in [&pair.pos, &pair.neg] {
+            reqs.push(GenRequest::greedy(chat_ids(m, Some(sys), q)?, max_tokens));
+        }
+    }
+    let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
+    let eos = &m.engine.config.eos_ids;
+    let mut out = vec![];
+    for (qi, q) in questions.iter().enumerate() {
+        let base = chat_ids(m, None, q)?;
+        let mk = |g: &crate::engine::generate::GenOutput| {
+            let mut tokens = base.clone();
+            tokens.extend(g.ids().into_iter().filter(|i| !eos.contains(i)));
+            Forced { answer_start: base.len(), tokens }
+        };
+        out.push((mk(&gens[2 * qi]), mk(&gens[2 * qi + 1])));
+    }
+    Ok(out)
+}
+
+fn add_op(layer: usize, v: &Arc<[f32]>, coeff: f32) -> SteerOp {
+    SteerOp { kind: SteerKind::Add, layer, vector: v.clone(), coeff, positions: Positions::All, when: None }
+}
+
+/// A random direction with the norm of `v`.
+pub fn random_like(v: &[f32], seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    // Box–Muller normals: an isotropic direction.
+    let mut g: Vec<f32> = (0..v.len())
+        .map(|_| {
+            let (u1, u2) = (r.next_f64().max(1e-300), r.next_f64());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    let (nv, ng) = (norm(v), norm(&g));
+    g.iter_mut().for_each(|x| *x *= (nv / ng) as f32);
+    g
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn point<B: Backend>(
+    m: &LoadedModel<B>,
+    t: &TraitDef,
+    refs: &[(Forced, Forced)],
+    questions: &[String],
+    layer: usize,
+    coeff: f32,
+    row: &Arc<[f32]>,
+    control: bool,
+    judge: Option<&dyn Judge>,
+    o: &EvalOptions,
+) -> Result<EvalPoint> {
+    let st = SeqSteering {
+        plan: SteeringPlan { ops: if coeff != 0.0 { vec![add_op(layer, row, coeff)] } else { vec![] } },
+        probes: vec![Probe { name: "v".into(), layer, vector: row.clone() }],
+    };
+    let items: Vec<Forced> = refs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
+    let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, true, o.batch, None)?;
+    let lo: f64 = outs
+        .chunks(2)
+        .map(|pn| pn[0].logprob.unwrap_or(0.0) - pn[1].logprob.unwrap_or(0.0))
+        .sum::<f64>()
+        / refs.len() as f64;
+    let mut p = EvalPoint {
+        layer,
+        coeff,
+        control,
+        log_odds: lo,
+        response_projection: None,
+        trait_score: None,
+        coherence: None,
+        samples: vec![],
+    };
+    if o.generate || judge.is_some() {
+        let st = Arc::new(st);
+        let reqs: Vec<GenRequest> = questions
+            .iter()
+            .map(|q| Ok(GenRequest { steering: Some(st.clone()), ..GenRequest::greedy(chat_ids(m, None, q)?, o.max_tokens) }))
+            .collect::<Result<_>>()?;
+        let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
+        let eos = &m.engine.config.eos_ids;
+        let answers: Vec<String> = gens
+            .iter()
+            .map(|g| m.decode(&g.ids().into_iter().filter(|i| !eos.contains(i)).collect::<Vec<_>>()))
+            .collect::<Result<_>>()?;
+        p.response_projection =
+            Some(gens.iter().map(|g| g.response_mean_projection(0) as f64).sum::<f64>() / gens.len() as f64);
+        p.samples = answers.iter().take(3).cloned().collect();
+        if let Some(j) = judge {
+            let mean = |prompts: Vec<String>| -> Result<Option<f64>> {
+                let scores: Vec<f64> = j
+                    .score(&prompts)
+                    .into_iter()
+                    .map(|r| r.map(|s| s.score))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                Ok((!scores.is_empty()).then(|| scores.iter().sum::<f64>() / scores.len() as f64))
+            };
+            p.trait_score = mean(questions.iter().zip(&answers).map(|(q, a)| t.render_judge(q, a)).collect())?;
+            p.coherence = mean(questions.iter().zip(&answers).map(|(q, a)| t.render_coherence(q, a)).collect())?;
+        }
+    }
+    Ok(p)
+}
+
+fn span(points: &[EvalPoint], layer: usize, control: bool) -> f64 {
+    let pts: Vec<&EvalPoint> = points.iter().filter(|p| p.layer == layer && p.control == control).collect();
+    let lo = pts.iter().min_by(|a, b| a.coeff.total_cmp(&b.coeff));
+    let hi = pts.iter().max_by(|a, b| a.coeff.total_cmp(&b.coeff));
+    match (lo, hi) {
+        (Some(a), Some(b)) => b.log_odds - a.log_odds,
+        _ => f64::NAN,
+    }
+}
+
+/// Run the sweep; the best layer is the one whose log-odds span over the coefficients is largest
+/// (or, with a judge, whose trait-score span is).
+pub fn sweep<B: Backend>(
+    m: &LoadedModel<B>,
+    t: &TraitDef,
+    v: &PersonaVector,
+    judge: Option<&dyn Judge>,
+    o: &EvalOptions,
+) -> Result<EvalReport> {
+    if o.layers.is_empty() || o.coeffs.len() < 2 {
+        return Err(Error::Invalid("a sweep needs at least one layer and two coefficients".into()));
+    }
+    for &l in &o.layers {
+        v.check_layer(l)?;
+    }
+    let questions: Vec<String> = t.eval_questions.iter().take(o.questions).cloned().collect();
+    let refs = reference_answers(m, t, &questions, o.max_tokens)?;
+    let cells = o.layers.len() * o.coeffs.len() + o.coeffs.len();
+    let pb = o.show_progress.then(|| progress(cells, "sweep"));
+    let mut points = vec![];
+    for &l in &o.layers {
+        let row: Arc<[f32]> = Arc::from(v.layer(l));
+        for &c in &o.coeffs {
+            points.push(point(m, t, &refs, &questions, l, c, &row, false, judge, o)?);
+            if let Some(pb) = &pb {
+                pb.inc(1);
+            }
+        }
+    }
+    let score_span = |l: usize| -> f64 {
+        let pts: Vec<&EvalPoint> = points.iter().filter(|p| p.layer == l && !p.control).collect();
+        match (pts.first().and_then(|p| p.trait_score), pts.last().and_then(|p| p.trait_score)) {
+            (Some(a), Some(b)) if judge.is_some() => b - a,
+            _ => span(&points, l, false),
+        }
+    };
+    let effect: Vec<(usize, f64)> = o.layers.iter().map(|&l| (l, span(&points, l, false))).collect();
+    let best_layer = o.layers.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
+    let random: Arc<[f32]> = Arc::from(random_like(v.layer(best_layer), o.seed ^ 0x5eed));
+    for &c in &o.coeffs {
+        points.push(point(m, t, &refs, &questions, best_layer, c, &random, true, judge, o)?);
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let random_effect = span(&points, best_layer, true);
+    Ok(EvalReport { trait_name: t.name.clone(), points, effect, best_layer, random_effect })
+}
+
+impl EvalReport {
+    /// A text table: one row per layer (and the control), one column per coefficient.
+    pub fn table(&self) -> String {
+        let mut coeffs: Vec<f32> = self.points.iter().map(|p| p.coeff).collect();
+        coeffs.sort_by(f32::total_cmp);
+        coeffs.dedup();
+        let mut s = format!("trait log-odds (nats/token) for `{}`\n{:>10}", self.trait_name, "layer");
+        for c in &coeffs {
+            s += &format!("{:>9}", format!("{c:+}"));
+        }
+        s += &format!("{:>9}\n", "span");
+        let mut rows: Vec<(usize, bool)> = self.points.iter().map(|p| (p.layer, p.control)).collect();
+        rows.dedup();
+        for (l, ctl) in rows {
+            s += &format!("{:>10}", if ctl { format!("{l} random") } else { l.to_string() });
+            for c in &coeffs {
+                match self.points.iter().find(|p| p.layer == l && p.control == ctl && p.coeff == *c) {
+                    Some(p) => s += &format!("{:>9.3}", p.log_odds),
+                    None => s += &format!("{:>9}", ""),
+                }
+            }
+            s += &format!("{:>9.3}\n", span(&self.points, l, ctl));
+        }
+        s += &format!("best layer: {} (random direction span {:.3})\n", self.best_layer, self.random_effect);
+        s
+    }
+
+    /// An SVG line plot of log-odds against coefficient, one line per layer (control dashed).
+    pub fn svg(&self) -> String {
+        let (w, h, pad) = (640.0, 400.0, 50.0);
+        let xs: Vec<f64> = self.points.iter().map(|p| p.coeff as f64).collect();
+        let ys: Vec<f64> = self.points.iter().map(|p| p.log_odds).collect();
+        let (x0, x1) = (xs.iter().cloned().fold(f64::INFINITY, f64::min), xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+        let (mut y0, mut y1) = (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+        if y1 - y0 < 1e-9 {
+            y0 -= 1.0;
+            y1 += 1.0;
+        }
+        let px = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
+        let py = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
+        let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{}\" y=\"20\" text-anchor=\"middle\">{}: trait log-odds vs steering coefficient</text>\n\
+             <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"{pad}\" y=\"{}\">{x0:+}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x1:+}</text>\n\
+             <text x=\"5\" y=\"{}\">{y1:.2}</text><text x=\"5\" y=\"{}\">{y0:.2}</text>\n",
+            w / 2.0,
+            self.trait_name,
+            h - pad,
+            w - pad,
+            h - pad,
+            h - pad,
+            h - pad + 15.0,
+            w - pad,
+            h - pad + 15.0,
+            pad + 4.0,
+            h - pad
+        );
+        let mut rows: Vec<(usize, bool)> = self.points.iter().map(|p| (p.layer, p.control)).collect();
+        rows.dedup();
+        for (i, (l, ctl)) in rows.iter().enumerate() {
+            let mut pts: Vec<&EvalPoint> = self.points.iter().filter(|p| p.layer == *l && p.control == *ctl).collect();
+            pts.sort_by(|a, b| a.coeff.total_cmp(&b.coeff));
+            let path: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", px(p.coeff as f64), py(p.log_odds))).collect();
+            let color = if *ctl { "#888888" } else { colors[i % colors.len()] };
+            s += &format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{} points=\"{}\"/>\n",
+                if *ctl { " stroke-dasharray=\"5,4\"" } else { "" },
+                path.join(" ")
+            );
+            s += &format!(
+                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>\n",
+                w - pad + 4.0,
+                pad + 14.0 * i as f64,
+                if *ctl { format!("L{l} random") } else { format!("L{l}") }
+            );
+        }
+        s + "</svg>\n"
+    }
+}

@@ -1,0 +1,9 @@
+//! Persona pipelines: traits, extraction, judges, evaluation, monitoring, screening.
+
+pub mod common;
+pub mod eval;
+pub mod extract;
+pub mod judge;
+pub mod traits;
+pub mod monitor;
+pub mod screen;

@@ -1,0 +1,166 @@
+//! Training-data screening: for each (prompt x, response y) of a dataset,
+//! ΔP = mean_resp(h(x, y))·u − mean_resp(h(x, y'))·u at one layer, where y' is the model's own
+//! (greedy) answer to x. Samples with large ΔP would pull the model toward the trait.
+//! Results are appended to a JSONL file as they are computed, so an interrupted run resumes
+//! where it stopped.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{progress, teacher_force, CaptureRange, Forced};
+use crate::backend::Backend;
+use crate::engine::generate::GenRequest;
+use crate::error::{Error, Result};
+use crate::model::Message;
+use crate::steer::vector::PersonaVector;
+use crate::steer::{Probe, SeqSteering};
+use crate::LoadedModel;
+
+/// One dataset sample: the prompt messages and the response to screen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub messages: Vec<Message>,
+    pub response: String,
+}
+
+/// Read chat JSONL (`{"messages": [...]}`, the last message being the assistant's response) or
+/// prompt/response JSONL (`{"prompt": "...", "response": "..."}`). Errors name the line.
+pub fn read_dataset(path: &Path) -> Result<Vec<Sample>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: &str| Error::format(path, format!("line {}: {m}", i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        if let Some(msgs) = v.get("messages") {
+            let mut msgs: Vec<Message> =
+                serde_json::from_value(msgs.clone()).map_err(|e| bad(&format!("`messages`: {e}")))?;
+            let last = msgs.pop().ok_or_else(|| bad("`messages` is empty"))?;
+            if last.role != "assistant" {
+                return Err(bad("the last message must be the assistant's response"));
+            }
+            if msgs.is_empty() {
+                return Err(bad("no prompt before the assistant's response"));
+            }
+            out.push(Sample { messages: msgs, response: last.content });
+        } else {
+            let get = |k: &str| {
+                v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(&format!("missing string `{k}` (or `messages`)")))
+            };
+            out.push(Sample { messages: vec![Message::user(get("prompt")?)], response: get("response")? });
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "the dataset has no samples"));
+    }
+    Ok(out)
+}
+
+/// The result for one sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenRow {
+    pub index: usize,
+    pub delta_p: f64,
+    /// Mean projection of the dataset response and of the model's own answer.
+    pub p_data: f64,
+    pub p_own: f64,
+    pub own_answer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScreenOptions {
+    pub layer: usize,
+    pub max_tokens: usize,
+    pub batch: usize,
+    pub show_progress: bool,
+}
+
+fn forced<B: Backend>(m: &LoadedModel<B>, msgs: &[Message], answer: &str) -> Result<Forced> {
+    let prompt = m.apply_chat_template(msgs, true)?;
+    let p = m.encode(&prompt, false)?;
+    let all = m.encode(&format!("{prompt}{answer}"), false)?;
+    let tokens = if all.starts_with(&p) {
+        all
+    } else {
+        let mut t = p.clone();
+        t.extend(m.encode(answer, false)?);
+        t
+    };
+    Ok(Forced { answer_start: p.len(), tokens })
+}
+
+/// Rows already in `progress_file` (a truncated last line is ignored and rewritten).
+pub fn read_progress(progress_file: &Path) -> Result<Vec<ScreenRow>> {
+    if !progress_file.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(progress_file).map_err(|e| Error::io(progress_file, e))?;
+    Ok(text.lines().filter_map(|l| serde_json::from_str::<ScreenRow>(l).ok()).collect())
+}
+
+/// Screen `samples`, appending each finished batch to `progress_file` and skipping samples
+/// already there. Returns every row, sorted by index.
+pub fn screen<B: Backend>(
+    m: &LoadedModel<B>,
+    v: &PersonaVector,
+    samples: &[Sample],
+    progress_file: &Path,
+    o: &ScreenOptions,
+) -> Result<Vec<ScreenRow>> {
+    v.check_layer(o.layer)?;
+    let mut rows = read_progress(progress_file)?;
+    rows.retain(|r| r.index < samples.len());
+    let done: std::collections::HashSet<usize> = rows.iter().map(|r| r.index).collect();
+    // Rewrite the file with only whole lines, then append.
+    let mut text = String::new();
+    for r in &rows {
+        text += &(serde_json::to_string(r).unwrap_or_default() + "\n");
+    }
+    super::common::write_atomic(progress_file, text.as_bytes())?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(progress_file).map_err(|e| Error::io(progress_file, e))?;
+    let todo: Vec<usize> = (0..samples.len()).filter(|i| !done.contains(i)).collect();
+    let st = SeqSteering {
+        plan: Default::default(),
+        probes: vec![Probe { name: "v".into(), layer: o.layer, vector: Arc::from(v.layer(o.layer)) }],
+    };
+    let pb = o.show_progress.then(|| progress(todo.len(), "screening"));
+    let eos = m.engine.config.eos_ids.clone();
+    for chunk in todo.chunks(o.batch.max(1)) {
+        let reqs: Vec<GenRequest> = chunk
+            .iter()
+            .map(|&i| Ok(GenRequest::greedy(m.chat_prompt_ids(&samples[i].messages)?, o.max_tokens)))
+            .collect::<Result<_>>()?;
+        let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
+        let own: Vec<String> = gens
+            .iter()
+            .map(|g| m.decode(&g.ids().into_iter().filter(|i| !eos.contains(i)).collect::<Vec<_>>()))
+            .collect::<Result<_>>()?;
+        let mut items = vec![];
+        for (&i, a) in chunk.iter().zip(&own) {
+            items.push(forced(m, &samples[i].messages, &samples[i].response)?);
+            items.push(forced(m, &samples[i].messages, a)?);
+        }
+        let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, false, o.batch, None)?;
+        let mut lines = String::new();
+        for (k, &i) in chunk.iter().enumerate() {
+            let (pd, po) = (outs[2 * k].answer_proj[0] as f64, outs[2 * k + 1].answer_proj[0] as f64);
+            let r = ScreenRow { index: i, delta_p: pd - po, p_data: pd, p_own: po, own_answer: own[k].clone() };
+            lines += &(serde_json::to_string(&r).unwrap_or_default() + "\n");
+            rows.push(r);
+        }
+        file.write_all(lines.as_bytes()).and_then(|_| file.sync_data()).map_err(|e| Error::io(progress_file, e))?;
+        if let Some(pb) = &pb {
+            pb.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    rows.sort_by_key(|r| r.index);
+    Ok(rows)
+}
