@@ -371,3 +371,31 @@ fn capture_reproduces_the_reference_extraction() {
         assert!(err <= 1e-3 * norm.max(1.0), "index {l}: max error {err} (|v| {norm})");
     }
 }
+
+/// `scale=relative`: the coefficient is a fraction of |h_L| from the vector's metadata, warned
+/// outside the usable window, refused without the metadata.
+#[test]
+fn relative_scale_uses_recorded_residual_norms() {
+    use persona::steer::spec::{resolve, SteerSpec};
+    use persona::steer::vector::PersonaVector;
+    let cfg = persona::model::ModelConfig::from_hf_json(&fixtures().join("tiny-llama/config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = PersonaVector::load(fixtures().join("tiny-llama/test_vector.safetensors")).unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    v.save(&plain).unwrap();
+    v.metadata.insert("persona.mean_norms".into(), "[1.0, 8.0, 10.0, 12.0]".into());
+    let with = dir.path().join("with.safetensors");
+    v.save(&with).unwrap();
+    let spec = |p: &std::path::Path, c: f32| {
+        SteerSpec::parse(&format!("vector={},layer=2,coeff={c},scale=relative", p.display())).unwrap()
+    };
+    let mut warn = vec![];
+    let st = resolve(&[spec(&with, 0.2)], &[], &cfg, &mut warn).unwrap();
+    let want = 0.2 * 10.0 / v.norm(2);
+    assert!((st.plan.ops[0].coeff - want).abs() < 1e-6, "{} vs {want}", st.plan.ops[0].coeff);
+    assert!(warn.is_empty(), "{warn:?}");
+    resolve(&[spec(&with, 0.8)], &[], &cfg, &mut warn).unwrap();
+    assert!(warn.len() == 1 && warn[0].contains("usable window"), "{warn:?}");
+    let err = resolve(&[spec(&plain, 0.2)], &[], &cfg, &mut warn).unwrap_err().to_string();
+    assert!(err.contains("persona.mean_norms"), "{err}");
+}

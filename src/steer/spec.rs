@@ -3,7 +3,9 @@
 //! `--steer vector=PATH,layer=12,coeff=4,op=add,positions=all[,when=NAME>3.5]`
 //!   (also `layers=10-14`, `layers=all` = 1..=N, `layers=3+7`; `op=clamp` takes the target projection
 //!   as `coeff`; `when=NAME[@L]>τ` or `<τ` reads monitor NAME's vector — or `self`, the op's own
-//!   vector — at residual index L, default the op's layer)
+//!   vector — at residual index L, default the op's layer; `scale=relative` reads `coeff` as a
+//!   fraction of the layer's mean residual norm |h_L| recorded in the vector's metadata:
+//!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`)
 //! `--monitor vector=PATH[,layers=all][,name=NAME]` (name defaults to the file stem)
 
 use std::collections::HashMap;
@@ -75,7 +77,13 @@ pub struct SteerSpec {
     pub coeff: f32,
     pub positions: Positions,
     pub when: Option<WhenSpec>,
+    /// `coeff` is a fraction of |h_L| (from the vector's `persona.mean_norms`).
+    pub relative: bool,
 }
+
+/// The window of relative coefficients measured to steer without wrecking the text on the
+/// default model (at 50–60% depth); beyond it `resolve` warns.
+pub const RELATIVE_WINDOW: (f32, f32) = (0.1, 0.3);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonitorSpec {
@@ -111,7 +119,7 @@ fn finite(what: &str, key: &str, v: &str) -> Result<f32> {
 impl SteerSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let what = format!("--steer `{spec}`");
-        let m = pairs(spec, "--steer", &["vector", "layer", "layers", "coeff", "op", "positions", "when"])?;
+        let m = pairs(spec, "--steer", &["vector", "layer", "layers", "coeff", "op", "positions", "when", "scale"])?;
         let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH")))?;
         let layers = match (m.get("layer"), m.get("layers")) {
             (Some(_), Some(_)) => return Err(Error::Invalid(format!("{what}: give layer= or layers=, not both"))),
@@ -143,7 +151,12 @@ impl SteerSpec {
             p => return Err(Error::Invalid(format!("{what}: unknown positions `{p}` (all, prompt, response)"))),
         };
         let when = m.get("when").map(|w| WhenSpec::parse(w, &what)).transpose()?;
-        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when })
+        let relative = match m.get("scale").map(String::as_str).unwrap_or("raw") {
+            "raw" => false,
+            "relative" => true,
+            o => return Err(Error::Invalid(format!("{what}: unknown scale `{o}` (raw, relative)"))),
+        };
+        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when, relative })
     }
 }
 
@@ -192,9 +205,32 @@ impl MonitorSpec {
     }
 }
 
+/// The per-layer mean residual norms |h_L| recorded at extraction (`persona.mean_norms`).
+pub fn mean_norms(v: &PersonaVector) -> Result<Vec<f32>> {
+    let s = v.metadata.get("persona.mean_norms").ok_or_else(|| {
+        Error::format(
+            v.origin(),
+            "scale=relative needs the layer's mean residual norm, but the vector has no `persona.mean_norms` \
+             metadata (vectors made by `persona extract` have it)",
+        )
+    })?;
+    let norms: Vec<f32> = serde_json::from_str(s)
+        .map_err(|e| Error::format(v.origin(), format!("`persona.mean_norms` is not a JSON list of numbers: {e}")))?;
+    if norms.len() != v.n_layers + 1 || norms.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+        return Err(Error::format(v.origin(), format!("`persona.mean_norms` needs {} positive numbers", v.n_layers + 1)));
+    }
+    Ok(norms)
+}
+
 /// Load the vectors that specs name (each file once) and build one sequence's steering.
-/// Every layer a spec uses is checked: in range, finite, not all zero.
-pub fn resolve(steer: &[SteerSpec], monitor: &[MonitorSpec], cfg: &ModelConfig) -> Result<SeqSteering> {
+/// Every layer a spec uses is checked: in range, finite, not all zero. Relative coefficients
+/// outside [`RELATIVE_WINDOW`] add a warning (they are not refused).
+pub fn resolve(
+    steer: &[SteerSpec],
+    monitor: &[MonitorSpec],
+    cfg: &ModelConfig,
+    warnings: &mut Vec<String>,
+) -> Result<SeqSteering> {
     let mut files: HashMap<PathBuf, PersonaVector> = HashMap::new();
     let mut load = |p: &PathBuf| -> Result<PersonaVector> {
         if let Some(v) = files.get(p) {
@@ -223,6 +259,21 @@ pub fn resolve(steer: &[SteerSpec], monitor: &[MonitorSpec], cfg: &ModelConfig) 
         let v = load(&s.vector)?;
         for l in s.layers.resolve(cfg.n_layers) {
             let vector = row(&v, l)?;
+            let mut coeff = s.coeff;
+            if s.relative && s.kind != SteerKind::Ablate {
+                let hl = mean_norms(&v)?[l];
+                let (lo, hi) = RELATIVE_WINDOW;
+                if s.kind == SteerKind::Add && (s.coeff.abs() < lo || s.coeff.abs() > hi) {
+                    warnings.push(format!(
+                        "{}: relative coefficient {} at layer {l} is outside the usable window {lo}–{hi} of |h_L| measured \
+                         on the default model",
+                        s.vector.display(),
+                        s.coeff
+                    ));
+                }
+                // add: h += c·|h_L|·v/|v|; clamp: target projection c·|h_L|.
+                coeff = if s.kind == SteerKind::Add { s.coeff * hl / v.norm(l) } else { s.coeff * hl };
+            }
             let when = match &s.when {
                 None => None,
                 Some(w) => {
@@ -242,7 +293,7 @@ pub fn resolve(steer: &[SteerSpec], monitor: &[MonitorSpec], cfg: &ModelConfig) 
                     Some(Condition { vector: row(cv, cl)?, layer: cl, cmp: w.cmp, threshold: w.threshold })
                 }
             };
-            out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff: s.coeff, positions: s.positions, when });
+            out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff, positions: s.positions, when });
         }
     }
     out.validate(cfg.hidden, cfg.n_layers)?;

@@ -147,7 +147,12 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let steering = if steer.is_empty() && monitor.is_empty() {
         None
     } else {
-        Some(Arc::new(resolve(&steer, &monitor, &m.engine.config)?))
+        let mut warnings = vec![];
+        let st = resolve(&steer, &monitor, &m.engine.config, &mut warnings)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        Some(Arc::new(st))
     };
     let reqs: Vec<GenRequest> = prompts
         .into_iter()

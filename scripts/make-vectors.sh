@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Reproduce the shipped vectors: vectors/smollm2-135m-instruct/<trait>.safetensors for the whole
+# catalog, on the default model, on the CPU. Each vector's metadata records the exact command
+# (persona.command), the seed, and the layer chosen by `persona eval` (persona.layer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=./target/release/persona
+out=vectors/smollm2-135m-instruct
+mkdir -p "$out"
+for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallucinating}; do
+  start=$(date +%s)
+  $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0
+  $bin eval --backend cpu --vector "$out/$t.safetensors" --layers 12+15+18+21 --coeffs=-3,0,3 --questions 8 \
+    --out-dir "$out/eval"
+  echo "$t: $(( $(date +%s) - start ))s"
+done
