@@ -14,7 +14,7 @@
 //! - [`OpenAiJudge`]: any OpenAI-compatible `chat/completions` endpoint, asked for one token with
 //!   the top 20 log-probabilities (exactly the paper's request), many prompts at once on a bounded
 //!   pool of threads, with retries. A failed prompt is an `Err` in its place, never a score.
-//! - [`LocalJudge`]: a model loaded in this engine (`--judge self`), one batched forward pass; it
+//! - [`LocalJudge`]: a model loaded in this engine (`--judge self`), batched forward passes; it
 //!   sees the whole next-token distribution, not only the top 20, so every integer token counts.
 //!
 //! The first token alone can only say what one token can: a tokenizer that splits numbers into
@@ -26,8 +26,8 @@
 //! use persona::persona::judge::{Judge, OpenAiJudge};
 //! let judge = OpenAiJudge::new("https://api.openai.com", "gpt-4.1-mini", std::env::var("OPENAI_API_KEY").ok())?;
 //! for r in judge.score(&["Rate 0-100 how evil this answer is... Answer: ...".to_string()]) {
-//!     match r? { s if s.score.is_some() => println!("{:.1} (mass {:.2})", s.score.unwrap(), s.mass),
-//!                s => println!("no score (mass {:.2})", s.mass) }
+//!     let s = r?; // an Err is that prompt's failure (URL, HTTP status, body), never a score
+//!     println!("score {:?} (mass {:.2})", s.score, s.mass); // None: < 0.25 on integers
 //! }
 //! # Ok::<(), persona::Error>(())
 //! ```

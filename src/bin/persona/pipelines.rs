@@ -447,7 +447,7 @@ pub struct DemoArgs {
     /// ... or any vector file.
     #[arg(long)]
     pub vector: Option<PathBuf>,
-    /// Steering coefficient α (raw); answers at −α, 0, +α.
+    /// Steering coefficient α (raw; default 0.13·|h_L|/|v_L|); answers at −α, 0, +α.
     #[arg(long)]
     pub coeff: Option<f32>,
     #[arg(long)]
@@ -477,14 +477,14 @@ impl ModelTask for DemoArgs {
         let layer = vector_layer(&v, a.layer)?;
         let coeff = match a.coeff {
             Some(c) => c,
-            // A fifth of the layer's mean residual norm, in raw units of the vector.
+            // 0.13 of the layer's mean residual norm (coherent on the default model), in raw units.
             None => {
                 let norms: Vec<f32> = v
                     .metadata
                     .get("persona.mean_norms")
                     .and_then(|s| serde_json::from_str(s).ok())
                     .context("the vector has no persona.mean_norms: pass --coeff")?;
-                0.2 * norms[layer] / v.norm(layer)
+                0.13 * norms[layer] / v.norm(layer)
             }
         };
         let row: Arc<[f32]> = Arc::from(v.layer(layer));
