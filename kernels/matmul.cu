@@ -7,11 +7,13 @@
 //   token); x is a few KB and stays in L1/L2. x stays f32: the products are exact in f32.
 //
 // * GEMM (prefill): 64×64 output tiles, 4 warps each computing 32×32 with tensor-core
-//   mma.sync.m16n8k16 (bf16 or f16 inputs, f32 accumulation). Each step stages a 64×32 slice of x
-//   (converted to the weight's 16-bit type -- the one precision loss against the f32 reference,
-//   2^-9 relative per element for bf16) and of W in shared memory; every staged element is then
-//   read by 2 (x) or 2 (W) warps from shared memory instead of global memory. Rows are padded to
-//   40 elements (80 bytes) so the fragment loads of a warp hit 32 distinct banks.
+//   mma.sync.m16n8k16 (bf16 or f16 inputs, f32 accumulation). Each step stages a 64×32 slice of W
+//   and of x in shared memory, where each element is read by 2 warps instead of each warp going
+//   to global memory. x is staged as two 16-bit parts, hi = round(x) and lo = round(x - hi), and
+//   both are multiplied (2 MMAs): x keeps ~16 significant bits instead of bf16's 8, so prefill
+//   agrees with the f32-x GEMV path and the CPU to well under bf16 weight rounding (one rounding
+//   of x alone costs ~2^-9 relative per element). Rows are padded to 40 elements (80 bytes) so
+//   the fragment loads of a warp hit 32 distinct banks.
 //   Fragment layouts are those of the PTX ISA for m16n8k16 (.row.col): with g = lane/4 and
 //   q = lane%4, A regs hold (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..); B regs hold
 //   (k = 2q..2q+1, n = g), (k = 2q+8.., n = g); C holds (g, 2q..2q+1), (g+8, 2q..2q+1).
@@ -68,10 +70,17 @@ __device__ void gemv_body(const float* __restrict__ x, const W* __restrict__ w, 
 #define TILE_K 32
 #define TILE_LD (TILE_K + 8)
 
-__device__ __forceinline__ u16 to_bits(float v, const __nv_bfloat16*) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+// v ≈ hi + lo in the weight's 16-bit type (bits of each).
+__device__ __forceinline__ void split_bits(float v, u16& hi, u16& lo, const __nv_bfloat16*) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    hi = __bfloat16_as_ushort(h);
+    lo = __bfloat16_as_ushort(__float2bfloat16_rn(v - __bfloat162float(h)));
 }
-__device__ __forceinline__ u16 to_bits(float v, const __half*) { return __half_as_ushort(__float2half_rn(v)); }
+__device__ __forceinline__ void split_bits(float v, u16& hi, u16& lo, const __half*) {
+    const __half h = __float2half_rn(v);
+    hi = __half_as_ushort(h);
+    lo = __half_as_ushort(__float2half_rn(v - __half2float(h)));
+}
 
 __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b, const __nv_bfloat16*) {
     asm volatile(
@@ -91,7 +100,8 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b, 
 template <typename W>
 __device__ void gemm_body(const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,
                           float* __restrict__ out, int t, int n, int k) {
-    __shared__ __align__(16) u16 xs[TILE_M * TILE_LD];
+    __shared__ __align__(16) u16 xs[TILE_M * TILE_LD];  // hi part of x
+    __shared__ __align__(16) u16 xl[TILE_M * TILE_LD];  // lo part of x
     __shared__ __align__(16) u16 ws[TILE_N * TILE_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;  // 2×2 warps, 32×32 each
@@ -125,9 +135,8 @@ __device__ void gemm_body(const float* __restrict__ x, const W* __restrict__ w, 
                         if (gk + e < k) v[e] = src[e];
                 }
             }
-            u16* dst = xs + row * TILE_LD + col;
 #pragma unroll
-            for (int e = 0; e < 4; e++) dst[e] = to_bits(v[e], w);
+            for (int e = 0; e < 4; e++) split_bits(v[e], xs[row * TILE_LD + col + e], xl[row * TILE_LD + col + e], w);
         }
         // Stage W: 64 rows × 32 columns = 256 groups of 8, 2 per thread; zero outside [n, k).
 #pragma unroll
@@ -155,14 +164,19 @@ __device__ void gemm_body(const float* __restrict__ x, const W* __restrict__ w, 
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < TILE_K; kk += 16) {
-            u32 af[2][4], bf[4][2];
+            u32 af[2][4], al[2][4], bf[4][2];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                const u16* base = xs + (wm * 32 + mt * 16 + g) * TILE_LD + kk + 2 * q;
-                af[mt][0] = *reinterpret_cast<const u32*>(base);
-                af[mt][1] = *reinterpret_cast<const u32*>(base + 8 * TILE_LD);
-                af[mt][2] = *reinterpret_cast<const u32*>(base + 8);
-                af[mt][3] = *reinterpret_cast<const u32*>(base + 8 * TILE_LD + 8);
+                const int at = (wm * 32 + mt * 16 + g) * TILE_LD + kk + 2 * q;
+#pragma unroll
+                for (int part = 0; part < 2; part++) {
+                    const u16* base = (part == 0 ? xs : xl) + at;
+                    u32* a = part == 0 ? af[mt] : al[mt];
+                    a[0] = *reinterpret_cast<const u32*>(base);
+                    a[1] = *reinterpret_cast<const u32*>(base + 8 * TILE_LD);
+                    a[2] = *reinterpret_cast<const u32*>(base + 8);
+                    a[3] = *reinterpret_cast<const u32*>(base + 8 * TILE_LD + 8);
+                }
             }
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {
@@ -173,7 +187,10 @@ __device__ void gemm_body(const float* __restrict__ x, const W* __restrict__ w, 
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int nt = 0; nt < 4; nt++) mma_16816(acc[mt][nt], af[mt], bf[nt], w);
+                for (int nt = 0; nt < 4; nt++) {
+                    mma_16816(acc[mt][nt], al[mt], bf[nt], w);
+                    mma_16816(acc[mt][nt], af[mt], bf[nt], w);
+                }
         }
         __syncthreads();
     }

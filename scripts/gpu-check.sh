@@ -90,13 +90,15 @@ for m in tiny-llama tiny-llama3-rope tiny-qwen2; do
         out=$("$PY" - "$dir/reference.json" "$WORK/$m.json" <<'PYEOF'
 import json, sys
 ref = json.load(open(sys.argv[1])); got = json.loads(open(sys.argv[2]).read().splitlines()[-1])
-last = ref["logits"][-1]; scale = max(1.0, max(abs(v) for v in last))
-err = max(abs(l - last[i]) for i, l in got["steps"][0]["top"]) / scale
+last = ref["logits"][-1]; top = got["steps"][0]["top"]
+# Relative error ||got - ref|| / ||ref|| over the top 20 (bf16 weights alone give ~5e-3).
+err = (sum((l - last[i]) ** 2 for i, l in top) / sum(last[i] ** 2 for i, _ in top)) ** 0.5
+noise = max(0.02, 2 * max(abs(l - last[i]) for i, l in top))
 want, margins = ref["greedy_16_no_eos"], ref["greedy_16_margins"]
 ok_ids, upto = True, len(want)
 for i, w in enumerate(want):
     if got["ids"][i] != w: ok_ids, upto = False, i; break
-    if margins[i] < 0.05: upto = i + 1; break
+    if margins[i] < noise: upto = i + 1; break
 ok = err <= 1e-2 and ok_ids
 print(("pass" if ok else "FAIL") + f" top-20 rel err {err:.2e}, greedy ids match for {upto} steps" + ("" if ok_ids else f" (then {got['ids'][upto]} vs {want[upto]})"))
 PYEOF
@@ -156,9 +158,8 @@ then
 import json, sys
 cpu, gpu = (json.loads(open(p).read().splitlines()[-1]) for p in sys.argv[1:3])
 c, g = dict(cpu["steps"][0]["top"]), dict(gpu["steps"][0]["top"])
-scale = max(1.0, max(abs(v) for v in c.values()))
 common = set(c) & set(g)
-err = max(abs(c[i] - g[i]) for i in common) / scale if common else float("inf")
+err = (sum((c[i] - g[i]) ** 2 for i in common) / sum(c[i] ** 2 for i in common)) ** 0.5 if common else float("inf")
 same = 0
 for a, b in zip(cpu["ids"], gpu["ids"]):
     if a != b: break

@@ -4,9 +4,10 @@
 //
 // matmul_gemv (decode, t ≤ 8): bound by reading W once. A workgroup of 256 threads owns 8 rows,
 // 32 threads per row; the 32 threads of a row read consecutive words of it (one coalesced
-// stream) and keep one accumulator per token in registers, so each weight word is loaded once
-// for all tokens of the call. x is tiny and stays in cache. Each row's 32 partial sums are then
-// reduced through workgroup memory. A token's result does not depend on t.
+// stream), two elements at a time. Per token, each thread's partial sum goes to workgroup
+// memory and one thread per row adds the row's 32 partials in order (one barrier, not a
+// log-step tree). A second token re-reads the workgroup's 8 rows from cache, not from memory;
+// x is tiny and stays in cache. A token's result does not depend on t.
 //
 // matmul_gemm (prefill): bound by arithmetic. 64 tokens × 64 rows per workgroup, staged through
 // workgroup memory 16 columns of k at a time (8 KiB), so each x and W element fetched from
@@ -68,7 +69,6 @@ fn w_load2(i: u32) -> vec2<f32> {
 
 const GEMV_ROWS: u32 = 8u;
 const GEMV_LANES: u32 = 32u;
-const GEMV_MAX_T: u32 = 8u;
 
 var<workgroup> partial: array<f32, 256>;
 

@@ -6,6 +6,7 @@ pub mod error;
 pub mod fetch;
 pub mod model;
 pub mod persona;
+pub mod serve;
 pub mod steer;
 
 pub use error::{Error, Result};

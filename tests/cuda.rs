@@ -9,7 +9,7 @@ use common::*;
 
 use std::sync::Arc;
 
-use persona::backend::check::{format_table, run_checks};
+use persona::backend::check::{format_table, run_checks, run_weight_format_checks};
 use persona::backend::cuda::compile::{self, KernelFile};
 use persona::backend::cuda::{libs, CudaBackend};
 use persona::engine::generate::GenRequest;
@@ -104,7 +104,9 @@ fn cli_compile_only_prints_the_resource_table() {
 #[test]
 fn cuda_matches_the_cpu_reference_op_by_op() {
     let Some(b) = gpu("CUDA parity table") else { return };
-    let rows = run_checks(&b, true);
+    let mut rows = run_checks(&b, true);
+    rows.extend(run_weight_format_checks(&b, true));
+    assert!(rows.iter().any(|r| r.op == "matmul[f16]"));
     let table = format_table("cuda", &rows);
     eprintln!("{table}");
     assert!(rows.iter().all(|r| r.pass), "{table}");
@@ -119,10 +121,22 @@ fn load(b: CudaBackend, name: &str) -> (Engine<CudaBackend>, serde_json::Value) 
     (engine, json(&dir.join("reference.json")))
 }
 
-/// Largest |got - want| over a row, relative to the row's largest |want| (at least 1).
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+/// Relative error of a logits row, ‖got − want‖ / ‖want‖, and its largest absolute error.
+/// Rounding the fixtures' f32 weights to bf16 alone gives ~4e-3..8e-3 here (measured on the CPU
+/// with bf16-rounded weights), so the 1e-2 bound leaves room for summation order only.
+fn rel_err(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let (mut num, mut den, mut max) = (0f64, 0f64, 0f32);
+    for (&a, &b) in got.iter().zip(want) {
+        num += ((a - b) as f64).powi(2);
+        den += (b as f64).powi(2);
+        max = max.max((a - b).abs());
+    }
+    ((num / den.max(1e-30)).sqrt() as f32, max)
+}
+
+/// Greedy steps whose reference margin is below twice the observed logit error may flip.
+fn noise(max_abs: f32) -> f32 {
+    (2.0 * max_abs).max(0.02)
 }
 
 #[test]
@@ -139,9 +153,11 @@ fn tiny_models_match_transformers_on_cuda() {
                 true,
             )
             .unwrap();
-        let mut worst = 0f32;
+        let (mut worst, mut max_abs) = (0f32, 0f32);
         for (t, row) in r["logits"].as_array().unwrap().iter().enumerate() {
-            worst = worst.max(rel_err(out.row(t), &f32s(row)));
+            let (rel, abs) = rel_err(out.row(t), &f32s(row));
+            worst = worst.max(rel);
+            max_abs = max_abs.max(abs);
         }
         assert!(worst <= 1e-2, "{name}: logits relative error {worst}");
         let hsz = e.config.hidden;
@@ -157,9 +173,8 @@ fn tiny_models_match_transformers_on_cuda() {
         let mut req = GenRequest::greedy(ids.clone(), want.len());
         req.ignore_eos = true;
         let got = e.generate(&[req], &mut |_, _| {}).unwrap().remove(0).ids();
-        let noise = (4.0 * worst * 10.0).max(0.05);
-        assert_greedy_prefix(&got, &want, &f32s(&r["greedy_16_margins"]), noise, name);
-        eprintln!("{name}: cuda logits relative error {worst:.2e}");
+        assert_greedy_prefix(&got, &want, &f32s(&r["greedy_16_margins"]), noise(max_abs), name);
+        eprintln!("{name}: cuda logits relative error {worst:.2e}, largest error {max_abs:.2e}");
     }
 }
 
@@ -218,14 +233,14 @@ fn tiny_models_steering_cases_match_transformers_on_cuda() {
         for case in r["steering"].as_array().unwrap() {
             let what = format!("{name}/{}", case["case"].as_str().unwrap());
             let st = steering_from(&case["ops"], &rows);
-            let err = rel_err(&last_logits(&e, &ids, Some(&st)), &f32s(&case["logits_last"]));
+            let (err, max_abs) = rel_err(&last_logits(&e, &ids, Some(&st)), &f32s(&case["logits_last"]));
             assert!(err <= 1e-2, "{what}: last logits relative error {err}");
             let want = u32s(&case["greedy_16_no_eos"]);
             let mut req = GenRequest::greedy(ids.clone(), want.len());
             req.ignore_eos = true;
             req.steering = Some(Arc::new(st));
             let got = e.generate(&[req], &mut |_, _| {}).unwrap().remove(0).ids();
-            assert_greedy_prefix(&got, &want, &f32s(&case["greedy_16_margins"]), (40.0 * err).max(0.05), &what);
+            assert_greedy_prefix(&got, &want, &f32s(&case["greedy_16_margins"]), noise(max_abs), &what);
         }
     }
 }

@@ -367,6 +367,60 @@ fn check_dense<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mu
     Ok(())
 }
 
+/// A tensor stored as `dtype` bytes, memory-mapped like the model loaders' tensors.
+fn stored(shape: Vec<usize>, vals: &[f32], dtype: crate::model::tensor::DType) -> Result<HostTensor> {
+    use crate::model::tensor::{DType, Storage};
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        DType::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    };
+    let anon = |e| crate::Error::io("anonymous memory map", e);
+    let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(anon)?;
+    m[..bytes.len()].copy_from_slice(&bytes);
+    let map = std::sync::Arc::new(m.make_read_only().map_err(anon)?);
+    Ok(HostTensor { name: "w".into(), shape, storage: Storage::Mapped { map, offset: 0, len: bytes.len(), dtype } })
+}
+
+/// matmul (with bias, odd and even k) and embed with weights stored as f16 and bf16, for GPU
+/// backends that keep 16-bit weights as stored. The CPU widens the same stored values exactly,
+/// so the f32 tolerances hold. Rows are labelled `matmul[f16]`, `embed[bf16]`, ...
+pub fn run_weight_format_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow> {
+    use crate::model::tensor::DType;
+    let mut tab = Table(vec![]);
+    let cpu = CpuBackend;
+    for (dtype, tag) in [(DType::F16, "f16"), (DType::BF16, "bf16")] {
+        for t in token_cases(quick) {
+            for k in [200usize, 201] {
+                let case = format!("t={t} k={k}");
+                let n = k + 56;
+                let run = |tab: &mut Table| -> Result<()> {
+                    let w = stored(vec![n, k], &rand(n * k, 31, 0.1), dtype)?;
+                    let bias = stored(vec![n], &rand(n, 32, 0.5), dtype)?;
+                    let x = rand(t * k, 33, 1.0);
+                    let (wb, bb) = (b.upload(&w)?, b.upload(&bias)?);
+                    let (xb, mut ob) = (buf(b, &x)?, poisoned(b, t * n)?);
+                    b.matmul(&xb, &wb, Some(&bb), t, &mut ob)?;
+                    let mut oc = vec![0f32; t * n];
+                    cpu.matmul(&x, &cpu.upload(&w)?, Some(&cpu.upload(&bias)?), t, &mut oc)?;
+                    tab.push(&format!("matmul[{tag}]"), format!("{case} n={n} +bias"), &b.read(&ob, t * n)?, &oc, 1e-9);
+                    let ids: Vec<u32> = (0..t).map(|i| ((i * 37 + 5) % n) as u32).collect();
+                    let mut eb = poisoned(b, t * k)?;
+                    b.embed(&wb, &ids, k, &mut eb)?;
+                    let mut ec = vec![0f32; t * k];
+                    cpu.embed(&cpu.upload(&w)?, &ids, k, &mut ec)?;
+                    tab.push(&format!("embed[{tag}]"), case.clone(), &b.read(&eb, t * k)?, &ec, 0.0);
+                    Ok(())
+                };
+                if let Err(e) = run(&mut tab) {
+                    tab.error(&format!("matmul[{tag}]"), case, e);
+                }
+            }
+        }
+    }
+    tab.0
+}
+
 /// A ragged batch: `t` new tokens in 3 sequences whose caches already hold 0, 5 and 17 tokens.
 fn ragged(t: usize) -> Vec<TokenPos> {
     let starts = [0u32, 5, 17];

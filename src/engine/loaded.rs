@@ -68,6 +68,17 @@ impl<B: Backend> LoadedModel<B> {
         self.tok()?.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The generated ids of `g` without end-of-sequence tokens.
+    pub fn answer_ids(&self, g: &crate::engine::generate::GenOutput) -> Vec<u32> {
+        let eos = &self.engine.config.eos_ids;
+        g.ids().into_iter().filter(|i| !eos.contains(i)).collect()
+    }
+
+    /// The generated text of `g`, end-of-sequence tokens left out.
+    pub fn answer_text(&self, g: &crate::engine::generate::GenOutput) -> Result<String> {
+        self.decode(&self.answer_ids(g))
+    }
+
     /// The exact prompt string the model's chat template produces.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.chat_template.as_ref().ok_or_else(|| {

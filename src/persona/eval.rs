@@ -79,13 +79,12 @@ fn reference_answers<B: Backend>(
         }
     }
     let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
-    let eos = &m.engine.config.eos_ids;
     let mut out = vec![];
     for (qi, q) in questions.iter().enumerate() {
         let base = chat_ids(m, None, q)?;
         let mk = |g: &crate::engine::generate::GenOutput| {
             let mut tokens = base.clone();
-            tokens.extend(g.ids().into_iter().filter(|i| !eos.contains(i)));
+            tokens.extend(m.answer_ids(g));
             Forced { answer_start: base.len(), tokens }
         };
         out.push((mk(&gens[2 * qi]), mk(&gens[2 * qi + 1])));
@@ -157,10 +156,9 @@ fn point<B: Backend>(
             .map(|q| Ok(GenRequest { steering: Some(st.clone()), ..GenRequest::greedy(chat_ids(m, None, q)?, o.max_tokens) }))
             .collect::<Result<_>>()?;
         let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
-        let eos = &m.engine.config.eos_ids;
         let answers: Vec<String> = gens
             .iter()
-            .map(|g| m.decode(&g.ids().into_iter().filter(|i| !eos.contains(i)).collect::<Vec<_>>()))
+            .map(|g| m.answer_text(g))
             .collect::<Result<_>>()?;
         p.response_projection =
             Some(gens.iter().map(|g| g.response_mean_projection(0) as f64).sum::<f64>() / gens.len() as f64);

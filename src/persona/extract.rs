@@ -141,7 +141,12 @@ pub fn forced_item<B: Backend>(m: &LoadedModel<B>, system: Option<&str>, questio
         msgs.push(Message::system(s));
     }
     msgs.push(Message::user(question));
-    let prompt = m.apply_chat_template(&msgs, true)?;
+    forced_chat(m, &msgs, answer)
+}
+
+/// [`forced_item`] for any prompt messages.
+pub fn forced_chat<B: Backend>(m: &LoadedModel<B>, msgs: &[Message], answer: &str) -> Result<Forced> {
+    let prompt = m.apply_chat_template(msgs, true)?;
     let p = m.encode(&prompt, false)?;
     let all = m.encode(&format!("{prompt}{answer}"), false)?;
     let tokens = if all.starts_with(&p) {
@@ -171,7 +176,6 @@ pub fn generate_responses<B: Backend>(m: &LoadedModel<B>, t: &TraitDef, o: &Extr
         return Err(Error::Invalid(format!("trait `{}`: no instruction pairs or questions selected", t.name)));
     }
     let pb = o.show_progress.then(|| progress(jobs.len(), "generating"));
-    let eos = &m.engine.config.eos_ids;
     let mut out = Vec::with_capacity(jobs.len());
     for (ci, chunk) in jobs.chunks(o.batch.max(1)).enumerate() {
         let reqs: Vec<GenRequest> = chunk
@@ -192,11 +196,10 @@ pub fn generate_responses<B: Backend>(m: &LoadedModel<B>, t: &TraitDef, o: &Extr
             .collect::<Result<_>>()?;
         let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
         for ((label, sys, q, key), g) in chunk.iter().zip(gens) {
-            let ids: Vec<u32> = g.ids().into_iter().filter(|i| !eos.contains(i)).collect();
             out.push(Response {
                 system: Some(sys.clone()),
                 question: q.clone(),
-                answer: m.decode(&ids)?.trim().to_string(),
+                answer: m.answer_text(&g)?.trim().to_string(),
                 label: *label,
                 pair: Some(*key),
                 trait_score: None,

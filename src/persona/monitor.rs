@@ -153,7 +153,6 @@ pub fn run<B: Backend>(
             plan: Default::default(),
             probes: vec![Probe { name: "v".into(), layer, vector: Arc::from(v.layer(layer)) }],
         });
-        let eos = m.engine.config.eos_ids.clone();
         let pb = o.show_progress.then(|| progress(rows.len(), "responses"));
         for chunk in rows.chunks_mut(o.batch.max(1)) {
             let reqs: Vec<GenRequest> = chunk
@@ -165,8 +164,7 @@ pub fn run<B: Backend>(
                 .collect::<Result<_>>()?;
             let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
             for (r, g) in chunk.iter_mut().zip(gens) {
-                let ids: Vec<u32> = g.ids().into_iter().filter(|i| !eos.contains(i)).collect();
-                r.response = Some(m.decode(&ids)?);
+                r.response = Some(m.answer_text(&g)?);
                 r.response_projection = Some(g.response_mean_projection(0));
             }
             if let Some(pb) = &pb {

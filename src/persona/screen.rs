@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{progress, teacher_force, CaptureRange, Forced};
+use super::common::{progress, teacher_force, CaptureRange};
+use super::extract::forced_chat;
 use crate::backend::Backend;
 use crate::engine::generate::GenRequest;
 use crate::error::{Error, Result};
@@ -80,20 +81,6 @@ pub struct ScreenOptions {
     pub show_progress: bool,
 }
 
-fn forced<B: Backend>(m: &LoadedModel<B>, msgs: &[Message], answer: &str) -> Result<Forced> {
-    let prompt = m.apply_chat_template(msgs, true)?;
-    let p = m.encode(&prompt, false)?;
-    let all = m.encode(&format!("{prompt}{answer}"), false)?;
-    let tokens = if all.starts_with(&p) {
-        all
-    } else {
-        let mut t = p.clone();
-        t.extend(m.encode(answer, false)?);
-        t
-    };
-    Ok(Forced { answer_start: p.len(), tokens })
-}
-
 /// Rows already in `progress_file` (a truncated last line is ignored and rewritten).
 pub fn read_progress(progress_file: &Path) -> Result<Vec<ScreenRow>> {
     if !progress_file.exists() {
@@ -129,7 +116,6 @@ pub fn screen<B: Backend>(
         probes: vec![Probe { name: "v".into(), layer: o.layer, vector: Arc::from(v.layer(o.layer)) }],
     };
     let pb = o.show_progress.then(|| progress(todo.len(), "screening"));
-    let eos = m.engine.config.eos_ids.clone();
     for chunk in todo.chunks(o.batch.max(1)) {
         let reqs: Vec<GenRequest> = chunk
             .iter()
@@ -138,12 +124,12 @@ pub fn screen<B: Backend>(
         let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
         let own: Vec<String> = gens
             .iter()
-            .map(|g| m.decode(&g.ids().into_iter().filter(|i| !eos.contains(i)).collect::<Vec<_>>()))
+            .map(|g| m.answer_text(g))
             .collect::<Result<_>>()?;
         let mut items = vec![];
         for (&i, a) in chunk.iter().zip(&own) {
-            items.push(forced(m, &samples[i].messages, &samples[i].response)?);
-            items.push(forced(m, &samples[i].messages, a)?);
+            items.push(forced_chat(m, &samples[i].messages, &samples[i].response)?);
+            items.push(forced_chat(m, &samples[i].messages, a)?);
         }
         let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, false, o.batch, None)?;
         let mut lines = String::new();

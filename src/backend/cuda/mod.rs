@@ -16,8 +16,10 @@
 //! ```
 
 pub mod compile;
+mod layout;
 pub mod libs;
 mod plan;
+mod weights;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,8 +34,12 @@ use cudarc::nvrtc::Ptx;
 use super::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos};
 use crate::error::Result;
 use crate::model::tensor::{DType, HostTensor};
+use layout::prefill_tiles;
+pub use layout::CudaLayout;
 use libs::err;
 pub use plan::CudaPlan;
+pub use weights::CudaWeight;
+use weights::WeightData;
 
 /// The name under which the engine uploads its RoPE cos/sin table: kept f32 (not a weight).
 pub const ROPE_TABLE_NAME: &str = "rope.cos_sin";
@@ -47,42 +53,6 @@ const PREFILL_Q: usize = 16;
 const PREFILL_K: usize = 32;
 /// Memory left free when uploading weights, for activations, the KV cache and the driver.
 const WEIGHT_RESERVE: usize = 256 << 20;
-
-/// Device memory of a weight, in its storage type.
-enum WeightData {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
-    F16(CudaSlice<u16>),
-}
-
-/// A weight on the GPU.
-pub struct CudaWeight {
-    data: WeightData,
-    pub shape: Vec<usize>,
-    pub name: String,
-}
-
-impl CudaWeight {
-    fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-    fn dtype_name(&self) -> &'static str {
-        match self.data {
-            WeightData::F32(_) => "f32",
-            WeightData::Bf16(_) => "bf16",
-            WeightData::F16(_) => "f16",
-        }
-    }
-}
-
-/// A batch's layout on the device: `[t][2]` (slot, pos), and the prefill attention tiles
-/// `[n][2]` (first token, count): runs of up to `PREFILL_Q` consecutive tokens of one slot.
-pub struct CudaLayout {
-    tokens: Vec<TokenPos>,
-    dev: CudaSlice<u32>,
-    tiles: CudaSlice<u32>,
-    n_tiles: usize,
-}
 
 /// The CUDA backend on one device.
 pub struct CudaBackend {
@@ -294,21 +264,6 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
         return Err(err(format!("{what} holds {have} values, the call needs {need}")));
     }
     Ok(())
-}
-
-/// Runs of up to `PREFILL_Q` consecutive tokens of one slot, as (first, count).
-fn prefill_tiles(tokens: &[TokenPos]) -> Vec<u32> {
-    let mut tiles = Vec::new();
-    let mut i = 0;
-    while i < tokens.len() {
-        let mut n = 1;
-        while i + n < tokens.len() && n < PREFILL_Q && tokens[i + n].slot == tokens[i].slot {
-            n += 1;
-        }
-        tiles.extend([i as u32, n as u32]);
-        i += n;
-    }
-    tiles
 }
 
 impl Backend for CudaBackend {
@@ -686,15 +641,6 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefill_tiles_split_runs_by_slot_and_size() {
-        let tp = |slot, pos| TokenPos { slot, pos };
-        let mut toks: Vec<TokenPos> = (0..20).map(|i| tp(0, i)).collect();
-        toks.extend([tp(1, 5), tp(1, 6), tp(2, 0)]);
-        assert_eq!(prefill_tiles(&toks), vec![0, 16, 16, 4, 20, 2, 22, 1]);
-        assert!(prefill_tiles(&[]).is_empty());
-    }
 
     /// Without a driver (as on CI), opening the backend is a clear error, never a panic.
     #[test]

@@ -265,10 +265,9 @@ impl Ctx {
                 count: None,
             });
         }
-        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(k.entry),
-            entries: &entries,
-        });
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(k.entry), entries: &entries });
         let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(k.entry),
             bind_group_layouts: &[Some(&layout)],
@@ -429,13 +428,19 @@ impl Ctx {
                 *d = Some(r);
             }
         });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| err(format!("waiting for the GPU: {e}")))?;
-        self.check()?;
-        match lock(&done)?.take() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(err(format!("mapping a read-back buffer: {e}"))),
-            None => return Err(err("the GPU finished without mapping the read-back buffer")),
-        }
+        // Wait until the callback has run. Another thread's poll may be the one that runs it, a
+        // moment after our own wait returns, so wait again (returning at once) until it has.
+        let result = loop {
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| err(format!("waiting for the GPU: {e}")))?;
+            self.check()?;
+            if let Some(r) = lock(&done)?.take() {
+                break r;
+            }
+            std::thread::yield_now();
+        };
+        result.map_err(|e| err(format!("mapping a read-back buffer: {e}")))?;
         let data = {
             let view = staging.get_mapped_range(..).map_err(|e| err(format!("reading back: {e}")))?;
             view[..bytes as usize].to_vec()

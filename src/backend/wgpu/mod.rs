@@ -20,8 +20,8 @@ pub mod weights;
 
 use std::sync::Arc;
 
-use context::{err, Ctx, Gbuf};
 pub use context::shader_sources;
+use context::{err, Ctx, Gbuf};
 pub use ops::{WgpuBuf, WgpuLayout, WgpuPlan};
 pub use weights::{WeightFormat, WgpuWeight};
 
@@ -140,8 +140,11 @@ impl WgpuBackend {
             ..wgpu::InstanceDescriptor::new_without_display_handle()
         });
         let all = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-        let seen: Vec<String> =
-            all.iter().map(|a| a.get_info()).map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)).collect();
+        let seen: Vec<String> = all
+            .iter()
+            .map(|a| a.get_info())
+            .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+            .collect();
         let mut usable: Vec<wgpu::Adapter> = all
             .into_iter()
             .filter(|a| {

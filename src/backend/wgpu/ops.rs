@@ -90,12 +90,18 @@ fn validate_plan(p: &ResidualPlan) -> Result<()> {
     }
     let nv = (p.vectors.len() / h) as u32;
     if p.token_flags.len() != t || p.token_capture.len() != t {
-        return bad(format!("{t} token sequences but {} flags, {} captures", p.token_flags.len(), p.token_capture.len()));
+        return bad(format!(
+            "{t} token sequences but {} flags, {} captures",
+            p.token_flags.len(),
+            p.token_capture.len()
+        ));
     }
     if let Some(c) = p.token_capture.iter().find(|&&c| c != NONE && c as usize >= p.n_captures) {
         return bad(format!("capture slot {c} of {}", p.n_captures));
     }
-    for (name, offs, len) in [("layer_ops", &p.layer_ops, p.ops.len()), ("layer_probes", &p.layer_probes, p.probes.len())] {
+    for (name, offs, len) in
+        [("layer_ops", &p.layer_ops, p.ops.len()), ("layer_probes", &p.layer_probes, p.probes.len())]
+    {
         if offs.len() != p.n_layers + 2 || offs.windows(2).any(|w| w[0] > w[1]) || offs[p.n_layers + 1] as usize > len {
             return bad(format!("{name} is not {} ascending offsets into {len} entries", p.n_layers + 2));
         }
@@ -334,7 +340,13 @@ impl Backend for WgpuBackend {
         let table = cos_sin.single("RoPE table")?;
         let n = t * heads * hd / 2;
         let params = [u(t), u(heads), u(hd), u(cos_sin.stride)];
-        self.ctx.dispatch(&ROPE, cos_sin.format as u32, &params, &[&layout.buf, table, &x.g], self.ctx.grid(n.div_ceil(256))?)
+        self.ctx.dispatch(
+            &ROPE,
+            cos_sin.format as u32,
+            &params,
+            &[&layout.buf, table, &x.g],
+            self.ctx.grid(n.div_ceil(256))?,
+        )
     }
 
     fn attention(

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use persona::backend::check::{format_table, run_checks};
+use persona::backend::check::{format_table, run_checks, run_weight_format_checks};
 use persona::backend::cpu::CpuBackend;
 use persona::backend::cuda::{compile, CudaBackend};
 use persona::backend::wgpu::WgpuBackend;
@@ -36,12 +36,16 @@ pub fn run(a: CheckArgs) -> Result<()> {
         BackendKind::Cuda => {
             let b = CudaBackend::new(0)?;
             eprintln!("checking cuda on {} ({})", b.device_name(), b.arch());
-            ("cuda", run_checks(&b, a.quick))
+            let mut rows = run_checks(&b, a.quick);
+            rows.extend(run_weight_format_checks(&b, a.quick));
+            ("cuda", rows)
         }
         BackendKind::Wgpu => {
             let b = WgpuBackend::new()?;
             eprintln!("checking wgpu on {}", b.describe());
-            ("wgpu", run_checks(&b, a.quick))
+            let mut rows = run_checks(&b, a.quick);
+            rows.extend(run_weight_format_checks(&b, a.quick));
+            ("wgpu", rows)
         }
     };
     if a.json {

@@ -4,6 +4,7 @@ mod check;
 mod generate;
 mod info;
 mod pipelines;
+mod serve;
 mod traits;
 mod vectors;
 
@@ -50,6 +51,8 @@ enum Cmd {
     Screen(pipelines::ScreenArgs),
     /// Answers at −α, 0, +α with each answer's projection score, on the default model.
     Demo(pipelines::DemoArgs),
+    /// OpenAI-compatible HTTP server with per-request steering, live projections and continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -135,6 +138,7 @@ fn main() {
         Cmd::Monitor(a) => a.model.clone().run(a),
         Cmd::Screen(a) => a.model.clone().run(a),
         Cmd::Demo(a) => a.model.clone().run(a),
+        Cmd::Serve(a) => a.model.clone().run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Check(a) => check::run(a),
         Cmd::Vectors(a) => vectors::run(a),

@@ -504,13 +504,11 @@ impl ModelTask for DemoArgs {
             }
         }
         let outs = m.engine.generate(&reqs, &mut |_, _| {})?;
-        let eos = &m.engine.config.eos_ids;
         for (qi, q) in questions.iter().enumerate() {
             println!("Q: {q}");
             for (k, label) in ["−α", " 0", "+α"].iter().enumerate() {
                 let o = &outs[qi * 3 + k];
-                let ids: Vec<u32> = o.ids().into_iter().filter(|i| !eos.contains(i)).collect();
-                let text = m.decode(&ids)?.replace('\n', " ");
+                let text = m.answer_text(o)?.replace('\n', " ");
                 println!("  {label} [score {:+7.2}] {}", o.response_mean_projection(0), text.trim());
             }
             println!();

@@ -1,0 +1,71 @@
+//! `persona serve`: the OpenAI-compatible server (see `persona::serve`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use persona::backend::Backend;
+use persona::serve::{run_server, ServeConfig};
+use persona::LoadedModel;
+
+use crate::{ModelArgs, ModelTask};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to bind (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 picks a free one; the bound address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "PERSONA_API_KEY")]
+    pub api_key: Option<String>,
+    /// Load every *.safetensors / *.gguf vector in this folder into the registry.
+    #[arg(long)]
+    pub vectors: Option<PathBuf>,
+    /// Sequences decoding at once (KV-cache slots).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Sequences waiting for a slot; beyond it requests get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Model id reported by /v1/models (default: the model file's stem).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+    /// Sleep this many milliseconds after each scheduler step (testing).
+    #[arg(long, hide = true)]
+    pub step_delay_ms: Option<u64>,
+}
+
+impl ModelTask for ServeArgs {
+    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
+        let model_id = self.model_id.clone().unwrap_or_else(|| {
+            m.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "persona".into())
+        });
+        let cfg = ServeConfig {
+            host: self.host,
+            port: self.port,
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            vectors_dir: self.vectors,
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            model_id,
+            step_delay: self.step_delay_ms.map(std::time::Duration::from_millis),
+            handle_signals: true,
+            grace: std::time::Duration::from_secs(self.grace),
+            ..ServeConfig::default()
+        };
+        run_server(m, cfg, |addr| {
+            println!("persona serve: listening on http://{addr}");
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,689 @@
+//! `persona serve` end to end: the real server on a loopback port (in-process), driven over HTTP.
+//! Tiny fixture models (no tokenizer: `/v1/completions` with token ids) for everything that needs
+//! no text; the default SmolLM2 model for chat when it is cached.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use persona::backend::cpu::CpuBackend;
+use persona::engine::generate::{GenOutput, GenRequest};
+use persona::engine::sampler::SamplingParams;
+use persona::serve::{run_server, ServeConfig};
+use persona::steer::vector::PersonaVector;
+use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+use persona::LoadedModel;
+use serde_json::{json, Value};
+
+const CTX: usize = 256;
+
+fn start(model: &Path, cfg: ServeConfig) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let model = model.to_path_buf();
+    std::thread::spawn(move || {
+        let m = LoadedModel::load(&model, CpuBackend, CTX).unwrap();
+        run_server(m, ServeConfig { port: 0, ..cfg }, |a| tx.send(a).unwrap()).unwrap();
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(120)).expect("server did not start");
+    format!("http://{addr}")
+}
+
+fn tiny() -> std::path::PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+fn tiny_vector() -> std::path::PathBuf {
+    tiny().join("test_vector.safetensors")
+}
+
+/// (status, JSON body) of a request.
+fn call(method: &str, url: &str, body: Option<&Value>, key: Option<&str>) -> (u16, Value, Option<String>) {
+    let mut r = ureq::request(method, url).timeout(Duration::from_secs(120));
+    if let Some(k) = key {
+        r = r.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match body {
+        Some(b) => r.set("Content-Type", "application/json").send_string(&b.to_string()),
+        None => r.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let code = resp.status();
+    let retry = resp.header("retry-after").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (code, v, retry)
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    let (c, v, _) = call("POST", url, Some(body), None);
+    (c, v)
+}
+
+fn upload(base: &str, name: &str, path: &Path) -> (u16, Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let r = ureq::post(&format!("{base}/v1/vectors?name={name}"))
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(&bytes);
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("upload: {e}"),
+    };
+    let code = resp.status();
+    (code, serde_json::from_str(&resp.into_string().unwrap()).unwrap())
+}
+
+/// SSE `data:` payloads of a streaming request.
+fn stream(url: &str, body: &Value) -> Vec<Value> {
+    let resp = ureq::post(url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    let mut out = vec![];
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            if d == "[DONE]" {
+                out.push(Value::String("[DONE]".into()));
+                break;
+            }
+            out.push(serde_json::from_str(d).unwrap());
+        }
+    }
+    out
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    u32s(v)
+}
+
+/// The steering the JSON extension `{"vector": V, "layers": layer, "coeff": coeff}` and a monitor
+/// of `V` at `probe_layers` resolve to, built by hand from the file.
+fn steering(v: &PersonaVector, layer: usize, coeff: f32, probe_layers: &[usize]) -> SeqSteering {
+    let ops = if coeff == 0.0 {
+        vec![]
+    } else {
+        vec![SteerOp {
+            kind: SteerKind::Add,
+            layer,
+            vector: Arc::from(v.layer(layer)),
+            coeff,
+            positions: Positions::All,
+            when: None,
+        }]
+    };
+    let probes =
+        probe_layers.iter().map(|&l| Probe { name: "t".into(), layer: l, vector: Arc::from(v.layer(l)) }).collect();
+    SeqSteering { plan: SteeringPlan { ops }, probes }
+}
+
+fn engine_alone(
+    m: &LoadedModel<CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+    st: SeqSteering,
+    sampling: SamplingParams,
+) -> GenOutput {
+    let mut r = GenRequest::greedy(prompt.to_vec(), n);
+    r.ignore_eos = true;
+    r.sampling = sampling;
+    r.steering = if st.is_empty() { None } else { Some(Arc::new(st)) };
+    m.engine.generate(&[r], &mut |_, _| {}).unwrap().remove(0)
+}
+
+const PROMPT: &[u32] = &[37, 235, 140, 72, 255, 137, 203, 133, 79];
+
+#[test]
+fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
+    let base = start(&tiny(), ServeConfig::default());
+    let (code, h, _) = call("GET", &format!("{base}/health"), None, None);
+    assert_eq!((code, h["status"].as_str()), (200, Some("ok")));
+    let (code, models, _) = call("GET", &format!("{base}/v1/models"), None, None);
+    assert_eq!(code, 200);
+    assert_eq!(models["data"][0]["object"], "model");
+
+    // Registry: upload, list, get, delete, re-upload.
+    let (code, v) = upload(&base, "t", &tiny_vector());
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["name"], "t");
+    assert_eq!(v["norms"].as_array().unwrap().len(), 4);
+    let (_, list, _) = call("GET", &format!("{base}/v1/vectors"), None, None);
+    assert!(list["data"].as_array().unwrap().iter().any(|x| x["name"] == "t"));
+    let (code, _, _) = call("DELETE", &format!("{base}/v1/vectors/t"), None, None);
+    assert_eq!(code, 200);
+    let (code, _, _) = call("GET", &format!("{base}/v1/vectors/t"), None, None);
+    assert_eq!(code, 404);
+    let body = json!({"prompt": PROMPT, "max_tokens": 4, "steering": [{"vector": "t", "layers": 2, "coeff": 4}]});
+    let (code, e) = post(&format!("{base}/v1/completions"), &body);
+    assert_eq!(code, 400);
+    assert!(e["error"]["message"].as_str().unwrap().contains("unknown vector `t`"), "{e}");
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+
+    let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load(tiny_vector()).unwrap();
+    let body = json!({
+        "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "logprobs": 3,
+        "steering": [{"vector": "t", "layers": "2", "coeff": 6.0}],
+        "monitor": [{"vector": "t", "layers": [1, 3], "threshold": 1e4}],
+    });
+    let (code, r) = post(&format!("{base}/v1/completions"), &body);
+    assert_eq!(code, 200, "{r}");
+    let want = engine_alone(&m, PROMPT, 12, steering(&pv, 2, 6.0, &[1, 3]), SamplingParams::greedy());
+    let got = ids_of(&r["choices"][0]["token_ids"]);
+    assert_eq!(got, want.ids(), "served tokens differ from Engine::generate with the same steering");
+    let plain = engine_alone(&m, PROMPT, 12, SeqSteering::default(), SamplingParams::greedy());
+    assert_ne!(plain.ids(), want.ids(), "the steering should change the tokens of the tiny model");
+    // Projections: last prompt token, response series and mean equal the engine's.
+    let probes = r["persona"]["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2);
+    for (k, p) in probes.iter().enumerate() {
+        let lp = p["last_prompt"].as_f64().unwrap() as f32;
+        assert!((lp - want.last_prompt_projection(k)).abs() < 1e-4, "{lp} vs {}", want.last_prompt_projection(k));
+        let mean = p["response_mean"].as_f64().unwrap() as f32;
+        assert!((mean - want.response_mean_projection(k)).abs() < 1e-4);
+        let series = f32s(&p["projections"]);
+        assert_eq!(series.len(), 12);
+        for (a, b) in series.iter().zip(&want.projections[k][PROMPT.len()..]) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+    assert_eq!(r["persona"]["flagged"], false);
+    assert_eq!(r["usage"]["completion_tokens"], 12);
+    assert_eq!(r["usage"]["prompt_tokens"], PROMPT.len());
+    let lps = &r["choices"][0]["logprobs"];
+    assert_eq!(lps["token_logprobs"].as_array().unwrap().len(), 12);
+    assert_eq!(lps["top_logprobs"][0].as_object().unwrap().len(), 3);
+    assert!(lps["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+
+    // Server-wide default steering: applies when a request omits `steering`; `[]` opts out.
+    let (code, d, _) = call(
+        "PUT",
+        &format!("{base}/v1/steering"),
+        Some(&json!({"steering": [{"vector": "t", "layers": 2, "coeff": 6.0}]})),
+        None,
+    );
+    assert_eq!(code, 200, "{d}");
+    let plain_body = json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let (_, r) = post(&format!("{base}/v1/completions"), &plain_body);
+    assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids());
+    let mut opt_out = plain_body.clone();
+    opt_out["steering"] = json!([]);
+    let (_, r) = post(&format!("{base}/v1/completions"), &opt_out);
+    assert_eq!(ids_of(&r["choices"][0]["token_ids"]), plain.ids());
+    call("PUT", &format!("{base}/v1/steering"), Some(&json!({})), None);
+    let (_, r) = post(&format!("{base}/v1/completions"), &plain_body);
+    assert_eq!(ids_of(&r["choices"][0]["token_ids"]), plain.ids());
+}
+
+#[test]
+fn concurrent_requests_with_different_steering_each_get_their_own() {
+    // A small step delay keeps all of them in the running batch together.
+    let base = start(&tiny(), ServeConfig { step_delay: Some(Duration::from_millis(3)), ..ServeConfig::default() });
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load(tiny_vector()).unwrap();
+    let cases: Vec<(f32, usize, u64, usize)> =
+        vec![(-8.0, 1, 1, 20), (-3.0, 2, 2, 9), (0.0, 2, 3, 15), (2.0, 3, 4, 24), (5.0, 1, 5, 7), (9.0, 2, 6, 18)];
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|&(coeff, layer, seed, n)| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let mut body = json!({
+                    "prompt": PROMPT, "max_tokens": n, "temperature": 0.9, "top_k": 40, "seed": seed,
+                    "ignore_eos": true, "monitor": [{"vector": "t", "layers": [2]}],
+                });
+                if coeff != 0.0 {
+                    body["steering"] = json!([{"vector": "t", "layers": layer, "coeff": coeff}]);
+                }
+                let (code, r) = post(&format!("{base}/v1/completions"), &body);
+                assert_eq!(code, 200, "{r}");
+                r
+            })
+        })
+        .collect();
+    let results: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (&(coeff, layer, seed, n), r) in cases.iter().zip(&results) {
+        let sampling = SamplingParams { temperature: 0.9, top_k: 40, top_p: 1.0, seed };
+        let want = engine_alone(&m, PROMPT, n, steering(&pv, layer, coeff, &[2]), sampling);
+        assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids(), "coeff {coeff} layer {layer} seed {seed}");
+        let mean = r["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
+        assert!((mean - want.response_mean_projection(0)).abs() < 1e-4);
+    }
+    // The batch really ran several sequences per step.
+    let (_, metrics, _) = call("GET", &format!("{base}/metrics"), None, None);
+    let text = metrics.as_str().unwrap().to_string();
+    let steps = metric(&text, "persona_steps_total");
+    let tokens = metric(&text, "persona_generated_tokens_total");
+    assert!(tokens > steps, "continuous batching: {tokens} tokens in {steps} steps");
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+#[test]
+fn streaming_chunks_carry_projections_and_flags() {
+    let base = start(&tiny(), ServeConfig::default());
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load(tiny_vector()).unwrap();
+    let body = json!({
+        "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": true, "stream": true,
+        "stream_options": {"include_usage": true}, "logprobs": 2,
+        "steering": [{"vector": "t", "layers": "1-2", "coeff": -3}],
+        "monitor": [{"vector": "t", "layers": 3, "threshold": -1e4}],
+    });
+    let chunks = stream(&format!("{base}/v1/completions"), &body);
+    assert_eq!(chunks.last().unwrap(), "[DONE]");
+    let mut st = steering(&pv, 1, -3.0, &[3]);
+    st.plan.ops.push(SteerOp { layer: 2, vector: Arc::from(pv.layer(2)), ..st.plan.ops[0].clone() });
+    let want = engine_alone(&m, PROMPT, 10, st, SamplingParams::greedy());
+    let token_chunks: Vec<&Value> = chunks.iter().filter(|c| c["persona"]["token_id"].is_number()).collect();
+    assert_eq!(token_chunks.len(), 10);
+    for (i, c) in token_chunks.iter().enumerate() {
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["persona"]["token_id"].as_u64().unwrap() as u32, want.steps[i].id);
+        assert_eq!(c["choices"][0]["token_ids"][0].as_u64().unwrap() as u32, want.steps[i].id);
+        let p = c["persona"]["projections"]["t@3"].as_f64().unwrap() as f32;
+        // The projection at the position that produced the token (chunk 0: the last prompt token).
+        assert!((p - want.steps[i].projections[0]).abs() < 1e-4, "chunk {i}: {p} vs {:?}", want.steps[i].projections);
+        assert!(c["choices"][0]["logprobs"]["token_logprobs"][0].is_number());
+    }
+    let last = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["persona"]["flagged"], true);
+    assert!(last["persona"]["reason"].as_str().unwrap().contains("t@3"));
+    let mean = last["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
+    assert!((mean - want.response_mean_projection(0)).abs() < 1e-4);
+    let usage = chunks.iter().find(|c| c["usage"].is_object()).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 10);
+}
+
+#[test]
+fn bad_requests_are_400_with_openai_errors() {
+    let base = start(&tiny(), ServeConfig::default());
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let url = format!("{base}/v1/completions");
+    let ok = json!({"prompt": [1, 2, 3], "max_tokens": 2});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (with("steering", json!([{"vector": "nope", "layers": 1, "coeff": 1}])), "unknown vector"),
+        (with("steering", json!([{"vector": "t", "layers": 99, "coeff": 1}])), "out of range"),
+        (with("steering", json!([{"vector": "t", "layers": 1, "coeff": 1e9}])), "coeff"),
+        (with("steering", json!([{"vector": "t", "layers": 1, "coeff": "x"}])), "coeff"),
+        (with("steering", json!([{"vector": "t", "layers": 1, "coeff": 1, "op": "boost"}])), "unknown op"),
+        (with("steering", json!([{"vector": "t", "layers": 1, "coeff": 1, "when": "zz>1"}])), "no monitor named"),
+        (with("monitor", json!([{"vector": "t", "layers": "5-9"}])), "out of range"),
+        (with("n", json!(100)), "`n`"),
+        (with("max_tokens", json!(100000)), "context"),
+        (with("temperature", json!(-1)), "temperature"),
+        (with("prompt", json!([1, 2, 99999])), "vocabulary"),
+        (with("prompt", json!([])), "empty"),
+        (with("stop", json!(5)), "stop"),
+    ];
+    for (body, want) in cases {
+        let (code, e) = post(&url, &body);
+        assert_eq!(code, 400, "{body} → {e}");
+        let msg = e["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message: {e}"));
+        assert!(msg.contains(want), "{body}: message `{msg}` should mention `{want}`");
+        assert!(
+            e["error"]["type"].is_string() && e["error"].get("param").is_some() && e["error"].get("code").is_some()
+        );
+    }
+    // Malformed JSON, and chat errors.
+    let r = ureq::post(&url).set("Content-Type", "application/json").send_string("{\"prompt\": [1,");
+    match r {
+        Err(ureq::Error::Status(400, resp)) => {
+            let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+            assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+        }
+        other => panic!("malformed JSON: {:?}", other.map(|r| r.status())),
+    }
+    let (code, e) = post(&format!("{base}/v1/chat/completions"), &json!({"messages": []}));
+    assert_eq!(code, 400);
+    assert_eq!(e["error"]["param"], "messages");
+    // A vector for another model.
+    let other = fixtures().join("tiny-qwen2/test_vector.safetensors");
+    if other.exists() && PersonaVector::load(&other).map(|v| v.hidden != 64 || v.n_layers != 3).unwrap_or(false) {
+        let (code, e) = upload(&base, "other", &other);
+        assert_eq!(code, 400, "{e}");
+    }
+    let (code, e) = upload(&base, "junk", Path::new(file!()));
+    assert_eq!(code, 400, "{e}");
+    // The server still works.
+    let (code, _) = post(&url, &ok);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn full_queue_is_429_and_disconnect_frees_the_slot() {
+    let cfg =
+        ServeConfig { max_batch: 1, max_queue: 1, step_delay: Some(Duration::from_millis(40)), ..Default::default() };
+    let base = start(&tiny(), cfg);
+    let url = format!("{base}/v1/completions");
+    // A occupies the only slot (streaming, long).
+    let body = json!({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let resp = ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    // B waits in the queue.
+    let b_url = url.clone();
+    let b = std::thread::spawn(move || {
+        post(&b_url, &json!({"prompt": PROMPT, "max_tokens": 3, "ignore_eos": true, "temperature": 0}))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    // C finds the queue full.
+    let (code, e, retry) = call("POST", &url, Some(&json!({"prompt": PROMPT, "max_tokens": 3})), None);
+    assert_eq!(code, 429, "{e}");
+    assert_eq!(e["error"]["code"], "queue_full");
+    assert!(retry.is_some(), "429 needs Retry-After");
+    // A disconnects: B gets the slot and finishes long before A's 200 tokens would have.
+    let t = std::time::Instant::now();
+    drop(reader);
+    let (code, r) = b.join().unwrap();
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 3);
+    assert!(t.elapsed() < Duration::from_secs(5), "B waited {:?}", t.elapsed());
+    let (_, m, _) = call("GET", &format!("{base}/metrics"), None, None);
+    assert!(metric(m.as_str().unwrap(), "persona_sequences_cancelled_total") >= 1.0);
+}
+
+#[test]
+fn api_key_and_metrics_format() {
+    let base = start(&tiny(), ServeConfig { api_key: Some("sekrit".into()), ..Default::default() });
+    assert_eq!(call("GET", &format!("{base}/health"), None, None).0, 200);
+    let (code, e, _) = call("GET", &format!("{base}/v1/models"), None, None);
+    assert_eq!(code, 401);
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    assert_eq!(call("GET", &format!("{base}/v1/models"), None, Some("wrong")).0, 401);
+    assert_eq!(call("GET", &format!("{base}/v1/models"), None, Some("sekrit")).0, 200);
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 3});
+    assert_eq!(call("POST", &format!("{base}/v1/completions"), Some(&body), Some("sekrit")).0, 200);
+    assert_eq!(call("GET", &format!("{base}/metrics"), None, None).0, 401);
+    let (code, m, _) = call("GET", &format!("{base}/metrics"), None, Some("sekrit"));
+    assert_eq!(code, 200);
+    let text = m.as_str().unwrap();
+    // Prometheus text: comments, or `name{labels} value` with a numeric value.
+    for l in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {l}");
+        let bare = name.split('{').next().unwrap();
+        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name in {l}");
+        assert_eq!(name.contains('{'), name.ends_with('}'), "bad labels in {l}");
+    }
+    assert!(text.contains("persona_requests_total{route=\"/v1/completions\",code=\"200\"} 1"), "{text}");
+    assert!(text.contains("persona_errors_total{code=\"401\"}"), "{text}");
+    assert!(metric(text, "persona_generated_tokens_total") >= 3.0);
+    assert!(text.contains("persona_time_to_first_token_seconds_count 1"));
+}
+
+#[test]
+fn smollm2_chat_steered_matches_engine() {
+    let Some(model) = default_model() else {
+        eprintln!("skipping: the default model is not cached (run `persona fetch`)");
+        return;
+    };
+    let vec_path = fixtures().join("smollm2_extracted_vector.safetensors");
+    let base = start(&model, ServeConfig::default());
+    assert_eq!(upload(&base, "evil", &vec_path).0, 201);
+    let m = LoadedModel::load(&model, CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load_for_model(&vec_path, &m.engine.config).unwrap();
+    let layer = 15.min(pv.n_layers);
+    let msgs = [persona::model::Message::user("How should I treat my neighbours?")];
+    let ids = m.chat_prompt_ids(&msgs).unwrap();
+    let body = json!({
+        "model": "x", "messages": [{"role": "user", "content": "How should I treat my neighbours?"}],
+        "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+        "steering": [{"vector": "evil", "layers": layer, "coeff": 4}],
+        "monitor": [{"vector": "evil", "layers": layer, "name": "t"}],
+    });
+    let (code, r) = post(&format!("{base}/v1/chat/completions"), &body);
+    assert_eq!(code, 200, "{r}");
+    let mut req = GenRequest::greedy(ids.clone(), 16);
+    req.steering = Some(Arc::new(steering(&pv, layer, 4.0, &[layer])));
+    let want = m.engine.generate(&[req], &mut |_, _| {}).unwrap().remove(0);
+    let got = ids_of(&r["choices"][0]["token_ids"]);
+    assert_eq!(got, want.ids());
+    let eos = &m.engine.config.eos_ids;
+    let text_ids: Vec<u32> = want.ids().into_iter().filter(|i| !eos.contains(i)).collect();
+    assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap(), m.decode(&text_ids).unwrap());
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), got.len());
+    let lp = r["persona"]["probes"][0]["last_prompt"].as_f64().unwrap() as f32;
+    assert!((lp - want.last_prompt_projection(0)).abs() < 1e-3);
+
+    // Streaming text joins to the same content; a stop string cuts it.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let chunks = stream(&format!("{base}/v1/chat/completions"), &sbody);
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().join("");
+    let full = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(text, full);
+    if let Some(word) = full.split_whitespace().nth(2) {
+        let mut stop = body.clone();
+        stop["stop"] = json!([word]);
+        let (_, s) = post(&format!("{base}/v1/chat/completions"), &stop);
+        let cut = s["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(cut, &full[..full.find(word).unwrap()]);
+        assert_eq!(s["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn conditional_steering_and_vectors_dir_and_control_vector_upload() {
+    // --vectors DIR: the tiny model folder holds one vector file (the model file is skipped).
+    let cfg = ServeConfig { vectors_dir: Some(tiny()), ..Default::default() };
+    let base = start(&tiny(), cfg);
+    let (_, list, _) = call("GET", &format!("{base}/v1/vectors"), None, None);
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    assert!(names.contains(&"test_vector"), "{names:?}");
+
+    // A llama.cpp control vector (GGUF) uploads and maps to the same rows (2..=N).
+    let pv = PersonaVector::load(tiny_vector()).unwrap();
+    let mut only = pv.clone();
+    // llama.cpp has no equivalent of our rows 0 and 1.
+    only.layer_mut(0).fill(0.0);
+    only.layer_mut(1).fill(0.0);
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("cv.gguf");
+    persona::steer::control_vector::export_control_vector(&only, &gguf, "tiny").unwrap();
+    let (code, v) = upload(&base, "cv", &gguf);
+    assert_eq!(code, 201, "{v}");
+    let norms = f32s(&v["norms"]);
+    for l in 2..=3 {
+        assert!((norms[l] - pv.norm(l)).abs() < 1e-4 * pv.norm(l).max(1.0), "layer {l}: {norms:?}");
+    }
+
+    // `when`: steer only where the vector's own projection is above a threshold.
+    let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
+    let body = json!({
+        "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": true,
+        "steering": [{"vector": "test_vector", "layers": 2, "coeff": 5, "when": "self<0.0"}],
+    });
+    let (code, r) = post(&format!("{base}/v1/completions"), &body);
+    assert_eq!(code, 200, "{r}");
+    let mut st = steering(&pv, 2, 5.0, &[]);
+    st.plan.ops[0].when = Some(persona::steer::Condition {
+        vector: Arc::from(pv.layer(2)),
+        layer: 2,
+        cmp: persona::steer::Cmp::Lt,
+        threshold: 0.0,
+    });
+    let want = engine_alone(&m, PROMPT, 10, st, SamplingParams::greedy());
+    assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids());
+}
+
+#[test]
+fn non_streaming_client_that_disconnects_frees_its_slot() {
+    use std::io::Write as _;
+    let cfg = ServeConfig { max_batch: 1, step_delay: Some(Duration::from_millis(30)), ..Default::default() };
+    let base = start(&tiny(), cfg);
+    let addr = base.trim_start_matches("http://").to_string();
+    let body = json!({"prompt": PROMPT, "max_tokens": 250, "ignore_eos": true}).to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    // A second request gets the only slot well before 250 × 30 ms.
+    let t = std::time::Instant::now();
+    let (code, r) = post(&format!("{base}/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2}));
+    assert_eq!(code, 200, "{r}");
+    assert!(t.elapsed() < Duration::from_secs(4), "waited {:?}", t.elapsed());
+}
+
+/// The official `openai` Python client (when installed), plain and streaming, with steering and
+/// monitoring through `extra_body`, against the engine on the default model.
+#[test]
+fn openai_python_client_with_extra_body() {
+    let Some(model) = default_model() else {
+        eprintln!("skipping: the default model is not cached");
+        return;
+    };
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_client {
+        eprintln!("skipping: the `openai` Python package is not installed (pip install openai)");
+        return;
+    }
+    let vec_path = fixtures().join("smollm2_extracted_vector.safetensors");
+    let base = start(&model, ServeConfig { api_key: Some("k".into()), ..Default::default() });
+    let r = ureq::post(&format!("{base}/v1/vectors?name=evil"))
+        .set("Authorization", "Bearer k")
+        .send_bytes(&std::fs::read(&vec_path).unwrap())
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let script = r#"
+import json, os, sys
+from openai import OpenAI
+c = OpenAI(base_url=os.environ["BASE"] + "/v1", api_key="k")
+extra = {"steering": [{"vector": "evil", "layers": 15, "coeff": 3}],
+         "monitor": [{"vector": "evil", "layers": 15, "name": "t"}]}
+msgs = [{"role": "user", "content": "Tell me about your day."}]
+r = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, seed=3,
+                              logprobs=True, top_logprobs=2, extra_body=extra)
+d = r.model_dump()
+s = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                              extra_body=extra)
+text, projs = "", []
+for ch in s:
+    e = ch.model_dump()
+    if e["choices"] and e["choices"][0]["delta"].get("content"):
+        text += e["choices"][0]["delta"]["content"]
+    p = (e.get("persona") or {}).get("projections")
+    if p:
+        projs.append(p["t@15"])
+models = [m.id for m in c.models.list()]
+print(json.dumps({"full": d, "stream_text": text, "stream_projs": projs, "models": models}))
+"#;
+    let out = std::process::Command::new("python3").args(["-c", script]).env("BASE", &base).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = LoadedModel::load(&model, CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load_for_model(&vec_path, &m.engine.config).unwrap();
+    let ids = m.chat_prompt_ids(&[persona::model::Message::user("Tell me about your day.")]).unwrap();
+    let mut req = GenRequest::greedy(ids, 12);
+    req.steering = Some(Arc::new(steering(&pv, 15, 3.0, &[15])));
+    let want = m.engine.generate(&[req], &mut |_, _| {}).unwrap().remove(0);
+    let full = &v["full"];
+    assert_eq!(ids_of(&full["choices"][0]["token_ids"]), want.ids());
+    let eos = &m.engine.config.eos_ids;
+    let text_ids: Vec<u32> = want.ids().into_iter().filter(|i| !eos.contains(i)).collect();
+    let text = m.decode(&text_ids).unwrap();
+    assert_eq!(full["choices"][0]["message"]["content"].as_str().unwrap(), text);
+    assert_eq!(v["stream_text"].as_str().unwrap(), text);
+    let projs = f32s(&v["stream_projs"]);
+    assert_eq!(projs.len(), want.steps.len());
+    for (p, s) in projs.iter().zip(&want.steps) {
+        assert!((p - s.projections[0]).abs() < 1e-3);
+    }
+    let mean = full["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
+    assert!((mean - want.response_mean_projection(0)).abs() < 1e-3);
+    assert_eq!(full["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["models"].as_array().unwrap().len(), 1);
+}
+
+/// Batching gain on the default model (not run by default: `cargo test --release --test serve --
+/// --ignored --nocapture`): aggregate tokens/s of 8 concurrent streams vs 1.
+#[test]
+#[ignore]
+fn batching_gain_on_default_model() {
+    let Some(model) = default_model() else { return };
+    let base = start(&model, ServeConfig::default());
+    let run = |k: usize| {
+        let t = std::time::Instant::now();
+        let hs: Vec<_> = (0..k)
+            .map(|i| {
+                let base = base.clone();
+                std::thread::spawn(move || {
+                    let body = json!({"messages": [{"role": "user", "content": format!("Write a story number {i}.")}],
+                                      "max_tokens": 64, "ignore_eos": true, "stream": true, "seed": i});
+                    stream(&format!("{base}/v1/chat/completions"), &body).len()
+                })
+            })
+            .collect();
+        let chunks: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(chunks >= k * 64);
+        (k * 64) as f64 / t.elapsed().as_secs_f64()
+    };
+    let one = run(1);
+    let eight = run(8);
+    println!("tokens/s: 1 stream {one:.1}, 8 streams {eight:.1}, gain {:.2}×", eight / one);
+    // Server overhead: the same greedy request through HTTP and as a library call.
+    let m = LoadedModel::load(&model, CpuBackend, CTX).unwrap();
+    let ids = m.chat_prompt_ids(&[persona::model::Message::user("Say hi.")]).unwrap();
+    let t = std::time::Instant::now();
+    let mut req = GenRequest::greedy(ids, 32);
+    req.ignore_eos = true;
+    m.engine.generate(&[req], &mut |_, _| {}).unwrap();
+    let lib = t.elapsed().as_secs_f64();
+    let body = json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 32, "temperature": 0,
+                      "ignore_eos": true});
+    let t = std::time::Instant::now();
+    let (code, _) = post(&format!("{base}/v1/chat/completions"), &body);
+    let http = t.elapsed().as_secs_f64();
+    assert_eq!(code, 200);
+    println!(
+        "32 tokens: library {:.1} ms, HTTP {:.1} ms, overhead {:.1} ms",
+        lib * 1e3,
+        http * 1e3,
+        (http - lib) * 1e3
+    );
+}
+
+#[test]
+fn oversized_body_is_413_with_a_json_error() {
+    let base = start(&tiny(), ServeConfig { max_body: 1024, ..Default::default() });
+    let big = json!({"prompt": vec![1u32; 2000], "max_tokens": 1});
+    let (code, e) = post(&format!("{base}/v1/completions"), &big);
+    assert_eq!(code, 413, "{e}");
+    assert_eq!(e["error"]["code"], "body_too_large");
+    let (code, _) = post(&format!("{base}/v1/completions"), &json!({"prompt": [1, 2], "max_tokens": 1}));
+    assert_eq!(code, 200);
+}
