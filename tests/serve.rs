@@ -658,17 +658,23 @@ fn batching_gain_on_default_model() {
     // Server overhead: the same greedy request through HTTP and as a library call.
     let m = LoadedModel::load(&model, CpuBackend, CTX).unwrap();
     let ids = m.chat_prompt_ids(&[persona::model::Message::user("Say hi.")]).unwrap();
-    let t = std::time::Instant::now();
-    let mut req = GenRequest::greedy(ids, 32);
-    req.ignore_eos = true;
-    m.engine.generate(&[req], &mut |_, _| {}).unwrap();
-    let lib = t.elapsed().as_secs_f64();
+    let best = |f: &mut dyn FnMut()| {
+        (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let lib = best(&mut || {
+        let mut req = GenRequest::greedy(ids.clone(), 32);
+        req.ignore_eos = true;
+        m.engine.generate(&[req], &mut |_, _| {}).unwrap();
+    });
     let body = json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 32, "temperature": 0,
                       "ignore_eos": true});
-    let t = std::time::Instant::now();
-    let (code, _) = post(&format!("{base}/v1/chat/completions"), &body);
-    let http = t.elapsed().as_secs_f64();
-    assert_eq!(code, 200);
+    let http = best(&mut || assert_eq!(post(&format!("{base}/v1/chat/completions"), &body).0, 200));
     println!(
         "32 tokens: library {:.1} ms, HTTP {:.1} ms, overhead {:.1} ms",
         lib * 1e3,
@@ -686,4 +692,42 @@ fn oversized_body_is_413_with_a_json_error() {
     assert_eq!(e["error"]["code"], "body_too_large");
     let (code, _) = post(&format!("{base}/v1/completions"), &json!({"prompt": [1, 2], "max_tokens": 1}));
     assert_eq!(code, 200);
+}
+
+/// The `persona serve` binary: prints its bound address, serves, and on SIGINT stops accepting
+/// and exits cleanly once in-flight work is done.
+#[cfg(unix)]
+#[test]
+fn binary_serves_and_shuts_down_gracefully() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(["serve", "--backend", "cpu", "--context", "256", "--port", "0", "--max-batch", "2", "--model"])
+        .arg(tiny())
+        .args(["--vectors"])
+        .arg(tiny())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let body = json!({"prompt": PROMPT, "max_tokens": 5, "ignore_eos": true,
+                      "steering": [{"vector": "test_vector", "layers": 2, "coeff": 2}]});
+    let (code, r) = post(&format!("{base}/v1/completions"), &body);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 5);
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "exit status {s}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "server did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
