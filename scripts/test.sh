@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked
 ./target/release/persona fetch
 scripts/install-nvrtc.sh
+# The official OpenAI client checks `persona serve` (tests/serve.rs skips it when absent).
+python3 -m pip install --quiet --disable-pip-version-check openai 2>/dev/null || true
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc
