@@ -178,45 +178,6 @@ fn tiny_models_match_transformers_on_cuda() {
     }
 }
 
-fn vector_rows(path: &std::path::Path) -> Vec<Arc<[f32]>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("vector").unwrap();
-    let h = t.shape()[1];
-    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    data.chunks(h).map(Arc::from).collect()
-}
-
-fn steering_from(ops: &serde_json::Value, rows: &[Arc<[f32]>]) -> SeqSteering {
-    let ops = ops
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            let layer = o["layer"].as_u64().unwrap() as usize;
-            SteerOp {
-                kind: match o["kind"].as_str().unwrap() {
-                    "add" => SteerKind::Add,
-                    "ablate" => SteerKind::Ablate,
-                    "clamp" => SteerKind::Clamp,
-                    k => panic!("unknown kind {k}"),
-                },
-                layer,
-                vector: rows[layer].clone(),
-                coeff: o["coeff"].as_f64().unwrap() as f32,
-                positions: match o["positions"].as_str().unwrap() {
-                    "all" => Positions::All,
-                    "response" => Positions::Response,
-                    "prompt" => Positions::Prompt,
-                    p => panic!("unknown positions {p}"),
-                },
-                when: None,
-            }
-        })
-        .collect();
-    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
-}
-
 fn last_logits(e: &Engine<CudaBackend>, ids: &[u32], st: Option<&SeqSteering>) -> Vec<f32> {
     let mut c = e.new_cache(1, ids.len()).unwrap();
     let input = SeqInput { slot: 0, tokens: ids, prompt: true, steering: st, ..Default::default() };
@@ -232,7 +193,7 @@ fn tiny_models_steering_cases_match_transformers_on_cuda() {
         let ids = u32s(&r["ids"]);
         for case in r["steering"].as_array().unwrap() {
             let what = format!("{name}/{}", case["case"].as_str().unwrap());
-            let st = steering_from(&case["ops"], &rows);
+            let st = plan_from(&case["ops"], &rows);
             let (err, max_abs) = rel_err(&last_logits(&e, &ids, Some(&st)), &f32s(&case["logits_last"]));
             assert!(err <= 1e-2, "{what}: last logits relative error {err}");
             let want = u32s(&case["greedy_16_no_eos"]);

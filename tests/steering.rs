@@ -13,46 +13,6 @@ use persona::model::ModelFiles;
 use persona::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
 use persona::LoadedModel;
 
-/// Rows of a `vector` [N+1, H] safetensors file (read directly: an independent reader).
-fn vector_rows(path: &std::path::Path) -> Vec<Arc<[f32]>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("vector").unwrap();
-    let h = t.shape()[1];
-    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    data.chunks(h).map(Arc::from).collect()
-}
-
-fn plan_from(ops: &serde_json::Value, rows: &[Arc<[f32]>]) -> SeqSteering {
-    let ops = ops
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            let layer = o["layer"].as_u64().unwrap() as usize;
-            SteerOp {
-                kind: match o["kind"].as_str().unwrap() {
-                    "add" => SteerKind::Add,
-                    "ablate" => SteerKind::Ablate,
-                    "clamp" => SteerKind::Clamp,
-                    k => panic!("unknown kind {k}"),
-                },
-                layer,
-                vector: rows[layer].clone(),
-                coeff: o["coeff"].as_f64().unwrap() as f32,
-                positions: match o["positions"].as_str().unwrap() {
-                    "all" => Positions::All,
-                    "response" => Positions::Response,
-                    "prompt" => Positions::Prompt,
-                    p => panic!("unknown positions {p}"),
-                },
-                when: None,
-            }
-        })
-        .collect();
-    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
-}
-
 fn steered(ids: &[u32], n: usize, st: &SeqSteering) -> GenRequest {
     let mut r = GenRequest::greedy(ids.to_vec(), n);
     r.ignore_eos = true;

@@ -48,3 +48,46 @@ pub fn assert_greedy_prefix(got: &[u32], want: &[u32], margins: &[f32], noise: f
         }
     }
 }
+
+/// Rows of a fixture `vector` [N+1, H] safetensors file, read directly with the safetensors crate
+/// (an independent reader).
+pub fn vector_rows(path: &std::path::Path) -> Vec<std::sync::Arc<[f32]>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("vector").unwrap();
+    let h = t.shape()[1];
+    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    data.chunks(h).map(std::sync::Arc::from).collect()
+}
+
+/// A fixture steering case's `ops` (`{layer, kind, coeff, positions}`) as a plan over `rows`.
+pub fn plan_from(ops: &serde_json::Value, rows: &[std::sync::Arc<[f32]>]) -> persona::steer::SeqSteering {
+    use persona::steer::{Positions, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+    let ops = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let layer = o["layer"].as_u64().unwrap() as usize;
+            SteerOp {
+                kind: match o["kind"].as_str().unwrap() {
+                    "add" => SteerKind::Add,
+                    "ablate" => SteerKind::Ablate,
+                    "clamp" => SteerKind::Clamp,
+                    k => panic!("unknown kind {k}"),
+                },
+                layer,
+                vector: rows[layer].clone(),
+                coeff: o["coeff"].as_f64().unwrap() as f32,
+                positions: match o["positions"].as_str().unwrap() {
+                    "all" => Positions::All,
+                    "response" => Positions::Response,
+                    "prompt" => Positions::Prompt,
+                    p => panic!("unknown positions {p}"),
+                },
+                when: None,
+            }
+        })
+        .collect();
+    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
+}
