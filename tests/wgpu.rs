@@ -471,12 +471,10 @@ fn ragged_batch_matches_single_sequences() {
 /// adapter short of a limit is refused with the limit's name.
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
-    let mut l = wgpu::Limits::default();
-    l.max_storage_buffers_per_shader_stage = 4;
+    let l = wgpu::Limits { max_storage_buffers_per_shader_stage: 4, ..Default::default() };
     let msg = check_limits("tiny", &l).unwrap_err().to_string();
     assert!(msg.contains("max_storage_buffers_per_shader_stage is 4") && msg.contains("backend wgpu"), "{msg}");
-    l = wgpu::Limits::default();
-    l.max_storage_buffer_binding_size = 1 << 20;
+    let l = wgpu::Limits { max_storage_buffer_binding_size: 1 << 20, ..Default::default() };
     let msg = check_limits("tiny", &l).unwrap_err().to_string();
     assert!(msg.contains("max_storage_buffer_binding_size"), "{msg}");
     assert!(check_limits("webgpu defaults", &wgpu::Limits::default()).is_ok());

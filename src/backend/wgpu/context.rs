@@ -74,6 +74,8 @@ impl Drop for Gbuf {
     }
 }
 
+type PipeKey = (&'static str, &'static str, u32);
+
 struct Pipe {
     index: usize,
     pipeline: wgpu::ComputePipeline,
@@ -107,8 +109,9 @@ pub(crate) struct Ctx {
     pending: Mutex<Pending>,
     params: wgpu::Buffer,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str, u32), Arc<Pipe>>>,
-    #[allow(clippy::type_complexity)]
+    /// By (file, entry point, weight format).
+    pipelines: Mutex<HashMap<PipeKey, Arc<Pipe>>>,
+    /// By (pipeline, ids of the bound buffers).
     bind_groups: Mutex<HashMap<(usize, Vec<u64>), wgpu::BindGroup>>,
     next_id: AtomicU64,
 }

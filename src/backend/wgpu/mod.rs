@@ -133,6 +133,7 @@ impl WgpuBackend {
         Self::with_options(WgpuOptions { adapter: Some(name.to_string()), allow_cpu: true, max_binding_bytes: None })
     }
 
+    /// Pick an adapter by `opts`, check its limits, open a device with all of them.
     pub fn with_options(opts: WgpuOptions) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
@@ -150,7 +151,7 @@ impl WgpuBackend {
             .filter(|a| {
                 let i = a.get_info();
                 (opts.allow_cpu || i.device_type != wgpu::DeviceType::Cpu)
-                    && opts.adapter.as_ref().is_none_or(|n| i.name.to_lowercase().contains(&n.to_lowercase()))
+                    && opts.adapter.as_ref().map_or(true, |n| i.name.to_lowercase().contains(&n.to_lowercase()))
             })
             .collect();
         usable.sort_by_key(|a| rank(a.get_info().device_type));

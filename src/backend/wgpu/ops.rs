@@ -32,7 +32,7 @@ const RESIDUAL_STEER_NORM: Kernel = Kernel {
 const CAPTURE_SUM: Kernel =
     Kernel { file: "residual_steer_norm.wgsl", entry: "capture_sum", bindings: &[(6, R), (8, R), (9, RW)] };
 
-/// Token counts up to which matmul runs as a GEMV (the shader keeps one accumulator per token).
+/// Token counts up to which matmul runs as the GEMV (bandwidth-bound decode); above, the tiled GEMM.
 const GEMV_MAX_T: usize = 8;
 /// The attention shader keeps q in a 256-float workgroup array.
 const MAX_HEAD_DIM: usize = 256;

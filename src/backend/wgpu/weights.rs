@@ -140,7 +140,7 @@ pub(crate) fn upload(ctx: &Arc<Ctx>, t: &HostTensor) -> Result<WgpuWeight> {
     let stride = if format == WeightFormat::F32 { cols } else { cols.next_multiple_of(2) };
     let row_bytes = (stride * format.elem_bytes()) as u64;
     let max = ctx.max_binding.min(ctx.limits.max_buffer_size);
-    let per_chunk = if row_bytes == 0 { rows.max(1) } else { (max / row_bytes) as usize };
+    let per_chunk = max.checked_div(row_bytes).map_or(rows.max(1), |n| n as usize);
     if per_chunk == 0 {
         return Err(err(format!(
             "one row of {} ({row_bytes} bytes) exceeds the adapter's max_storage_buffer_binding_size ({max})",
