@@ -1,5 +1,6 @@
 //! The `persona` command: parses flags and calls the library.
 
+mod bench;
 mod check;
 mod generate;
 mod info;
@@ -53,6 +54,8 @@ enum Cmd {
     Demo(pipelines::DemoArgs),
     /// OpenAI-compatible HTTP server with per-request steering, live projections and continuous batching.
     Serve(serve::ServeArgs),
+    /// Throughput benchmark (llama-bench style): prompt processing and generation, steered and not.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -118,8 +121,9 @@ impl ModelArgs {
                         eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
                         task.run(load(&path, b, self.context)?)
                     }
-                    Err(w) => {
-                        eprintln!("backend: cpu (cuda not usable: {e}; {w})");
+                    Err(_) => {
+                        let _ = e;
+                        eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
                         task.run(load(&path, CpuBackend, self.context)?)
                     }
                 },
@@ -129,6 +133,11 @@ impl ModelArgs {
 }
 
 fn main() {
+    // Mesa's Vulkan device-select layer prints "XDG_RUNTIME_DIR is invalid" on headless machines
+    // whenever wgpu probes adapters; persona chooses adapters itself. Set while single-threaded.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Generate(a) => a.model.clone().run(a),
@@ -143,6 +152,7 @@ fn main() {
         Cmd::Check(a) => check::run(a),
         Cmd::Vectors(a) => vectors::run(a),
         Cmd::Traits(a) => traits::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),
