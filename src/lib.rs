@@ -1,6 +1,7 @@
 //! persona: an inference engine for persona vectors.
 
 pub mod backend;
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod fetch;

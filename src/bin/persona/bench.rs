@@ -1,0 +1,250 @@
+//! `persona bench`: prompt processing and token generation throughput, llama-bench style.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use persona::backend::cpu::CpuBackend;
+use persona::backend::cuda::CudaBackend;
+use persona::backend::wgpu::WgpuBackend;
+use persona::backend::Backend;
+use persona::bench::{self, BenchInfo, BenchRow, Shape, SteerMode};
+use persona::model::ModelFiles;
+use persona::Engine;
+
+use super::BackendKind;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ShapeName {
+    /// SmolLM2-135M: 30 layers, H 576, 9/3 heads, FFN 1536, vocab 49152, tied embeddings.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    /// Qwen2.5-7B: 28 layers, H 3584, 28/4 heads, FFN 18944, vocab 152064, q/k/v biases.
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+    /// Llama-3.1-8B: 32 layers, H 4096, 32/8 heads, FFN 14336, vocab 128256.
+    #[value(name = "llama3.1-8b")]
+    Llama31_8b,
+}
+
+impl ShapeName {
+    fn name(self) -> &'static str {
+        match self {
+            ShapeName::Smollm2_135m => "smollm2-135m",
+            ShapeName::Qwen25_7b => "qwen2.5-7b",
+            ShapeName::Llama31_8b => "llama3.1-8b",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum SteerArg {
+    /// No steering, no probes.
+    None,
+    /// Every layer steered (add) and probed, one plan for the whole batch.
+    All,
+    /// Every sequence of the batch with its own random vectors and coefficient.
+    Mixed,
+}
+
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|_| format!("`{s}` is not a whole number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// HF model folder or GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long, short = 'm', env = "PERSONA_MODEL")]
+    pub model: Option<PathBuf>,
+    /// A named model shape with seeded random weights (bf16-representable f32) instead of a model file.
+    #[arg(long, value_enum)]
+    pub shape: Option<ShapeName>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Prompt lengths for prompt processing (comma list).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512", value_parser = at_least_one)]
+    pub n_prompt: Vec<usize>,
+    /// Tokens generated per sequence for token generation.
+    #[arg(short = 'n', long = "n-gen", default_value = "128", value_parser = at_least_one)]
+    pub n_gen: usize,
+    /// Batch sizes for token generation: that many sequences decoding together (comma list).
+    #[arg(short = 'b', long = "batch", value_delimiter = ',', default_value = "1,8", value_parser = at_least_one)]
+    pub batch: Vec<usize>,
+    /// Timed repetitions of each test (after one untimed warm-up).
+    #[arg(short = 'r', long = "repetitions", default_value = "3", value_parser = at_least_one)]
+    pub reps: usize,
+    /// Steering modes (comma list).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none,all,mixed")]
+    pub steer: Vec<SteerArg>,
+    /// Seed for random weights, tokens and steering vectors.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A benchmark body that runs on any backend; `device` describes the hardware.
+trait BackendTask {
+    fn run<B: Backend>(self, b: B, device: String) -> Result<()>;
+}
+
+/// Open the chosen backend, in the same order as the model commands for `auto`
+/// (CUDA, then a wgpu GPU adapter, then the CPU).
+fn with_backend(kind: BackendKind, task: impl BackendTask) -> Result<()> {
+    match kind {
+        BackendKind::Cpu => task.run(CpuBackend, bench::cpu_name()),
+        BackendKind::Cuda => {
+            let b = CudaBackend::new(0)?;
+            let d = format!("{} ({})", b.device_name(), b.arch());
+            task.run(b, d)
+        }
+        BackendKind::Wgpu => {
+            let b = WgpuBackend::new()?;
+            let d = b.describe();
+            task.run(b, d)
+        }
+        BackendKind::Auto => match CudaBackend::new(0) {
+            Ok(b) => {
+                let d = format!("{} ({})", b.device_name(), b.arch());
+                eprintln!("backend: cuda {d}");
+                task.run(b, d)
+            }
+            Err(e) => match WgpuBackend::new_gpu() {
+                Ok(b) => {
+                    let d = b.describe();
+                    eprintln!("backend: wgpu {d} (cuda not usable: {e})");
+                    task.run(b, d)
+                }
+                Err(w) => {
+                    eprintln!("backend: cpu (cuda not usable: {e}; {w})");
+                    task.run(CpuBackend, bench::cpu_name())
+                }
+            },
+        },
+    }
+}
+
+/// Positions the engine must cover: the longest prompt, and a tg prompt plus its generated tokens.
+fn context_needed(a: &BenchArgs) -> usize {
+    let pp = a.n_prompt.iter().copied().max().unwrap_or(1);
+    pp.max(bench::TG_PROMPT + a.n_gen)
+}
+
+struct Task<'a> {
+    args: &'a BenchArgs,
+    source: Source,
+}
+
+enum Source {
+    Shape(Shape),
+    File(PathBuf),
+}
+
+impl BackendTask for Task<'_> {
+    fn run<B: Backend>(self, b: B, device: String) -> Result<()> {
+        let a = self.args;
+        let ctx = context_needed(a);
+        let (engine, model, dtype) = match self.source {
+            Source::Shape(shape) => {
+                eprintln!("generating random weights for {} (seed {})", shape.name, a.seed);
+                let (cfg, tensors) = bench::random_model(&shape, a.seed);
+                let e = Engine::new(b, cfg, &tensors, ctx)?;
+                (e, format!("shape:{}", shape.name), "f32 (bf16-representable random)".to_string())
+            }
+            Source::File(path) => {
+                let files = ModelFiles::open(&path).with_context(|| format!("loading {}", path.display()))?;
+                let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
+                for (_, _, d) in &files.listing {
+                    *dtypes.entry(d.as_str()).or_default() += 1;
+                }
+                let dtype = dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", ");
+                let e = Engine::new(b, files.config.clone(), &files.tensors, ctx)?;
+                (e, path.display().to_string(), format!("stored {dtype}"))
+            }
+        };
+        if engine.max_context < ctx {
+            bail!(
+                "-p/-n: the run needs {ctx} positions but the model covers only {}; use shorter prompts (-p) \
+                 or fewer generated tokens (-n)",
+                engine.max_context
+            );
+        }
+        let info = BenchInfo::new(&engine.config, engine.backend.name(), device, model, dtype);
+        let rows = run_all(&engine, a)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&bench::to_json(&info, &rows))?);
+        } else {
+            print!("{}", bench::format_markdown(&info, &rows));
+        }
+        Ok(())
+    }
+}
+
+fn run_all<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Vec<BenchRow>> {
+    let modes: Vec<SteerMode> = a
+        .steer
+        .iter()
+        .map(|s| match s {
+            SteerArg::None => SteerMode::None,
+            SteerArg::All => SteerMode::All,
+            SteerArg::Mixed => SteerMode::Mixed,
+        })
+        .collect();
+    let tests = a
+        .n_prompt
+        .iter()
+        .map(|&n_prompt| bench::Test::Pp { n_prompt })
+        .chain(a.batch.iter().map(|&batch| bench::Test::Tg { n_gen: a.n_gen, batch }));
+    let mut rows = Vec::new();
+    for t in tests {
+        let got = bench::run_test(e, t, &modes, a.reps, a.seed).with_context(|| t.name())?;
+        for r in &got {
+            eprintln!("{} batch {} steer {}: {:.2} ± {:.2} t/s", r.test, r.batch, r.steer.name(), r.mean_ts, r.sd_ts);
+        }
+        rows.extend(got);
+    }
+    Ok(rows)
+}
+
+fn check_shape_memory(shape: &Shape) -> Result<()> {
+    // PERSONA_BENCH_MEM_AVAILABLE (bytes) stands in for /proc/meminfo, for tests.
+    let available = match std::env::var("PERSONA_BENCH_MEM_AVAILABLE") {
+        Ok(v) => Some(v.trim().parse::<u64>().context("PERSONA_BENCH_MEM_AVAILABLE must be a number of bytes")?),
+        Err(_) => bench::mem_available(),
+    };
+    match available {
+        Some(avail) => Ok(bench::check_memory(shape, avail)?),
+        None => Ok(()),
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.n_prompt.is_empty() {
+        bail!("-p/--n-prompt: give at least one prompt length");
+    }
+    if a.batch.is_empty() {
+        bail!("-b/--batch: give at least one batch size");
+    }
+    if a.steer.is_empty() {
+        bail!("--steer: give at least one of none, all, mixed");
+    }
+    let source = match a.shape {
+        Some(s) => {
+            // PERSONA_MODEL in the environment yields to --shape; --model on the command line does not.
+            let from_env = std::env::var_os("PERSONA_MODEL").map(PathBuf::from);
+            if a.model.is_some() && a.model != from_env {
+                bail!("--model and --shape: give one (a model file, or a named shape with random weights)");
+            }
+            let shape = Shape::by_name(s.name()).context("--shape: unknown shape")?;
+            check_shape_memory(&shape).context("--shape")?;
+            Source::Shape(shape)
+        }
+        None => Source::File(super::resolve_model(&a.model)?),
+    };
+    with_backend(a.backend, Task { args: &a, source })
+}
