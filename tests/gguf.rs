@@ -3,8 +3,10 @@
 //! The model is found through `PERSONA_MODEL_GGUF`, else
 //! `$XDG_CACHE_HOME/persona/SmolLM2-135M-Instruct.Q4_1.gguf` (default `~/.cache/persona/...`).
 //! When it is absent every test prints "skipping" and passes. Token ids come from the HF
-//! transformers fixtures in `../shared/fixtures` (or `PERSONA_FIXTURES`); dequantized values from
+//! transformers fixtures (`tests/common`: `../shared/fixtures`, else the vendored copy); dequantized values from
 //! gguf-py (see `dequantization_matches_gguf_py`).
+
+mod common;
 
 use std::path::PathBuf;
 
@@ -15,21 +17,11 @@ use persona::model::tensor::Storage;
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn model_path() -> Option<PathBuf> {
-    let path = if let Some(p) = std::env::var_os("PERSONA_MODEL_GGUF") {
-        PathBuf::from(p)
-    } else {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-        cache.join("persona").join(MODEL_FILE)
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: model {} not found (set PERSONA_MODEL_GGUF)", path.display());
-        None
+    let p = common::default_model();
+    if p.is_none() {
+        eprintln!("skipping: model {MODEL_FILE} not cached (set PERSONA_MODEL_GGUF or run `persona fetch`)");
     }
+    p
 }
 
 fn open_model() -> Option<GgufFile> {
@@ -38,13 +30,7 @@ fn open_model() -> Option<GgufFile> {
 }
 
 fn fixtures() -> serde_json::Value {
-    let dir = std::env::var_os("PERSONA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
-    let path = dir.join("smollm2_reference.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (set PERSONA_FIXTURES)", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    common::json(&common::fixtures().join("smollm2_reference.json"))
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
