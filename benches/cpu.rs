@@ -59,18 +59,12 @@ fn model(c: &mut Criterion) {
     g.bench_function("prefill_64", |bn| {
         bn.iter(|| {
             let mut cache = e.new_cache(1, 128).unwrap();
-            e.forward(
-                &mut cache,
-                &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }],
-                false,
-            )
-            .unwrap()
+            e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }], false).unwrap()
         })
     });
     g.throughput(Throughput::Elements(1));
     let mut cache = e.new_cache(1, prompt.len() + 1).unwrap();
-    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }], false)
-        .unwrap();
+    e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &prompt, ..Default::default() }], false).unwrap();
     // Steering + monitoring overhead: every layer steered (add) and probed vs nothing.
     let c = &e.config;
     let v: std::sync::Arc<[f32]> = std::sync::Arc::from(rand_vec(c.hidden, 77));

@@ -46,8 +46,17 @@ fn extract_from_responses_reproduces_the_reference_vector() {
     let (resp, out) = (d.path().join("r.jsonl"), d.path().join("enthusiasm.safetensors"));
     fixture_responses(&resp);
     let (ok, _, err) = persona_cli(&[
-        "extract", "--backend", "cpu", "--model", model.to_str().unwrap(), "--trait", "enthusiasm",
-        "--from-responses", resp.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "extract",
+        "--backend",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--trait",
+        "enthusiasm",
+        "--from-responses",
+        resp.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let got = PersonaVector::load(&out).unwrap();
@@ -69,9 +78,23 @@ fn malformed_pipeline_inputs_name_the_line() {
     let m = fixtures().join("tiny-llama");
     let m = m.to_str().unwrap();
     let f = d.path().join("r.jsonl");
-    std::fs::write(&f, "{\"question\":\"q\",\"answer\":\"a\",\"label\":\"pos\"}\n{\"question\":\"q\",\"answer\":\"a\"}\n").unwrap();
+    std::fs::write(
+        &f,
+        "{\"question\":\"q\",\"answer\":\"a\",\"label\":\"pos\"}\n{\"question\":\"q\",\"answer\":\"a\"}\n",
+    )
+    .unwrap();
     let out = d.path().join("v.safetensors");
-    let args = ["extract", "--model", m, "--trait", "x", "--from-responses", f.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let args = [
+        "extract",
+        "--model",
+        m,
+        "--trait",
+        "x",
+        "--from-responses",
+        f.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let (ok, _, err) = persona_cli(&args);
     assert!(!ok && err.contains("line 2") && err.contains("label"), "{err}");
     std::fs::write(&f, "").unwrap();
@@ -83,7 +106,19 @@ fn malformed_pipeline_inputs_name_the_line() {
     let screen = |text: &str| {
         std::fs::write(&data, text).unwrap();
         let r = d.path().join("rep.json");
-        persona_cli(&["screen", "--model", m, "--vector", v.to_str().unwrap(), "--layer", "2", "--data", data.to_str().unwrap(), "--out", r.to_str().unwrap()])
+        persona_cli(&[
+            "screen",
+            "--model",
+            m,
+            "--vector",
+            v.to_str().unwrap(),
+            "--layer",
+            "2",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            r.to_str().unwrap(),
+        ])
     };
     let (ok, _, err) = screen("{\"prompt\":\"p\",\"response\":\"r\"}\n{\"prompt\":\"p\"}\n");
     assert!(!ok && err.contains("line 2") && err.contains("response"), "{err}");
@@ -110,8 +145,19 @@ fn monitor_json(model: &Path, t: &str, dir: &Path) -> serde_json::Value {
     let layer = v.metadata["persona.layer"].clone();
     let out = dir.join(format!("{t}.monitor.json"));
     let (ok, table, err) = persona_cli(&[
-        "monitor", "--backend", "cpu", "--model", model.to_str().unwrap(), "--vector", shipped(t).to_str().unwrap(),
-        "--questions", "10", "--layers", &layer, "--out", out.to_str().unwrap(),
+        "monitor",
+        "--backend",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--vector",
+        shipped(t).to_str().unwrap(),
+        "--questions",
+        "10",
+        "--layers",
+        &layer,
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     eprintln!("{t}:\n{table}");
@@ -148,8 +194,20 @@ fn steering_moves_trait_log_odds() {
         let copy = d.path().join(format!("{t}.safetensors"));
         std::fs::copy(shipped(t), &copy).unwrap();
         let (ok, table, err) = persona_cli(&[
-            "eval", "--backend", "cpu", "--model", model.to_str().unwrap(), "--vector", copy.to_str().unwrap(),
-            "--layers", &layer, "--coeffs=-3,-1,1,3", "--questions", "6", "--out-dir", d.path().to_str().unwrap(),
+            "eval",
+            "--backend",
+            "cpu",
+            "--model",
+            model.to_str().unwrap(),
+            "--vector",
+            copy.to_str().unwrap(),
+            "--layers",
+            &layer,
+            "--coeffs=-3,-1,1,3",
+            "--questions",
+            "6",
+            "--out-dir",
+            d.path().to_str().unwrap(),
         ]);
         assert!(ok, "{err}");
         eprintln!("{table}");
@@ -177,8 +235,17 @@ fn screening_ranks_trait_samples_first() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/screen_mixed.jsonl");
     let out = d.path().join("report.json");
     let (ok, _, err) = persona_cli(&[
-        "screen", "--backend", "cpu", "--model", model.to_str().unwrap(), "--vector", shipped("evil").to_str().unwrap(),
-        "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "screen",
+        "--backend",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--vector",
+        shipped("evil").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let evil: Vec<bool> = std::fs::read_to_string(&data)

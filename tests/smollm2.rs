@@ -56,9 +56,7 @@ fn greedy_ids_logits_and_residuals_match() {
         let ids = u32s(&p["ids"]);
         // Top-20 logits and residuals at the last prompt position.
         let mut cache = e.new_cache(1, ids.len()).unwrap();
-        let out = e
-            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, ..Default::default() }], true)
-            .unwrap();
+        let out = e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, ..Default::default() }], true).unwrap();
         let logits = out.last(0);
         let top = &p["last_logits_top20"];
         let mut max_err = 0f32;

@@ -25,7 +25,11 @@ fn logits_and_residual_norms_match_transformers() {
         let ids = u32s(&r["ids"]);
         let mut cache = e.new_cache(1, ids.len()).unwrap();
         let out = e
-            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids, logits_from: Some(0), ..Default::default() }], true)
+            .forward(
+                &mut cache,
+                &[SeqInput { slot: 0, tokens: &ids, logits_from: Some(0), ..Default::default() }],
+                true,
+            )
             .unwrap();
         let want = r["logits"].as_array().unwrap();
         assert_eq!(want.len(), ids.len());
@@ -76,7 +80,8 @@ fn ragged_batch_equals_single_sequences() {
     let b = &ids[3..];
     let single = |toks: &[u32]| {
         let mut c = e.new_cache(1, 64).unwrap();
-        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, logits_from: Some(0), ..Default::default() }], false).unwrap()
+        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, logits_from: Some(0), ..Default::default() }], false)
+            .unwrap()
     };
     let (sa, sb) = (single(a), single(b));
     let mut c = e.new_cache(3, 64).unwrap();
@@ -118,17 +123,11 @@ fn ragged_batch_equals_single_sequences() {
 fn bad_forward_inputs_are_errors() {
     let (e, _) = load("tiny-llama");
     let mut c = e.new_cache(1, 8).unwrap();
-    let err = e
-        .forward(&mut c, &[SeqInput { slot: 0, tokens: &[300], ..Default::default() }], false)
-        .unwrap_err();
+    let err = e.forward(&mut c, &[SeqInput { slot: 0, tokens: &[300], ..Default::default() }], false).unwrap_err();
     assert!(err.to_string().contains("out of vocabulary"), "{err}");
-    let err = e
-        .forward(&mut c, &[SeqInput { slot: 1, tokens: &[3], ..Default::default() }], false)
-        .unwrap_err();
+    let err = e.forward(&mut c, &[SeqInput { slot: 1, tokens: &[3], ..Default::default() }], false).unwrap_err();
     assert!(err.to_string().contains("slot 1"), "{err}");
-    let err = e
-        .forward(&mut c, &[SeqInput { slot: 0, tokens: &[3; 9], ..Default::default() }], false)
-        .unwrap_err();
+    let err = e.forward(&mut c, &[SeqInput { slot: 0, tokens: &[3; 9], ..Default::default() }], false).unwrap_err();
     assert!(err.to_string().contains("capacity"), "{err}");
     let err = e.generate(&[GenRequest::greedy(vec![3], 0)], &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("max tokens"), "{err}");

@@ -3,8 +3,8 @@
 
 pub mod check;
 pub mod cpu;
-pub mod wgpu;
 pub mod cuda;
+pub mod wgpu;
 
 use crate::error::Result;
 use crate::model::tensor::HostTensor;

@@ -64,7 +64,11 @@ pub fn teacher_force<B: Backend>(
     for chunk in items.chunks(batch.max(1)) {
         for (i, it) in chunk.iter().enumerate() {
             if it.answer_start == 0 || it.answer_start > it.tokens.len() {
-                return Err(Error::Invalid(format!("item {i}: answer start {} is outside 1..={}", it.answer_start, it.tokens.len())));
+                return Err(Error::Invalid(format!(
+                    "item {i}: answer start {} is outside 1..={}",
+                    it.answer_start,
+                    it.tokens.len()
+                )));
             }
         }
         // Prompt-only captures need no answer tokens at all.

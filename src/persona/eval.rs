@@ -134,10 +134,7 @@ fn point<B: Backend>(
     };
     let items: Vec<Forced> = refs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
     let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, true, o.batch, None)?;
-    let lo: f64 = outs
-        .chunks(2)
-        .map(|pn| pn[0].logprob.unwrap_or(0.0) - pn[1].logprob.unwrap_or(0.0))
-        .sum::<f64>()
+    let lo: f64 = outs.chunks(2).map(|pn| pn[0].logprob.unwrap_or(0.0) - pn[1].logprob.unwrap_or(0.0)).sum::<f64>()
         / refs.len() as f64;
     let mut p = EvalPoint {
         layer,
@@ -153,13 +150,12 @@ fn point<B: Backend>(
         let st = Arc::new(st);
         let reqs: Vec<GenRequest> = questions
             .iter()
-            .map(|q| Ok(GenRequest { steering: Some(st.clone()), ..GenRequest::greedy(chat_ids(m, None, q)?, o.max_tokens) }))
+            .map(|q| {
+                Ok(GenRequest { steering: Some(st.clone()), ..GenRequest::greedy(chat_ids(m, None, q)?, o.max_tokens) })
+            })
             .collect::<Result<_>>()?;
         let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
-        let answers: Vec<String> = gens
-            .iter()
-            .map(|g| m.answer_text(g))
-            .collect::<Result<_>>()?;
+        let answers: Vec<String> = gens.iter().map(|g| m.answer_text(g)).collect::<Result<_>>()?;
         p.response_projection =
             Some(gens.iter().map(|g| g.response_mean_projection(0) as f64).sum::<f64>() / gens.len() as f64);
         p.samples = answers.iter().take(3).cloned().collect();
@@ -229,7 +225,8 @@ pub fn sweep<B: Backend>(
         }
     };
     let effect: Vec<(usize, f64)> = o.layers.iter().map(|&l| (l, span(&points, l, false))).collect();
-    let best_layer = o.layers.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
+    let best_layer =
+        o.layers.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
     let random: Arc<[f32]> = Arc::from(random_like(v.layer(best_layer), o.seed ^ 0x5eed));
     for &c in &o.coeffs {
         points.push(point(m, t, &refs, &questions, best_layer, c, &random, true, judge, o)?);
@@ -276,8 +273,10 @@ impl EvalReport {
         let (w, h, pad) = (640.0, 400.0, 50.0);
         let xs: Vec<f64> = self.points.iter().map(|p| p.coeff as f64).collect();
         let ys: Vec<f64> = self.points.iter().map(|p| p.log_odds).collect();
-        let (x0, x1) = (xs.iter().cloned().fold(f64::INFINITY, f64::min), xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
-        let (mut y0, mut y1) = (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+        let (x0, x1) =
+            (xs.iter().cloned().fold(f64::INFINITY, f64::min), xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+        let (mut y0, mut y1) =
+            (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
         if y1 - y0 < 1e-9 {
             y0 -= 1.0;
             y1 += 1.0;
@@ -310,7 +309,8 @@ impl EvalReport {
         for (i, (l, ctl)) in rows.iter().enumerate() {
             let mut pts: Vec<&EvalPoint> = self.points.iter().filter(|p| p.layer == *l && p.control == *ctl).collect();
             pts.sort_by(|a, b| a.coeff.total_cmp(&b.coeff));
-            let path: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", px(p.coeff as f64), py(p.log_odds))).collect();
+            let path: Vec<String> =
+                pts.iter().map(|p| format!("{:.1},{:.1}", px(p.coeff as f64), py(p.log_odds))).collect();
             let color = if *ctl { "#888888" } else { colors[i % colors.len()] };
             s += &format!(
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{} points=\"{}\"/>\n",

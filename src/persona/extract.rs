@@ -135,7 +135,12 @@ pub fn chat_ids<B: Backend>(m: &LoadedModel<B>, system: Option<&str>, question: 
 
 /// Prompt + answer as token ids: the answer text appended to the templated prompt and
 /// tokenised together; answer tokens are those after the prompt's own tokens.
-pub fn forced_item<B: Backend>(m: &LoadedModel<B>, system: Option<&str>, question: &str, answer: &str) -> Result<Forced> {
+pub fn forced_item<B: Backend>(
+    m: &LoadedModel<B>,
+    system: Option<&str>,
+    question: &str,
+    answer: &str,
+) -> Result<Forced> {
     let mut msgs = Vec::new();
     if let Some(s) = system {
         msgs.push(Message::system(s));
@@ -294,8 +299,7 @@ pub fn vector_from_responses<B: Backend>(
         let acc = if r.label == Label::Pos { &mut pos } else { &mut neg };
         acc.iter_mut().zip(mean).for_each(|(a, &b)| *a += b as f64);
     }
-    let data: Vec<f32> =
-        pos.iter().zip(&neg).map(|(p, n)| (p / n_pos as f64 - n / n_neg as f64) as f32).collect();
+    let data: Vec<f32> = pos.iter().zip(&neg).map(|(p, n)| (p / n_pos as f64 - n / n_neg as f64) as f32).collect();
     let mut v = PersonaVector::new(name, c.n_layers, c.hidden, data)?;
     let norms = mean_residual_norms(m, &items[..items.len().min(16)])?;
     v.metadata.insert("persona.trait".into(), name.into());
@@ -339,8 +343,8 @@ pub fn read_responses(path: &std::path::Path) -> Result<Vec<Response>> {
         if line.trim().is_empty() {
             continue;
         }
-        let r: Response = serde_json::from_str(line)
-            .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
+        let r: Response =
+            serde_json::from_str(line).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
         out.push(r);
     }
     if out.is_empty() {

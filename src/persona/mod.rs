@@ -4,6 +4,6 @@ pub mod common;
 pub mod eval;
 pub mod extract;
 pub mod judge;
-pub mod traits;
 pub mod monitor;
 pub mod screen;
+pub mod traits;

@@ -143,9 +143,11 @@ pub fn run<B: Backend>(
     let rau: Vec<f64> = (0..nl).map(|k| auroc(&side(&rows, 1, k, true), &side(&rows, -1, k, true))).collect();
     let best = (0..nl).max_by(|&a, &b| au[a].total_cmp(&au[b])).unwrap_or(0);
     let layer = o.layer.unwrap_or(o.layers[best]);
-    let k = o.layers.iter().position(|&l| l == layer).ok_or_else(|| {
-        Error::Invalid(format!("layer {layer} is not among the probed layers {:?}", o.layers))
-    })?;
+    let k = o
+        .layers
+        .iter()
+        .position(|&l| l == layer)
+        .ok_or_else(|| Error::Invalid(format!("layer {layer} is not among the probed layers {:?}", o.layers)))?;
     let mut correlation = None;
     let mut correlation_with = String::from("none (no responses generated)");
     if o.generate || judge.is_some() {
@@ -175,10 +177,8 @@ pub fn run<B: Backend>(
             pb.finish_and_clear();
         }
         if let (Some(j), Some(t)) = (judge, t) {
-            let prompts: Vec<String> = rows
-                .iter()
-                .map(|r| t.render_judge(&r.prompt.question, r.response.as_deref().unwrap_or("")))
-                .collect();
+            let prompts: Vec<String> =
+                rows.iter().map(|r| t.render_judge(&r.prompt.question, r.response.as_deref().unwrap_or(""))).collect();
             for (r, s) in rows.iter_mut().zip(j.score(&prompts)) {
                 r.trait_score = s?.score;
             }

@@ -51,7 +51,10 @@ pub fn read_dataset(path: &Path) -> Result<Vec<Sample>> {
             out.push(Sample { messages: msgs, response: last.content });
         } else {
             let get = |k: &str| {
-                v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(&format!("missing string `{k}` (or `messages`)")))
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(&format!("missing string `{k}` (or `messages`)")))
             };
             out.push(Sample { messages: vec![Message::user(get("prompt")?)], response: get("response")? });
         }
@@ -109,7 +112,8 @@ pub fn screen<B: Backend>(
         text += &(serde_json::to_string(r).unwrap_or_default() + "\n");
     }
     super::common::write_atomic(progress_file, text.as_bytes())?;
-    let mut file = std::fs::OpenOptions::new().append(true).open(progress_file).map_err(|e| Error::io(progress_file, e))?;
+    let mut file =
+        std::fs::OpenOptions::new().append(true).open(progress_file).map_err(|e| Error::io(progress_file, e))?;
     let todo: Vec<usize> = (0..samples.len()).filter(|i| !done.contains(i)).collect();
     let st = SeqSteering {
         plan: Default::default(),
@@ -122,10 +126,7 @@ pub fn screen<B: Backend>(
             .map(|&i| Ok(GenRequest::greedy(m.chat_prompt_ids(&samples[i].messages)?, o.max_tokens)))
             .collect::<Result<_>>()?;
         let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
-        let own: Vec<String> = gens
-            .iter()
-            .map(|g| m.answer_text(g))
-            .collect::<Result<_>>()?;
+        let own: Vec<String> = gens.iter().map(|g| m.answer_text(g)).collect::<Result<_>>()?;
         let mut items = vec![];
         for (&i, a) in chunk.iter().zip(&own) {
             items.push(forced_chat(m, &samples[i].messages, &samples[i].response)?);

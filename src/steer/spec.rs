@@ -217,7 +217,10 @@ pub fn mean_norms(v: &PersonaVector) -> Result<Vec<f32>> {
     let norms: Vec<f32> = serde_json::from_str(s)
         .map_err(|e| Error::format(v.origin(), format!("`persona.mean_norms` is not a JSON list of numbers: {e}")))?;
     if norms.len() != v.n_layers + 1 || norms.iter().any(|x| !x.is_finite() || *x <= 0.0) {
-        return Err(Error::format(v.origin(), format!("`persona.mean_norms` needs {} positive numbers", v.n_layers + 1)));
+        return Err(Error::format(
+            v.origin(),
+            format!("`persona.mean_norms` needs {} positive numbers", v.n_layers + 1),
+        ));
     }
     Ok(norms)
 }

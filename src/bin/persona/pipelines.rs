@@ -165,7 +165,11 @@ impl ModelTask for ExtractArgs {
         );
         let norms = v.norms();
         let best = v.max_norm_layer();
-        println!("vector norms by layer: max {:.2} at layer {best}; layer N/2 = {:.2}", norms[best], norms[norms.len() / 2]);
+        println!(
+            "vector norms by layer: max {:.2} at layer {best}; layer N/2 = {:.2}",
+            norms[best],
+            norms[norms.len() / 2]
+        );
         Ok(())
     }
 }
@@ -257,7 +261,8 @@ impl ModelTask for EvalArgs {
         let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
         let dir = a.out_dir.clone().unwrap_or_else(|| a.vector.parent().map(Path::to_path_buf).unwrap_or_default());
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let stem = format!("{}.eval", a.vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        let stem =
+            format!("{}.eval", a.vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
         let table = r.table();
         write_atomic(&dir.join(format!("{stem}.txt")), table.as_bytes())?;
         write_atomic(&dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&r)?.as_bytes())?;
@@ -265,10 +270,7 @@ impl ModelTask for EvalArgs {
         print!("{table}");
         if !a.no_update {
             v.metadata.insert("persona.layer".into(), r.best_layer.to_string());
-            v.metadata.insert(
-                "persona.eval".into(),
-                serde_json::to_string(&r.effect).unwrap_or_default(),
-            );
+            v.metadata.insert("persona.eval".into(), serde_json::to_string(&r.effect).unwrap_or_default());
             v.save(&a.vector)?;
             eprintln!("recorded persona.layer = {} in {}", r.best_layer, a.vector.display());
         }
@@ -316,8 +318,8 @@ fn read_prompts(path: &Path) -> Result<Vec<LadderPrompt>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: line {}: not valid JSON", path.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}: not valid JSON", path.display(), i + 1))?;
         let question = v["question"]
             .as_str()
             .with_context(|| format!("{}: line {}: missing string `question`", path.display(), i + 1))?;
@@ -428,7 +430,11 @@ impl ModelTask for ScreenArgs {
         };
         write_atomic(&a.out, body.as_bytes())?;
         let _ = std::fs::remove_file(&progress_file);
-        println!("{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}; top {}:", rows.len(), a.top.min(rows.len()));
+        println!(
+            "{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}; top {}:",
+            rows.len(),
+            a.top.min(rows.len())
+        );
         for r in ranked.iter().take(a.top) {
             let resp: String = samples[r.index].response.chars().take(70).collect();
             println!("  #{:<5} ΔP {:+8.3}  {}", r.index, r.delta_p, resp.replace('\n', " "));
@@ -497,10 +503,20 @@ impl ModelTask for DemoArgs {
                 let ops = if c == 0.0 {
                     vec![]
                 } else {
-                    vec![SteerOp { kind: SteerKind::Add, layer, vector: row.clone(), coeff: c, positions: Positions::All, when: None }]
+                    vec![SteerOp {
+                        kind: SteerKind::Add,
+                        layer,
+                        vector: row.clone(),
+                        coeff: c,
+                        positions: Positions::All,
+                        when: None,
+                    }]
                 };
                 let st = Arc::new(SeqSteering { plan: SteeringPlan { ops }, probes: vec![probe.clone()] });
-                reqs.push(GenRequest { steering: Some(st), ..GenRequest::greedy(chat_ids(&m, None, q)?, a.max_tokens) });
+                reqs.push(GenRequest {
+                    steering: Some(st),
+                    ..GenRequest::greedy(chat_ids(&m, None, q)?, a.max_tokens)
+                });
             }
         }
         let outs = m.engine.generate(&reqs, &mut |_, _| {})?;
