@@ -6,8 +6,9 @@
 //! ```no_run
 //! use persona::backend::cpu::CpuBackend;
 //! use persona::bench::{random_model, run_pp, Shape, SteerMode};
+//! use persona::model::tensor::DType;
 //! let shape = Shape::by_name("smollm2-135m").unwrap();
-//! let (cfg, tensors) = random_model(&shape, 42);
+//! let (cfg, tensors) = random_model(&shape, 42, DType::F32)?;
 //! let engine = persona::Engine::new(CpuBackend, cfg, &tensors, 256)?;
 //! let row = run_pp(&engine, 64, SteerMode::All, 3, 42)?;
 //! println!("{}: {:.1} ± {:.1} t/s", row.test, row.mean_ts, row.sd_ts);
@@ -17,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -26,7 +27,7 @@ use crate::engine::{Engine, SeqInput};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, Llama3Scaling, ModelConfig, RopeConfig};
 use crate::model::load::{LayerTensors, ModelTensors};
-use crate::model::tensor::HostTensor;
+use crate::model::tensor::{DType, HostTensor, Storage};
 use crate::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp};
 
 /// A named model shape: the sizes of a real checkpoint, for random-weight benchmarks.
@@ -117,12 +118,27 @@ pub fn mem_available() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Bytes the host holds for a random model with weights of `dtype`; a backend that widens 16-bit
+/// weights to f32 on upload (`widens`: the CPU) holds that f32 copy as well.
+pub fn host_bytes(c: &ModelConfig, dtype: DType, widens: bool) -> u64 {
+    let per = dtype.size() + if widens && dtype != DType::F32 { 4 } else { 0 };
+    param_count(c) as u64 * per as u64
+}
+
 /// Refuse a shape whose f32 host copy needs more than `available` bytes.
 pub fn check_memory(shape: &Shape, available: u64) -> Result<()> {
-    let need = f32_bytes(&shape.config);
+    check_memory_for(shape, DType::F32, false, available)
+}
+
+/// Refuse a shape whose host copy in `dtype` (plus the f32 copy of a widening backend) needs
+/// more than `available` bytes.
+pub fn check_memory_for(shape: &Shape, dtype: DType, widens: bool, available: u64) -> Result<()> {
+    let need = host_bytes(&shape.config, dtype, widens);
     if need > available {
+        let name = format!("{dtype:?}").to_lowercase();
+        let what = if widens && dtype != DType::F32 { format!("{name} + widened f32") } else { name };
         return Err(Error::Invalid(format!(
-            "shape {} needs {need} bytes ({:.1} GiB) for its f32 weights on the host, but only {available} bytes \
+            "shape {} needs {need} bytes ({:.1} GiB) for its {what} weights on the host, but only {available} bytes \
              ({:.1} GiB) are available (MemAvailable); run it on a machine with more memory",
             shape.name,
             need as f64 / (1u64 << 30) as f64,
@@ -164,8 +180,16 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     name.bytes().fold(seed.wrapping_mul(0x100_0000_01B3), |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3))
 }
 
-/// `center + scale · N(0,1)`, rounded to bf16-representable values, generated in parallel chunks.
-fn random_tensor(seed: u64, name: String, shape: Vec<usize>, center: f32, scale: f32) -> HostTensor {
+/// `center + scale · N(0,1)`, rounded to bf16-representable values, generated in parallel chunks;
+/// stored as f32, or as 16-bit values in anonymous memory (as a model file's would be mapped).
+fn random_tensor(
+    seed: u64,
+    name: String,
+    shape: Vec<usize>,
+    center: f32,
+    scale: f32,
+    dtype: DType,
+) -> Result<HostTensor> {
     const CHUNK: usize = 1 << 20;
     let n: usize = shape.iter().product();
     let base = name_seed(seed, &name);
@@ -176,44 +200,59 @@ fn random_tensor(seed: u64, name: String, shape: Vec<usize>, center: f32, scale:
             *x = bf16::from_f32(center + scale * r.normal()).to_f32();
         }
     });
-    HostTensor::from_f32(name, shape, data)
+    if dtype == DType::F32 {
+        return Ok(HostTensor::from_f32(name, shape, data));
+    }
+    let len = n * 2;
+    let io = |e| Error::io(format!("anonymous memory for {name}"), e);
+    let mut map = memmap2::MmapMut::map_anon(len.max(1)).map_err(io)?;
+    map[..len].par_chunks_mut(2 * CHUNK).zip(data.par_chunks(CHUNK)).for_each(|(dst, src)| {
+        for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+            let b = if dtype == DType::BF16 { bf16::from_f32(x).to_le_bytes() } else { f16::from_f32(x).to_le_bytes() };
+            d.copy_from_slice(&b);
+        }
+    });
+    let map = Arc::new(map.make_read_only().map_err(io)?);
+    Ok(HostTensor { name, shape, storage: Storage::Mapped { map, offset: 0, len, dtype } })
 }
 
 /// A model of `shape` with seeded random weights (never zeros): projections and embeddings
-/// N(0, 0.02²), norm weights 1 + N(0, 0.02²), biases N(0, 0.02²); every value bf16-representable.
-pub fn random_model(shape: &Shape, seed: u64) -> (ModelConfig, ModelTensors) {
+/// N(0, 0.02²), norm weights 1 + N(0, 0.02²), biases N(0, 0.02²); every value bf16-representable,
+/// stored as `dtype` (the same values for every dtype but f16, which rounds them once more).
+pub fn random_model(shape: &Shape, seed: u64, dtype: DType) -> Result<(ModelConfig, ModelTensors)> {
     let c = &shape.config;
     let (h, f) = (c.hidden, c.intermediate);
     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let w = |name: String, shape: Vec<usize>| random_tensor(seed, name, shape, 0.0, 0.02);
-    let norm = |name: String| random_tensor(seed, name, vec![h], 1.0, 0.02);
+    let w = |name: String, shape: Vec<usize>| random_tensor(seed, name, shape, 0.0, 0.02, dtype);
+    let norm = |name: String| random_tensor(seed, name, vec![h], 1.0, 0.02, dtype);
     let layers = (0..c.n_layers)
         .map(|i| {
             let p = format!("model.layers.{i}.");
-            let bias = |n: &str, len: usize| c.qkv_bias.then(|| w(format!("{p}self_attn.{n}.bias"), vec![len]));
-            LayerTensors {
-                attn_norm: norm(format!("{p}input_layernorm.weight")),
-                wq: w(format!("{p}self_attn.q_proj.weight"), vec![q, h]),
-                wk: w(format!("{p}self_attn.k_proj.weight"), vec![kv, h]),
-                wv: w(format!("{p}self_attn.v_proj.weight"), vec![kv, h]),
-                bq: bias("q_proj", q),
-                bk: bias("k_proj", kv),
-                bv: bias("v_proj", kv),
-                wo: w(format!("{p}self_attn.o_proj.weight"), vec![h, q]),
-                mlp_norm: norm(format!("{p}post_attention_layernorm.weight")),
-                w_gate: w(format!("{p}mlp.gate_proj.weight"), vec![f, h]),
-                w_up: w(format!("{p}mlp.up_proj.weight"), vec![f, h]),
-                w_down: w(format!("{p}mlp.down_proj.weight"), vec![h, f]),
-            }
+            let bias =
+                |n: &str, len: usize| c.qkv_bias.then(|| w(format!("{p}self_attn.{n}.bias"), vec![len])).transpose();
+            Ok(LayerTensors {
+                attn_norm: norm(format!("{p}input_layernorm.weight"))?,
+                wq: w(format!("{p}self_attn.q_proj.weight"), vec![q, h])?,
+                wk: w(format!("{p}self_attn.k_proj.weight"), vec![kv, h])?,
+                wv: w(format!("{p}self_attn.v_proj.weight"), vec![kv, h])?,
+                bq: bias("q_proj", q)?,
+                bk: bias("k_proj", kv)?,
+                bv: bias("v_proj", kv)?,
+                wo: w(format!("{p}self_attn.o_proj.weight"), vec![h, q])?,
+                mlp_norm: norm(format!("{p}post_attention_layernorm.weight"))?,
+                w_gate: w(format!("{p}mlp.gate_proj.weight"), vec![f, h])?,
+                w_up: w(format!("{p}mlp.up_proj.weight"), vec![f, h])?,
+                w_down: w(format!("{p}mlp.down_proj.weight"), vec![h, f])?,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let tensors = ModelTensors {
-        embed: w("model.embed_tokens.weight".into(), vec![c.vocab, h]),
+        embed: w("model.embed_tokens.weight".into(), vec![c.vocab, h])?,
         layers,
-        final_norm: norm("model.norm.weight".into()),
-        lm_head: (!c.tie_embeddings).then(|| w("lm_head.weight".into(), vec![c.vocab, h])),
+        final_norm: norm("model.norm.weight".into())?,
+        lm_head: (!c.tie_embeddings).then(|| w("lm_head.weight".into(), vec![c.vocab, h])).transpose()?,
     };
-    (c.clone(), tensors)
+    Ok((c.clone(), tensors))
 }
 
 /// What each sequence asks of the residual stream during a timed run.

@@ -3,7 +3,8 @@
 
 use std::process::{Command, Output};
 
-use persona::bench::{check_memory, f32_bytes, random_model, Shape};
+use persona::bench::{check_memory, check_memory_for, f32_bytes, host_bytes, random_model, Shape};
+use persona::model::tensor::DType;
 
 fn bench(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_persona"));
@@ -159,7 +160,7 @@ fn memory_guard_numbers() {
 #[test]
 fn random_weights_are_seeded_nonzero_and_bf16_representable() {
     let s = Shape::by_name("smollm2-135m").unwrap();
-    let (_, a) = random_model(&s, 7);
+    let (_, a) = random_model(&s, 7, DType::F32).unwrap();
     let wq = a.layers[3].wq.to_f32();
     assert!(wq.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x));
     let zeros = wq.iter().filter(|&&x| x == 0.0).count();
@@ -170,10 +171,40 @@ fn random_weights_are_seeded_nonzero_and_bf16_representable() {
     let mean = norm.iter().map(|&x| x as f64).sum::<f64>() / norm.len() as f64;
     assert!((mean - 1.0).abs() < 0.01, "norm mean {mean}");
     // Same seed, same weights; another seed, others.
-    let (_, b) = random_model(&s, 7);
+    let (_, b) = random_model(&s, 7, DType::F32).unwrap();
     assert_eq!(b.layers[3].wq.to_f32(), wq);
-    let (_, c) = random_model(&s, 8);
+    let (_, c) = random_model(&s, 8, DType::F32).unwrap();
     assert_ne!(c.layers[3].wq.to_f32(), wq);
+    // bf16 storage holds exactly the same values, two bytes each.
+    let (_, h) = random_model(&s, 7, DType::BF16).unwrap();
+    assert_eq!(h.layers[3].wq.dtype(), DType::BF16);
+    assert_eq!(h.layers[3].wq.bytes().len(), wq.len() * 2);
+    assert_eq!(h.layers[3].wq.to_f32(), wq);
+    assert_eq!(h.embed.to_f32(), a.embed.to_f32());
+}
+
+#[test]
+fn bf16_weights_run_and_count_in_the_memory_guard() {
+    let s = Shape::by_name("llama3.1-8b").unwrap();
+    let p = 8_030_261_248u64;
+    assert_eq!(host_bytes(&s.config, DType::BF16, false), p * 2);
+    // The CPU backend widens bf16 to f32 beside the bf16 copy.
+    assert_eq!(host_bytes(&s.config, DType::BF16, true), p * 6);
+    assert!(check_memory_for(&s, DType::BF16, false, 20 << 30).is_ok());
+    let e = check_memory_for(&s, DType::BF16, true, 20 << 30).unwrap_err().to_string();
+    assert!(e.contains(&format!("{} bytes", p * 6)), "{e}");
+
+    let o = bench(
+        &["--shape", "smollm2-135m", "--dtype", "bf16", "-p", "4", "-n", "2", "-b", "1", "-r", "1"]
+            .into_iter()
+            .chain(["--steer", "none", "--backend", "cpu", "--json"])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    assert_eq!(v["info"]["dtype"], "bf16 (random)");
+    assert_eq!(v["rows"].as_array().unwrap().len(), 2);
 }
 
 #[test]
@@ -186,6 +217,8 @@ fn bad_flags_name_the_flag() {
         (vec!["--shape", "smollm2-135m", "-b", "0"], "batch"),
         (vec!["--shape", "gpt-9"], "--shape"),
         (vec!["--shape", "smollm2-135m", "--steer", "some"], "--steer"),
+        (vec!["--model", "/nonexistent/model.gguf", "--shape", "smollm2-135m"], "--model and --shape"),
+        (vec!["--shape", "smollm2-135m", "--dtype", "q4"], "--dtype"),
     ] {
         let o = bench(&args, &[]);
         assert!(!o.status.success(), "{args:?} succeeded");

@@ -9,6 +9,7 @@ use persona::backend::cuda::CudaBackend;
 use persona::backend::wgpu::WgpuBackend;
 use persona::backend::Backend;
 use persona::bench::{self, BenchInfo, BenchRow, Shape, SteerMode};
+use persona::model::tensor::DType;
 use persona::model::ModelFiles;
 use persona::Engine;
 
@@ -37,6 +38,15 @@ impl ShapeName {
     }
 }
 
+/// Storage of `--shape` random weights.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// f32 (values still bf16-representable).
+    F32,
+    /// bf16 as a model file would hold it: GPU backends keep it, the CPU widens it to f32.
+    Bf16,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum SteerArg {
     /// No steering, no probes.
@@ -63,6 +73,9 @@ pub struct BenchArgs {
     /// A named model shape with seeded random weights (bf16-representable f32) instead of a model file.
     #[arg(long, value_enum)]
     pub shape: Option<ShapeName>,
+    /// Weight storage for --shape.
+    #[arg(long, value_enum, default_value = "f32", requires = "shape")]
+    pub dtype: DtypeArg,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
     /// Prompt lengths for prompt processing (comma list).
@@ -151,10 +164,16 @@ impl BackendTask for Task<'_> {
         let ctx = context_needed(a);
         let (engine, model, dtype) = match self.source {
             Source::Shape(shape) => {
-                eprintln!("generating random weights for {} (seed {})", shape.name, a.seed);
-                let (cfg, tensors) = bench::random_model(&shape, a.seed);
+                let (dtype, label) = match a.dtype {
+                    DtypeArg::F32 => (DType::F32, "f32 (bf16-representable random)"),
+                    DtypeArg::Bf16 => (DType::BF16, "bf16 (random)"),
+                };
+                // The CPU widens 16-bit weights to f32 on upload: both copies are on the host.
+                check_shape_memory(&shape, dtype, b.name() == "cpu").context("--shape")?;
+                eprintln!("generating random {label} weights for {} (seed {})", shape.name, a.seed);
+                let (cfg, tensors) = bench::random_model(&shape, a.seed, dtype)?;
                 let e = Engine::new(b, cfg, &tensors, ctx)?;
-                (e, format!("shape:{}", shape.name), "f32 (bf16-representable random)".to_string())
+                (e, format!("shape:{}", shape.name), label.to_string())
             }
             Source::File(path) => {
                 let files = ModelFiles::open(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -211,14 +230,14 @@ fn run_all<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
-fn check_shape_memory(shape: &Shape) -> Result<()> {
+fn check_shape_memory(shape: &Shape, dtype: DType, widens: bool) -> Result<()> {
     // PERSONA_BENCH_MEM_AVAILABLE (bytes) stands in for /proc/meminfo, for tests.
     let available = match std::env::var("PERSONA_BENCH_MEM_AVAILABLE") {
         Ok(v) => Some(v.trim().parse::<u64>().context("PERSONA_BENCH_MEM_AVAILABLE must be a number of bytes")?),
         Err(_) => bench::mem_available(),
     };
     match available {
-        Some(avail) => Ok(bench::check_memory(shape, avail)?),
+        Some(avail) => Ok(bench::check_memory_for(shape, dtype, widens, avail)?),
         None => Ok(()),
     }
 }
@@ -241,7 +260,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 bail!("--model and --shape: give one (a model file, or a named shape with random weights)");
             }
             let shape = Shape::by_name(s.name()).context("--shape: unknown shape")?;
-            check_shape_memory(&shape).context("--shape")?;
+            // Refuse before opening a backend where even the f32-or-bf16 host copy cannot fit.
+            let dtype = if a.dtype == DtypeArg::Bf16 { DType::BF16 } else { DType::F32 };
+            check_shape_memory(&shape, dtype, false).context("--shape")?;
             Source::Shape(shape)
         }
         None => Source::File(super::resolve_model(&a.model)?),
