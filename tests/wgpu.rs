@@ -46,14 +46,10 @@ fn backend() -> Option<WgpuBackend> {
 fn every_shader_translates_to_spirv_msl_and_hlsl() {
     use naga::back::{hlsl, msl, spv};
     use naga::valid::{Capabilities, ValidationFlags, Validator};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.retain(|p| p.extension().is_some_and(|e| e == "wgsl"));
-    files.sort();
-    assert!(files.len() >= 7, "expected the seven op shaders in {}", dir.display());
-    for path in files {
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let src = std::fs::read_to_string(&path).unwrap();
+    // The sources as persona compiles them (common.wgsl prepended where weights are read).
+    let sources = persona::backend::wgpu::shader_sources();
+    assert!(sources.len() >= 7, "expected the seven op shaders");
+    for (name, src) in sources {
         let module =
             naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         let info = Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16_IN_FLOAT32)
@@ -97,19 +93,17 @@ fn every_shader_translates_to_spirv_msl_and_hlsl() {
     }
 }
 
-/// The weight-unpacking helpers are the same text in every shader that reads weights.
+/// The weight-unpacking helpers live once, in shaders/common.wgsl, and reach exactly the shaders
+/// that read weights.
 #[test]
-fn weight_helpers_are_identical_in_every_shader() {
+fn weight_helpers_come_from_common_wgsl() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    let block = |f: &str| {
-        let s = std::fs::read_to_string(dir.join(f)).unwrap();
-        let a = s.find("// -- weights").unwrap_or_else(|| panic!("{f}: no weights block"));
-        let b = s.find("// -- end weights --").unwrap();
-        s[a..b].to_string()
-    };
-    let e = block("embed.wgsl");
-    assert_eq!(e, block("matmul.wgsl"));
-    assert_eq!(e, block("rope.wgsl"));
+    for (name, src) in persona::backend::wgpu::shader_sources() {
+        let file = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(!file.contains("fn w_load"), "{name} defines w_load itself");
+        let reads_weights = file.contains("w_load");
+        assert_eq!(src.matches("fn w_load(").count(), reads_weights as usize, "{name}");
+    }
 }
 
 #[test]

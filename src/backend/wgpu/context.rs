@@ -39,8 +39,12 @@ pub(crate) struct Kernel {
     pub bindings: &'static [(u32, Access)],
 }
 
-/// The shader sources, by file name (mirroring `kernels/` name for name).
-pub fn shader_sources() -> [(&'static str, &'static str); 7] {
+/// Weight-loading helpers shared by the shaders that read weights (`W_FORMAT`, `w_load`).
+const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+
+/// The shader sources, by file name (mirroring `kernels/` name for name), each ready to compile:
+/// common.wgsl is prepended to those that call `w_load` (WGSL has no #include).
+pub fn shader_sources() -> Vec<(&'static str, String)> {
     [
         ("embed.wgsl", include_str!("../../../shaders/embed.wgsl")),
         ("residual_steer_norm.wgsl", include_str!("../../../shaders/residual_steer_norm.wgsl")),
@@ -50,6 +54,9 @@ pub fn shader_sources() -> [(&'static str, &'static str); 7] {
         ("silu_mul.wgsl", include_str!("../../../shaders/silu_mul.wgsl")),
         ("gather_rows.wgsl", include_str!("../../../shaders/gather_rows.wgsl")),
     ]
+    .into_iter()
+    .map(|(n, s)| (n, if s.contains("w_load") { format!("{COMMON}\n{s}") } else { s.to_string() }))
+    .collect()
 }
 
 /// A device buffer with an id for the bind-group cache. Dropping it evicts the bind groups
@@ -233,9 +240,9 @@ impl Ctx {
                 m.clone()
             } else {
                 let src = shader_sources()
-                    .iter()
+                    .into_iter()
                     .find(|(n, _)| *n == k.file)
-                    .map(|(_, s)| *s)
+                    .map(|(_, s)| s)
                     .ok_or_else(|| err(format!("no shader named {}", k.file)))?;
                 let m = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(k.file),
