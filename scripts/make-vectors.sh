@@ -9,7 +9,12 @@ out=vectors/smollm2-135m-instruct
 mkdir -p "$out"
 for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallucinating}; do
   start=$(date +%s)
-  $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0
+  # humorous: the last prompt token's residual separates the system prompts better on this model
+  # (monitoring AUROC 0.92 at layer 18 vs 0.85 with response_avg).
+  method=response_avg
+  [ "$t" = humorous ] && method=prompt_last
+  $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
+    --method "$method"
   $bin eval --backend cpu --vector "$out/$t.safetensors" --layers 12+15+18+21 --coeffs=-3,0,3 --questions 8 \
     --out-dir "$out/eval"
   echo "$t: $(( $(date +%s) - start ))s"
