@@ -11,10 +11,14 @@ for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallu
   start=$(date +%s)
   # humorous: the last prompt token's residual separates the system prompts better on this model
   # (monitoring AUROC 0.92 at layer 18 vs 0.85 with response_avg).
+  # evil: greedy answers (--temperature 0) give a cleaner direction for screening (ΔP AUROC 0.90
+  # on tests/data/screen_mixed.jsonl vs 0.83 sampled at temperature 1).
   method=response_avg
+  temperature=1
   [ "$t" = humorous ] && method=prompt_last
+  [ "$t" = evil ] && temperature=0
   $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
-    --method "$method"
+    --method "$method" --temperature "$temperature"
   $bin eval --backend cpu --vector "$out/$t.safetensors" --layers 12+15+18+21 --coeffs=-3,0,3 --questions 8 \
     --out-dir "$out/eval"
   echo "$t: $(( $(date +%s) - start ))s"

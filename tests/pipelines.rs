@@ -261,7 +261,7 @@ fn screening_ranks_trait_samples_first() {
         if evil[i] { &mut pos } else { &mut neg }.push(row["delta_p"].as_f64().unwrap());
     }
     let au = persona::persona::common::auroc(&pos, &neg);
-    // The target is 0.9; the shipped evil vector reaches 0.83 at its layer 18 (0.91 when
-    // ranking by the data projection alone, without subtracting the model's own answer).
-    assert!(au >= 0.8, "screening AUROC {au:.3}");
+    // The shipped evil vector (greedy extraction answers) reaches 0.90 at its layer; sampled at
+    // temperature 1 it reached only 0.83.
+    assert!(au >= 0.9, "screening AUROC {au:.3}");
 }
