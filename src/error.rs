@@ -5,12 +5,10 @@ use std::path::PathBuf;
 /// Errors returned by the persona library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message (not a `source`), so a report that prints the
+    /// error chain does not repeat it.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A model, vector or config file whose contents are not what they should be.
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -39,6 +37,6 @@ impl Error {
         Error::Format { path: path.into(), msg: msg.into() }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), err: source }
     }
 }
