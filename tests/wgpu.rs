@@ -302,43 +302,6 @@ fn tiny_models_with_16_bit_weights() {
     }
 }
 
-fn vector_rows(path: &std::path::Path) -> Vec<Arc<[f32]>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("vector").unwrap();
-    let h = t.shape()[1];
-    let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    data.chunks(h).map(Arc::from).collect()
-}
-
-fn plan_from(ops: &serde_json::Value, rows: &[Arc<[f32]>]) -> SeqSteering {
-    let ops = ops
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            let layer = o["layer"].as_u64().unwrap() as usize;
-            SteerOp {
-                kind: match o["kind"].as_str().unwrap() {
-                    "add" => SteerKind::Add,
-                    "ablate" => SteerKind::Ablate,
-                    _ => SteerKind::Clamp,
-                },
-                layer,
-                vector: rows[layer].clone(),
-                coeff: o["coeff"].as_f64().unwrap() as f32,
-                positions: match o["positions"].as_str().unwrap() {
-                    "all" => Positions::All,
-                    "response" => Positions::Response,
-                    _ => Positions::Prompt,
-                },
-                when: None,
-            }
-        })
-        .collect();
-    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
-}
-
 /// The steering fixtures (transformers with forward hooks) on wgpu: last logits within 1e-4 and
 /// steered greedy ids; then probes and captures on wgpu against the CPU.
 #[test]

@@ -103,7 +103,7 @@ fn input<'a>(reqs: &'a [GenRequest], i: usize, tokens: &'a [u32], prompt: bool) 
 }
 
 /// Append a forward call's projections (`[tokens][probes]`) to per-probe series.
-fn push_projections(series: &mut [Vec<f32>], flat: &[f32]) {
+pub(crate) fn push_projections(series: &mut [Vec<f32>], flat: &[f32]) {
     let k = series.len();
     if k == 0 {
         return;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use crate::backend::Backend;
+use crate::engine::generate::push_projections;
 use crate::engine::sampler::{sample, top_k, Rng, SamplingParams};
 use crate::engine::{Engine, KvCache, SeqInput};
 use crate::steer::SeqSteering;
@@ -141,19 +142,6 @@ impl Seq {
     /// Finished, but the last kept token's own projections are still missing.
     fn needs_tail(&self) -> bool {
         self.finish.is_some() && self.job.probes() > 0 && self.series[0].len() < self.job.prompt_ids.len() + self.kept
-    }
-}
-
-/// Append a forward call's projections (`[tokens][probes]`) to per-probe series.
-fn push_projections(series: &mut [Vec<f32>], flat: &[f32]) {
-    let k = series.len();
-    if k == 0 {
-        return;
-    }
-    for row in flat.chunks(k) {
-        for (s, &v) in series.iter_mut().zip(row) {
-            s.push(v);
-        }
     }
 }
 
