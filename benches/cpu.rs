@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use persona::backend::cpu::CpuBackend;
-use persona::backend::{AttnShape, Backend, KvLayer, TokenPos};
+use persona::backend::{AttnShape, Backend, KvLayer, PageTable, TokenPos};
 use persona::engine::SeqInput;
 use persona::model::tensor::HostTensor;
 use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
@@ -34,10 +34,10 @@ fn ops(c: &mut Criterion) {
         });
     }
     // Decode attention over 512 cached positions, SmolLM2 geometry (9 q heads, 3 kv heads, d 64).
-    let s = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, capacity: 1024 };
+    let s = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
     let mut cache = KvLayer::<CpuBackend> { k: rand_vec(1024 * 192, 6), v: rand_vec(1024 * 192, 7) };
     let (q, k, v) = (rand_vec(576, 8), rand_vec(192, 9), rand_vec(192, 10));
-    let layout = vec![TokenPos { slot: 0, pos: 511 }];
+    let layout = b.layout(&[TokenPos { slot: 0, pos: 511 }], &PageTable::contiguous(1, 64, 16)).unwrap();
     let mut out = b.alloc(576).unwrap();
     g.bench_function("attention_decode_512", |bn| {
         bn.iter(|| b.attention(&q, &k, &v, &mut cache, &layout, 1, s, &mut out).unwrap())

@@ -1,6 +1,7 @@
-// Causal attention over the KV cache, with GQA (query head h reads kv head h / (n_heads / n_kv)).
-// Cache layout: `[slots][capacity][n_kv_heads][head_dim]` f32; `tokens` is the layout's `[t][2]`
-// (slot, pos). Three kernels, launched in order on one stream:
+// Causal attention over the paged KV cache, with GQA (query head h reads kv head h / (n_heads / n_kv)).
+// Cache layout: `[pages][page_size][n_kv_heads][head_dim]` f32; position pos of slot s is row
+// pos % page_size of page `pages[s * width + pos / page_size]` (the layout's page table);
+// `tokens` is the layout's `[t][2]` (slot, pos). Three kernels, launched in order on one stream:
 //
 // * attention_store_f32: this batch's k, v rows into the cache at each token's (slot, pos).
 // * attention_prefill_f32: one block per (query tile, head). A tile is up to PREFILL_Q
@@ -21,14 +22,20 @@
 #define PREFILL_Q 16
 #define PREFILL_K 32
 
+// Cache row of position `pos` of `slot` through the page table.
+__device__ __forceinline__ size_t kv_row(const u32* __restrict__ pages, u32 slot, u32 pos, int page_size, int width) {
+    return (size_t)pages[(size_t)slot * width + pos / page_size] * page_size + pos % page_size;
+}
+
 extern "C" __global__ void attention_store_f32(const float* __restrict__ k, const float* __restrict__ v,
                                                float* __restrict__ kc, float* __restrict__ vc,
-                                               const u32* __restrict__ tokens, int t, int kv_width, int capacity) {
+                                               const u32* __restrict__ tokens, const u32* __restrict__ pages,
+                                               int t, int kv_width, int page_size, int width) {
     const unsigned long long idx = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (unsigned long long)t * kv_width) return;
     const unsigned long long i = idx / kv_width, e = idx % kv_width;
     const u32 slot = tokens[2 * i], pos = tokens[2 * i + 1];
-    const size_t at = ((size_t)slot * capacity + pos) * kv_width + e;
+    const size_t at = kv_row(pages, slot, pos, page_size, width) * kv_width + e;
     kc[at] = k[idx];
     vc[at] = v[idx];
 }
@@ -36,7 +43,8 @@ extern "C" __global__ void attention_store_f32(const float* __restrict__ k, cons
 extern "C" __global__ void __launch_bounds__(128)
     attention_prefill_f32(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
                           const u32* __restrict__ tokens, const u32* __restrict__ tiles, float* __restrict__ out,
-                          int n_heads, int n_kv_heads, int head_dim, int capacity, float scale) {
+                          const u32* __restrict__ pages, int n_heads, int n_kv_heads, int head_dim, int page_size,
+                          int width, float scale) {
     extern __shared__ float sm[];
     const int hd = head_dim, kld = hd + 1;  // K rows padded: lanes reading different keys hit different banks
     float* qs = sm;                          // [PREFILL_Q][hd]
@@ -65,15 +73,16 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int c = 0; c < DIMS_PER_LANE; c++) o[i][c] = 0.0f;
     }
     const size_t kv_width = (size_t)n_kv_heads * hd;
-    const float* kbase = kc + (size_t)slot * capacity * kv_width + (size_t)kvh * hd;
-    const float* vbase = vc + (size_t)slot * capacity * kv_width + (size_t)kvh * hd;
+    const float* kbase = kc + (size_t)kvh * hd;
+    const float* vbase = vc + (size_t)kvh * hd;
     for (u32 k0 = 0; k0 <= max_pos; k0 += PREFILL_K) {
         __syncthreads();  // the previous block of keys is no longer read
         for (int e = threadIdx.x; e < PREFILL_K * hd; e += blockDim.x) {
             const int j = e / hd, d = e % hd;
             const bool in = k0 + j <= max_pos;
-            ks[j * kld + d] = in ? kbase[(size_t)(k0 + j) * kv_width + d] : 0.0f;
-            vs[j * hd + d] = in ? vbase[(size_t)(k0 + j) * kv_width + d] : 0.0f;
+            const size_t at = in ? kv_row(pages, slot, k0 + j, page_size, width) * kv_width + d : 0;
+            ks[j * kld + d] = in ? kbase[at] : 0.0f;
+            vs[j * hd + d] = in ? vbase[at] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -118,8 +127,8 @@ extern "C" __global__ void __launch_bounds__(128)
 
 extern "C" __global__ void __launch_bounds__(128)
     attention_decode_f32(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
-                         const u32* __restrict__ tokens, float* __restrict__ out, int n_heads, int n_kv_heads,
-                         int head_dim, int capacity, float scale) {
+                         const u32* __restrict__ tokens, float* __restrict__ out, const u32* __restrict__ pages,
+                         int n_heads, int n_kv_heads, int head_dim, int page_size, int width, float scale) {
     __shared__ float part_m[4], part_l[4];
     __shared__ float part_o[4][MAX_HEAD_DIM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -135,14 +144,15 @@ extern "C" __global__ void __launch_bounds__(128)
         o[c] = 0.0f;
     }
     const size_t kv_width = (size_t)n_kv_heads * hd;
-    const float* kbase = kc + (size_t)slot * capacity * kv_width + (size_t)kvh * hd;
-    const float* vbase = vc + (size_t)slot * capacity * kv_width + (size_t)kvh * hd;
+    const float* kbase = kc + (size_t)kvh * hd;
+    const float* vbase = vc + (size_t)kvh * hd;
     // Warp w takes a contiguous quarter of positions 0..=pos.
     const u32 n = pos + 1, chunk = (n + 3) / 4;
     const u32 j0 = min(n, warp * chunk), j1 = min(n, j0 + chunk);
     float m = -PERSONA_INF, l = 0.0f;
     for (u32 j = j0; j < j1; j++) {
-        const float* kr = kbase + (size_t)j * kv_width;
+        const size_t row = kv_row(pages, slot, j, page_size, width) * kv_width;
+        const float* kr = kbase + row;
         float s = 0.0f;
 #pragma unroll
         for (int c = 0; c < DIMS_PER_LANE; c++) {
@@ -154,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(128)
         const float corr = expf(m - m_new), p = expf(s - m_new);
         l = l * corr + p;
         m = m_new;
-        const float* vr = vbase + (size_t)j * kv_width;
+        const float* vr = vbase + row;
 #pragma unroll
         for (int c = 0; c < DIMS_PER_LANE; c++) {
             const int d = lane + 32 * c;

@@ -1,7 +1,11 @@
 // Causal attention over a KV cache with grouped-query heads, in two entry points:
 //
-// kv_store: writes this batch's k and v ([t, n_kv_heads, head_dim]) into the cache
-// ([slots][capacity][n_kv_heads][head_dim]) at each token's (slot, pos). One thread per value;
+// The cache is paged: [pages][page_size][n_kv_heads][head_dim]; position pos of slot s is row
+// pos % page_size of page table[s * width + pos / page_size], the page table following the
+// tokens' (slot, pos) pairs in the layout buffer (from word table_at on).
+//
+// kv_store: writes this batch's k and v ([t, n_kv_heads, head_dim]) into the cache at each
+// token's (slot, pos). One thread per value;
 // each cache row is one contiguous, coalesced write. It runs as its own dispatch before
 // `attention`, so a token sees the keys of the earlier tokens of its own batch.
 //
@@ -17,13 +21,20 @@ struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
-    capacity: u32,
+    page_size: u32,
+    width: u32,
+    table_at: u32,
     scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// (slot, pos) per token.
+// (slot, pos) per token, then the page table.
 @group(0) @binding(1) var<storage, read> tokens: array<u32>;
+
+// Cache row of position `pos` of `slot`.
+fn kv_row(slot: u32, pos: u32) -> u32 {
+    return tokens[p.table_at + slot * p.width + pos / p.page_size] * p.page_size + pos % p.page_size;
+}
 
 // --- kv_store ---
 @group(0) @binding(2) var<storage, read> k_new: array<f32>;
@@ -44,7 +55,7 @@ fn kv_store(
     }
     let tok = g / kvw;
     let j = g % kvw;
-    let at = (tokens[2u * tok] * p.capacity + tokens[2u * tok + 1u]) * kvw + j;
+    let at = kv_row(tokens[2u * tok], tokens[2u * tok + 1u]) * kvw + j;
     k_cache[at] = k_new[g];
     v_cache[at] = v_new[g];
 }
@@ -65,6 +76,8 @@ const NEG_BIG: f32 = -3.0e38;
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> e: array<f32, 64>;
 var<workgroup> red: array<f32, 64>;
+// Cache row of each position of the current chunk.
+var<workgroup> rows: array<u32, 64>;
 var<workgroup> wg_u: vec2<u32>;
 
 fn reduce_max(v: f32, lid: u32) -> f32 {
@@ -115,7 +128,6 @@ fn attention(
         wg_u = vec2<u32>(tokens[2u * tok], tokens[2u * tok + 1u]);
     }
     let sp = workgroupUniformLoad(&wg_u);
-    let base = sp.x * p.capacity;
     let n = sp.y + 1u;
     let qo = idx * hd;
     for (var d = lid; d < hd; d += WG) {
@@ -126,10 +138,13 @@ fn attention(
     var l = 0.0;
     var o: array<f32, 4>;
     for (var c0 = 0u; c0 < n; c0 += WG) {
+        workgroupBarrier(); // the previous chunk's rows are no longer read
         let j = c0 + lid;
         var s = NEG_BIG;
         if (j < n) {
-            let ko = ((base + j) * p.n_kv_heads + kvh) * hd;
+            let row = kv_row(sp.x, j);
+            rows[lid] = row;
+            let ko = (row * p.n_kv_heads + kvh) * hd;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) {
                 dot = fma(qs[d], k_read[ko + d], dot);
@@ -153,7 +168,7 @@ fn attention(
             if (d < hd) {
                 var acc = o[a] * alpha;
                 for (var jj = 0u; jj < count; jj++) {
-                    acc = fma(e[jj], v_read[((base + c0 + jj) * p.n_kv_heads + kvh) * hd + d], acc);
+                    acc = fma(e[jj], v_read[(rows[jj] * p.n_kv_heads + kvh) * hd + d], acc);
                 }
                 o[a] = acc;
             }

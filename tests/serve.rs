@@ -263,6 +263,62 @@ fn concurrent_requests_with_different_steering_each_get_their_own() {
     assert!(tokens > steps, "continuous batching: {tokens} tokens in {steps} steps");
 }
 
+/// Paged KV memory: six sequences of ~70 tokens (5 pages each) share a pool of 16 pages, so
+/// they cannot all grow at once; the scheduler pauses the latest admitted and recomputes them
+/// later. Every stream still gets exactly its solo tokens and projections, and all pages return.
+#[test]
+fn kv_pool_smaller_than_the_batch_preempts_and_stays_exact() {
+    let cfg =
+        ServeConfig { kv_tokens: Some(CTX), step_delay: Some(Duration::from_millis(2)), ..ServeConfig::default() };
+    let base = start(&tiny(), cfg);
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
+    let pv = PersonaVector::load(tiny_vector()).unwrap();
+    let cases: Vec<(f32, usize, u64)> =
+        vec![(-6.0, 1, 1), (0.0, 2, 2), (3.0, 3, 3), (6.0, 2, 4), (-2.0, 3, 5), (0.0, 1, 6)];
+    let n = 60;
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|&(coeff, layer, seed)| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let mut body = json!({
+                    "prompt": PROMPT, "max_tokens": n, "temperature": 0.8, "seed": seed, "ignore_eos": true,
+                    "monitor": [{"vector": "t", "layers": [2]}], "stream": true,
+                });
+                if coeff != 0.0 {
+                    body["steering"] = json!([{"vector": "t", "layers": layer, "coeff": coeff}]);
+                }
+                stream(&format!("{base}/v1/completions"), &body)
+            })
+        })
+        .collect();
+    let results: Vec<Vec<Value>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (&(coeff, layer, seed), chunks) in cases.iter().zip(&results) {
+        let sampling = SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed };
+        let want = engine_alone(&m, PROMPT, n, steering(&pv, layer, coeff, &[2]), sampling);
+        let tokens: Vec<&Value> = chunks.iter().filter(|c| c["persona"]["token_id"].is_number()).collect();
+        let ids: Vec<u32> = tokens.iter().map(|c| c["persona"]["token_id"].as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want.ids(), "coeff {coeff} layer {layer} seed {seed}");
+        for (i, c) in tokens.iter().enumerate() {
+            let p = c["persona"]["projections"]["t@2"].as_f64().unwrap() as f32;
+            assert!((p - want.steps[i].projections[0]).abs() < 1e-4, "seed {seed} token {i}");
+        }
+        let last = chunks.iter().find(|c| c["persona"]["probes"].is_array()).expect("a final persona object");
+        let mean = last["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
+        assert!(
+            (mean - want.response_mean_projection(0)).abs() < 1e-4,
+            "{mean} vs {}",
+            want.response_mean_projection(0)
+        );
+    }
+    let (_, metrics, _) = call("GET", &format!("{base}/metrics"), None, None);
+    let text = metrics.as_str().unwrap().to_string();
+    assert!(metric(&text, "persona_preempted_total") > 0.0, "the pool is too small for all six: {text}");
+    assert_eq!(metric(&text, "persona_kv_pages_total"), 16.0);
+    assert_eq!(metric(&text, "persona_kv_pages_used"), 0.0, "pages leaked");
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

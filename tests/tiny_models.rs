@@ -132,3 +132,48 @@ fn bad_forward_inputs_are_errors() {
     let err = e.generate(&[GenRequest::greedy(vec![3], 0)], &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("max tokens"), "{err}");
 }
+
+/// The paged KV cache: sequences whose pages interleave in a small shared pool (pages of 2
+/// positions, handed out as tokens arrive) get exactly the logits they get alone in a cache of
+/// their own; a full pool is an error naming it, and reset / truncate return pages to it.
+#[test]
+fn paged_cache_interleaves_sequences_exactly() {
+    let (e, r) = load("tiny-llama3-rope");
+    let ids = u32s(&r["ids"]);
+    let seqs: [&[u32]; 3] = [&ids[..5], &ids[2..9], &ids[1..4]];
+    let alone = |toks: &[u32]| {
+        let mut c = e.new_cache(1, 32).unwrap();
+        let mut rows = vec![];
+        for &t in toks {
+            rows.push(e.forward(&mut c, &[SeqInput::new(0, &[t])], false).unwrap().last(0).to_vec());
+        }
+        rows
+    };
+    let want: Vec<_> = seqs.iter().map(|s| alone(s)).collect();
+    // 9 pages of 2 positions for 3 sequences of up to 32: less than one slot's worth.
+    let mut c = e.new_paged_cache(3, 32, 18, 2).unwrap();
+    assert_eq!((c.total_pages(), c.free_pages()), (9, 9));
+    // Token by token, all three sequences each step, so their pages alternate in the pool.
+    for step in 0..9 {
+        let toks: Vec<[u32; 1]> = seqs.iter().map(|s| [s.get(step).copied().unwrap_or(0)]).collect();
+        let inputs: Vec<SeqInput> =
+            (0..3).filter(|&i| step < seqs[i].len()).map(|i| SeqInput::new(i, &toks[i])).collect();
+        let out = e.forward(&mut c, &inputs, false).unwrap();
+        for (k, inp) in inputs.iter().enumerate() {
+            assert_eq!(out.last(k), &want[inp.slot][step][..], "slot {} step {step}", inp.slot);
+        }
+    }
+    // 5 + 7 + 3 positions hold 3 + 4 + 2 pages: all 9.
+    assert_eq!(c.free_pages(), 0);
+    let err = e.forward(&mut c, &[SeqInput::new(2, &[1, 2])], false).unwrap_err().to_string();
+    assert!(err.contains("KV cache is full") && err.contains("0 of 9 are free"), "{err}");
+    // A refused call changes nothing: slot 2 continues as if it had not happened.
+    c.truncate(1, 4); // 7 → 4 positions: 2 pages back
+    assert_eq!((c.len(1), c.free_pages()), (4, 2));
+    let out = e.forward(&mut c, &[SeqInput::new(1, &[ids[6]])], false).unwrap();
+    assert_eq!(out.last(0), &want[1][4][..]);
+    c.reset(0);
+    assert_eq!((c.len(0), c.free_pages()), (0, 4));
+    let err = e.new_paged_cache(2, 8, 16, 0).err().unwrap().to_string();
+    assert!(err.contains("page size"), "{err}");
+}

@@ -440,8 +440,10 @@ fn ragged(t: usize) -> Vec<TokenPos> {
         .collect()
 }
 
-/// Attention (and RoPE on q) for the tokens `toks` over a cache of `capacity` positions per slot
-/// whose earlier positions hold random keys and values.
+/// Attention (and RoPE on q) for the tokens `toks` over a paged cache of `capacity` positions per
+/// slot whose earlier positions hold random keys and values. Pages of 16 positions are
+/// interleaved between slots (page j of slot s is page j · slots + s), so every read and write
+/// goes through the page table.
 #[allow(clippy::too_many_arguments)]
 fn check_attention<B: Backend>(
     b: &B,
@@ -456,14 +458,21 @@ fn check_attention<B: Backend>(
 ) -> Result<()> {
     let t = toks.len();
     let slots = toks.iter().map(|tp| tp.slot as usize + 1).max().unwrap_or(1).max(3);
-    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity };
+    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+    let page_size = 16;
+    let width = capacity.div_ceil(page_size);
+    let pages = PageTable {
+        page_size,
+        width,
+        table: (0..slots * width).map(|i| ((i % width) * slots + i / width) as u32).collect(),
+    };
     let (q, k, v) = (rand(t * nh * hd, 21, 1.0), rand(t * nkv * hd, 22, 1.0), rand(t * nkv * hd, 23, 1.0));
-    let cache_len = slots * shape.capacity * nkv * hd;
+    let cache_len = slots * width * page_size * nkv * hd;
     let (k0, v0) = (rand(cache_len, 24, 1.0), rand(cache_len, 25, 1.0));
     // RoPE on q (llama3-free default table, positions up to capacity + 24).
     let half = hd / 2;
     let mut cs = Vec::new();
-    for p in 0..shape.capacity + 24 {
+    for p in 0..capacity + 24 {
         for i in 0..half {
             let a = p as f64 / 10000f64.powf(2.0 * i as f64 / hd as f64);
             cs.push(a.cos() as f32);
@@ -471,8 +480,8 @@ fn check_attention<B: Backend>(
         }
     }
     // Named as the engine names it: backends keep this table in f32 (it is not a weight).
-    let table = HostTensor::from_f32("rope.cos_sin", vec![shape.capacity + 24, hd], cs);
-    let (lb, lc) = (b.layout(toks)?, cpu.layout(toks)?);
+    let table = HostTensor::from_f32("rope.cos_sin", vec![capacity + 24, hd], cs);
+    let (lb, lc) = (b.layout(toks, &pages)?, cpu.layout(toks, &pages)?);
     let mut qb = buf(b, &q)?;
     b.rope(&mut qb, &b.upload(&table)?, &lb, t, nh, hd)?;
     let mut qc = q.clone();

@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod wgpu;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::tensor::HostTensor;
 
 /// Where one token of a batch lives: its sequence's KV-cache slot and its position in that sequence.
@@ -16,20 +16,84 @@ pub struct TokenPos {
     pub pos: u32,
 }
 
-/// Attention geometry of a model, with the KV cache's capacity per slot.
+/// Attention geometry of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Positions per KV-cache slot.
-    pub capacity: usize,
 }
 
-/// One layer's KV cache: `k`, `v` are `[slots][capacity][n_kv_heads][head_dim]`.
+/// One layer's KV cache, paged: `k`, `v` are `[pages][page_size][n_kv_heads][head_dim]`; a
+/// [`PageTable`] says which page holds which positions of which slot.
 pub struct KvLayer<B: Backend + ?Sized> {
     pub k: B::Buf,
     pub v: B::Buf,
+}
+
+/// Page entry of a [`PageTable`] that no page backs.
+pub const NO_PAGE: u32 = u32::MAX;
+
+/// The KV cache's page table for one forward call: position `pos` of slot `s` lives in page
+/// `table[s * width + pos / page_size]`, row `pos % page_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageTable {
+    pub page_size: usize,
+    /// Pages per slot (the longest sequence is `width * page_size` positions).
+    pub width: usize,
+    /// `[slots][width]`, [`NO_PAGE`] where unassigned.
+    pub table: Vec<u32>,
+}
+
+impl PageTable {
+    /// Every slot owns `width` consecutive pages: slot `s` is pages `s * width ..`.
+    pub fn contiguous(slots: usize, width: usize, page_size: usize) -> Self {
+        PageTable { page_size, width, table: (0..(slots * width) as u32).collect() }
+    }
+
+    /// The cache row (page · page_size + offset) of position `pos` of `slot`; the table must hold it.
+    pub fn row(&self, slot: usize, pos: usize) -> usize {
+        self.table[slot * self.width + pos / self.page_size] as usize * self.page_size + pos % self.page_size
+    }
+
+    /// Check that every position attention reads for `tokens` (0..=pos of each token's slot) has a
+    /// page; returns the number of pages the cache must have (largest page used + 1).
+    pub fn check(&self, tokens: &[TokenPos]) -> Result<usize> {
+        if self.page_size == 0 || self.width == 0 || self.table.len() % self.width != 0 {
+            return Err(Error::Invalid(format!(
+                "page table of {} entries with page size {} and width {} is malformed",
+                self.table.len(),
+                self.page_size,
+                self.width
+            )));
+        }
+        let slots = self.table.len() / self.width;
+        let mut last = vec![None::<usize>; slots];
+        for tp in tokens {
+            let (slot, pos) = (tp.slot as usize, tp.pos as usize);
+            if slot >= slots || pos >= self.width * self.page_size {
+                return Err(Error::Invalid(format!(
+                    "token at slot {slot} position {pos} is outside the KV cache ({slots} slots of {} positions)",
+                    self.width * self.page_size
+                )));
+            }
+            let p = pos / self.page_size;
+            last[slot] = Some(last[slot].map_or(p, |q: usize| q.max(p)));
+        }
+        let mut pages = 0;
+        for (slot, l) in last.iter().enumerate() {
+            for (i, &e) in self.table[slot * self.width..].iter().take(l.map_or(0, |l| l + 1)).enumerate() {
+                if e == NO_PAGE {
+                    return Err(Error::Invalid(format!(
+                        "slot {slot} has no KV page for positions from {}",
+                        i * self.page_size
+                    )));
+                }
+                pages = pages.max(e as usize + 1);
+            }
+        }
+        Ok(pages)
+    }
 }
 
 /// Token flag: the token is part of a prompt (prefill).
@@ -136,7 +200,9 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
-    fn layout(&self, tokens: &[TokenPos]) -> Result<Self::Layout>;
+    /// The batch's tokens and the KV page table their attention reads (checked with
+    /// [`PageTable::check`]).
+    fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<Self::Layout>;
     /// Upload a plan; its outputs start at zero.
     fn plan(&self, plan: &ResidualPlan) -> Result<Self::Plan>;
     /// Download a plan's outputs: projections `[t, n_cols]` and capture sums.
@@ -184,7 +250,8 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// Store this batch's `k`, `v` (`[t, n_kv_heads, head_dim]`) into `cache` at each token's
-    /// (slot, pos), then causal attention of each token over its own slot's positions `0..=pos`.
+    /// (slot, pos) through the layout's page table, then causal attention of each token over its
+    /// own slot's positions `0..=pos`.
     /// `out` is `[t, n_heads, head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(

@@ -7,7 +7,7 @@ pub mod loaded;
 pub mod plan;
 pub mod sampler;
 
-use crate::backend::{AttnShape, Backend, KvLayer, TokenPos};
+use crate::backend::{AttnShape, Backend, KvLayer, PageTable, TokenPos, NO_PAGE};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::load::ModelTensors;
@@ -42,11 +42,24 @@ pub struct Engine<B: Backend> {
     pub max_context: usize,
 }
 
-/// KV cache for `slots` sequences of up to `capacity` tokens each, plus reusable scratch.
+/// Positions per KV-cache page.
+pub const PAGE_SIZE: usize = 16;
+
+/// A paged KV cache shared by `slots` sequences of up to `capacity` tokens each: a pool of pages
+/// of [`PAGE_SIZE`] positions, handed to a slot as its tokens arrive and returned when the slot is
+/// reset or truncated, so memory follows the tokens actually held rather than slots × capacity.
+/// Also holds the forward pass's reusable scratch buffers.
 pub struct KvCache<B: Backend> {
     layers: Vec<KvLayer<B>>,
+    /// Most tokens one sequence may hold.
     pub capacity: usize,
+    page_size: usize,
+    n_pages: usize,
     lens: Vec<usize>,
+    /// Pages of each slot, in position order.
+    pages: Vec<Vec<u32>>,
+    /// Free pages (a stack: the most recently freed page is handed out first).
+    free: Vec<u32>,
     scratch: Option<Scratch<B>>,
 }
 
@@ -58,13 +71,67 @@ impl<B: Backend> KvCache<B> {
     pub fn len(&self, slot: usize) -> usize {
         self.lens[slot]
     }
-    /// Forget a slot's tokens so a new sequence can use it.
+    /// Forget a slot's tokens and return its pages to the pool.
     pub fn reset(&mut self, slot: usize) {
-        self.lens[slot] = 0;
+        self.truncate(slot, 0);
     }
-    /// Keep only the first `len` tokens of a slot (e.g. to decode again from the same prompt).
+    /// Keep only the first `len` tokens of a slot (e.g. to decode again from the same prompt);
+    /// pages past them go back to the pool.
     pub fn truncate(&mut self, slot: usize, len: usize) {
         self.lens[slot] = self.lens[slot].min(len);
+        let keep = self.pages_for(len);
+        while self.pages[slot].len() > keep {
+            let p = self.pages[slot].pop().expect("len checked");
+            self.free.push(p);
+        }
+    }
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+    /// Pages in the pool.
+    pub fn total_pages(&self) -> usize {
+        self.n_pages
+    }
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+    /// Pages needed to hold `tokens` positions.
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_size)
+    }
+    /// Pages `slot` still needs to hold `tokens` positions in all.
+    pub fn pages_missing(&self, slot: usize, tokens: usize) -> usize {
+        self.pages_for(tokens).saturating_sub(self.pages[slot].len())
+    }
+    /// Give `slot` pages for `tokens` positions in all, now (all or nothing).
+    pub fn reserve(&mut self, slot: usize, tokens: usize) -> Result<()> {
+        if tokens > self.capacity {
+            return Err(Error::Invalid(format!(
+                "sequence in slot {slot} would reach {tokens} tokens, beyond the KV cache capacity {}",
+                self.capacity
+            )));
+        }
+        let need = self.pages_missing(slot, tokens);
+        if need > self.free.len() {
+            return Err(Error::Invalid(format!(
+                "the KV cache is full: slot {slot} needs {need} more pages of {} tokens, {} of {} are free",
+                self.page_size,
+                self.free.len(),
+                self.n_pages
+            )));
+        }
+        let at = self.free.len() - need;
+        self.pages[slot].extend(self.free.drain(at..).rev());
+        Ok(())
+    }
+    /// The page table as the backends read it.
+    fn table(&self) -> PageTable {
+        let width = self.pages_for(self.capacity).max(1);
+        let mut table = vec![NO_PAGE; self.slots() * width];
+        for (s, pages) in self.pages.iter().enumerate() {
+            table[s * width..][..pages.len()].copy_from_slice(pages);
+        }
+        PageTable { page_size: self.page_size, width, table }
     }
 }
 
@@ -181,26 +248,55 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    fn attn_shape(&self, capacity: usize) -> AttnShape {
+    fn attn_shape(&self) -> AttnShape {
         let c = &self.config;
-        AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, capacity }
+        AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim }
     }
 
-    /// A KV cache for `slots` sequences of up to `capacity` tokens.
+    /// A KV cache for `slots` sequences of up to `capacity` tokens, with room for all of them at
+    /// full length.
     pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<KvCache<B>> {
+        self.new_paged_cache(slots, capacity, slots * capacity.div_ceil(PAGE_SIZE) * PAGE_SIZE, PAGE_SIZE)
+    }
+
+    /// A KV cache for `slots` sequences of up to `capacity` tokens each that share a pool of
+    /// `kv_tokens` positions (rounded up to whole pages of `page_size`).
+    pub fn new_paged_cache(
+        &self,
+        slots: usize,
+        capacity: usize,
+        kv_tokens: usize,
+        page_size: usize,
+    ) -> Result<KvCache<B>> {
         if capacity > self.max_context {
             return Err(Error::Invalid(format!(
                 "a context of {capacity} tokens exceeds the model's limit of {}",
                 self.max_context
             )));
         }
+        if page_size == 0 || slots == 0 {
+            return Err(Error::Invalid(format!("a KV cache needs slots ({slots}) and a page size ({page_size})")));
+        }
         let c = &self.config;
-        let n = slots * capacity * c.n_kv_heads * c.head_dim;
+        let n_pages = kv_tokens.div_ceil(page_size).max(1);
+        if n_pages > u32::MAX as usize / 2 {
+            return Err(Error::Invalid(format!("a KV cache of {kv_tokens} tokens is too large")));
+        }
+        let n = n_pages * page_size * c.n_kv_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.n_layers);
         for _ in 0..c.n_layers {
             layers.push(KvLayer { k: self.backend.alloc(n)?, v: self.backend.alloc(n)? });
         }
-        Ok(KvCache { layers, capacity, lens: vec![0; slots], scratch: None })
+        Ok(KvCache {
+            layers,
+            capacity,
+            page_size,
+            n_pages,
+            lens: vec![0; slots],
+            pages: vec![vec![]; slots],
+            free: (0..n_pages as u32).rev().collect(),
+            scratch: None,
+        })
     }
 
     fn scratch(&self, tokens: usize) -> Result<Scratch<B>> {
@@ -272,14 +368,27 @@ impl<B: Backend> Engine<B> {
                 st.validate(c.hidden, c.n_layers)?;
             }
         }
+        let missing: usize =
+            seqs.iter().map(|s| cache.pages_missing(s.slot, cache.lens[s.slot] + s.tokens.len())).sum();
+        if missing > cache.free_pages() {
+            return Err(Error::Invalid(format!(
+                "the KV cache is full: this call needs {missing} more pages of {} tokens, {} of {} are free",
+                cache.page_size,
+                cache.free_pages(),
+                cache.n_pages
+            )));
+        }
+        for s in seqs {
+            cache.reserve(s.slot, cache.lens[s.slot] + s.tokens.len())?;
+        }
         let built = plan::build(seqs, c.hidden, c.n_layers);
         let mut dev_plan = built.as_ref().map(|(p, _)| self.backend.plan(p)).transpose()?;
         if cache.scratch.as_ref().is_none_or(|s| s.tokens < t) {
             cache.scratch = Some(self.scratch(t)?);
         }
         let b = &self.backend;
-        let layout = b.layout(&tokens)?;
-        let shape = self.attn_shape(cache.capacity);
+        let layout = b.layout(&tokens, &cache.table())?;
+        let shape = self.attn_shape();
         let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         let mut residuals = Vec::new();
         let ws = cache.scratch.as_mut().expect("scratch allocated above");

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub cancelled: AtomicUsize,
     pub engine_errors: AtomicUsize,
     pub flagged: AtomicUsize,
+    pub preempted: AtomicUsize,
+    pub kv_pages_used: AtomicUsize,
+    pub kv_pages_total: AtomicUsize,
     decode_us: AtomicU64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     ttft: Mutex<Histogram>,
@@ -122,6 +125,15 @@ impl Metrics {
         );
         g(&mut o, "persona_engine_errors_total", "counter", "Failed forward steps.", ld(&self.engine_errors));
         g(&mut o, "persona_flagged_total", "counter", "Responses flagged by a monitor.", ld(&self.flagged));
+        g(
+            &mut o,
+            "persona_preempted_total",
+            "counter",
+            "Sequences paused for lack of KV pages (recomputed when readmitted).",
+            ld(&self.preempted),
+        );
+        g(&mut o, "persona_kv_pages_used", "gauge", "KV-cache pages held by sequences.", ld(&self.kv_pages_used));
+        g(&mut o, "persona_kv_pages_total", "gauge", "KV-cache pages in the pool.", ld(&self.kv_pages_total));
         let busy = self.decode_us.load(Ordering::Relaxed) as f64 / 1e6;
         let tps = if busy > 0.0 { ld(&self.tokens) / busy } else { 0.0 };
         g(&mut o, "persona_tokens_per_second", "gauge", "Generated tokens per second of engine time.", tps);

@@ -2,8 +2,8 @@
 //! and continuous batching.
 //!
 //! Threads: the caller's thread runs the scheduler ([`scheduler::run`]), which owns the engine
-//! and a slot-based KV cache (`max_batch` slots, each `--context` tokens; on the CPU backend
-//! untouched zero pages cost no memory). An axum/tokio runtime on its own threads parses
+//! and a paged KV cache (`max_batch` slots of up to `--context` tokens sharing a pool of
+//! `kv_tokens`; see the scheduler for admission and preemption). An axum/tokio runtime on its own threads parses
 //! requests, tokenizes, resolves steering against the vector registry, queues jobs (bounded:
 //! HTTP 429 when full) and turns the scheduler's token events into JSON or SSE chunks.
 //!
@@ -59,6 +59,9 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Sequences waiting for a slot; beyond it requests get HTTP 429.
     pub max_queue: usize,
+    /// KV-cache pool in tokens, shared by the running sequences (default: max_batch × context / 4,
+    /// at least one context).
+    pub kv_tokens: Option<usize>,
     /// The model id reported by `/v1/models` and in responses.
     pub model_id: String,
     /// Sleep after each scheduler step (tests use it to hold requests in flight).
@@ -79,6 +82,7 @@ impl Default for ServeConfig {
             vectors_dir: None,
             max_batch: 8,
             max_queue: 64,
+            kv_tokens: None,
             model_id: "persona".into(),
             step_delay: None,
             handle_signals: false,
@@ -121,7 +125,13 @@ pub fn run_server<B: Backend>(
         return Err(crate::Error::Invalid("--max-batch and --max-queue must be at least 1".into()));
     }
     let capacity = engine.max_context;
-    let mut cache = engine.new_cache(cfg.max_batch, capacity)?;
+    let kv_tokens = cfg.kv_tokens.unwrap_or((cfg.max_batch * capacity / 4).max(capacity));
+    if kv_tokens < capacity {
+        return Err(crate::Error::Invalid(format!(
+            "--kv-tokens {kv_tokens} must hold at least one full context ({capacity} tokens)"
+        )));
+    }
+    let mut cache = engine.new_paged_cache(cfg.max_batch, capacity, kv_tokens, crate::engine::PAGE_SIZE)?;
     let registry = Registry::default();
     if let Some(dir) = &cfg.vectors_dir {
         let n = registry.load_dir(dir, &engine.config, &mut |w| eprintln!("warning: {w}"))?;

@@ -1,10 +1,16 @@
-//! Continuous batching: one thread owns the engine and a slot-based KV cache with `max_batch`
-//! slots. Every step it admits queued jobs into free slots (their whole prompt is prefilled in
-//! that step's forward call, beside the other sequences' decode tokens), samples one token for
-//! every running sequence, and retires the finished ones, so requests join and leave the running
-//! batch at every step. Each sequence carries its own steering plan and probes into the forward
-//! call. A job whose receiver is gone (client disconnected) is dropped before the next step and
-//! its slot freed.
+//! Continuous batching: one thread owns the engine and a paged KV cache with `max_batch` slots
+//! sharing one pool of pages. Every step it admits queued jobs into free slots while the pool has
+//! room for their prompts (the whole prompt is prefilled in that step's forward call, beside the
+//! other sequences' decode tokens), samples one token for every running sequence, and retires the
+//! finished ones, so requests join and leave the running batch at every step. Each sequence
+//! carries its own steering plan and probes into the forward call.
+//!
+//! Sequences take pages as they grow. When a step needs more pages than are free, the most
+//! recently admitted sequences are preempted: their pages go back to the pool and they wait at
+//! the head of the line; readmitted, they recompute their prompt and the tokens they already
+//! generated (their sampler state is kept, so the stream continues exactly as it would have).
+//! A job whose receiver is gone (client disconnected) is dropped before the next step and its
+//! slot and pages freed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -129,9 +135,10 @@ struct Seq {
     job: Job,
     slot: usize,
     rng: Rng,
-    generated: usize,
-    last: u32,
-    prefilled: bool,
+    /// Tokens generated (and sent) so far.
+    out: Vec<u32>,
+    /// Admission order (preemption takes the latest first).
+    order: u64,
     series: Vec<Vec<f32>>,
     finish: Option<FinishReason>,
     /// Tokens kept when finished (≤ generated).
@@ -139,9 +146,44 @@ struct Seq {
 }
 
 impl Seq {
+    fn new(job: Job, order: u64) -> Self {
+        let probes = job.probes();
+        Seq {
+            rng: Rng::new(job.sampling.seed),
+            job,
+            slot: usize::MAX,
+            out: vec![],
+            order,
+            series: vec![vec![]; probes],
+            finish: None,
+            kept: 0,
+        }
+    }
+
+    /// Positions whose projections are recorded.
+    fn recorded(&self) -> usize {
+        self.series.first().map_or(0, Vec::len)
+    }
+
     /// Finished, but the last kept token's own projections are still missing.
     fn needs_tail(&self) -> bool {
-        self.finish.is_some() && self.job.probes() > 0 && self.series[0].len() < self.job.prompt_ids.len() + self.kept
+        self.finish.is_some() && self.job.probes() > 0 && self.recorded() < self.job.prompt_ids.len() + self.kept
+    }
+
+    /// The tokens to feed this step given `fed` cached positions, whether they are prompt tokens,
+    /// and whether the step samples a new token. A step never mixes prompt and response tokens
+    /// (steering may target either). Running: the rest of the prompt, else the generated tokens
+    /// not yet cached (normally the last one; after a preemption all of them). Tails (finished,
+    /// projections missing): the kept tokens not yet cached, no sampling.
+    fn feed(&self, fed: usize) -> (Vec<u32>, bool, bool) {
+        let p = &self.job.prompt_ids;
+        let end = p.len() + if self.finish.is_some() { self.kept } else { self.out.len() };
+        if fed < p.len() {
+            (p[fed..].to_vec(), true, self.finish.is_none() && self.out.is_empty())
+        } else {
+            let from = (fed - p.len()).min(end - p.len());
+            (self.out[from..end - p.len()].to_vec(), false, self.finish.is_none())
+        }
     }
 }
 
@@ -150,6 +192,24 @@ fn log_softmax_parts(logits: &[f32]) -> (f32, f64) {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let s: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
     (m, s.ln())
+}
+
+/// Slots not in use, and the KV pages behind them.
+struct Slots {
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn take<B: Backend>(&mut self, cache: &mut KvCache<B>) -> Option<usize> {
+        let s = self.free.pop()?;
+        cache.reset(s);
+        Some(s)
+    }
+    /// Give a slot back; its pages return to the pool at once.
+    fn release<B: Backend>(&mut self, cache: &mut KvCache<B>, slot: usize) {
+        cache.reset(slot);
+        self.free.push(slot);
+    }
 }
 
 /// Run until `queue.shutdown` is set and nothing is left to do.
@@ -161,43 +221,61 @@ pub fn run<B: Backend>(
     step_delay: Option<Duration>,
 ) {
     let eos = engine.config.eos_ids.clone();
-    let mut free: Vec<usize> = (0..cache.slots()).rev().collect();
+    let mut slots = Slots { free: (0..cache.slots()).rev().collect() };
     let mut running: Vec<Seq> = Vec::new();
+    // Preempted sequences, readmitted before any queued job (oldest first).
+    let mut paused: VecDeque<Seq> = VecDeque::new();
+    let mut admitted = 0u64;
+    metrics.kv_pages_total.store(cache.total_pages(), Ordering::Relaxed);
     loop {
-        // Admission.
+        // Admission: paused sequences first, then the queue, in order, while a slot is free and
+        // the pool keeps one page per running sequence for growth beyond what the step needs.
         {
             let mut q = queue.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            while running.is_empty() && q.is_empty() {
+            while running.is_empty() && paused.is_empty() && q.is_empty() {
                 if queue.shutdown.load(Ordering::SeqCst) {
                     return;
                 }
                 q = queue.cv.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
             }
-            while !free.is_empty() {
-                let Some(job) = q.pop_front() else { break };
+            let mut spare = cache.free_pages().saturating_sub(step_pages(&running, cache) + running.len());
+            loop {
+                let from_paused = !paused.is_empty();
+                let next = if from_paused { paused.front().map(|s| &s.job) } else { q.front() };
+                let Some(job) = next else { break };
                 if job.tx.is_closed() {
+                    if from_paused {
+                        paused.pop_front();
+                    } else {
+                        q.pop_front();
+                    }
                     metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let slot = free.pop().expect("checked non-empty");
-                cache.reset(slot);
-                let probes = job.probes();
-                running.push(Seq {
-                    rng: Rng::new(job.sampling.seed),
-                    job,
-                    slot,
-                    generated: 0,
-                    last: 0,
-                    prefilled: false,
-                    series: vec![vec![]; probes],
-                    finish: None,
-                    kept: 0,
-                });
+                let need = cache.pages_for(job.prompt_ids.len());
+                if slots.free.is_empty() || (need > spare && !running.is_empty()) {
+                    break;
+                }
+                let mut seq = if from_paused {
+                    paused.pop_front().expect("front checked")
+                } else {
+                    admitted += 1;
+                    Seq::new(q.pop_front().expect("front checked"), admitted)
+                };
+                seq.slot = slots.take(cache).expect("checked non-empty");
+                spare = spare.saturating_sub(need + 1);
+                running.push(seq);
             }
-            metrics.queue_depth.store(q.len(), Ordering::Relaxed);
+            metrics.queue_depth.store(q.len() + paused.len(), Ordering::Relaxed);
         }
         // Disconnected clients and cancellation free their slots at once; stop requests finish.
         let cancel = queue.cancel_all.load(Ordering::SeqCst);
+        if cancel {
+            for s in paused.drain(..) {
+                let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         running.retain(|s| {
             let gone = s.job.tx.is_closed() || cancel;
             if gone {
@@ -205,7 +283,7 @@ pub fn run<B: Backend>(
                     let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
                 }
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                free.push(s.slot);
+                slots.release(cache, s.slot);
             }
             !gone
         });
@@ -213,25 +291,41 @@ pub fn run<B: Backend>(
             let stop = s.job.stop_after.load(Ordering::SeqCst);
             if s.finish.is_none() && stop != usize::MAX {
                 s.finish = Some(FinishReason::Stop);
-                s.kept = stop.min(s.generated);
+                s.kept = stop.min(s.out.len());
             }
         }
-        retire(&mut running, &mut free, metrics);
+        retire(&mut running, &mut slots, cache, metrics);
+        // Not enough pages for this step: preempt the latest admitted until it fits. One
+        // sequence alone always fits (the HTTP side keeps prompt + max_tokens within a context,
+        // and the pool holds at least one context).
+        while step_pages(&running, cache) > cache.free_pages() && running.len() > 1 {
+            let victim = (0..running.len()).max_by_key(|&i| running[i].order).expect("non-empty");
+            let s = running.swap_remove(victim);
+            slots.release(cache, s.slot);
+            metrics.preempted.fetch_add(1, Ordering::Relaxed);
+            let at = paused.iter().position(|p| p.order > s.order).unwrap_or(paused.len());
+            paused.insert(at, s);
+        }
         metrics.batch_size.store(running.len(), Ordering::Relaxed);
         if running.is_empty() {
             continue;
         }
-        // One forward call for every running sequence: prompts, decode tokens and tails.
-        let toks: Vec<Vec<u32>> =
-            running.iter().map(|s| if s.prefilled { vec![s.last] } else { s.job.prompt_ids.clone() }).collect();
+        // One forward call for every running sequence: prompts, decode tokens, replays and tails.
+        let feeds: Vec<(usize, (Vec<u32>, bool, bool))> = running
+            .iter()
+            .map(|s| {
+                let fed = cache.len(s.slot);
+                (fed, s.feed(fed))
+            })
+            .collect();
         let inputs: Vec<SeqInput> = running
             .iter()
-            .zip(&toks)
-            .map(|(s, t)| SeqInput {
+            .zip(&feeds)
+            .map(|(s, (_, (toks, prompt, _)))| SeqInput {
                 slot: s.slot,
-                tokens: t,
+                tokens: toks,
                 logits_from: None,
-                prompt: !s.prefilled,
+                prompt: *prompt,
                 steering: s.job.steering.as_deref(),
                 capture: None,
             })
@@ -247,12 +341,13 @@ pub fn run<B: Backend>(
                     .unwrap_or_else(|| "panic".into());
                 Err(crate::Error::Invalid(format!("internal error in the forward pass: {msg}")))
             });
+        drop(inputs);
         let out = match fwd {
             Ok(o) => o,
             Err(e) => {
                 for s in running.drain(..) {
                     let _ = s.job.tx.send(Event::Error(s.job.choice, e.to_string()));
-                    free.push(s.slot);
+                    slots.release(cache, s.slot);
                 }
                 metrics.engine_errors.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -260,11 +355,14 @@ pub fn run<B: Backend>(
         };
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         let mut new_tokens = 0;
-        for (k, s) in running.iter_mut().enumerate() {
-            push_projections(&mut s.series, &out.projections[k]);
-            s.prefilled = true;
-            if s.finish.is_some() {
-                continue; // a tail: only its projections were wanted
+        for (k, (s, (fed, (_, _, samples)))) in running.iter_mut().zip(&feeds).enumerate() {
+            // Projections of positions already recorded (a replay after preemption) are not
+            // recorded twice.
+            let np = s.job.probes();
+            let skip = s.recorded().saturating_sub(*fed) * np;
+            push_projections(&mut s.series, out.projections[k].get(skip..).unwrap_or(&[]));
+            if !samples {
+                continue;
             }
             let logits = out.last(k);
             let id = sample(logits, &s.job.sampling, &mut s.rng);
@@ -280,35 +378,45 @@ pub fn run<B: Backend>(
             } else {
                 (None, vec![])
             };
-            let np = s.job.probes();
             let proj = &out.projections[k];
             let projections = if np > 0 { proj[proj.len() - np..].to_vec() } else { vec![] };
-            if s.generated == 0 {
+            if s.out.is_empty() {
                 metrics.observe_ttft(s.job.enqueued.elapsed().as_secs_f64());
             }
-            s.generated += 1;
-            s.last = id;
+            s.out.push(id);
             new_tokens += 1;
             let _ = s.job.tx.send(Event::Token(s.job.choice, TokenEvent { id, logprob, top, projections }));
             if !s.job.ignore_eos && eos.contains(&id) {
                 s.finish = Some(FinishReason::Eos);
-                s.kept = s.generated;
-            } else if s.generated >= s.job.max_tokens {
+                s.kept = s.out.len();
+            } else if s.out.len() >= s.job.max_tokens {
                 s.finish = Some(FinishReason::Length);
-                s.kept = s.generated;
+                s.kept = s.out.len();
             }
         }
         metrics.tokens.fetch_add(new_tokens, Ordering::Relaxed);
         metrics.add_decode_time(t0.elapsed().as_secs_f64());
-        retire(&mut running, &mut free, metrics);
+        retire(&mut running, &mut slots, cache, metrics);
+        metrics.kv_pages_used.store(cache.total_pages() - cache.free_pages(), Ordering::Relaxed);
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
     }
 }
 
-/// Send `Done` for finished sequences that need no tail, and free their slots.
-fn retire(running: &mut Vec<Seq>, free: &mut Vec<usize>, metrics: &Metrics) {
+/// Pages the running sequences need beyond those they hold, to take this step's tokens.
+fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>) -> usize {
+    running
+        .iter()
+        .map(|s| {
+            let fed = cache.len(s.slot);
+            cache.pages_missing(s.slot, fed + s.feed(fed).0.len())
+        })
+        .sum()
+}
+
+/// Send `Done` for finished sequences that need no tail, and free their slots and pages.
+fn retire<B: Backend>(running: &mut Vec<Seq>, slots: &mut Slots, cache: &mut KvCache<B>, metrics: &Metrics) {
     running.retain_mut(|s| {
         let Some(finish) = s.finish else { return true };
         if s.needs_tail() {
@@ -325,7 +433,7 @@ fn retire(running: &mut Vec<Seq>, free: &mut Vec<usize>, metrics: &Metrics) {
         let done = DoneEvent { finish, prompt_tokens: s.job.prompt_ids.len(), completion_tokens: s.kept, series };
         let _ = s.job.tx.send(Event::Done(s.job.choice, done));
         metrics.completed.fetch_add(1, Ordering::Relaxed);
-        free.push(s.slot);
+        slots.release(cache, s.slot);
         false
     });
 }

@@ -6,7 +6,7 @@ mod residual;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos};
+use super::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::{HostTensor, Storage};
 
@@ -23,6 +23,13 @@ pub struct CpuWeight {
     pub shape: Vec<usize>,
 }
 
+/// A batch's tokens with the KV page table, and the number of pages the table uses.
+pub struct CpuLayout {
+    pub tokens: Vec<TokenPos>,
+    pub pages: PageTable,
+    pub pages_used: usize,
+}
+
 fn invalid(msg: String) -> Error {
     Error::Backend { backend: "cpu", msg }
 }
@@ -30,7 +37,7 @@ fn invalid(msg: String) -> Error {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Weight = CpuWeight;
-    type Layout = Vec<TokenPos>;
+    type Layout = CpuLayout;
     type Plan = CpuPlan;
 
     fn name(&self) -> &'static str {
@@ -61,8 +68,9 @@ impl Backend for CpuBackend {
         src.get(..len).map(<[f32]>::to_vec).ok_or_else(|| invalid(format!("read of {len} values from {}", src.len())))
     }
 
-    fn layout(&self, tokens: &[TokenPos]) -> Result<Vec<TokenPos>> {
-        Ok(tokens.to_vec())
+    fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<CpuLayout> {
+        let pages_used = pages.check(tokens)?;
+        Ok(CpuLayout { tokens: tokens.to_vec(), pages: pages.clone(), pages_used })
     }
 
     fn plan(&self, plan: &ResidualPlan) -> Result<CpuPlan> {
@@ -122,11 +130,12 @@ impl Backend for CpuBackend {
         &self,
         x: &mut Vec<f32>,
         cos_sin: &CpuWeight,
-        layout: &Vec<TokenPos>,
+        layout: &CpuLayout,
         t: usize,
         heads: usize,
         hd: usize,
     ) -> Result<()> {
+        let layout = &layout.tokens;
         let half = hd / 2;
         let table = &cos_sin.data;
         let max_pos = table.len() / hd;
@@ -155,22 +164,24 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         cache: &mut KvLayer<Self>,
-        layout: &Vec<TokenPos>,
+        layout: &CpuLayout,
         t: usize,
         s: AttnShape,
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let kvw = s.n_kv_heads * s.head_dim;
-        let slots = cache.k.len() / (s.capacity * kvw);
+        let pt = &layout.pages;
+        let pages = cache.k.len().min(cache.v.len()) / (pt.page_size * kvw).max(1);
+        if layout.pages_used > pages || layout.tokens.len() < t {
+            return Err(invalid(format!(
+                "the layout ({} tokens) uses {} KV pages; the cache has {pages}",
+                layout.tokens.len(),
+                layout.pages_used
+            )));
+        }
+        let layout = &layout.tokens;
         for (i, tp) in layout[..t].iter().enumerate() {
-            let (slot, pos) = (tp.slot as usize, tp.pos as usize);
-            if slot >= slots || pos >= s.capacity {
-                return Err(invalid(format!(
-                    "token at slot {slot} position {pos} is outside the KV cache ({slots}×{})",
-                    s.capacity
-                )));
-            }
-            let at = (slot * s.capacity + pos) * kvw;
+            let at = pt.row(tp.slot as usize, tp.pos as usize) * kvw;
             cache.k[at..at + kvw].copy_from_slice(&k[i * kvw..(i + 1) * kvw]);
             cache.v[at..at + kvw].copy_from_slice(&v[i * kvw..(i + 1) * kvw]);
         }
@@ -184,10 +195,10 @@ impl Backend for CpuBackend {
             let tp = layout[i];
             let kvh = head / group;
             let qv = &q[(i * s.n_heads + head) * hd..][..hd];
-            let base = tp.slot as usize * s.capacity;
+            let slot = tp.slot as usize;
             let n = tp.pos as usize + 1;
-            let mut scores: Vec<f32> =
-                (0..n).map(|j| dot(qv, &kc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd]) * scale).collect();
+            let rows: Vec<usize> = (0..n).map(|j| (pt.row(slot, j) * s.n_kv_heads + kvh) * hd).collect();
+            let mut scores: Vec<f32> = rows.iter().map(|&r| dot(qv, &kc[r..][..hd]) * scale).collect();
             let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f64;
             for sc in scores.iter_mut() {
@@ -196,8 +207,8 @@ impl Backend for CpuBackend {
             }
             let inv = (1.0 / sum) as f32;
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let vr = &vc[((base + j) * s.n_kv_heads + kvh) * hd..][..hd];
+            for (&r, &p) in rows.iter().zip(&scores) {
+                let vr = &vc[r..][..hd];
                 let p = p * inv;
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += p * b;

@@ -5,11 +5,17 @@ use cudarc::driver::CudaSlice;
 use super::PREFILL_Q;
 use crate::backend::TokenPos;
 
-/// A batch's layout on the device: `[t][2]` (slot, pos), and the prefill attention tiles
-/// `[n][2]` (first token, count): runs of up to `PREFILL_Q` consecutive tokens of one slot.
+/// A batch's layout on the device: `[t][2]` (slot, pos), the KV page table, and the prefill
+/// attention tiles `[n][2]` (first token, count): runs of up to `PREFILL_Q` consecutive tokens of
+/// one slot.
 pub struct CudaLayout {
     pub(super) tokens: Vec<TokenPos>,
     pub(super) dev: CudaSlice<u32>,
+    pub(super) pages: CudaSlice<u32>,
+    pub(super) page_size: usize,
+    pub(super) width: usize,
+    /// Pages the table uses (the cache must have at least these).
+    pub(super) pages_used: usize,
     pub(super) tiles: CudaSlice<u32>,
     pub(super) n_tiles: usize,
 }

@@ -31,7 +31,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos};
+use super::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
 use crate::error::Result;
 use crate::model::tensor::{DType, HostTensor};
 use layout::prefill_tiles;
@@ -333,7 +333,8 @@ impl Backend for CudaBackend {
         Ok(v)
     }
 
-    fn layout(&self, tokens: &[TokenPos]) -> Result<CudaLayout> {
+    fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<CudaLayout> {
+        let pages_used = pages.check(tokens)?;
         let flat: Vec<u32> = tokens.iter().flat_map(|t| [t.slot, t.pos]).collect();
         let tiles = prefill_tiles(tokens);
         let up = |v: &[u32]| -> Result<CudaSlice<u32>> {
@@ -342,7 +343,16 @@ impl Backend for CudaBackend {
             }
             self.stream.clone_htod(v).map_err(drv("uploading a layout"))
         };
-        Ok(CudaLayout { tokens: tokens.to_vec(), dev: up(&flat)?, tiles: up(&tiles)?, n_tiles: tiles.len() / 2 })
+        Ok(CudaLayout {
+            tokens: tokens.to_vec(),
+            dev: up(&flat)?,
+            pages: up(&pages.table)?,
+            page_size: pages.page_size,
+            width: pages.width,
+            pages_used,
+            tiles: up(&tiles)?,
+            n_tiles: tiles.len() / 2,
+        })
     }
 
     fn plan(&self, p: &ResidualPlan) -> Result<CudaPlan> {
@@ -550,37 +560,36 @@ impl Backend for CudaBackend {
         check_len("k", k.len(), t * kvw)?;
         check_len("v", v.len(), t * kvw)?;
         check_len("attention output", out.len(), t * s.n_heads * hd)?;
-        let slots = cache.k.len().min(cache.v.len()) / (s.capacity * kvw).max(1);
-        for tp in &layout.tokens {
-            if tp.slot as usize >= slots || tp.pos as usize >= s.capacity {
-                return Err(err(format!(
-                    "token at slot {} position {} is outside the KV cache ({slots}×{})",
-                    tp.slot, tp.pos, s.capacity
-                )));
-            }
+        let pages = cache.k.len().min(cache.v.len()) / (layout.page_size * kvw).max(1);
+        if layout.pages_used > pages {
+            return Err(err(format!("the layout uses {} KV pages; the cache has {pages}", layout.pages_used)));
         }
         if t == 0 {
             return Ok(());
         }
-        let (kc, vc, lp) = (self.ptr(&cache.k), self.ptr(&cache.v), self.ptr(&layout.dev));
+        let (kc, vc, lp, pp) = (self.ptr(&cache.k), self.ptr(&cache.v), self.ptr(&layout.dev), self.ptr(&layout.pages));
         let store = [
             Arg::Ptr(self.ptr(k)),
             Arg::Ptr(self.ptr(v)),
             Arg::Ptr(kc),
             Arg::Ptr(vc),
             Arg::Ptr(lp),
+            Arg::Ptr(pp),
             Arg::I32(t as i32),
             Arg::I32(kvw as i32),
-            Arg::I32(s.capacity as i32),
+            Arg::I32(layout.page_size as i32),
+            Arg::I32(layout.width as i32),
         ];
         self.launch("attention", "attention_store_f32", cfg((blocks(t * kvw, 256)?, 1, 1), 256, 0), &store)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let (qp, op) = (self.ptr(q), self.ptr(out));
         let shape = [
+            Arg::Ptr(pp),
             Arg::I32(s.n_heads as i32),
             Arg::I32(s.n_kv_heads as i32),
             Arg::I32(hd as i32),
-            Arg::I32(s.capacity as i32),
+            Arg::I32(layout.page_size as i32),
+            Arg::I32(layout.width as i32),
             Arg::F32(scale),
         ];
         // About one new token per sequence (decode): a block per (token, head) splitting the

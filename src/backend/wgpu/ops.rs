@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::context::{err, Access, Ctx, Gbuf, Kernel};
 use super::weights::{self, WgpuWeight};
 use super::WgpuBackend;
-use crate::backend::{AttnShape, Backend, KvLayer, ResidualPlan, TokenPos, NONE};
+use crate::backend::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos, NONE};
 use crate::error::Result;
 use crate::model::tensor::HostTensor;
 
@@ -46,7 +46,11 @@ pub struct WgpuBuf {
 /// A batch's tokens: on the host for checks, on the device as (slot, pos) pairs.
 pub struct WgpuLayout {
     tokens: Vec<TokenPos>,
+    /// `[t][2]` (slot, pos), then the page table.
     buf: Gbuf,
+    page_size: usize,
+    width: usize,
+    pages_used: usize,
 }
 
 /// A [`ResidualPlan`] on the device with its outputs (projections, capture sums).
@@ -156,9 +160,17 @@ impl Backend for WgpuBackend {
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    fn layout(&self, tokens: &[TokenPos]) -> Result<WgpuLayout> {
-        let words: Vec<u32> = tokens.iter().flat_map(|t| [t.slot, t.pos]).collect();
-        Ok(WgpuLayout { tokens: tokens.to_vec(), buf: self.ctx.storage_init(bytemuck::cast_slice(&words), "layout")? })
+    fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<WgpuLayout> {
+        let pages_used = pages.check(tokens)?;
+        let mut words: Vec<u32> = tokens.iter().flat_map(|t| [t.slot, t.pos]).collect();
+        words.extend(&pages.table);
+        Ok(WgpuLayout {
+            tokens: tokens.to_vec(),
+            buf: self.ctx.storage_init(bytemuck::cast_slice(&words), "layout")?,
+            page_size: pages.page_size,
+            width: pages.width,
+            pages_used,
+        })
     }
 
     fn plan(&self, plan: &ResidualPlan) -> Result<WgpuPlan> {
@@ -371,23 +383,27 @@ impl Backend for WgpuBackend {
         need("k", k.len, t * kvw)?;
         need("v", v.len, t * kvw)?;
         need("attention output", out.len, t * s.n_heads * s.head_dim)?;
-        if cache.k.len != cache.v.len || s.capacity == 0 {
+        if cache.k.len != cache.v.len {
             return Err(err(format!("KV cache k ({}) and v ({}) differ", cache.k.len, cache.v.len)));
         }
-        let slots = cache.k.len / (s.capacity * kvw);
-        for tp in &layout.tokens[..t] {
-            if tp.slot as usize >= slots || tp.pos as usize >= s.capacity {
-                return Err(err(format!(
-                    "token at slot {} position {} is outside the KV cache ({slots}×{})",
-                    tp.slot, tp.pos, s.capacity
-                )));
-            }
+        let pages = cache.k.len / (layout.page_size * kvw);
+        if layout.pages_used > pages {
+            return Err(err(format!("the layout uses {} KV pages; the cache has {pages}", layout.pages_used)));
         }
         if t == 0 {
             return Ok(());
         }
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let params = [u(t), u(s.n_heads), u(s.n_kv_heads), u(s.head_dim), u(s.capacity), scale.to_bits()];
+        let params = [
+            u(t),
+            u(s.n_heads),
+            u(s.n_kv_heads),
+            u(s.head_dim),
+            u(layout.page_size),
+            u(layout.width),
+            u(2 * layout.tokens.len()),
+            scale.to_bits(),
+        ];
         let bufs = [&layout.buf, &k.g, &v.g, &cache.k.g, &cache.v.g];
         self.ctx.dispatch(&KV_STORE, 0, &params, &bufs, self.ctx.grid((t * kvw).div_ceil(256))?)?;
         let bufs = [&layout.buf, &q.g, &cache.k.g, &cache.v.g, &out.g];

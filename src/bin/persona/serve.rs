@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// Sequences decoding at once (KV-cache slots).
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// KV-cache pool shared by all running sequences, in tokens (pages of 16; default: a quarter
+    /// of max-batch full contexts, at least one context). Sequences take pages as they grow; when
+    /// the pool runs out the latest admitted are paused and recomputed later.
+    #[arg(long)]
+    pub kv_tokens: Option<usize>,
     /// Sequences waiting for a slot; beyond it requests get HTTP 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -55,6 +60,7 @@ impl ModelTask for ServeArgs {
             vectors_dir: self.vectors,
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            kv_tokens: self.kv_tokens,
             model_id,
             step_delay: self.step_delay_ms.map(std::time::Duration::from_millis),
             handle_signals: true,
