@@ -206,9 +206,10 @@ impl Slots {
         Some(s)
     }
     /// Give a slot back; its pages return to the pool at once.
-    fn release<B: Backend>(&mut self, cache: &mut KvCache<B>, slot: usize) {
+    fn release<B: Backend>(&mut self, cache: &mut KvCache<B>, slot: usize, metrics: &Metrics) {
         cache.reset(slot);
         self.free.push(slot);
+        metrics.kv_pages_used.store(cache.total_pages() - cache.free_pages(), Ordering::Relaxed);
     }
 }
 
@@ -283,7 +284,7 @@ pub fn run<B: Backend>(
                     let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
                 }
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                slots.release(cache, s.slot);
+                slots.release(cache, s.slot, metrics);
             }
             !gone
         });
@@ -301,7 +302,7 @@ pub fn run<B: Backend>(
         while step_pages(&running, cache) > cache.free_pages() && running.len() > 1 {
             let victim = (0..running.len()).max_by_key(|&i| running[i].order).expect("non-empty");
             let s = running.swap_remove(victim);
-            slots.release(cache, s.slot);
+            slots.release(cache, s.slot, metrics);
             metrics.preempted.fetch_add(1, Ordering::Relaxed);
             let at = paused.iter().position(|p| p.order > s.order).unwrap_or(paused.len());
             paused.insert(at, s);
@@ -347,7 +348,7 @@ pub fn run<B: Backend>(
             Err(e) => {
                 for s in running.drain(..) {
                     let _ = s.job.tx.send(Event::Error(s.job.choice, e.to_string()));
-                    slots.release(cache, s.slot);
+                    slots.release(cache, s.slot, metrics);
                 }
                 metrics.engine_errors.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -398,6 +399,7 @@ pub fn run<B: Backend>(
         metrics.add_decode_time(t0.elapsed().as_secs_f64());
         retire(&mut running, &mut slots, cache, metrics);
         metrics.kv_pages_used.store(cache.total_pages() - cache.free_pages(), Ordering::Relaxed);
+        metrics.batch_size.store(running.len(), Ordering::Relaxed);
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
@@ -430,10 +432,11 @@ fn retire<B: Backend>(running: &mut Vec<Seq>, slots: &mut Slots, cache: &mut KvC
                 v
             })
             .collect();
+        // Pages first: a client that sees its stream end sees its pages free.
+        slots.release(cache, s.slot, metrics);
         let done = DoneEvent { finish, prompt_tokens: s.job.prompt_ids.len(), completion_tokens: s.kept, series };
         let _ = s.job.tx.send(Event::Done(s.job.choice, done));
         metrics.completed.fetch_add(1, Ordering::Relaxed);
-        slots.release(cache, s.slot);
         false
     });
 }
