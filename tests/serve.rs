@@ -275,7 +275,8 @@ fn concurrent_requests_with_different_steering_each_get_their_own() {
 
 /// Paged KV memory: six sequences of ~70 tokens (5 pages each) share a pool of 16 pages, so
 /// they cannot all grow at once; the scheduler pauses the latest admitted and recomputes them
-/// later. Every stream still gets exactly its solo tokens and projections, and all pages return.
+/// later (prompt, then the generated tokens as one chunk). Every stream still gets exactly its
+/// solo tokens and projections — with `positions=response` steering too — and all pages return.
 #[test]
 fn kv_pool_smaller_than_the_batch_preempts_and_stays_exact() {
     let cfg =
@@ -285,19 +286,24 @@ fn kv_pool_smaller_than_the_batch_preempts_and_stays_exact() {
     let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
     let pv = PersonaVector::load(tiny_vector()).unwrap();
     let cases: Vec<(f32, usize, u64)> =
-        vec![(-6.0, 1, 1), (0.0, 2, 2), (3.0, 3, 3), (6.0, 2, 4), (-2.0, 3, 5), (0.0, 1, 6)];
+        vec![(0.0, 2, 1), (6.0, 3, 2), (-6.0, 1, 3), (3.0, 2, 4), (-2.0, 1, 5), (4.0, 2, 6)];
     let n = 60;
+    // Staggered starts admit them in order, so the ones preempted (the latest admitted) are the
+    // last, `positions=response`-steered ones: their replay must steer every response token.
     let handles: Vec<_> = cases
         .iter()
         .map(|&(coeff, layer, seed)| {
             let base = base.clone();
+            std::thread::sleep(Duration::from_millis(15));
             std::thread::spawn(move || {
                 let mut body = json!({
                     "prompt": PROMPT, "max_tokens": n, "temperature": 0.8, "seed": seed, "ignore_eos": true,
                     "monitor": [{"vector": "t", "layers": [2]}], "stream": true,
                 });
                 if coeff != 0.0 {
-                    body["steering"] = json!([{"vector": "t", "layers": layer, "coeff": coeff}]);
+                    let positions = if seed >= 3 { "response" } else { "all" };
+                    body["steering"] =
+                        json!([{"vector": "t", "layers": layer, "coeff": coeff, "positions": positions}]);
                 }
                 stream(&format!("{base}/v1/completions"), &body)
             })
@@ -306,7 +312,11 @@ fn kv_pool_smaller_than_the_batch_preempts_and_stays_exact() {
     let results: Vec<Vec<Value>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (&(coeff, layer, seed), chunks) in cases.iter().zip(&results) {
         let sampling = SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed };
-        let want = engine_alone(&m, PROMPT, n, steering(&pv, layer, coeff, &[2]), sampling);
+        let mut st = steering(&pv, layer, coeff, &[2]);
+        if seed >= 3 {
+            st.plan.ops.iter_mut().for_each(|op| op.positions = Positions::Response);
+        }
+        let want = engine_alone(&m, PROMPT, n, st, sampling);
         let tokens: Vec<&Value> = chunks.iter().filter(|c| c["persona"]["token_id"].is_number()).collect();
         let ids: Vec<u32> = tokens.iter().map(|c| c["persona"]["token_id"].as_u64().unwrap() as u32).collect();
         assert_eq!(ids, want.ids(), "coeff {coeff} layer {layer} seed {seed}");

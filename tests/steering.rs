@@ -359,3 +359,47 @@ fn relative_scale_uses_recorded_residual_norms() {
     let err = resolve(&[spec(&plain, 0.2)], &[], &cfg, &mut warn).unwrap_err().to_string();
     assert!(err.contains("persona.mean_norms"), "{err}");
 }
+
+/// A teacher-forced pass over prompt + answer steers and probes the answer tokens as generation
+/// does: `positions=response` steering reaches them (and `positions=prompt` does not), so the
+/// pipelines' log-odds and projections under such plans match what generating would give.
+#[test]
+fn teacher_forced_answers_are_response_positions() {
+    use persona::persona::common::{teacher_force, CaptureRange, Forced};
+    let dir = fixtures().join("tiny-llama");
+    let f = ModelFiles::open(&dir).unwrap();
+    let e = Engine::new(CpuBackend, f.config.clone(), &f.tensors, 256).unwrap();
+    let rows = vector_rows(&dir.join("test_vector.safetensors"));
+    let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
+    let plan = |positions| SeqSteering {
+        plan: SteeringPlan {
+            ops: vec![SteerOp {
+                kind: SteerKind::Add,
+                layer: 1,
+                vector: Arc::from(&rows[1][..]),
+                coeff: 6.0,
+                positions,
+                when: None,
+            }],
+        },
+        probes: vec![Probe { name: "p".into(), layer: 3, vector: Arc::from(&rows[3][..]) }],
+    };
+    for positions in [Positions::Response, Positions::Prompt, Positions::All] {
+        let st = plan(positions);
+        let mut req = steered(&ids, 10, &st);
+        req.capture_response = false;
+        let out = e.generate(&[req], &mut |_, _| {}).unwrap().remove(0);
+        // The generated tokens whose residuals generation saw (all but the last).
+        let mut toks = ids.clone();
+        toks.extend(&out.ids()[..9]);
+        let item = Forced { tokens: toks, answer_start: ids.len() };
+        let forced = teacher_force(&e, &[item], Some(&st), CaptureRange::None, true, 1, None).unwrap().remove(0);
+        let gen_mean: f32 = out.projections[0][ids.len()..ids.len() + 9].iter().sum::<f32>() / 9.0;
+        assert!(
+            (forced.answer_proj[0] - gen_mean).abs() < 1e-4,
+            "{positions:?}: teacher-forced answer projection {} vs generation {gen_mean}",
+            forced.answer_proj[0]
+        );
+        assert!((forced.last_prompt_proj[0] - out.last_prompt_projection(0)).abs() < 1e-4, "{positions:?}");
+    }
+}

@@ -98,7 +98,8 @@ impl PageTable {
 
 /// Token flag: the token is part of a prompt (prefill).
 pub const TOKEN_PROMPT: u32 = 1;
-/// Token flag: the token is the last position of its sequence in this forward call.
+/// Token flag: the token's residual produces a response token — the last prompt token, and
+/// every response token (ops with [`POS_LAST`] apply there).
 pub const TOKEN_LAST: u32 = 2;
 /// No condition / no capture.
 pub const NONE: u32 = u32::MAX;
@@ -128,6 +129,7 @@ pub const OP_ABLATE: u32 = 1;
 pub const OP_CLAMP: u32 = 2;
 pub const POS_ALL: u32 = 0;
 pub const POS_PROMPT: u32 = 1;
+/// Positions flagged [`TOKEN_LAST`] (`positions=response`).
 pub const POS_LAST: u32 = 2;
 
 /// A projection column: `proj[t, col] = h · units[vec]` at one residual index.

@@ -97,6 +97,7 @@ fn input<'a>(reqs: &'a [GenRequest], i: usize, tokens: &'a [u32], prompt: bool) 
         tokens,
         logits_from: None,
         prompt,
+        answer_from: None,
         steering: r.steering.as_deref(),
         capture: if r.capture_response && !prompt { Some(Capture { from: 0 }) } else { None },
     }

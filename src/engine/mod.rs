@@ -159,6 +159,9 @@ pub struct SeqInput<'a> {
     pub logits_from: Option<usize>,
     /// These tokens are prompt (prefill) tokens, for `positions=prompt` steering.
     pub prompt: bool,
+    /// With `prompt`: the new tokens from this index on are answer (response) tokens instead, as
+    /// in a teacher-forced pass over prompt + answer (steered and probed as generation would).
+    pub answer_from: Option<usize>,
     /// Steering ops and probes for this sequence.
     pub steering: Option<&'a SeqSteering>,
     /// Sum the residual at every index over the new tokens from `from` on.

@@ -86,6 +86,7 @@ pub fn teacher_force<B: Backend>(
                 tokens: t,
                 logits_from: logprob.then(|| it.answer_start - 1),
                 prompt: true,
+                answer_from: Some(it.answer_start),
                 steering,
                 capture: match capture {
                     CaptureRange::None => None,

@@ -327,6 +327,7 @@ pub fn run<B: Backend>(
                 tokens: toks,
                 logits_from: None,
                 prompt: *prompt,
+                answer_from: None,
                 steering: s.job.steering.as_deref(),
                 capture: None,
             })

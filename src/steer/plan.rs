@@ -24,7 +24,8 @@ pub enum Positions {
     All,
     /// Prompt (prefill) tokens only.
     Prompt,
-    /// Only the last position of each forward pass: the last prompt token, then every generated token.
+    /// The positions that produce response tokens: the last prompt token, then every generated
+    /// (or teacher-forced answer) token.
     Response,
 }
 
