@@ -170,9 +170,12 @@ fn monitor_json(model: &Path, t: &str, dir: &Path) -> serde_json::Value {
 fn monitoring_separates_eliciting_from_suppressing_prompts() {
     // The issue's targets: 0.9 for evil, impolite and humorous, 0.85 for optimistic. Measured with
     // the shipped vectors at their chosen layer: evil 0.99, impolite 0.99, humorous 0.92 (its
-    // vector uses prompt_last; response_avg gave 0.85), optimistic 0.69 — optimistic falls short
-    // (0.82 at best with other settings) and is guarded at what it reaches.
-    let traits = [("evil", 0.9), ("impolite", 0.9), ("humorous", 0.9), ("optimistic", 0.6)];
+    // vector uses prompt_last; response_avg gave 0.85), optimistic 0.877 at layer 18 (random
+    // 0.553). Optimistic reached only 0.69 with its first, milder instructions ("Focus on problems
+    // and risks"); the strongly valenced ones now in traits/optimistic.json separate the sides
+    // (within each question every eliciting prompt projects above every suppressing one at layer
+    // 18); what remains is the spread between questions.
+    let traits = [("evil", 0.9), ("impolite", 0.9), ("humorous", 0.9), ("optimistic", 0.85)];
     let Some(model) = with_shipped(&traits.map(|t| t.0)) else { return };
     let d = tempfile::tempdir().unwrap();
     for (t, min) in traits {
