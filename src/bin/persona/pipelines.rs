@@ -292,7 +292,8 @@ pub struct MonitorArgs {
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Add many-shot rungs with these numbers of example turns (e.g. 2,4,8): each question after k
-    /// example answers in the trait (eliciting) or k opposite answers (suppressing), no system prompt.
+    /// example answers in the trait (eliciting) or k opposite answers (suppressing), no system prompt
+    /// (k = 0, the bare question, is already the ladder's middle rung).
     #[arg(long, value_delimiter = ',')]
     pub shots: Vec<usize>,
     /// Example answers for --shots: a responses JSONL with pos/neg labels (default: the extraction
