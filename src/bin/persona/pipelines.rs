@@ -13,7 +13,7 @@ use persona::persona::extract::{
     chat_ids, generate_responses, judge_and_filter, read_responses, vector_from_responses, ExtractOptions, Method,
 };
 use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
-use persona::persona::monitor::{ladder, LadderPrompt, MonitorOptions};
+use persona::persona::monitor::{ladder, many_shot_ladder, shot_pool, LadderPrompt, MonitorOptions, Shot};
 use persona::persona::screen::{read_dataset, screen, ScreenOptions};
 use persona::persona::traits::{find_trait, TraitDef};
 use persona::steer::spec::Layers;
@@ -287,9 +287,19 @@ pub struct MonitorArgs {
     /// The trait whose ladder of system prompts to use (default: the vector's).
     #[arg(long = "trait")]
     pub trait_name: Option<String>,
-    /// JSONL prompts `{"question", "system"?, "level": -1|0|1}` instead of the trait's ladder.
+    /// JSONL prompts `{"question", "system"?, "shots"?: [{"question", "answer"}], "level": -1|0|1}`
+    /// instead of the trait's ladder.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// Add many-shot rungs with these numbers of example turns (e.g. 2,4,8): each question after k
+    /// example answers in the trait (eliciting) or k opposite answers (suppressing), no system prompt
+    /// (k = 0, the bare question, is already the ladder's middle rung).
+    #[arg(long, value_delimiter = ',')]
+    pub shots: Vec<usize>,
+    /// Example answers for --shots: a responses JSONL with pos/neg labels (default: the extraction
+    /// answers beside the vector, VECTOR.jsonl).
+    #[arg(long)]
+    pub shots_from: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
     pub questions: usize,
     /// Layers to probe (default all).
@@ -323,9 +333,16 @@ fn read_prompts(path: &Path) -> Result<Vec<LadderPrompt>> {
         let question = v["question"]
             .as_str()
             .with_context(|| format!("{}: line {}: missing string `question`", path.display(), i + 1))?;
+        let shots: Vec<Shot> = match v.get("shots") {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(s) => serde_json::from_value(s.clone()).with_context(|| {
+                format!("{}: line {}: `shots` must be a list of {{\"question\", \"answer\"}}", path.display(), i + 1)
+            })?,
+        };
         out.push(LadderPrompt {
             question: question.to_string(),
             system: v["system"].as_str().map(str::to_string),
+            shots,
             level: v["level"].as_i64().unwrap_or(0).clamp(-1, 1) as i32,
         });
     }
@@ -340,10 +357,29 @@ impl ModelTask for MonitorArgs {
         let a = self;
         let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
         let t = if a.prompts.is_some() && a.trait_name.is_none() { None } else { Some(trait_for(&a.trait_name, &v)?) };
-        let prompts = match &a.prompts {
+        let mut prompts = match &a.prompts {
             Some(p) => read_prompts(p)?,
             None => ladder(t.as_ref().context("a trait is needed for the ladder")?, a.questions),
         };
+        if !a.shots.is_empty() {
+            if a.prompts.is_some() {
+                bail!("--shots builds many-shot rungs on the trait's evaluation questions; with --prompts, give each line its own `shots`");
+            }
+            let t = t.as_ref().context("a trait is needed for many-shot prompts")?;
+            let from = a.shots_from.clone().unwrap_or_else(|| a.vector.with_extension("jsonl"));
+            if !from.exists() {
+                bail!(
+                    "--shots needs example answers: {} does not exist (extraction writes it beside the vector); pass --shots-from",
+                    from.display()
+                );
+            }
+            let pool = shot_pool(&read_responses(&from)?);
+            let questions: Vec<String> = t.eval_questions.iter().take(a.questions).cloned().collect();
+            prompts.extend(
+                many_shot_ladder(&questions, &pool, &a.shots)
+                    .with_context(|| format!("example answers from {}", from.display()))?,
+            );
+        }
         let judge = a.judge.build(&m)?;
         let o = MonitorOptions {
             questions: a.questions,
