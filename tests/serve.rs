@@ -420,7 +420,8 @@ fn load(
                             break;
                         }
                         let v: Value = serde_json::from_str(d).unwrap();
-                        tokens += v["persona"]["token_id"].is_number() as usize;
+                        // The usage chunk (stream_options.include_usage) counts the tokens.
+                        tokens += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
                         finished |= v["choices"][0]["finish_reason"].is_string();
                     }
                     r.streams += 1;
@@ -454,7 +455,8 @@ fn load_32_streaming_clients_tiny() {
     let body = |c: usize, k: usize| {
         let n = 5 + (c * 7 + k * 3) % 40;
         let mut b = json!({"prompt": vec![37u32 + c as u32; n], "max_tokens": 40, "ignore_eos": true, "stream": true,
-                           "seed": k, "monitor": [{"vector": "test_vector", "layers": [2]}]});
+                           "stream_options": {"include_usage": true}, "seed": k,
+                           "monitor": [{"vector": "test_vector", "layers": [2]}]});
         if c % 2 == 0 {
             b["steering"] = json!([{"vector": "test_vector", "layers": 1 + c % 3, "coeff": c as f32 - 16.0}]);
         }
@@ -497,7 +499,8 @@ fn load_32_streaming_clients_default_model() {
     let (mut child, base) = spawn_server(&["--backend", "cpu", "--max-batch", "16", "--context", "1024"]);
     let body = |c: usize, k: usize| {
         let b = json!({"messages": [{"role": "user", "content": format!("Tell me about topic number {}.", c * 100 + k)}],
-                       "max_tokens": 48, "ignore_eos": true, "stream": true, "seed": k});
+                       "max_tokens": 48, "ignore_eos": true, "stream": true, "seed": k,
+                       "stream_options": {"include_usage": true}});
         ("/v1/chat/completions".to_string(), b)
     };
     let warm = load(&base, 32, secs / 4.0, 48, body);
