@@ -457,7 +457,7 @@ fn load_32_streaming_clients_tiny() {
         let mut b = json!({"prompt": vec![37u32 + c as u32; n], "max_tokens": 40, "ignore_eos": true, "stream": true,
                            "stream_options": {"include_usage": true}, "seed": k,
                            "monitor": [{"vector": "test_vector", "layers": [2]}]});
-        if c % 2 == 0 {
+        if c.is_multiple_of(2) {
             b["steering"] = json!([{"vector": "test_vector", "layers": 1 + c % 3, "coeff": c as f32 - 16.0}]);
         }
         ("/v1/completions".to_string(), b)

@@ -59,7 +59,7 @@ impl PageTable {
     /// Check that every position attention reads for `tokens` (0..=pos of each token's slot) has a
     /// page; returns the number of pages the cache must have (largest page used + 1).
     pub fn check(&self, tokens: &[TokenPos]) -> Result<usize> {
-        if self.page_size == 0 || self.width == 0 || self.table.len() % self.width != 0 {
+        if self.page_size == 0 || self.width == 0 || !self.table.len().is_multiple_of(self.width) {
             return Err(Error::Invalid(format!(
                 "page table of {} entries with page size {} and width {} is malformed",
                 self.table.len(),

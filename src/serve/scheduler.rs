@@ -170,21 +170,31 @@ impl Seq {
         self.finish.is_some() && self.job.probes() > 0 && self.recorded() < self.job.prompt_ids.len() + self.kept
     }
 
-    /// The tokens to feed this step given `fed` cached positions, whether they are prompt tokens,
-    /// and whether the step samples a new token. A step never mixes prompt and response tokens
-    /// (steering may target either). Running: the rest of the prompt, else the generated tokens
-    /// not yet cached (normally the last one; after a preemption all of them). Tails (finished,
-    /// projections missing): the kept tokens not yet cached, no sampling.
-    fn feed(&self, fed: usize) -> (Vec<u32>, bool, bool) {
+    /// What to feed this step given `fed` cached positions. A step never mixes prompt and
+    /// response tokens (steering may target either). Running: the rest of the prompt, else the
+    /// generated tokens not yet cached (normally the last one; after a preemption all of them).
+    /// Tails (finished, projections missing): the kept tokens not yet cached, no sampling.
+    fn feed(&self, fed: usize) -> Feed {
         let p = &self.job.prompt_ids;
         let end = p.len() + if self.finish.is_some() { self.kept } else { self.out.len() };
         if fed < p.len() {
-            (p[fed..].to_vec(), true, self.finish.is_none() && self.out.is_empty())
+            Feed { fed, tokens: p[fed..].to_vec(), prompt: true, samples: self.finish.is_none() && self.out.is_empty() }
         } else {
             let from = (fed - p.len()).min(end - p.len());
-            (self.out[from..end - p.len()].to_vec(), false, self.finish.is_none())
+            Feed { fed, tokens: self.out[from..end - p.len()].to_vec(), prompt: false, samples: self.finish.is_none() }
         }
     }
+}
+
+/// One sequence's part of a step.
+struct Feed {
+    /// Positions already cached.
+    fed: usize,
+    tokens: Vec<u32>,
+    /// Prompt tokens (else response tokens).
+    prompt: bool,
+    /// The step samples a new token from the last one's logits.
+    samples: bool,
 }
 
 /// log-softmax of one logit given the row's max and log-sum-exp.
@@ -312,21 +322,15 @@ pub fn run<B: Backend>(
             continue;
         }
         // One forward call for every running sequence: prompts, decode tokens, replays and tails.
-        let feeds: Vec<(usize, (Vec<u32>, bool, bool))> = running
-            .iter()
-            .map(|s| {
-                let fed = cache.len(s.slot);
-                (fed, s.feed(fed))
-            })
-            .collect();
+        let feeds: Vec<Feed> = running.iter().map(|s| s.feed(cache.len(s.slot))).collect();
         let inputs: Vec<SeqInput> = running
             .iter()
             .zip(&feeds)
-            .map(|(s, (_, (toks, prompt, _)))| SeqInput {
+            .map(|(s, f)| SeqInput {
                 slot: s.slot,
-                tokens: toks,
+                tokens: &f.tokens,
                 logits_from: None,
-                prompt: *prompt,
+                prompt: f.prompt,
                 answer_from: None,
                 steering: s.job.steering.as_deref(),
                 capture: None,
@@ -357,13 +361,13 @@ pub fn run<B: Backend>(
         };
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         let mut new_tokens = 0;
-        for (k, (s, (fed, (_, _, samples)))) in running.iter_mut().zip(&feeds).enumerate() {
+        for (k, (s, f)) in running.iter_mut().zip(&feeds).enumerate() {
             // Projections of positions already recorded (a replay after preemption) are not
             // recorded twice.
             let np = s.job.probes();
-            let skip = s.recorded().saturating_sub(*fed) * np;
+            let skip = s.recorded().saturating_sub(f.fed) * np;
             push_projections(&mut s.series, out.projections[k].get(skip..).unwrap_or(&[]));
-            if !samples {
+            if !f.samples {
                 continue;
             }
             let logits = out.last(k);
@@ -412,8 +416,8 @@ fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>) -> usize {
     running
         .iter()
         .map(|s| {
-            let fed = cache.len(s.slot);
-            cache.pages_missing(s.slot, fed + s.feed(fed).0.len())
+            let f = s.feed(cache.len(s.slot));
+            cache.pages_missing(s.slot, f.fed + f.tokens.len())
         })
         .sum()
 }

@@ -23,6 +23,21 @@ use persona::LoadedModel;
 
 use super::{ModelArgs, ModelTask};
 
+/// What the judge filter did: answers without a score (the judge put less than 0.25 of its
+/// top-logprob mass on the integers 0–100, or gave no reply) and pairs kept.
+fn report_judging(responses: &[persona::persona::extract::Response]) {
+    let n = responses.len();
+    let no_trait = responses.iter().filter(|r| r.trait_score.is_none()).count();
+    let no_coh = responses.iter().filter(|r| r.coherence.is_none()).count();
+    let kept = responses.iter().filter(|r| r.kept).count();
+    eprintln!(
+        "judge: {no_trait} of {n} answers got no trait score and {no_coh} no coherence score (less than 0.25 \
+         probability on the integers 0–100); {} of {} pairs kept",
+        kept / 2,
+        n / 2
+    );
+}
+
 /// `--judge none|self|URL` and its companions.
 #[derive(Args, Debug, Clone)]
 pub struct JudgeArgs {
@@ -133,6 +148,7 @@ impl ModelTask for ExtractArgs {
                 let mut r = generate_responses(&m, &t, &o)?;
                 if let Some(j) = a.judge.build(&m)? {
                     judge_and_filter(&t, j.as_ref(), &mut r)?;
+                    report_judging(&r);
                 }
                 (t.name.clone(), r)
             }
@@ -141,18 +157,22 @@ impl ModelTask for ExtractArgs {
             let t = find_trait(&a.trait_name)?;
             if let Some(j) = a.judge.build(&m)? {
                 judge_and_filter(&t, j.as_ref(), &mut responses)?;
+                report_judging(&responses);
             }
         }
-        let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, true)?;
+        // The answers (with their judge scores) first: they are kept even when no vector can be
+        // built from them (e.g. the judge filtered every pair out).
+        let jsonl = a.out.with_extension("jsonl");
+        let text: String = responses.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
+        write_atomic(&jsonl, text.as_bytes())?;
+        let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, true)
+            .with_context(|| format!("the answers and their scores are in {}", jsonl.display()))?;
         v.metadata.insert("persona.model".into(), model_name(&m.path));
         v.metadata.insert("persona.seed".into(), a.seed.to_string());
         v.metadata.insert("persona.temperature".into(), a.temperature.to_string());
         v.metadata.insert("persona.judge".into(), a.judge.judge.clone());
         v.metadata.insert("persona.command".into(), command_line());
         v.save(&a.out)?;
-        let jsonl = a.out.with_extension("jsonl");
-        let text: String = responses.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
-        write_atomic(&jsonl, text.as_bytes())?;
         let kept = responses.iter().filter(|r| r.kept).count();
         eprintln!(
             "{}: {} responses ({} kept) → {} and {} in {:.1}s",
