@@ -224,8 +224,10 @@ fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
 /// exactly what they get alone.
 #[test]
 fn concurrent_requests_with_different_steering_each_get_their_own() {
-    // A small step delay keeps all of them in the running batch together.
-    let base = start(&tiny(), ServeConfig { step_delay: Some(Duration::from_millis(3)), ..ServeConfig::default() });
+    // A small step delay keeps all of them in the running batch together; prompts are prefilled
+    // 4 tokens per step (chunked), under every `positions`.
+    let cfg = ServeConfig { step_delay: Some(Duration::from_millis(3)), prefill_chunk: 4, ..ServeConfig::default() };
+    let base = start(&tiny(), cfg);
     assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
     let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();
     let pv = PersonaVector::load(tiny_vector()).unwrap();
@@ -249,7 +251,9 @@ fn concurrent_requests_with_different_steering_each_get_their_own() {
                     "ignore_eos": true, "monitor": [{"vector": "t", "layers": [2]}],
                 });
                 if coeff != 0.0 {
-                    body["steering"] = json!([{"vector": "t", "layers": layer, "coeff": coeff}]);
+                    let positions = ["all", "prompt", "response"][seed as usize % 3];
+                    body["steering"] =
+                        json!([{"vector": "t", "layers": layer, "coeff": coeff, "positions": positions}]);
                 }
                 let (code, r) = post(&format!("{base}/v1/completions"), &body);
                 assert_eq!(code, 200, "{r}");
@@ -260,7 +264,10 @@ fn concurrent_requests_with_different_steering_each_get_their_own() {
     let results: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (&(coeff, layer, seed, n), r) in cases.iter().zip(&results) {
         let sampling = SamplingParams { temperature: 0.9, top_k: 40, top_p: 1.0, seed };
-        let want = engine_alone(&m, PROMPT, n, steering(&pv, layer, coeff, &[2]), sampling);
+        let mut st = steering(&pv, layer, coeff, &[2]);
+        let positions = [Positions::All, Positions::Prompt, Positions::Response][seed as usize % 3];
+        st.plan.ops.iter_mut().for_each(|op| op.positions = positions);
+        let want = engine_alone(&m, PROMPT, n, st, sampling);
         assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids(), "coeff {coeff} layer {layer} seed {seed}");
         let mean = r["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
         assert!((mean - want.response_mean_projection(0)).abs() < 1e-4);

@@ -403,3 +403,55 @@ fn teacher_forced_answers_are_response_positions() {
         assert!((forced.last_prompt_proj[0] - out.last_prompt_projection(0)).abs() < 1e-4, "{positions:?}");
     }
 }
+
+/// Chunked prefill: a prompt fed over several calls (`more_prompt` on all but the last) gives the
+/// same logits, bit for bit, as one prefill, under `positions=prompt`, `response` and `all`.
+#[test]
+fn chunked_prefill_equals_one_prefill_under_every_positions() {
+    let dir = fixtures().join("tiny-qwen2");
+    let f = ModelFiles::open(&dir).unwrap();
+    let e = Engine::new(CpuBackend, f.config.clone(), &f.tensors, 256).unwrap();
+    let rows = vector_rows(&dir.join("test_vector.safetensors"));
+    let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
+    for positions in [Positions::Prompt, Positions::Response, Positions::All] {
+        let st = SeqSteering {
+            plan: SteeringPlan {
+                ops: vec![SteerOp {
+                    kind: SteerKind::Add,
+                    layer: 1,
+                    vector: Arc::from(&rows[1][..]),
+                    coeff: 8.0,
+                    positions,
+                    when: None,
+                }],
+            },
+            probes: vec![Probe { name: "p".into(), layer: 2, vector: Arc::from(&rows[2][..]) }],
+        };
+        let whole = last_logits(&e, &ids, Some(&st));
+        let mut c = e.new_cache(1, ids.len()).unwrap();
+        let mut last = vec![];
+        for (k, chunk) in ids.chunks(3).enumerate() {
+            let more = (k + 1) * 3 < ids.len();
+            let input = SeqInput {
+                slot: 0,
+                tokens: chunk,
+                prompt: true,
+                more_prompt: more,
+                steering: Some(&st),
+                ..Default::default()
+            };
+            last = e.forward(&mut c, &[input], false).unwrap().last(0).to_vec();
+        }
+        assert_eq!(last, whole, "{positions:?}");
+        if positions == Positions::Response {
+            // Without `more_prompt` each chunk's last token would be steered: different logits.
+            let mut c = e.new_cache(1, ids.len()).unwrap();
+            for chunk in ids.chunks(3) {
+                let input =
+                    SeqInput { slot: 0, tokens: chunk, prompt: true, steering: Some(&st), ..Default::default() };
+                last = e.forward(&mut c, &[input], false).unwrap().last(0).to_vec();
+            }
+            assert_ne!(last, whole);
+        }
+    }
+}

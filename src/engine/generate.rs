@@ -98,6 +98,7 @@ fn input<'a>(reqs: &'a [GenRequest], i: usize, tokens: &'a [u32], prompt: bool) 
         logits_from: None,
         prompt,
         answer_from: None,
+        more_prompt: false,
         steering: r.steering.as_deref(),
         capture: if r.capture_response && !prompt { Some(Capture { from: 0 }) } else { None },
     }

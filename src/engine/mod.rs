@@ -162,6 +162,9 @@ pub struct SeqInput<'a> {
     /// With `prompt`: the new tokens from this index on are answer (response) tokens instead, as
     /// in a teacher-forced pass over prompt + answer (steered and probed as generation would).
     pub answer_from: Option<usize>,
+    /// With `prompt`: more of this prompt follows in a later call (chunked prefill), so the last
+    /// token here is not the last prompt token (`positions=response` does not apply to it).
+    pub more_prompt: bool,
     /// Steering ops and probes for this sequence.
     pub steering: Option<&'a SeqSteering>,
     /// Sum the residual at every index over the new tokens from `from` on.

@@ -46,11 +46,12 @@ pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<(Resid
         for (i, _) in s.tokens.iter().enumerate() {
             // Prompt tokens, unless past `answer_from`; the positions that produce a response
             // token (`positions=response`): the last token of the call (the last prompt token
-            // of a prefill, or a decode token), every response token, and the last prompt token
-            // before a teacher-forced answer.
+            // of a prefill unless more prompt follows, or a decode token), every response token,
+            // and the last prompt token before a teacher-forced answer.
             let prompt = s.prompt && s.answer_from.is_none_or(|a| i < a);
             let mut flags = if prompt { TOKEN_PROMPT } else { 0 };
-            if i + 1 == s.tokens.len() || !prompt || s.answer_from.is_some_and(|a| i + 1 == a) {
+            let last = i + 1 == s.tokens.len() && !(prompt && s.more_prompt);
+            if last || !prompt || s.answer_from.is_some_and(|a| i + 1 == a) {
                 flags |= TOKEN_LAST;
             }
             p.token_seq.push(si as u32);

@@ -87,6 +87,7 @@ pub fn teacher_force<B: Backend>(
                 logits_from: logprob.then(|| it.answer_start - 1),
                 prompt: true,
                 answer_from: Some(it.answer_start),
+                more_prompt: false,
                 steering,
                 capture: match capture {
                     CaptureRange::None => None,

@@ -1,8 +1,8 @@
 //! Continuous batching: one thread owns the engine and a paged KV cache with `max_batch` slots
 //! sharing one pool of pages. Every step it admits queued jobs into free slots while the pool has
-//! room for their prompts (the whole prompt is prefilled in that step's forward call, beside the
-//! other sequences' decode tokens), samples one token for every running sequence, and retires the
-//! finished ones, so requests join and leave the running batch at every step. Each sequence
+//! room for their prompts (prefilled in chunks of at most `prefill_chunk` tokens per step, in the
+//! same forward calls as the other sequences' decode tokens), samples one token for every running
+//! sequence whose prompt is in, and retires the finished ones, so requests join and leave the running batch at every step. Each sequence
 //! carries its own steering plan and probes into the forward call.
 //!
 //! Sequences take pages as they grow. When a step needs more pages than are free, the most
@@ -171,17 +171,23 @@ impl Seq {
     }
 
     /// What to feed this step given `fed` cached positions. A step never mixes prompt and
-    /// response tokens (steering may target either). Running: the rest of the prompt, else the
+    /// response tokens (steering may target either). Running: the rest of the prompt, at most
+    /// `chunk` tokens per step (chunked prefill: a long prompt does not stall the batch's
+    /// decoding for a whole prefill), else the
     /// generated tokens not yet cached (normally the last one; after a preemption all of them).
     /// Tails (finished, projections missing): the kept tokens not yet cached, no sampling.
-    fn feed(&self, fed: usize) -> Feed {
+    fn feed(&self, fed: usize, chunk: usize) -> Feed {
         let p = &self.job.prompt_ids;
         let end = p.len() + if self.finish.is_some() { self.kept } else { self.out.len() };
         if fed < p.len() {
-            Feed { fed, tokens: p[fed..].to_vec(), prompt: true, samples: self.finish.is_none() && self.out.is_empty() }
+            let to = p.len().min(fed + chunk.max(1));
+            let more = to < p.len();
+            let samples = !more && self.finish.is_none() && self.out.is_empty();
+            Feed { fed, tokens: p[fed..to].to_vec(), prompt: true, more_prompt: more, samples }
         } else {
             let from = (fed - p.len()).min(end - p.len());
-            Feed { fed, tokens: self.out[from..end - p.len()].to_vec(), prompt: false, samples: self.finish.is_none() }
+            let tokens = self.out[from..end - p.len()].to_vec();
+            Feed { fed, tokens, prompt: false, more_prompt: false, samples: self.finish.is_none() }
         }
     }
 }
@@ -193,6 +199,8 @@ struct Feed {
     tokens: Vec<u32>,
     /// Prompt tokens (else response tokens).
     prompt: bool,
+    /// A prompt chunk with more of the prompt to come.
+    more_prompt: bool,
     /// The step samples a new token from the last one's logits.
     samples: bool,
 }
@@ -229,6 +237,7 @@ pub fn run<B: Backend>(
     cache: &mut KvCache<B>,
     queue: &Queue,
     metrics: &Metrics,
+    prefill_chunk: usize,
     step_delay: Option<Duration>,
 ) {
     let eos = engine.config.eos_ids.clone();
@@ -249,7 +258,8 @@ pub fn run<B: Backend>(
                 }
                 q = queue.cv.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
             }
-            let mut spare = cache.free_pages().saturating_sub(step_pages(&running, cache) + running.len());
+            let mut spare =
+                cache.free_pages().saturating_sub(step_pages(&running, cache, prefill_chunk) + running.len());
             loop {
                 let from_paused = !paused.is_empty();
                 let next = if from_paused { paused.front().map(|s| &s.job) } else { q.front() };
@@ -263,7 +273,7 @@ pub fn run<B: Backend>(
                     metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let need = cache.pages_for(job.prompt_ids.len());
+                let need = cache.pages_for(job.prompt_ids.len().min(prefill_chunk));
                 if slots.free.is_empty() || (need > spare && !running.is_empty()) {
                     break;
                 }
@@ -309,7 +319,7 @@ pub fn run<B: Backend>(
         // Not enough pages for this step: preempt the latest admitted until it fits. One
         // sequence alone always fits (the HTTP side keeps prompt + max_tokens within a context,
         // and the pool holds at least one context).
-        while step_pages(&running, cache) > cache.free_pages() && running.len() > 1 {
+        while step_pages(&running, cache, prefill_chunk) > cache.free_pages() && running.len() > 1 {
             let victim = (0..running.len()).max_by_key(|&i| running[i].order).expect("non-empty");
             let s = running.swap_remove(victim);
             slots.release(cache, s.slot, metrics);
@@ -322,7 +332,7 @@ pub fn run<B: Backend>(
             continue;
         }
         // One forward call for every running sequence: prompts, decode tokens, replays and tails.
-        let feeds: Vec<Feed> = running.iter().map(|s| s.feed(cache.len(s.slot))).collect();
+        let feeds: Vec<Feed> = running.iter().map(|s| s.feed(cache.len(s.slot), prefill_chunk)).collect();
         let inputs: Vec<SeqInput> = running
             .iter()
             .zip(&feeds)
@@ -332,6 +342,7 @@ pub fn run<B: Backend>(
                 logits_from: None,
                 prompt: f.prompt,
                 answer_from: None,
+                more_prompt: f.more_prompt,
                 steering: s.job.steering.as_deref(),
                 capture: None,
             })
@@ -412,11 +423,11 @@ pub fn run<B: Backend>(
 }
 
 /// Pages the running sequences need beyond those they hold, to take this step's tokens.
-fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>) -> usize {
+fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>, prefill_chunk: usize) -> usize {
     running
         .iter()
         .map(|s| {
-            let f = s.feed(cache.len(s.slot));
+            let f = s.feed(cache.len(s.slot), prefill_chunk);
             cache.pages_missing(s.slot, f.fed + f.tokens.len())
         })
         .sum()
