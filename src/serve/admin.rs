@@ -1,0 +1,76 @@
+//! Run-time administration routes: the vector registry (`GET|POST /v1/vectors`,
+//! `GET|DELETE /v1/vectors/{name}`) and the server-wide default steering (`GET|PUT /v1/steering`).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::api::{field, parse_body, ApiError, ApiResult};
+use super::registry;
+use super::{body_bytes, into_response, S};
+
+pub(super) async fn list_vectors(State(st): State<S>) -> Response {
+    Json(json!({"object": "list", "data": st.registry.list()})).into_response()
+}
+
+pub(super) async fn get_vector(State(st): State<S>, UrlPath(name): UrlPath<String>) -> Response {
+    match st.registry.get(&name) {
+        Some(v) => Json(registry::vector_json(&v)).into_response(),
+        None => ApiError::status(StatusCode::NOT_FOUND, "invalid_request_error", format!("no vector named `{name}`"))
+            .into_response(),
+    }
+}
+
+pub(super) async fn upload_vector(
+    State(st): State<S>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    into_response((|| -> ApiResult<Response> {
+        let bytes = body_bytes(body)?;
+        let name = q.get("name").map(String::as_str).filter(|n| !n.is_empty());
+        if let Some(n) = name {
+            if n.contains('/') || n.len() > 200 {
+                return Err(ApiError::param("name", "vector names may not contain `/` (at most 200 bytes)"));
+            }
+        }
+        let v = registry::parse_upload(&bytes, name, &st.model)?;
+        let body = registry::vector_json(&v);
+        st.registry.insert(v);
+        Ok((StatusCode::CREATED, Json(body)).into_response())
+    })())
+}
+
+pub(super) async fn delete_vector(State(st): State<S>, UrlPath(name): UrlPath<String>) -> Response {
+    if st.registry.remove(&name) {
+        Json(json!({"id": name, "object": "persona.vector", "deleted": true})).into_response()
+    } else {
+        ApiError::status(StatusCode::NOT_FOUND, "invalid_request_error", format!("no vector named `{name}`"))
+            .into_response()
+    }
+}
+
+pub(super) async fn get_default(State(st): State<S>) -> Response {
+    let d = st.default.read().map(|d| d.clone()).unwrap_or_default();
+    Json(Value::Object(d)).into_response()
+}
+
+pub(super) async fn set_default(State(st): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+    into_response((|| -> ApiResult<Response> {
+        let m = parse_body(&body_bytes(body)?)?;
+        for k in m.keys() {
+            if k != "steering" && k != "monitor" {
+                return Err(ApiError::param(k, format!("unknown key `{k}` (steering, monitor)")));
+            }
+        }
+        registry::resolve(field(&m, "steering"), field(&m, "monitor"), &st.registry, &st.model)?;
+        if let Ok(mut d) = st.default.write() {
+            *d = m.clone();
+        }
+        Ok(Json(Value::Object(m)).into_response())
+    })())
+}
