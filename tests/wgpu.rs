@@ -446,7 +446,8 @@ fn bad_input_is_an_error_not_a_panic() {
     let x = b.alloc(4).unwrap();
     let msg = b.matmul(&x, &table, None, 2, &mut out).unwrap_err().to_string();
     assert!(msg.contains("matmul input"), "{msg}");
-    let rope = b.upload(&HostTensor::from_f32("rope", vec![3, 4], vec![1.0; 12])).unwrap();
+    let mut rope = b.alloc(12).unwrap();
+    b.write(&mut rope, &[1.0; 12]).unwrap();
     let pages = PageTable::contiguous(2, 1, 4);
     let layout = b.layout(&[TokenPos { slot: 0, pos: 3 }], &pages).unwrap();
     let mut q = b.alloc(8).unwrap();

@@ -479,13 +479,12 @@ fn check_attention<B: Backend>(
             cs.push(a.sin() as f32);
         }
     }
-    // Named as the engine names it: backends keep this table in f32 (it is not a weight).
-    let table = HostTensor::from_f32("rope.cos_sin", vec![capacity + 24, hd], cs);
+    // An f32 buffer on every backend (a table, not a weight).
     let (lb, lc) = (b.layout(toks, &pages)?, cpu.layout(toks, &pages)?);
     let mut qb = buf(b, &q)?;
-    b.rope(&mut qb, &b.upload(&table)?, &lb, t, nh, hd)?;
+    b.rope(&mut qb, &buf(b, &cs)?, &lb, t, nh, hd)?;
     let mut qc = q.clone();
-    cpu.rope(&mut qc, &cpu.upload(&table)?, &lc, t, nh, hd)?;
+    cpu.rope(&mut qc, &cs, &lc, t, nh, hd)?;
     tab.push("rope", case.to_string(), &b.read(&qb, t * nh * hd)?, &qc, 1e-12);
 
     let mut cb = KvLayer::<B> { k: buf(b, &k0)?, v: buf(b, &v0)? };

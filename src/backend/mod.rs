@@ -187,7 +187,7 @@ impl ResidualPlan {
 /// (all sequences concatenated); activations are row-major `[t, width]` f32 buffers.
 pub trait Backend: Send + Sync {
     /// Activation buffer (f32).
-    type Buf: Send;
+    type Buf: Send + Sync;
     /// A weight tensor in the backend's own format.
     type Weight: Send + Sync;
     /// A batch's per-token layout, uploaded once per forward call.
@@ -239,12 +239,13 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Rotate `x` (`[t, heads, head_dim]`) in place by each token's position; `cos_sin` is
-    /// `[positions, head_dim/2, 2]` (cos, sin) in rotate-half convention.
+    /// Rotate `x` (`[t, heads, head_dim]`) in place by each token's position; `cos_sin` is an
+    /// f32 buffer `[positions, head_dim/2, 2]` (cos, sin) in rotate-half convention (a table,
+    /// not a weight: it stays exact f32 on every backend).
     fn rope(
         &self,
         x: &mut Self::Buf,
-        cos_sin: &Self::Weight,
+        cos_sin: &Self::Buf,
         layout: &Self::Layout,
         t: usize,
         heads: usize,

@@ -37,7 +37,8 @@ pub struct Engine<B: Backend> {
     layers: Vec<Layer<B>>,
     final_norm: B::Weight,
     lm_head: Option<B::Weight>,
-    rope: B::Weight,
+    /// `[max_context, head_dim/2, 2]` cos/sin (f32).
+    rope: B::Buf,
     /// Longest sequence the RoPE table covers.
     pub max_context: usize,
 }
@@ -204,7 +205,7 @@ impl ForwardOutput {
 }
 
 /// `[positions, head_dim/2, 2]` cos/sin table (rotate-half convention), computed in f64.
-fn rope_table(cfg: &ModelConfig, positions: usize) -> HostTensor {
+fn rope_table(cfg: &ModelConfig, positions: usize) -> Vec<f32> {
     let inv = cfg.rope.inv_freq(cfg.head_dim);
     let half = cfg.head_dim / 2;
     let mut t = Vec::with_capacity(positions * half * 2);
@@ -216,7 +217,7 @@ fn rope_table(cfg: &ModelConfig, positions: usize) -> HostTensor {
             t.push(a.sin() as f32);
         }
     }
-    HostTensor::from_f32("rope.cos_sin", vec![positions, half * 2], t)
+    t
 }
 
 impl<B: Backend> Engine<B> {
@@ -246,7 +247,12 @@ impl<B: Backend> Engine<B> {
             embed: up(&t.embed)?,
             final_norm: up(&t.final_norm)?,
             lm_head: upo(&t.lm_head)?,
-            rope: up(&rope_table(&config, max_context))?,
+            rope: {
+                let table = rope_table(&config, max_context);
+                let mut b = backend.alloc(table.len())?;
+                backend.write(&mut b, &table)?;
+                b
+            },
             layers,
             config,
             backend,

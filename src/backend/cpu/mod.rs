@@ -129,7 +129,7 @@ impl Backend for CpuBackend {
     fn rope(
         &self,
         x: &mut Vec<f32>,
-        cos_sin: &CpuWeight,
+        cos_sin: &Vec<f32>,
         layout: &CpuLayout,
         t: usize,
         heads: usize,
@@ -137,7 +137,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let layout = &layout.tokens;
         let half = hd / 2;
-        let table = &cos_sin.data;
+        let table = cos_sin;
         let max_pos = table.len() / hd;
         for tp in &layout[..t] {
             if tp.pos as usize >= max_pos {

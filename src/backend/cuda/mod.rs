@@ -41,9 +41,6 @@ pub use plan::CudaPlan;
 pub use weights::CudaWeight;
 use weights::WeightData;
 
-/// The name under which the engine uploads its RoPE cos/sin table: kept f32 (not a weight).
-pub const ROPE_TABLE_NAME: &str = "rope.cos_sin";
-
 /// Decode path of the matmul (GEMV) up to this many tokens; tiled tensor-core GEMM above.
 const GEMV_MAX_T: usize = 8;
 /// Largest head size the attention kernels hold in registers (`MAX_HEAD_DIM` in attention.cu).
@@ -278,7 +275,7 @@ impl Backend for CudaBackend {
 
     fn upload(&self, t: &HostTensor) -> Result<CudaWeight> {
         let n = t.numel();
-        let keep_f32 = t.shape.len() <= 1 || t.name == ROPE_TABLE_NAME;
+        let keep_f32 = t.shape.len() <= 1;
         let what = format!("tensor `{}` {:?}", t.name, t.shape);
         let up = |bytes: usize| self.ensure_free(bytes, WEIGHT_RESERVE, &what);
         let data = if keep_f32 {
@@ -502,7 +499,7 @@ impl Backend for CudaBackend {
     fn rope(
         &self,
         x: &mut CudaSlice<f32>,
-        cos_sin: &CudaWeight,
+        cos_sin: &CudaSlice<f32>,
         layout: &CudaLayout,
         t: usize,
         heads: usize,
@@ -511,7 +508,7 @@ impl Backend for CudaBackend {
         if hd == 0 || hd % 2 != 0 {
             return Err(err(format!("RoPE needs an even head size, got {hd}")));
         }
-        let table = self.f32_weight(cos_sin, "RoPE table", hd)?;
+        let table = cos_sin;
         let max_pos = table.len() / hd;
         check_len("the layout", layout.tokens.len(), t)?;
         check_len("RoPE input", x.len(), t * heads * hd)?;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::context::{err, Access, Ctx, Gbuf, Kernel};
-use super::weights::{self, WgpuWeight};
+use super::weights::{self, WeightFormat, WgpuWeight};
 use super::WgpuBackend;
 use crate::backend::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos, NONE};
 use crate::error::Result;
@@ -335,28 +335,28 @@ impl Backend for WgpuBackend {
     fn rope(
         &self,
         x: &mut WgpuBuf,
-        cos_sin: &WgpuWeight,
+        cos_sin: &WgpuBuf,
         layout: &WgpuLayout,
         t: usize,
         heads: usize,
         hd: usize,
     ) -> Result<()> {
-        if hd % 2 != 0 || cos_sin.cols != hd {
-            return Err(err(format!("RoPE table {:?} does not fit head_dim {hd}", cos_sin.shape)));
+        if hd == 0 || hd % 2 != 0 {
+            return Err(err(format!("RoPE needs an even head size, got {hd}")));
         }
         need("layout", layout.tokens.len(), t)?;
         need("rope input", x.len, t * heads * hd)?;
-        if let Some(tp) = layout.tokens[..t].iter().find(|tp| tp.pos as usize >= cos_sin.rows) {
-            return Err(err(format!("position {} is beyond the RoPE table ({})", tp.pos, cos_sin.rows)));
+        let rows = cos_sin.len / hd;
+        if let Some(tp) = layout.tokens[..t].iter().find(|tp| tp.pos as usize >= rows) {
+            return Err(err(format!("position {} is beyond the RoPE table ({rows})", tp.pos)));
         }
-        let table = cos_sin.single("RoPE table")?;
         let n = t * heads * hd / 2;
-        let params = [u(t), u(heads), u(hd), u(cos_sin.stride)];
+        let params = [u(t), u(heads), u(hd), u(hd)];
         self.ctx.dispatch(
             &ROPE,
-            cos_sin.format as u32,
+            WeightFormat::F32 as u32,
             &params,
-            &[&layout.buf, table, &x.g],
+            &[&layout.buf, &cos_sin.g, &x.g],
             self.ctx.grid(n.div_ceil(256))?,
         )
     }
