@@ -1,0 +1,244 @@
+//! Dequantization of ggml block-quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) to f32, bit for
+//! bit as ggml's `dequantize_row_*` and gguf-py's `dequantize` do; F32/F16/BF16 are widened.
+//! Large tensors are decoded in parallel chunks of blocks. Used by
+//! [`GgufFile::tensor`](crate::model::gguf::GgufFile::tensor); public as
+//! [`crate::model::gguf::dequantize`].
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::gguf_types::GgmlType;
+
+/// Dequantize `n` elements of ggml type `ty` stored in `data` to f32, bit-for-bit as ggml's
+/// `dequantize_row_*` (and gguf-py's `dequantize`) do. F32/F16/BF16 are widened.
+pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let (block, bytes) = match ty.block_layout() {
+        Some((b, s)) if ty.is_readable() => (b as usize, s as usize),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "ggml type {ty} cannot be read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
+            )))
+        }
+    };
+    if n % block != 0 {
+        return Err(Error::Invalid(format!("{n} elements are not a whole number of {ty} blocks of {block}")));
+    }
+    let need = n / block * bytes;
+    if data.len() != need {
+        return Err(Error::Invalid(format!("{n} {ty} elements need {need} bytes, got {}", data.len())));
+    }
+    let f: fn(&[u8], &mut [f32]) = match ty {
+        GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => |b, y| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::BF16 => |b, y| y[0] = half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::Q8_0 => block_q8_0,
+        GgmlType::Q4_0 => block_q4_0,
+        GgmlType::Q4_1 => block_q4_1,
+        GgmlType::Q5_0 => block_q5_0,
+        GgmlType::Q5_1 => block_q5_1,
+        _ => unreachable!("is_readable covers exactly these types"),
+    };
+    let mut out = vec![0f32; n];
+    // Chunks of 1024 blocks: big enough to amortise rayon's scheduling, small enough to balance.
+    const CHUNK: usize = 1024;
+    let run = |(y, b): (&mut [f32], &[u8])| {
+        for (yb, bb) in y.chunks_exact_mut(block).zip(b.chunks_exact(bytes)) {
+            f(bb, yb);
+        }
+    };
+    if n / block >= 4 * CHUNK {
+        out.par_chunks_mut(CHUNK * block).zip(data.par_chunks(CHUNK * bytes)).for_each(run);
+    } else {
+        run((&mut out, data));
+    }
+    Ok(out)
+}
+
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Q8_0: f16 d, 32 × i8; y = d·q.
+fn block_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (yi, &q) in y.iter_mut().zip(&b[2..34]) {
+        *yi = (q as i8) as f32 * d;
+    }
+}
+
+/// Q4_0: f16 d, 16 bytes of nibbles (low nibbles are elements 0..16, high 16..32); y = d·(q−8).
+fn block_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (j, &q) in b[2..18].iter().enumerate() {
+        y[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+        y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+/// Q4_1: f16 d, f16 m, 16 bytes of nibbles; y = d·q + m.
+fn block_q4_1(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let m = half_at(b, 2);
+    for (j, &q) in b[4..20].iter().enumerate() {
+        y[j] = (q & 0x0F) as f32 * d + m;
+        y[j + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+/// Q5_0: f16 d, u32 high bits, 16 bytes of nibbles; y = d·(q−16) with q 5 bits.
+fn block_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    for (j, &q) in b[6..22].iter().enumerate() {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = (((q as u32 & 0x0F) | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = (((q as u32 >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+/// Q5_1: f16 d, f16 m, u32 high bits, 16 bytes of nibbles; y = d·q + m with q 5 bits.
+fn block_q5_1(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let m = half_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    for (j, &q) in b[8..24].iter().enumerate() {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = ((q as u32 & 0x0F) | h0) as f32 * d + m;
+        y[j + 16] = ((q as u32 >> 4) | h1) as f32 * d + m;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::tests::{f16b, open_bytes, raw};
+    use crate::model::gguf_write::encode;
+    use crate::model::tensor::{HostTensor, Storage};
+
+    /// Nibble pattern used by the Q4/Q5 tests: low nibble j, high nibble 15 − j.
+    fn nibbles() -> Vec<u8> {
+        (0..16u8).map(|j| j | ((15 - j) << 4)).collect()
+    }
+
+    fn read_one(ty: GgmlType, dims: &[u64], data: Vec<u8>) -> HostTensor {
+        let g = open_bytes(&encode(&[], &[raw("q", dims, ty, data)]).unwrap()).unwrap();
+        let t = g.tensor("q").unwrap();
+        assert!(matches!(t.storage, Storage::F32(_)));
+        t
+    }
+
+    #[test]
+    fn q4_0_dequantizes_like_ggml() {
+        // Block 0: d = 0.5, nibbles j / 15−j  →  y[j] = 0.5·(j−8), y[16+j] = 0.5·(7−j).
+        // Block 1: d = −2, every byte 0x9F   →  y = −2·(15−8) = −14 (low), −2·(9−8) = −2 (high).
+        let mut data = f16b(0.5).to_vec();
+        data.extend(nibbles());
+        data.extend(f16b(-2.0));
+        data.extend([0x9F; 16]);
+        let t = read_one(GgmlType::Q4_0, &[32, 2], data);
+        assert_eq!(t.shape, [2, 32]);
+        let y = t.to_f32();
+        assert_eq!([y[0], y[1], y[8], y[15], y[16], y[17], y[31]], [-4.0, -3.5, 0.0, 3.5, 3.5, 3.0, -4.0]);
+        assert!(y[32..48].iter().all(|&v| v == -14.0));
+        assert!(y[48..64].iter().all(|&v| v == -2.0));
+    }
+
+    #[test]
+    fn q4_1_dequantizes_like_ggml() {
+        // d = 0.25, m = −1: y[j] = 0.25·j − 1, y[16+j] = 0.25·(15−j) − 1.
+        let mut data = f16b(0.25).to_vec();
+        data.extend(f16b(-1.0));
+        data.extend(nibbles());
+        let y = read_one(GgmlType::Q4_1, &[32], data).to_f32();
+        assert_eq!([y[0], y[1], y[4], y[15], y[16], y[27], y[31]], [-1.0, -0.75, 0.0, 2.75, 2.75, 0.0, -1.0]);
+    }
+
+    #[test]
+    fn q8_0_dequantizes_like_ggml() {
+        // d = 0.125: y = 0.125·q.
+        let mut data = f16b(0.125).to_vec();
+        let q: [i8; 32] = std::array::from_fn(|i| match i {
+            0 => -128,
+            1 => 127,
+            2 => 0,
+            3 => 1,
+            4 => -1,
+            i => (i as i8) * 3 - 50,
+        });
+        data.extend(q.iter().map(|&x| x as u8));
+        let y = read_one(GgmlType::Q8_0, &[32], data).to_f32();
+        assert_eq!(&y[..5], &[-16.0, 15.875, 0.0, 0.125, -0.125]);
+        assert_eq!(y[31], (31 * 3 - 50) as f32 * 0.125);
+    }
+
+    #[test]
+    fn q5_0_and_q5_1_dequantize_like_ggml() {
+        // qh bit j is the 5th bit of element j; bit 16 + j that of element 16 + j.
+        // Bits 0 and 16 set; qs[1] = 0x21 (element 1 → 1, element 17 → 2), other bytes 0.
+        let qh = (1u32 | (1 << 16)).to_le_bytes();
+        let mut qs = [0u8; 16];
+        qs[1] = 0x21;
+        // Q5_0, d = 1: y = q − 16.
+        let mut data = f16b(1.0).to_vec();
+        data.extend(qh);
+        data.extend(qs);
+        let y = read_one(GgmlType::Q5_0, &[32], data).to_f32();
+        assert_eq!([y[0], y[1], y[2], y[16], y[17], y[31]], [0.0, -15.0, -16.0, 0.0, -14.0, -16.0]);
+        // Q5_1, d = 0.5, m = 1: y = 0.5·q + 1.
+        let mut data = f16b(0.5).to_vec();
+        data.extend(f16b(1.0));
+        data.extend(qh);
+        data.extend(qs);
+        let y = read_one(GgmlType::Q5_1, &[32], data).to_f32();
+        assert_eq!([y[0], y[1], y[2], y[16], y[17], y[31]], [9.0, 1.5, 1.0, 9.0, 2.0, 1.0]);
+    }
+
+    /// Blocks quantized by gguf-py 0.19.0 (`gguf.quants.quantize`) from
+    /// `x = (sin(0.7·i)·1.3 + 0.01·i) as f32, i in 0..64`; the expected values are gguf-py's
+    /// `dequantize` of the same bytes (f32 bit patterns at indices 0, 1, 5, 16, 17, 31, 32, 63,
+    /// and the f64 sum of all 64).
+    #[test]
+    fn dequantization_matches_gguf_py() {
+        #[rustfmt::skip]
+        let cases: [(GgmlType, &str, [u32; 8], f64); 5] = [
+            (GgmlType::Q4_0, "53b2e8b47132061a5d9edcd7b36122051a5d6db3194c8cbab693512205194b8cb9b68250",
+             [0x80000000, 0x3f4a6000, 0xbeca6000, 0xbf97c800, 0xbf17c800, 0x3f17c800, 0xbe6da000, 0x3f323800], 19.83447265625),
+            (GgmlType::Q4_1, "f331d4bc163b8dcdf9e4a15023174c8eddf9e5a1ee3163bbd4905013174c9eddf9e4a15123284c9f",
+             [0xbdbb8000, 0x3f568800, 0xbeed4000, 0xbf82b400, 0xbf263800, 0x3f26f000, 0xbe3a8000, 0x3f3e9000], 20.55908203125),
+            (GgmlType::Q5_0, "53aee1c18307b067e3541b34ab3c97af56d2440a239a6daf0f1e3c78329708646c25a2330a218607535b1491",
+             [0x80000000, 0x3f63ac00, 0xbeca6000, 0xbf8b2200, 0xbf17c800, 0x3f311400, 0xbe6da000, 0x3f4fec00], 20.61224365234375),
+            (GgmlType::Q5_1, "c12dd4bc1e3c7cf81d670c9ae3c941a0352f881dabf3da52bd2d63bbe0e1c387c831a0362f882dbbf3c942a147319a3e",
+             [0xbd1cc000, 0x3f5c5c00, 0xbecbb800, 0xbf8efe00, 0xbf2ae800, 0x3f2e5400, 0xbe530000, 0x3f47bc00], 20.09222412109375),
+            (GgmlType::Q8_0, "5f220044695d26dfaa9fc4094d70632ce5b0a7cd1255786931ebb7aed61b5e7f6f377c23f3c7c1e31f57726433f7ccc7eb265e796a38fcd2cef22e657f6f3d01d8d4fa36",
+             [0x00000000, 0x3f589e00, 0xbed23f00, 0xbf8dc1c0, 0xbf227680, 0x3f2f3480, 0xbe429800, 0x3f4a1400], 20.25489044189453),
+        ];
+        for (ty, hex, bits, sum) in cases {
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let y = dequantize(ty, &bytes, 64).unwrap();
+            let got: Vec<u32> = [0, 1, 5, 16, 17, 31, 32, 63].iter().map(|&i| y[i].to_bits()).collect();
+            assert_eq!(got, bits, "{ty}");
+            let s: f64 = y.iter().map(|&v| v as f64).sum();
+            assert!((s - sum).abs() < 1e-12, "{ty}: sum {s} vs {sum}");
+        }
+    }
+
+    #[test]
+    fn parallel_dequantization_matches_serial() {
+        // 5000 Q8_0 blocks takes the rayon path; each block compared with a one-block decode.
+        let n_blocks = 5000;
+        let mut data = Vec::with_capacity(n_blocks * 34);
+        for b in 0..n_blocks {
+            data.extend(f16b((b % 17) as f32 * 0.01 - 0.08));
+            data.extend((0..32).map(|i| ((b * 31 + i * 7) % 256) as u8));
+        }
+        let all = dequantize(GgmlType::Q8_0, &data, n_blocks * 32).unwrap();
+        for b in [0, 1, 1023, 1024, 4095, 4096, 4999] {
+            let one = dequantize(GgmlType::Q8_0, &data[b * 34..(b + 1) * 34], 32).unwrap();
+            assert_eq!(&all[b * 32..(b + 1) * 32], &one[..], "block {b}");
+        }
+    }
+}
