@@ -1,5 +1,5 @@
-//! Turns each sequence's [`SeqSteering`] and capture request into the flat [`ResidualPlan`]
-//! the backends execute, and maps the plan's outputs back to sequences.
+//! Turns each sequence's [`SeqSteering`](crate::steer::SeqSteering) and capture request into the
+//! flat [`ResidualPlan`] the backends execute, and maps the plan's outputs back to sequences.
 
 use crate::backend::{
     OpDesc, ProbeDesc, ResidualPlan, NONE, OP_ABLATE, OP_ADD, OP_CLAMP, POS_ALL, POS_LAST, POS_PROMPT, TOKEN_LAST,

@@ -244,7 +244,7 @@ pub fn render(template: &str, question: &str, answer: &str) -> String {
 }
 
 /// The shipped trait catalog directory: `$PERSONA_TRAITS` when set; else the first existing of
-/// `<executable dir>/../../traits` (cargo's target/<profile>/ layout), the source checkout's
+/// `<executable dir>/../../traits` (cargo's `target/<profile>/` layout), the source checkout's
 /// `traits/` (compile-time path), and `./traits`; `./traits` when none exists.
 pub fn catalog_dir() -> PathBuf {
     if let Some(p) = std::env::var_os(TRAITS_ENV).filter(|p| !p.is_empty()) {
