@@ -451,6 +451,38 @@ fn load(
     all
 }
 
+struct Rounds {
+    first: LoadReport,
+    second: LoadReport,
+    /// Server RSS after each round, MiB.
+    rss1: f64,
+    rss2: f64,
+    /// `/metrics` at the end.
+    metrics: String,
+}
+
+/// Two load rounds of 32 clients against a spawned server (a first, then a second of `secs2`),
+/// the server's memory after each, and its metrics at the end; the server is then stopped.
+fn two_rounds(
+    mut child: std::process::Child,
+    base: &str,
+    secs1: f64,
+    secs2: f64,
+    max_tokens: usize,
+    body: impl Fn(usize, usize) -> (String, Value) + Send + Sync + Copy + 'static,
+) -> Rounds {
+    let first = load(base, 32, secs1, max_tokens, body);
+    let rss1 = rss_mib(child.id());
+    let second = load(base, 32, secs2, max_tokens, body);
+    let rss2 = rss_mib(child.id());
+    // The scheduler updates its gauges right after sending a step's last events.
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, metrics, _) = call("GET", &format!("{base}/metrics"), None, None);
+    let _ = child.kill();
+    let _ = child.wait();
+    Rounds { first, second, rss1, rss2, metrics: metrics.as_str().unwrap().to_string() }
+}
+
 /// 32 concurrent streaming clients against the `persona serve` binary on the tiny model, with a
 /// pool too small for all of them (preemption under load): no error status, every stream
 /// complete, no page left held, and the server's memory flat between a first and a second round.
@@ -458,7 +490,7 @@ fn load(
 fn load_32_streaming_clients_tiny() {
     let tiny = tiny().display().to_string();
     let args = ["--backend", "cpu", "--context", "256", "--max-batch", "16", "--kv-tokens", "512"];
-    let (mut child, base) = spawn_server(&[&args[..], &["--model", &tiny, "--vectors", &tiny]].concat());
+    let (child, base) = spawn_server(&[&args[..], &["--model", &tiny, "--vectors", &tiny]].concat());
     let body = |c: usize, k: usize| {
         let n = 5 + (c * 7 + k * 3) % 40;
         let mut b = json!({"prompt": vec![37u32 + c as u32; n], "max_tokens": 40, "ignore_eos": true, "stream": true,
@@ -469,16 +501,7 @@ fn load_32_streaming_clients_tiny() {
         }
         ("/v1/completions".to_string(), b)
     };
-    let first = load(&base, 32, 4.0, 40, body);
-    let rss1 = rss_mib(child.id());
-    let second = load(&base, 32, 8.0, 40, body);
-    let rss2 = rss_mib(child.id());
-    // The scheduler updates its gauges right after sending a step's last events.
-    std::thread::sleep(Duration::from_millis(200));
-    let (_, metrics, _) = call("GET", &format!("{base}/metrics"), None, None);
-    let text = metrics.as_str().unwrap().to_string();
-    let _ = child.kill();
-    let _ = child.wait();
+    let Rounds { first, second, rss1, rss2, metrics: text } = two_rounds(child, &base, 4.0, 8.0, 40, body);
     eprintln!(
         "load: {first:?}\n      {second:?}\n      server RSS {rss1:.1} → {rss2:.1} MiB, preempted {}",
         metric(&text, "persona_preempted_total")
@@ -503,22 +526,15 @@ fn load_32_streaming_clients_default_model() {
         return;
     }
     let secs: f64 = std::env::var("PERSONA_LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180.0);
-    let (mut child, base) = spawn_server(&["--backend", "cpu", "--max-batch", "16", "--context", "1024"]);
+    let (child, base) = spawn_server(&["--backend", "cpu", "--max-batch", "16", "--context", "1024"]);
     let body = |c: usize, k: usize| {
         let b = json!({"messages": [{"role": "user", "content": format!("Tell me about topic number {}.", c * 100 + k)}],
                        "max_tokens": 48, "ignore_eos": true, "stream": true, "seed": k,
                        "stream_options": {"include_usage": true}});
         ("/v1/chat/completions".to_string(), b)
     };
-    let warm = load(&base, 32, secs / 4.0, 48, body);
-    let rss1 = rss_mib(child.id());
-    let main = load(&base, 32, secs, 48, body);
-    let rss2 = rss_mib(child.id());
-    std::thread::sleep(Duration::from_millis(200));
-    let (_, metrics, _) = call("GET", &format!("{base}/metrics"), None, None);
-    let text = metrics.as_str().unwrap().to_string();
-    let _ = child.kill();
-    let _ = child.wait();
+    let Rounds { first: warm, second: main, rss1, rss2, metrics: text } =
+        two_rounds(child, &base, secs / 4.0, secs, 48, body);
     println!("warm-up: {warm:?}");
     println!(
         "load: {} streams, {} tokens in {:.0} s = {:.1} tok/s aggregate; bad status {:?}, incomplete {}; \
