@@ -225,8 +225,10 @@ fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
 #[test]
 fn concurrent_requests_with_different_steering_each_get_their_own() {
     // A small step delay keeps all of them in the running batch together; prompts are prefilled
-    // 4 tokens per step (chunked), under every `positions`.
-    let cfg = ServeConfig { step_delay: Some(Duration::from_millis(3)), prefill_chunk: 4, ..ServeConfig::default() };
+    // 4 tokens per step across all of them (chunked; most sequences sit some steps out), under
+    // every `positions`.
+    let cfg =
+        ServeConfig { step_delay: Some(Duration::from_millis(3)), max_prefill_tokens: 4, ..ServeConfig::default() };
     let base = start(&tiny(), cfg);
     assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
     let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();

@@ -60,9 +60,9 @@ pub struct ServeConfig {
     /// KV-cache pool in tokens, shared by the running sequences (default: max_batch × context / 4,
     /// at least one context).
     pub kv_tokens: Option<usize>,
-    /// Most prompt tokens of one sequence prefilled per step (chunked prefill), so a long prompt
-    /// does not stall the other sequences' decoding for its whole prefill.
-    pub prefill_chunk: usize,
+    /// Most prompt tokens prefilled per step, across sequences (chunked prefill), so long prompts
+    /// do not stall the other sequences' decoding for their whole prefill.
+    pub max_prefill_tokens: usize,
     /// The model id reported by `/v1/models` and in responses.
     pub model_id: String,
     /// Sleep after each scheduler step (tests use it to hold requests in flight).
@@ -84,7 +84,7 @@ impl Default for ServeConfig {
             max_batch: 8,
             max_queue: 64,
             kv_tokens: None,
-            prefill_chunk: 256,
+            max_prefill_tokens: 512,
             model_id: "persona".into(),
             step_delay: None,
             handle_signals: false,
@@ -123,8 +123,10 @@ pub fn run_server<B: Backend>(
     ready: impl FnOnce(SocketAddr),
 ) -> crate::Result<()> {
     let LoadedModel { engine, tokenizer, chat_template, .. } = model;
-    if cfg.max_batch == 0 || cfg.max_queue == 0 || cfg.prefill_chunk == 0 {
-        return Err(crate::Error::Invalid("--max-batch, --max-queue and --prefill-chunk must be at least 1".into()));
+    if cfg.max_batch == 0 || cfg.max_queue == 0 || cfg.max_prefill_tokens == 0 {
+        return Err(crate::Error::Invalid(
+            "--max-batch, --max-queue and --max-prefill-tokens must be at least 1".into(),
+        ));
     }
     let capacity = engine.max_context;
     let kv_tokens = cfg.kv_tokens.unwrap_or((cfg.max_batch * capacity / 4).max(capacity));
@@ -205,7 +207,7 @@ pub fn run_server<B: Backend>(
         })
         .map_err(|e| crate::Error::Invalid(format!("spawning the http thread: {e}")))?;
     ready(addr);
-    scheduler::run(&engine, &mut cache, &queue, &metrics, cfg.prefill_chunk, cfg.step_delay);
+    scheduler::run(&engine, &mut cache, &queue, &metrics, cfg.max_prefill_tokens, cfg.step_delay);
     let _ = http.join();
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Continuous batching: one thread owns the engine and a paged KV cache with `max_batch` slots
 //! sharing one pool of pages. Every step it admits queued jobs into free slots while the pool has
-//! room for their prompts (prefilled in chunks of at most `prefill_chunk` tokens per step, in the
-//! same forward calls as the other sequences' decode tokens), samples one token for every running
-//! sequence whose prompt is in, and retires the finished ones, so requests join and leave the running batch at every step. Each sequence
+//! room for their prompts (chunked prefill: at most `max_prefill_tokens` prompt tokens per step,
+//! oldest sequences first, in the same forward calls as the other sequences' decode tokens, so a
+//! burst of long prompts does not stall decoding), samples one token for every running sequence
+//! whose prompt is in, and retires the finished ones, so requests join and leave the running batch at every step. Each sequence
 //! carries its own steering plan and probes into the forward call.
 //!
 //! Sequences take pages as they grow. When a step needs more pages than are free, the most
@@ -172,8 +173,7 @@ impl Seq {
 
     /// What to feed this step given `fed` cached positions. A step never mixes prompt and
     /// response tokens (steering may target either). Running: the rest of the prompt, at most
-    /// `chunk` tokens per step (chunked prefill: a long prompt does not stall the batch's
-    /// decoding for a whole prefill), else the
+    /// `chunk` tokens of it, else the
     /// generated tokens not yet cached (normally the last one; after a preemption all of them).
     /// Tails (finished, projections missing): the kept tokens not yet cached, no sampling.
     fn feed(&self, fed: usize, chunk: usize) -> Feed {
@@ -237,7 +237,7 @@ pub fn run<B: Backend>(
     cache: &mut KvCache<B>,
     queue: &Queue,
     metrics: &Metrics,
-    prefill_chunk: usize,
+    max_prefill_tokens: usize,
     step_delay: Option<Duration>,
 ) {
     let eos = engine.config.eos_ids.clone();
@@ -259,7 +259,7 @@ pub fn run<B: Backend>(
                 q = queue.cv.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
             }
             let mut spare =
-                cache.free_pages().saturating_sub(step_pages(&running, cache, prefill_chunk) + running.len());
+                cache.free_pages().saturating_sub(step_pages(&running, cache, max_prefill_tokens) + running.len());
             loop {
                 let from_paused = !paused.is_empty();
                 let next = if from_paused { paused.front().map(|s| &s.job) } else { q.front() };
@@ -273,7 +273,7 @@ pub fn run<B: Backend>(
                     metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let need = cache.pages_for(job.prompt_ids.len().min(prefill_chunk));
+                let need = cache.pages_for(job.prompt_ids.len().min(max_prefill_tokens));
                 if slots.free.is_empty() || (need > spare && !running.is_empty()) {
                     break;
                 }
@@ -319,7 +319,7 @@ pub fn run<B: Backend>(
         // Not enough pages for this step: preempt the latest admitted until it fits. One
         // sequence alone always fits (the HTTP side keeps prompt + max_tokens within a context,
         // and the pool holds at least one context).
-        while step_pages(&running, cache, prefill_chunk) > cache.free_pages() && running.len() > 1 {
+        while step_pages(&running, cache, max_prefill_tokens) > cache.free_pages() && running.len() > 1 {
             let victim = (0..running.len()).max_by_key(|&i| running[i].order).expect("non-empty");
             let s = running.swap_remove(victim);
             slots.release(cache, s.slot, metrics);
@@ -331,20 +331,24 @@ pub fn run<B: Backend>(
         if running.is_empty() {
             continue;
         }
-        // One forward call for every running sequence: prompts, decode tokens, replays and tails.
-        let feeds: Vec<Feed> = running.iter().map(|s| s.feed(cache.len(s.slot), prefill_chunk)).collect();
-        let inputs: Vec<SeqInput> = running
+        // One forward call for every running sequence that has tokens this step: prompt chunks,
+        // decode tokens, replays and tails.
+        let feeds = plan_feeds(&running, cache, max_prefill_tokens);
+        let active: Vec<usize> = (0..running.len()).filter(|&i| feeds[i].is_some()).collect();
+        let inputs: Vec<SeqInput> = active
             .iter()
-            .zip(&feeds)
-            .map(|(s, f)| SeqInput {
-                slot: s.slot,
-                tokens: &f.tokens,
-                logits_from: None,
-                prompt: f.prompt,
-                answer_from: None,
-                more_prompt: f.more_prompt,
-                steering: s.job.steering.as_deref(),
-                capture: None,
+            .map(|&i| {
+                let (s, f) = (&running[i], feeds[i].as_ref().expect("active"));
+                SeqInput {
+                    slot: s.slot,
+                    tokens: &f.tokens,
+                    logits_from: None,
+                    prompt: f.prompt,
+                    answer_from: None,
+                    more_prompt: f.more_prompt,
+                    steering: s.job.steering.as_deref(),
+                    capture: None,
+                }
             })
             .collect();
         let t0 = Instant::now();
@@ -372,7 +376,8 @@ pub fn run<B: Backend>(
         };
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         let mut new_tokens = 0;
-        for (k, (s, f)) in running.iter_mut().zip(&feeds).enumerate() {
+        for (k, &i) in active.iter().enumerate() {
+            let (s, f) = (&mut running[i], feeds[i].as_ref().expect("active"));
             // Projections of positions already recorded (a replay after preemption) are not
             // recorded twice.
             let np = s.job.probes();
@@ -422,14 +427,38 @@ pub fn run<B: Backend>(
     }
 }
 
+/// Each running sequence's tokens for this step: prompt tokens share a budget of
+/// `max_prefill_tokens`, oldest sequence first (it always gets some, so every prompt advances);
+/// a prefilling sequence left without budget sits this step out (`None`). Response tokens
+/// (decode, replays, tails) are not limited.
+fn plan_feeds<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_tokens: usize) -> Vec<Option<Feed>> {
+    let mut order: Vec<usize> = (0..running.len()).collect();
+    order.sort_by_key(|&i| running[i].order);
+    let mut budget = max_prefill_tokens.max(1);
+    let mut feeds: Vec<Option<Feed>> = (0..running.len()).map(|_| None).collect();
+    for i in order {
+        let s = &running[i];
+        let fed = cache.len(s.slot);
+        if fed < s.job.prompt_ids.len() {
+            if budget == 0 {
+                continue;
+            }
+            let f = s.feed(fed, budget);
+            budget -= f.tokens.len();
+            feeds[i] = Some(f);
+        } else {
+            feeds[i] = Some(s.feed(fed, usize::MAX));
+        }
+    }
+    feeds
+}
+
 /// Pages the running sequences need beyond those they hold, to take this step's tokens.
-fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>, prefill_chunk: usize) -> usize {
-    running
+fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_tokens: usize) -> usize {
+    plan_feeds(running, cache, max_prefill_tokens)
         .iter()
-        .map(|s| {
-            let f = s.feed(cache.len(s.slot), prefill_chunk);
-            cache.pages_missing(s.slot, f.fed + f.tokens.len())
-        })
+        .zip(running)
+        .filter_map(|(f, s)| f.as_ref().map(|f| cache.pages_missing(s.slot, f.fed + f.tokens.len())))
         .sum()
 }
 

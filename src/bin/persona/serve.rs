@@ -34,10 +34,10 @@ pub struct ServeArgs {
     /// the pool runs out the latest admitted are paused and recomputed later.
     #[arg(long)]
     pub kv_tokens: Option<usize>,
-    /// Most prompt tokens of one sequence prefilled per step (chunked prefill): long prompts are
-    /// fed over several steps so the other streams keep decoding.
-    #[arg(long, default_value_t = 256)]
-    pub prefill_chunk: usize,
+    /// Most prompt tokens prefilled per step, across sequences (chunked prefill): long prompts are
+    /// fed over several steps, oldest first, so the other streams keep decoding.
+    #[arg(long, default_value_t = 512)]
+    pub max_prefill_tokens: usize,
     /// Sequences waiting for a slot; beyond it requests get HTTP 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -65,7 +65,7 @@ impl ModelTask for ServeArgs {
             max_batch: self.max_batch,
             max_queue: self.max_queue,
             kv_tokens: self.kv_tokens,
-            prefill_chunk: self.prefill_chunk,
+            max_prefill_tokens: self.max_prefill_tokens,
             model_id,
             step_delay: self.step_delay_ms.map(std::time::Duration::from_millis),
             handle_signals: true,
