@@ -284,12 +284,17 @@ fn concurrent_requests_with_different_steering_each_get_their_own() {
 
 /// Paged KV memory: six sequences of ~70 tokens (5 pages each) share a pool of 16 pages, so
 /// they cannot all grow at once; the scheduler pauses the latest admitted and recomputes them
-/// later (prompt, then the generated tokens as one chunk). Every stream still gets exactly its
+/// later (prompt, then the generated tokens, in chunks). Every stream still gets exactly its
 /// solo tokens and projections — with `positions=response` steering too — and all pages return.
 #[test]
 fn kv_pool_smaller_than_the_batch_preempts_and_stays_exact() {
-    let cfg =
-        ServeConfig { kv_tokens: Some(CTX), step_delay: Some(Duration::from_millis(2)), ..ServeConfig::default() };
+    // A prefill budget of 8 tokens per step: prompts and replays go in chunks.
+    let cfg = ServeConfig {
+        kv_tokens: Some(CTX),
+        max_prefill_tokens: 8,
+        step_delay: Some(Duration::from_millis(2)),
+        ..ServeConfig::default()
+    };
     let base = start(&tiny(), cfg);
     assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
     let m = LoadedModel::load(&tiny(), CpuBackend, CTX).unwrap();

@@ -9,7 +9,11 @@
 //! Sequences take pages as they grow. When a step needs more pages than are free, the most
 //! recently admitted sequences are preempted: their pages go back to the pool and they wait at
 //! the head of the line; readmitted, they recompute their prompt and the tokens they already
-//! generated (their sampler state is kept, so the stream continues exactly as it would have).
+//! generated, in chunks under the same per-step budget (their sampler state is kept, so the
+//! stream continues as it would have: bit for bit on the CPU backend, whose results do not depend
+//! on how tokens are batched; on a GPU the recomputed positions run the prefill kernels, so low
+//! bits may differ, as they do with batch composition). Paused sequences see stop requests and
+//! disconnects too; preemption prefers unfinished sequences over tails.
 //! A job whose receiver is gone (client disconnected) is dropped before the next step and its
 //! slot and pages freed.
 
@@ -171,23 +175,55 @@ impl Seq {
         self.finish.is_some() && self.job.probes() > 0 && self.recorded() < self.job.prompt_ids.len() + self.kept
     }
 
-    /// What to feed this step given `fed` cached positions. A step never mixes prompt and
-    /// response tokens (steering may target either). Running: the rest of the prompt, at most
-    /// `chunk` tokens of it, else the
-    /// generated tokens not yet cached (normally the last one; after a preemption all of them).
-    /// Tails (finished, projections missing): the kept tokens not yet cached, no sampling.
+    /// The HTTP side found a stop string: finish after the tokens it keeps.
+    fn check_stop(&mut self) {
+        let stop = self.job.stop_after.load(Ordering::SeqCst);
+        if self.finish.is_none() && stop != usize::MAX {
+            self.finish = Some(FinishReason::Stop);
+            self.kept = stop.min(self.out.len());
+        }
+    }
+
+    /// Send `Done` (a finished sequence): the kept tokens and their projection series.
+    fn send_done(&mut self, metrics: &Metrics) {
+        let finish = self.finish.unwrap_or(FinishReason::Length);
+        let keep = self.job.prompt_ids.len() + self.kept;
+        let series = std::mem::take(&mut self.series)
+            .into_iter()
+            .map(|mut v| {
+                v.truncate(keep);
+                v
+            })
+            .collect();
+        let done = DoneEvent { finish, prompt_tokens: self.job.prompt_ids.len(), completion_tokens: self.kept, series };
+        let _ = self.job.tx.send(Event::Done(self.job.choice, done));
+        metrics.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Positions still to feed: the prompt, then the generated tokens (for a finished sequence
+    /// the kept ones, whose projections a tail records).
+    fn end(&self) -> usize {
+        self.job.prompt_ids.len() + if self.finish.is_some() { self.kept } else { self.out.len() }
+    }
+
+    /// What to feed this step given `fed` cached positions, at most `chunk` tokens. A step never
+    /// mixes prompt and response tokens (steering may target either). Running: the rest of the
+    /// prompt, else the generated tokens not yet cached (normally the last one; after a
+    /// preemption all of them, replayed in chunks). Tails (finished, projections missing): the
+    /// kept tokens not yet cached. A step samples once its last chunk is in.
     fn feed(&self, fed: usize, chunk: usize) -> Feed {
         let p = &self.job.prompt_ids;
-        let end = p.len() + if self.finish.is_some() { self.kept } else { self.out.len() };
+        let end = self.end();
         if fed < p.len() {
             let to = p.len().min(fed + chunk.max(1));
             let more = to < p.len();
             let samples = !more && self.finish.is_none() && self.out.is_empty();
             Feed { fed, tokens: p[fed..to].to_vec(), prompt: true, more_prompt: more, samples }
         } else {
-            let from = (fed - p.len()).min(end - p.len());
-            let tokens = self.out[from..end - p.len()].to_vec();
-            Feed { fed, tokens, prompt: false, more_prompt: false, samples: self.finish.is_none() }
+            let from = fed.min(end) - p.len();
+            let to = end.min(fed + chunk.max(1)) - p.len();
+            let samples = self.finish.is_none() && to == end - p.len();
+            Feed { fed, tokens: self.out[from..to].to_vec(), prompt: false, more_prompt: false, samples }
         }
     }
 }
@@ -264,11 +300,14 @@ pub fn run<B: Backend>(
                 let from_paused = !paused.is_empty();
                 let next = if from_paused { paused.front().map(|s| &s.job) } else { q.front() };
                 let Some(job) = next else { break };
-                if job.tx.is_closed() {
-                    if from_paused {
-                        paused.pop_front();
+                if job.tx.is_closed() || job.prompt_ids.is_empty() {
+                    let job = if from_paused {
+                        paused.pop_front().expect("front checked").job
                     } else {
-                        q.pop_front();
+                        q.pop_front().expect("front checked")
+                    };
+                    if job.prompt_ids.is_empty() {
+                        let _ = job.tx.send(Event::Error(job.choice, "the prompt is empty".into()));
                     }
                     metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -289,14 +328,25 @@ pub fn run<B: Backend>(
             }
             metrics.queue_depth.store(q.len() + paused.len(), Ordering::Relaxed);
         }
-        // Disconnected clients and cancellation free their slots at once; stop requests finish.
+        // Disconnected clients and cancellation free their slots at once; stop requests finish
+        // (paused sequences too: one that needs no tail ends without being readmitted).
         let cancel = queue.cancel_all.load(Ordering::SeqCst);
-        if cancel {
-            for s in paused.drain(..) {
-                let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
+        paused.retain_mut(|s| {
+            let gone = s.job.tx.is_closed() || cancel;
+            if gone {
+                if cancel {
+                    let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
+                }
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                return false;
             }
-        }
+            s.check_stop();
+            if s.finish.is_some() && !s.needs_tail() {
+                s.send_done(metrics);
+                return false;
+            }
+            true
+        });
         running.retain(|s| {
             let gone = s.job.tx.is_closed() || cancel;
             if gone {
@@ -308,19 +358,14 @@ pub fn run<B: Backend>(
             }
             !gone
         });
-        for s in running.iter_mut() {
-            let stop = s.job.stop_after.load(Ordering::SeqCst);
-            if s.finish.is_none() && stop != usize::MAX {
-                s.finish = Some(FinishReason::Stop);
-                s.kept = stop.min(s.out.len());
-            }
-        }
+        running.iter_mut().for_each(Seq::check_stop);
         retire(&mut running, &mut slots, cache, metrics);
-        // Not enough pages for this step: preempt the latest admitted until it fits. One
-        // sequence alone always fits (the HTTP side keeps prompt + max_tokens within a context,
-        // and the pool holds at least one context).
+        // Not enough pages for this step: preempt the latest admitted unfinished sequence (tails
+        // need one page at most) until it fits. One sequence alone always fits (the HTTP side
+        // keeps prompt + max_tokens within a context, and the pool holds at least one context).
         while step_pages(&running, cache, max_prefill_tokens) > cache.free_pages() && running.len() > 1 {
-            let victim = (0..running.len()).max_by_key(|&i| running[i].order).expect("non-empty");
+            let victim =
+                (0..running.len()).max_by_key(|&i| (running[i].finish.is_none(), running[i].order)).expect("non-empty");
             let s = running.swap_remove(victim);
             slots.release(cache, s.slot, metrics);
             metrics.preempted.fetch_add(1, Ordering::Relaxed);
@@ -427,10 +472,10 @@ pub fn run<B: Backend>(
     }
 }
 
-/// Each running sequence's tokens for this step: prompt tokens share a budget of
-/// `max_prefill_tokens`, oldest sequence first (it always gets some, so every prompt advances);
-/// a prefilling sequence left without budget sits this step out (`None`). Response tokens
-/// (decode, replays, tails) are not limited.
+/// Each running sequence's tokens for this step: prompt tokens and replayed response tokens
+/// (after a preemption) share a budget of `max_prefill_tokens`, oldest sequence first (it always
+/// gets some, so every sequence advances); one left without budget sits this step out (`None`).
+/// A single decode or tail token is not limited.
 fn plan_feeds<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_tokens: usize) -> Vec<Option<Feed>> {
     let mut order: Vec<usize> = (0..running.len()).collect();
     order.sort_by_key(|&i| running[i].order);
@@ -439,15 +484,15 @@ fn plan_feeds<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_token
     for i in order {
         let s = &running[i];
         let fed = cache.len(s.slot);
-        if fed < s.job.prompt_ids.len() {
+        if fed < s.job.prompt_ids.len() || s.end() > fed + 1 {
             if budget == 0 {
                 continue;
             }
             let f = s.feed(fed, budget);
-            budget -= f.tokens.len();
+            budget = budget.saturating_sub(f.tokens.len());
             feeds[i] = Some(f);
         } else {
-            feeds[i] = Some(s.feed(fed, usize::MAX));
+            feeds[i] = Some(s.feed(fed, 1));
         }
     }
     feeds
@@ -465,23 +510,12 @@ fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_token
 /// Send `Done` for finished sequences that need no tail, and free their slots and pages.
 fn retire<B: Backend>(running: &mut Vec<Seq>, slots: &mut Slots, cache: &mut KvCache<B>, metrics: &Metrics) {
     running.retain_mut(|s| {
-        let Some(finish) = s.finish else { return true };
-        if s.needs_tail() {
+        if s.finish.is_none() || s.needs_tail() {
             return true;
         }
-        let keep = s.job.prompt_ids.len() + s.kept;
-        let series = std::mem::take(&mut s.series)
-            .into_iter()
-            .map(|mut v| {
-                v.truncate(keep);
-                v
-            })
-            .collect();
         // Pages first: a client that sees its stream end sees its pages free.
         slots.release(cache, s.slot, metrics);
-        let done = DoneEvent { finish, prompt_tokens: s.job.prompt_ids.len(), completion_tokens: s.kept, series };
-        let _ = s.job.tx.send(Event::Done(s.job.choice, done));
-        metrics.completed.fetch_add(1, Ordering::Relaxed);
+        s.send_done(metrics);
         false
     });
 }
