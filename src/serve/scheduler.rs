@@ -3,8 +3,9 @@
 //! room for their prompts (chunked prefill: at most `max_prefill_tokens` prompt tokens per step,
 //! oldest sequences first, in the same forward calls as the other sequences' decode tokens, so a
 //! burst of long prompts does not stall decoding), samples one token for every running sequence
-//! whose prompt is in, and retires the finished ones, so requests join and leave the running batch at every step. Each sequence
-//! carries its own steering plan and probes into the forward call.
+//! whose prompt is in, and retires the finished ones, so requests join and leave the running
+//! batch at every step. Each sequence carries its own steering plan and probes into the forward
+//! call.
 //!
 //! Sequences take pages as they grow. When a step needs more pages than are free, the most
 //! recently admitted sequences are preempted: their pages go back to the pool and they wait at
