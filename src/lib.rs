@@ -1,5 +1,6 @@
 //! persona: an inference engine for persona vectors.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod bench;
 pub mod engine;

@@ -2,10 +2,9 @@
 //! batches (answer-token means, log-probabilities, projections), statistics, atomic writes and
 //! progress bars.
 
-use std::path::Path;
-
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use crate::atomic_file::write_atomic;
 use crate::backend::Backend;
 use crate::engine::{Engine, SeqInput};
 use crate::error::{Error, Result};
@@ -143,17 +142,6 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
-}
-
-/// Write a file atomically: a temporary file beside it, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 /// Area under the ROC curve of `pos` scored above `neg` (ties count half).

@@ -222,24 +222,7 @@ pub fn export_control_vector(v: &PersonaVector, path: impl AsRef<Path>, model_hi
         md.push((k.clone(), GgufValue::Str(val.clone())));
     }
     // write_gguf writes in place; go through a temporary file for atomicity.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let fname = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(".{fname}.tmp-{}", std::process::id()));
-    if let Err(e) = crate::model::gguf::write_gguf(&tmp, &md, &tensors) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::atomic_file::write_atomic_with(path, |tmp| crate::model::gguf::write_gguf(tmp, &md, &tensors))
 }
 
 #[cfg(test)]
