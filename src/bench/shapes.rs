@@ -131,19 +131,16 @@ pub fn check_memory_for(shape: &Shape, dtype: DType, widens: bool, available: u6
     Ok(())
 }
 
-/// SplitMix64: a tiny seeded generator; every tensor and chunk gets its own stream.
-pub(super) struct Rng(u64);
+/// The sampler's SplitMix64 ([`crate::engine::sampler::Rng`]) with the draws random weights need;
+/// every tensor and chunk gets its own stream.
+pub(super) struct Rng(crate::engine::sampler::Rng);
 
 impl Rng {
     pub(super) fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(crate::engine::sampler::Rng::new(seed ^ 0x9E37_79B9_7F4A_7C15))
     }
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in (0, 1).
     pub(super) fn unit(&mut self) -> f64 {
