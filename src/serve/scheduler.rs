@@ -64,6 +64,19 @@ impl Job {
     fn probes(&self) -> usize {
         self.steering.as_ref().map_or(0, |s| s.probes.len())
     }
+
+    /// The client is gone, or everything is being cancelled (then the client is told): count the
+    /// job as cancelled and say so.
+    fn dropped(&self, cancel: bool, metrics: &Metrics) -> bool {
+        let gone = self.tx.is_closed() || cancel;
+        if gone {
+            if cancel {
+                let _ = self.tx.send(Event::Error(self.choice, "server shutting down".into()));
+            }
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        gone
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -213,27 +226,37 @@ impl Seq {
     /// preemption all of them, replayed in chunks). Tails (finished, projections missing): the
     /// kept tokens not yet cached. A step samples once its last chunk is in.
     fn feed(&self, fed: usize, chunk: usize) -> Feed {
-        let p = &self.job.prompt_ids;
+        let p = self.job.prompt_ids.len();
         let end = self.end();
-        if fed < p.len() {
-            let to = p.len().min(fed + chunk.max(1));
-            let more = to < p.len();
+        if fed < p {
+            let to = p.min(fed + chunk.max(1));
+            let more = to < p;
             let samples = !more && self.finish.is_none() && self.out.is_empty();
-            Feed { fed, tokens: p[fed..to].to_vec(), prompt: true, more_prompt: more, samples }
+            Feed { fed, to, prompt: true, more_prompt: more, samples }
         } else {
-            let from = fed.min(end) - p.len();
-            let to = end.min(fed + chunk.max(1)) - p.len();
-            let samples = self.finish.is_none() && to == end - p.len();
-            Feed { fed, tokens: self.out[from..to].to_vec(), prompt: false, more_prompt: false, samples }
+            let to = end.min(fed + chunk.max(1));
+            let samples = self.finish.is_none() && to == end;
+            Feed { fed, to, prompt: false, more_prompt: false, samples }
+        }
+    }
+
+    /// The tokens of a feed: positions `fed..to` of prompt + generated tokens.
+    fn tokens(&self, f: &Feed) -> &[u32] {
+        let p = &self.job.prompt_ids;
+        let from = f.fed.min(f.to);
+        if f.prompt {
+            &p[from..f.to]
+        } else {
+            &self.out[from - p.len()..f.to - p.len()]
         }
     }
 }
 
 /// One sequence's part of a step.
 struct Feed {
-    /// Positions already cached.
+    /// Positions already cached; the step feeds positions `fed..to`.
     fed: usize,
-    tokens: Vec<u32>,
+    to: usize,
     /// Prompt tokens (else response tokens).
     prompt: bool,
     /// A prompt chunk with more of the prompt to come.
@@ -333,12 +356,7 @@ pub fn run<B: Backend>(
         // (paused sequences too: one that needs no tail ends without being readmitted).
         let cancel = queue.cancel_all.load(Ordering::SeqCst);
         paused.retain_mut(|s| {
-            let gone = s.job.tx.is_closed() || cancel;
-            if gone {
-                if cancel {
-                    let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
-                }
-                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            if s.job.dropped(cancel, metrics) {
                 return false;
             }
             s.check_stop();
@@ -349,12 +367,8 @@ pub fn run<B: Backend>(
             true
         });
         running.retain(|s| {
-            let gone = s.job.tx.is_closed() || cancel;
+            let gone = s.job.dropped(cancel, metrics);
             if gone {
-                if cancel {
-                    let _ = s.job.tx.send(Event::Error(s.job.choice, "server shutting down".into()));
-                }
-                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 slots.release(cache, s.slot, metrics);
             }
             !gone
@@ -387,7 +401,7 @@ pub fn run<B: Backend>(
                 let (s, f) = (&running[i], feeds[i].as_ref().expect("active"));
                 SeqInput {
                     slot: s.slot,
-                    tokens: &f.tokens,
+                    tokens: s.tokens(f),
                     logits_from: None,
                     prompt: f.prompt,
                     answer_from: None,
@@ -490,7 +504,7 @@ fn plan_feeds<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_token
                 continue;
             }
             let f = s.feed(fed, budget);
-            budget = budget.saturating_sub(f.tokens.len());
+            budget = budget.saturating_sub(f.to - f.fed);
             feeds[i] = Some(f);
         } else {
             feeds[i] = Some(s.feed(fed, 1));
@@ -504,7 +518,7 @@ fn step_pages<B: Backend>(running: &[Seq], cache: &KvCache<B>, max_prefill_token
     plan_feeds(running, cache, max_prefill_tokens)
         .iter()
         .zip(running)
-        .filter_map(|(f, s)| f.as_ref().map(|f| cache.pages_missing(s.slot, f.fed + f.tokens.len())))
+        .filter_map(|(f, s)| f.as_ref().map(|f| cache.pages_missing(s.slot, f.to)))
         .sum()
 }
 

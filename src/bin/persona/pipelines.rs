@@ -126,10 +126,11 @@ impl ModelTask for ExtractArgs {
         let method = Method::parse(&a.method)?;
         let t0 = std::time::Instant::now();
         ensure_parent(&a.out)?;
-        let (name, mut responses) = match &a.from_responses {
+        let (name, mut responses, trait_def) = match &a.from_responses {
             Some(f) => {
-                let name = find_trait(&a.trait_name).map(|t| t.name).unwrap_or_else(|_| a.trait_name.clone());
-                (name, read_responses(f)?)
+                let t = find_trait(&a.trait_name);
+                let name = t.as_ref().map(|t| t.name.clone()).unwrap_or_else(|_| a.trait_name.clone());
+                (name, read_responses(f)?, t)
             }
             None => {
                 let t = find_trait(&a.trait_name)?;
@@ -145,20 +146,14 @@ impl ModelTask for ExtractArgs {
                     method,
                     show_progress: true,
                 };
-                let mut r = generate_responses(&m, &t, &o)?;
-                if let Some(j) = a.judge.build(&m)? {
-                    judge_and_filter(&t, j.as_ref(), &mut r)?;
-                    report_judging(&r);
-                }
-                (t.name.clone(), r)
+                let r = generate_responses(&m, &t, &o)?;
+                (t.name.clone(), r, Ok(t))
             }
         };
-        if a.from_responses.is_some() && a.judge.judge != "none" {
-            let t = find_trait(&a.trait_name)?;
-            if let Some(j) = a.judge.build(&m)? {
-                judge_and_filter(&t, j.as_ref(), &mut responses)?;
-                report_judging(&responses);
-            }
+        // Judging needs the trait's judge prompts, also for --from-responses.
+        if let Some(j) = a.judge.build(&m)? {
+            judge_and_filter(&trait_def?, j.as_ref(), &mut responses)?;
+            report_judging(&responses);
         }
         // The answers (with their judge scores) first: they are kept even when no vector can be
         // built from them (e.g. the judge filtered every pair out).
