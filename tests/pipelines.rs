@@ -15,6 +15,12 @@ fn persona_cli(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `persona CMD --backend cpu --model MODEL ARGS...`
+fn cli_on(model: &Path, cmd: &str, args: &[&str]) -> (bool, String, String) {
+    let model = model.to_str().unwrap();
+    persona_cli(&[&[cmd, "--backend", "cpu", "--model", model], args].concat())
+}
+
 fn shipped(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct").join(format!("{name}.safetensors"))
 }
@@ -45,19 +51,11 @@ fn extract_from_responses_reproduces_the_reference_vector() {
     let d = tempfile::tempdir().unwrap();
     let (resp, out) = (d.path().join("r.jsonl"), d.path().join("enthusiasm.safetensors"));
     fixture_responses(&resp);
-    let (ok, _, err) = persona_cli(&[
+    let (ok, _, err) = cli_on(
+        &model,
         "extract",
-        "--backend",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--trait",
-        "enthusiasm",
-        "--from-responses",
-        resp.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &["--trait", "enthusiasm", "--from-responses", resp.to_str().unwrap(), "--out", out.to_str().unwrap()],
+    );
     assert!(ok, "{err}");
     let got = PersonaVector::load(&out).unwrap();
     let want = PersonaVector::load(fixtures().join("smollm2_extracted_vector.safetensors")).unwrap();
@@ -144,21 +142,20 @@ fn monitor_json(model: &Path, t: &str, dir: &Path) -> serde_json::Value {
     let v = PersonaVector::load(shipped(t)).unwrap();
     let layer = v.metadata["persona.layer"].clone();
     let out = dir.join(format!("{t}.monitor.json"));
-    let (ok, table, err) = persona_cli(&[
+    let (ok, table, err) = cli_on(
+        model,
         "monitor",
-        "--backend",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--vector",
-        shipped(t).to_str().unwrap(),
-        "--questions",
-        "10",
-        "--layers",
-        &layer,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            "--vector",
+            shipped(t).to_str().unwrap(),
+            "--questions",
+            "10",
+            "--layers",
+            &layer,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     eprintln!("{t}:\n{table}");
     json(&out)
@@ -196,23 +193,22 @@ fn monitoring_tracks_many_shot_examples() {
     let v = PersonaVector::load(shipped("evil")).unwrap();
     let layer = v.metadata["persona.layer"].clone();
     let out = d.path().join("evil.monitor.json");
-    let (ok, table, err) = persona_cli(&[
+    let (ok, table, err) = cli_on(
+        &model,
         "monitor",
-        "--backend",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--vector",
-        shipped("evil").to_str().unwrap(),
-        "--questions",
-        "10",
-        "--shots",
-        "2",
-        "--layers",
-        &layer,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            "--vector",
+            shipped("evil").to_str().unwrap(),
+            "--questions",
+            "10",
+            "--shots",
+            "2",
+            "--layers",
+            &layer,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     eprintln!("{table}");
     let r = json(&out);
@@ -240,22 +236,21 @@ fn steering_moves_trait_log_odds() {
         let layer = v.metadata["persona.layer"].clone();
         let copy = d.path().join(format!("{t}.safetensors"));
         std::fs::copy(shipped(t), &copy).unwrap();
-        let (ok, table, err) = persona_cli(&[
+        let (ok, table, err) = cli_on(
+            &model,
             "eval",
-            "--backend",
-            "cpu",
-            "--model",
-            model.to_str().unwrap(),
-            "--vector",
-            copy.to_str().unwrap(),
-            "--layers",
-            &layer,
-            "--coeffs=-3,-1,1,3",
-            "--questions",
-            "6",
-            "--out-dir",
-            d.path().to_str().unwrap(),
-        ]);
+            &[
+                "--vector",
+                copy.to_str().unwrap(),
+                "--layers",
+                &layer,
+                "--coeffs=-3,-1,1,3",
+                "--questions",
+                "6",
+                "--out-dir",
+                d.path().to_str().unwrap(),
+            ],
+        );
         assert!(ok, "{err}");
         eprintln!("{table}");
         let r = json(&d.path().join(format!("{t}.eval.json")));
@@ -281,19 +276,18 @@ fn screening_ranks_trait_samples_first() {
     let d = tempfile::tempdir().unwrap();
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/screen_mixed.jsonl");
     let out = d.path().join("report.json");
-    let (ok, _, err) = persona_cli(&[
+    let (ok, _, err) = cli_on(
+        &model,
         "screen",
-        "--backend",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--vector",
-        shipped("evil").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            "--vector",
+            shipped("evil").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     let evil: Vec<bool> = std::fs::read_to_string(&data)
         .unwrap()
