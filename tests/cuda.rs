@@ -160,14 +160,7 @@ fn tiny_models_match_transformers_on_cuda() {
             max_abs = max_abs.max(abs);
         }
         assert!(worst <= 1e-2, "{name}: logits relative error {worst}");
-        let hsz = e.config.hidden;
-        for (l, per_tok) in r["residual_norms"].as_array().unwrap().iter().enumerate() {
-            for (t, want) in f32s(per_tok).iter().enumerate() {
-                let h = &out.residuals[l][t * hsz..(t + 1) * hsz];
-                let got = h.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-                assert!((got - want).abs() <= 1e-2 * want.max(1.0), "{name}: |h| at {l} token {t}: {got} vs {want}");
-            }
-        }
+        assert_residual_norms(&out.residuals, &r["residual_norms"], e.config.hidden, 1e-2, name);
         // Greedy ids up to the first step whose margin is within the bf16 noise.
         let want = u32s(&r["greedy_16_no_eos"]);
         let mut req = GenRequest::greedy(ids.clone(), want.len());

@@ -40,19 +40,8 @@ fn logits_and_residual_norms_match_transformers() {
             }
         }
         assert!(max_err <= 1e-4, "{name}: max |logit error| {max_err}");
-        let norms = r["residual_norms"].as_array().unwrap();
-        assert_eq!(norms.len(), e.config.n_layers + 1);
-        let hsz = e.config.hidden;
-        for (l, per_tok) in norms.iter().enumerate() {
-            for (t, want) in f32s(per_tok).iter().enumerate() {
-                let h = &out.residuals[l][t * hsz..(t + 1) * hsz];
-                let got = h.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-                assert!(
-                    (got - want).abs() <= 1e-4 * want.max(1.0),
-                    "{name}: |h| at index {l} token {t}: {got} vs {want}"
-                );
-            }
-        }
+        assert_eq!(out.residuals.len(), e.config.n_layers + 1);
+        assert_residual_norms(&out.residuals, &r["residual_norms"], e.config.hidden, 1e-4, name);
         eprintln!("{name}: max logit error {max_err:.2e}");
     }
 }
@@ -76,47 +65,8 @@ fn greedy_matches_transformers() {
 fn ragged_batch_equals_single_sequences() {
     let (e, r) = load("tiny-qwen2");
     let ids = u32s(&r["ids"]);
-    let a = &ids[..7];
-    let b = &ids[3..];
-    let single = |toks: &[u32]| {
-        let mut c = e.new_cache(1, 64).unwrap();
-        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, logits_from: Some(0), ..Default::default() }], false)
-            .unwrap()
-    };
-    let (sa, sb) = (single(a), single(b));
-    let mut c = e.new_cache(3, 64).unwrap();
-    let both = e
-        .forward(
-            &mut c,
-            &[
-                SeqInput { slot: 2, tokens: b, logits_from: Some(0), ..Default::default() },
-                SeqInput { slot: 0, tokens: a, logits_from: Some(0), ..Default::default() },
-            ],
-            false,
-        )
-        .unwrap();
     let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
-    for t in 0..b.len() {
-        assert!(close(both.row(both.rows[0].start + t), sb.row(t)), "seq b token {t}");
-    }
-    for t in 0..a.len() {
-        assert!(close(both.row(both.rows[1].start + t), sa.row(t)), "seq a token {t}");
-    }
-    // Decode continues each slot from its own cache.
-    let step = e
-        .forward(
-            &mut c,
-            &[
-                SeqInput { slot: 0, tokens: &[5], ..Default::default() },
-                SeqInput { slot: 2, tokens: &[9], ..Default::default() },
-            ],
-            false,
-        )
-        .unwrap();
-    let mut a5 = a.to_vec();
-    a5.push(5);
-    let ref_a = single(&a5);
-    assert!(close(step.last(0), ref_a.row(a5.len() - 1)));
+    check_ragged_batch(&e, &ids[..7], &ids[3..], close);
 }
 
 #[test]

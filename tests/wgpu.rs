@@ -238,14 +238,7 @@ fn tiny_models_match_transformers() {
             }
         }
         assert!(max_err <= 1e-4, "{name}: max |logit error| {max_err}");
-        let h = e.config.hidden;
-        for (l, per_tok) in r["residual_norms"].as_array().unwrap().iter().enumerate() {
-            for (t, want) in f32s(per_tok).iter().enumerate() {
-                let v = &out.residuals[l][t * h..(t + 1) * h];
-                let got = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-                assert!((got - want).abs() <= 1e-4 * want.max(1.0), "{name}: |h| index {l} token {t}: {got} vs {want}");
-            }
-        }
+        assert_residual_norms(&out.residuals, &r["residual_norms"], e.config.hidden, 1e-4, name);
         let want = u32s(&r["greedy_16_no_eos"]);
         let mut req = GenRequest::greedy(ids, want.len());
         req.ignore_eos = true;
@@ -385,43 +378,7 @@ fn ragged_batch_matches_single_sequences() {
     let f = ModelFiles::open(&dir).unwrap();
     let e = Engine::new(b, f.config.clone(), &f.tensors, 256).unwrap();
     let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
-    let (a, bb) = (&ids[..7], &ids[2..]);
-    let single = |toks: &[u32]| {
-        let mut c = e.new_cache(1, 64).unwrap();
-        e.forward(&mut c, &[SeqInput { slot: 0, tokens: toks, logits_from: Some(0), ..Default::default() }], false)
-            .unwrap()
-    };
-    let (sa, sb) = (single(a), single(bb));
-    let mut c = e.new_cache(3, 64).unwrap();
-    let both = e
-        .forward(
-            &mut c,
-            &[
-                SeqInput { slot: 2, tokens: bb, logits_from: Some(0), ..Default::default() },
-                SeqInput { slot: 0, tokens: a, logits_from: Some(0), ..Default::default() },
-            ],
-            false,
-        )
-        .unwrap();
-    for t in 0..bb.len() {
-        assert!(max_rel(both.row(both.rows[0].start + t), sb.row(t)) < 1e-5, "sequence b token {t}");
-    }
-    for t in 0..a.len() {
-        assert!(max_rel(both.row(both.rows[1].start + t), sa.row(t)) < 1e-5, "sequence a token {t}");
-    }
-    let step = e
-        .forward(
-            &mut c,
-            &[
-                SeqInput { slot: 0, tokens: &[5], ..Default::default() },
-                SeqInput { slot: 2, tokens: &[9], ..Default::default() },
-            ],
-            false,
-        )
-        .unwrap();
-    let mut a5 = a.to_vec();
-    a5.push(5);
-    assert!(max_rel(step.last(0), single(&a5).row(a5.len() - 1)) < 1e-5);
+    check_ragged_batch(&e, &ids[..7], &ids[2..], |x, y| max_rel(x, y) < 1e-5);
 }
 
 /// Out-of-range ids, positions, slots, shapes and plans are errors that say what is wrong; an

@@ -91,3 +91,51 @@ pub fn plan_from(ops: &serde_json::Value, rows: &[std::sync::Arc<[f32]>]) -> per
         .collect();
     SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
 }
+
+/// The residual norms |h| at every index and token of a traced forward pass (`residuals`,
+/// `[N+1][t * hidden]`) against a fixture's `residual_norms`, within `tol` relative (absolute
+/// below 1).
+pub fn assert_residual_norms(residuals: &[Vec<f32>], want: &serde_json::Value, hidden: usize, tol: f32, what: &str) {
+    let want = want.as_array().unwrap();
+    assert_eq!(residuals.len(), want.len(), "{what}: residual indices");
+    for (l, per_tok) in want.iter().enumerate() {
+        for (t, want) in f32s(per_tok).iter().enumerate() {
+            let h = &residuals[l][t * hidden..(t + 1) * hidden];
+            let got = h.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+            assert!((got - want).abs() <= tol * want.max(1.0), "{what}: |h| at index {l} token {t}: {got} vs {want}");
+        }
+    }
+}
+
+/// Sequences `a` and `b` alone, then together as one ragged batch (slots 0 and 2 of a 3-slot
+/// cache, `b` first), then one decode step each: `close(got, want)` must hold for every logits row
+/// of the batch against the same sequence alone, and for `a`'s decode step.
+pub fn check_ragged_batch<B: persona::backend::Backend>(
+    e: &persona::Engine<B>,
+    a: &[u32],
+    b: &[u32],
+    close: impl Fn(&[f32], &[f32]) -> bool,
+) {
+    use persona::engine::SeqInput;
+    fn all(slot: usize, tokens: &[u32]) -> SeqInput<'_> {
+        SeqInput { slot, tokens, logits_from: Some(0), ..Default::default() }
+    }
+    let single = |toks: &[u32]| {
+        let mut c = e.new_cache(1, 64).unwrap();
+        e.forward(&mut c, &[all(0, toks)], false).unwrap()
+    };
+    let (sa, sb) = (single(a), single(b));
+    let mut c = e.new_cache(3, 64).unwrap();
+    let both = e.forward(&mut c, &[all(2, b), all(0, a)], false).unwrap();
+    for t in 0..b.len() {
+        assert!(close(both.row(both.rows[0].start + t), sb.row(t)), "sequence b token {t}");
+    }
+    for t in 0..a.len() {
+        assert!(close(both.row(both.rows[1].start + t), sa.row(t)), "sequence a token {t}");
+    }
+    // Decode continues each slot from its own cache.
+    let step = e.forward(&mut c, &[SeqInput::new(0, &[5]), SeqInput::new(2, &[9])], false).unwrap();
+    let mut a5 = a.to_vec();
+    a5.push(5);
+    assert!(close(step.last(0), single(&a5).row(a5.len() - 1)), "sequence a decode step");
+}
