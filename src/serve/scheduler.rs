@@ -278,10 +278,9 @@ struct Slots {
 }
 
 impl Slots {
-    fn take<B: Backend>(&mut self, cache: &mut KvCache<B>) -> Option<usize> {
-        let s = self.free.pop()?;
-        cache.reset(s);
-        Some(s)
+    /// A free slot: empty, since every slot is reset when released.
+    fn take(&mut self) -> Option<usize> {
+        self.free.pop()
     }
     /// Give a slot back; its pages return to the pool at once.
     fn release<B: Backend>(&mut self, cache: &mut KvCache<B>, slot: usize, metrics: &Metrics) {
@@ -346,7 +345,7 @@ pub fn run<B: Backend>(
                     admitted += 1;
                     Seq::new(q.pop_front().expect("front checked"), admitted)
                 };
-                seq.slot = slots.take(cache).expect("checked non-empty");
+                seq.slot = slots.take().expect("checked non-empty");
                 spare = spare.saturating_sub(need + 1);
                 running.push(seq);
             }
