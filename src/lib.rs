@@ -10,6 +10,7 @@ pub mod model;
 pub mod persona;
 pub mod serve;
 pub mod steer;
+pub mod train;
 
 pub use error::{Error, Result};
 

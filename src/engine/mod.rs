@@ -11,22 +11,75 @@ use crate::backend::{AttnShape, Backend, KvLayer, PageTable, TokenPos, NO_PAGE};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::load::ModelTensors;
+use crate::model::lora::Target;
 use crate::model::tensor::HostTensor;
 use crate::steer::{Capture, SeqSteering};
 
-struct Layer<B: Backend> {
-    attn_norm: B::Weight,
-    wq: B::Weight,
-    wk: B::Weight,
-    wv: B::Weight,
-    bq: Option<B::Weight>,
-    bk: Option<B::Weight>,
-    bv: Option<B::Weight>,
-    wo: B::Weight,
-    mlp_norm: B::Weight,
-    w_gate: B::Weight,
-    w_up: B::Weight,
-    w_down: B::Weight,
+/// One decoder block's weights on a backend (read-only outside the engine).
+pub struct Layer<B: Backend> {
+    pub attn_norm: B::Weight,
+    pub wq: B::Weight,
+    pub wk: B::Weight,
+    pub wv: B::Weight,
+    pub bq: Option<B::Weight>,
+    pub bk: Option<B::Weight>,
+    pub bv: Option<B::Weight>,
+    pub wo: B::Weight,
+    pub mlp_norm: B::Weight,
+    pub w_gate: B::Weight,
+    pub w_up: B::Weight,
+    pub w_down: B::Weight,
+}
+
+impl<B: Backend> Layer<B> {
+    /// The projection weight of a LoRA target (`[out, in]`).
+    pub fn projection(&self, t: Target) -> &B::Weight {
+        match t {
+            Target::Q => &self.wq,
+            Target::K => &self.wk,
+            Target::V => &self.wv,
+            Target::O => &self.wo,
+            Target::Gate => &self.w_gate,
+            Target::Up => &self.w_up,
+            Target::Down => &self.w_down,
+        }
+    }
+}
+
+/// Activations of the forward pass that a [`ForwardHook`] sees, per block `l` (`Residual` and
+/// `Normed` also at `l = N`, the final norm). Each is `[t, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Point {
+    /// The residual stream at index `l` after its steering (the input of the norm that follows).
+    Residual(usize),
+    /// `rmsnorm(Residual(l))`: the input of block `l`'s q/k/v (of the lm_head at `l = N`).
+    Normed(usize),
+    /// Block `l`'s queries and keys after RoPE, and its values.
+    Q(usize),
+    K(usize),
+    V(usize),
+    /// Block `l`'s attention output (the input of o_proj).
+    Attn(usize),
+    /// The residual after block `l`'s attention (the input of its MLP norm).
+    Mid(usize),
+    /// `rmsnorm(Mid(l))`: the input of gate/up.
+    MidNormed(usize),
+    Gate(usize),
+    Up(usize),
+    /// `silu(gate)·up`: the input of down_proj.
+    Act(usize),
+    /// down_proj's output, before it is added to the residual stream (and before steering).
+    MlpOut(usize),
+}
+
+/// Extends and observes a forward pass without a second copy of it: an adapter adds to the
+/// block's projections ([`ForwardHook::linear`]); a training tape keeps activations
+/// ([`ForwardHook::activation`]). Buffers hold `t` rows.
+pub trait ForwardHook<B: Backend> {
+    /// `out` holds `x · Wᵀ (+ b)` of projection `target` in block `layer`; the hook may add to it.
+    fn linear(&mut self, b: &B, layer: usize, target: Target, x: &B::Buf, t: usize, out: &mut B::Buf) -> Result<()>;
+    /// The activation at `point`, read-only, `t` rows of `width`.
+    fn activation(&mut self, b: &B, point: Point, buf: &B::Buf, t: usize, width: usize) -> Result<()>;
 }
 
 /// A model's weights on a backend, ready to run.
@@ -260,7 +313,24 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    fn attn_shape(&self) -> AttnShape {
+    /// The decoder blocks' weights.
+    pub fn layers(&self) -> &[Layer<B>] {
+        &self.layers
+    }
+    /// The final norm's weight.
+    pub fn final_norm(&self) -> &B::Weight {
+        &self.final_norm
+    }
+    /// The output projection (the embedding table when tied), `[vocab, hidden]`.
+    pub fn output_weight(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+    /// The RoPE cos/sin table (`[max_context, head_dim/2, 2]`).
+    pub fn rope_table(&self) -> &B::Buf {
+        &self.rope
+    }
+
+    pub fn attn_shape(&self) -> AttnShape {
         let c = &self.config;
         AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim }
     }
@@ -332,6 +402,17 @@ impl<B: Backend> Engine<B> {
 
     /// Run the new tokens of each sequence through the model, appending them to the KV cache.
     pub fn forward(&self, cache: &mut KvCache<B>, seqs: &[SeqInput], trace: bool) -> Result<ForwardOutput> {
+        self.forward_hooked(cache, seqs, trace, None)
+    }
+
+    /// [`Engine::forward`] with a hook that may add to the block projections and sees activations.
+    pub fn forward_hooked(
+        &self,
+        cache: &mut KvCache<B>,
+        seqs: &[SeqInput],
+        trace: bool,
+        mut hook: Option<&mut dyn ForwardHook<B>>,
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut tokens = Vec::new();
@@ -421,19 +502,54 @@ impl<B: Backend> Engine<B> {
         if trace {
             residuals.push(b.read(&ws.h, t * c.hidden)?);
         }
+        // Hook calls: `see` hands an activation to the hook; `linear` a projection's output.
+        macro_rules! see {
+            ($point:expr, $buf:expr, $width:expr) => {
+                if let Some(hk) = hook.as_deref_mut() {
+                    hk.activation(b, $point, $buf, t, $width)?;
+                }
+            };
+        }
+        macro_rules! linear {
+            ($li:expr, $target:expr, $x:expr, $out:expr) => {
+                if let Some(hk) = hook.as_deref_mut() {
+                    hk.linear(b, $li, $target, $x, t, $out)?;
+                }
+            };
+        }
+        let (qw, kvw, f) = (nh * hd, nkv * hd, c.intermediate);
+        see!(Point::Residual(0), &ws.h, c.hidden);
+        see!(Point::Normed(0), &ws.x, c.hidden);
         for (li, l) in self.layers.iter().enumerate() {
             b.matmul(&ws.x, &l.wq, l.bq.as_ref(), t, &mut ws.q)?;
+            linear!(li, Target::Q, &ws.x, &mut ws.q);
             b.matmul(&ws.x, &l.wk, l.bk.as_ref(), t, &mut ws.k)?;
+            linear!(li, Target::K, &ws.x, &mut ws.k);
             b.matmul(&ws.x, &l.wv, l.bv.as_ref(), t, &mut ws.v)?;
+            linear!(li, Target::V, &ws.x, &mut ws.v);
             b.rope(&mut ws.q, &self.rope, &layout, t, nh, hd)?;
             b.rope(&mut ws.k, &self.rope, &layout, t, nkv, hd)?;
+            see!(Point::Q(li), &ws.q, qw);
+            see!(Point::K(li), &ws.k, kvw);
+            see!(Point::V(li), &ws.v, kvw);
             b.attention(&ws.q, &ws.k, &ws.v, &mut kv_layers[li], &layout, t, shape, &mut ws.attn)?;
+            see!(Point::Attn(li), &ws.attn, qw);
             b.matmul(&ws.attn, &l.wo, None, t, &mut ws.o)?;
+            linear!(li, Target::O, &ws.attn, &mut ws.o);
             b.residual_steer_norm(&mut ws.h, Some(&ws.o), None, &l.mlp_norm, c.rms_eps, t, c.hidden, &mut ws.x)?;
+            see!(Point::Mid(li), &ws.h, c.hidden);
+            see!(Point::MidNormed(li), &ws.x, c.hidden);
             b.matmul(&ws.x, &l.w_gate, None, t, &mut ws.gate)?;
+            linear!(li, Target::Gate, &ws.x, &mut ws.gate);
             b.matmul(&ws.x, &l.w_up, None, t, &mut ws.up)?;
-            b.silu_mul(&ws.gate, &ws.up, t * c.intermediate, &mut ws.act)?;
+            linear!(li, Target::Up, &ws.x, &mut ws.up);
+            b.silu_mul(&ws.gate, &ws.up, t * f, &mut ws.act)?;
+            see!(Point::Gate(li), &ws.gate, f);
+            see!(Point::Up(li), &ws.up, f);
+            see!(Point::Act(li), &ws.act, f);
             b.matmul(&ws.act, &l.w_down, None, t, &mut ws.o)?;
+            linear!(li, Target::Down, &ws.act, &mut ws.o);
+            see!(Point::MlpOut(li), &ws.o, c.hidden);
             let next_norm = self.layers.get(li + 1).map(|n| &n.attn_norm).unwrap_or(&self.final_norm);
             b.residual_steer_norm(
                 &mut ws.h,
@@ -445,6 +561,8 @@ impl<B: Backend> Engine<B> {
                 c.hidden,
                 &mut ws.x,
             )?;
+            see!(Point::Residual(li + 1), &ws.h, c.hidden);
+            see!(Point::Normed(li + 1), &ws.x, c.hidden);
             if trace {
                 residuals.push(b.read(&ws.h, t * c.hidden)?);
             }

@@ -10,6 +10,7 @@ pub mod gguf_tokenizer;
 mod gguf_types;
 mod gguf_write;
 pub mod load;
+pub mod lora;
 pub mod safetensors;
 pub mod tensor;
 
