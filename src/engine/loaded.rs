@@ -102,6 +102,23 @@ impl<B: Backend> LoadedModel<B> {
         let text = self.apply_chat_template(messages, true)?;
         self.encode(&text, false)
     }
+
+    /// [`LoadedModel::load`] with a PEFT LoRA adapter folder (`adapter_config.json` +
+    /// `adapter_model.safetensors`) merged into the weights; `None` loads the model as is.
+    ///
+    /// ```no_run
+    /// use persona::{LoadedModel, backend::cpu::CpuBackend};
+    /// use std::path::Path;
+    /// let m = LoadedModel::load_with_adapter(Path::new("model"), Some(Path::new("adapter")), CpuBackend, 2048)?;
+    /// # Ok::<(), persona::Error>(())
+    /// ```
+    pub fn load_with_adapter(path: &Path, adapter: Option<&Path>, backend: B, max_context: usize) -> Result<Self> {
+        let mut files = ModelFiles::open(path)?;
+        if let Some(dir) = adapter {
+            crate::model::lora::LoraAdapter::load(dir, &files.config)?.merge_into(&mut files.tensors)?;
+        }
+        Self::from_files(files, backend, max_context)
+    }
 }
 
 /// Turns a growing list of ids into text pieces for streaming: decodes the whole list and emits

@@ -9,6 +9,7 @@ use persona::backend::cuda::CudaBackend;
 use persona::backend::wgpu::WgpuBackend;
 use persona::backend::Backend;
 use persona::bench::{self, BenchInfo, BenchRow, Shape, SteerMode};
+use persona::model::lora::LoraAdapter;
 use persona::model::tensor::DType;
 use persona::model::ModelFiles;
 use persona::Engine;
@@ -76,6 +77,10 @@ pub struct BenchArgs {
     /// Weight storage for --shape.
     #[arg(long, value_enum, default_value = "f32", requires = "shape")]
     pub dtype: DtypeArg,
+    /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to run the model with,
+    /// merged into the weights at load.
+    #[arg(long, value_name = "DIR", conflicts_with = "shape")]
+    pub adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
     /// Prompt lengths for prompt processing (comma list).
@@ -176,14 +181,23 @@ impl BackendTask for Task<'_> {
                 (e, format!("shape:{}", shape.name), label.to_string())
             }
             Source::File(path) => {
-                let files = ModelFiles::open(&path).with_context(|| format!("loading {}", path.display()))?;
+                let mut files = ModelFiles::open(&path).with_context(|| format!("loading {}", path.display()))?;
                 let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
                 for (_, _, d) in &files.listing {
                     *dtypes.entry(d.as_str()).or_default() += 1;
                 }
-                let dtype = dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", ");
+                let mut dtype = dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", ");
+                let mut model = path.display().to_string();
+                if let Some(dir) = &a.adapter {
+                    LoraAdapter::load(dir, &files.config)
+                        .and_then(|l| l.merge_into(&mut files.tensors))
+                        .with_context(|| format!("applying adapter {} to {model}", dir.display()))?;
+                    // Merging widens the targeted projections to f32.
+                    dtype += "; adapter projections merged as f32";
+                    model += &format!(" + adapter {}", dir.display());
+                }
                 let e = Engine::new(b, files.config.clone(), &files.tensors, ctx)?;
-                (e, path.display().to_string(), format!("stored {dtype}"))
+                (e, model, format!("stored {dtype}"))
             }
         };
         if engine.max_context < ctx {

@@ -9,7 +9,7 @@ mod serve;
 mod traits;
 mod vectors;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -17,6 +17,8 @@ use persona::backend::cpu::CpuBackend;
 use persona::backend::cuda::CudaBackend;
 use persona::backend::wgpu::WgpuBackend;
 use persona::backend::Backend;
+use persona::model::lora::LoraAdapter;
+use persona::model::ModelFiles;
 use persona::LoadedModel;
 
 #[derive(Parser)]
@@ -81,6 +83,10 @@ pub struct ModelArgs {
     /// Longest sequence (prompt + generated tokens) to plan for.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
+    /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to run the model with,
+    /// merged into the weights at load.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
@@ -95,6 +101,17 @@ pub trait ModelTask {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()>;
 }
 
+/// Open a model, merge an optional PEFT LoRA adapter into its weights and upload it to `b`.
+fn load_model<B: Backend>(path: &Path, adapter: Option<&Path>, b: B, context: usize) -> Result<LoadedModel<B>> {
+    let mut files = ModelFiles::open(path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(dir) = adapter {
+        LoraAdapter::load(dir, &files.config)
+            .and_then(|a| a.merge_into(&mut files.tensors))
+            .with_context(|| format!("applying adapter {} to {}", dir.display(), path.display()))?;
+    }
+    LoadedModel::from_files(files, b, context).with_context(|| format!("loading {}", path.display()))
+}
+
 impl ModelArgs {
     /// Load the model on the chosen backend and run `task` on it.
     pub fn run(&self, task: impl ModelTask) -> Result<()> {
@@ -102,29 +119,27 @@ impl ModelArgs {
         if self.context == 0 {
             bail!("--context must be at least 1");
         }
-        fn load<B: Backend>(path: &std::path::Path, b: B, context: usize) -> Result<LoadedModel<B>> {
-            LoadedModel::load(path, b, context).with_context(|| format!("loading {}", path.display()))
-        }
+        let (adapter, context) = (self.adapter.as_deref(), self.context);
         match self.backend {
-            BackendKind::Cpu => task.run(load(&path, CpuBackend, self.context)?),
-            BackendKind::Cuda => task.run(load(&path, CudaBackend::new(0)?, self.context)?),
-            BackendKind::Wgpu => task.run(load(&path, WgpuBackend::new()?, self.context)?),
+            BackendKind::Cpu => task.run(load_model(&path, adapter, CpuBackend, context)?),
+            BackendKind::Cuda => task.run(load_model(&path, adapter, CudaBackend::new(0)?, context)?),
+            BackendKind::Wgpu => task.run(load_model(&path, adapter, WgpuBackend::new()?, context)?),
             // CUDA when usable, else the CPU; say which on stderr.
             BackendKind::Auto => match CudaBackend::new(0) {
                 Ok(b) => {
                     eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
-                    task.run(load(&path, b, self.context)?)
+                    task.run(load_model(&path, adapter, b, context)?)
                 }
                 // Then a wgpu GPU adapter (not a CPU one such as lavapipe), then the CPU.
                 Err(e) => match WgpuBackend::new_gpu() {
                     Ok(b) => {
                         eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
-                        task.run(load(&path, b, self.context)?)
+                        task.run(load_model(&path, adapter, b, context)?)
                     }
                     Err(_) => {
                         let _ = e;
                         eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
-                        task.run(load(&path, CpuBackend, self.context)?)
+                        task.run(load_model(&path, adapter, CpuBackend, context)?)
                     }
                 },
             },
