@@ -7,7 +7,6 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use persona::backend::cpu::CpuBackend;
 use persona::engine::SeqInput;
@@ -66,10 +65,6 @@ fn trained_adapters_reproduce_peft_logits() {
     }
 }
 
-fn persona_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 /// `persona generate` with `--adapter`: top logits of the last prompt position.
 fn cli_top_logits(model: &str, adapter: &Path, ids: &[u32]) -> Result<Vec<(u32, f32)>, String> {

@@ -6,14 +6,9 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use persona::steer::vector::PersonaVector;
 
-fn persona_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 /// `persona CMD --backend cpu --model MODEL ARGS...`
 fn cli_on(model: &Path, cmd: &str, args: &[&str]) -> (bool, String, String) {

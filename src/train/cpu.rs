@@ -36,44 +36,69 @@ pub fn rmsnorm_backward(h: &[f32], w: &[f32], eps: f32, dy: &[f32], width: usize
     });
 }
 
-/// `dx (+)= dy · w`, `w` `[n, k]`. Blocks of W rows stay in cache while a block of tokens reads them.
-pub fn matmul_backward_x(dy: &[f32], w: &[f32], t: usize, n: usize, k: usize, dx: &mut [f32], accumulate: bool) {
-    const TOK: usize = 8;
-    const WROWS: usize = 48;
-    dx[..t * k].par_chunks_mut(TOK * k).enumerate().for_each(|(c, dxc)| {
+/// A row-major product `dst (+)= beta · lhs · rhs` through the `gemm` crate (AVX2/AVX-512 kernels,
+/// cache-blocked, rayon-parallel over output tiles); `lhs` and `rhs` are given by (pointer, row
+/// stride, column stride) so transposes are free.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
         if !accumulate {
-            dxc.fill(0.0);
+            dst[..m * n].fill(0.0);
         }
-        let t0 = c * TOK;
-        for j0 in (0..n).step_by(WROWS) {
-            let j1 = (j0 + WROWS).min(n);
-            for (i, dxr) in dxc.chunks_mut(k).enumerate() {
-                let dyr = &dy[(t0 + i) * n..(t0 + i + 1) * n];
-                for j in j0..j1 {
-                    let g = dyr[j];
-                    if g != 0.0 {
-                        for (o, &wv) in dxr.iter_mut().zip(&w[j * k..(j + 1) * k]) {
-                            *o += g * wv;
-                        }
-                    }
-                }
-            }
-        }
-    });
+        return;
+    }
+    let par = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    assert!(dst.len() >= m * n);
+    // SAFETY: the callers check every buffer's length against (m, n, k) and the strides they pass,
+    // and dst does not alias lhs or rhs (a &mut and two & slices).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2,
+            lhs.1,
+            rhs.0.as_ptr(),
+            rhs.2,
+            rhs.1,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }
 
-/// `dw += a · dyᵀ · x`: one task per output row of `dw`, tokens summed in order (deterministic).
+/// `dx (+)= dy · w`, `w` `[n, k]`, `dy` `[t, n]`.
+pub fn matmul_backward_x(dy: &[f32], w: &[f32], t: usize, n: usize, k: usize, dx: &mut [f32], accumulate: bool) {
+    gemm_f32(t, k, n, dx, accumulate, (&dy[..t * n], n as isize, 1), (&w[..n * k], k as isize, 1), 1.0);
+}
+
+/// `dw += a · dyᵀ · x` (`dy` `[t, n]`, `x` `[t, k]`, `dw` `[n, k]`).
 pub fn matmul_backward_w(dy: &[f32], x: &[f32], a: f32, t: usize, n: usize, k: usize, dw: &mut [f32]) {
-    dw[..n * k].par_chunks_mut(k).enumerate().for_each(|(j, dwr)| {
-        for i in 0..t {
-            let g = dy[i * n + j] * a;
-            if g != 0.0 {
-                for (o, &xv) in dwr.iter_mut().zip(&x[i * k..(i + 1) * k]) {
-                    *o += g * xv;
-                }
-            }
-        }
-    });
+    gemm_f32(n, k, t, dw, true, (&dy[..t * n], 1, n as isize), (&x[..t * k], k as isize, 1), a);
 }
 
 fn dot64(a: &[f32], b: &[f32]) -> f64 {

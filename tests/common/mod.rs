@@ -139,3 +139,9 @@ pub fn check_ragged_batch<B: persona::backend::Backend>(
     a5.push(5);
     assert!(close(step.last(0), single(&a5).row(a5.len() - 1)), "sequence a decode step");
 }
+
+/// Run the `persona` binary: (success, stdout, stderr).
+pub fn persona_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod finetune;
 mod generate;
 mod info;
 mod pipelines;
@@ -56,6 +57,8 @@ enum Cmd {
     Demo(pipelines::DemoArgs),
     /// OpenAI-compatible HTTP server with per-request steering, live projections and continuous batching.
     Serve(serve::ServeArgs),
+    /// LoRA fine-tuning with steering in the training pass (preventative steering / CAFT); PEFT adapters out.
+    Finetune(finetune::FinetuneArgs),
     /// Throughput benchmark (llama-bench style): prompt processing and generation, steered and not.
     Bench(bench::BenchArgs),
 }
@@ -168,6 +171,7 @@ fn main() {
         Cmd::Vectors(a) => vectors::run(a),
         Cmd::Traits(a) => traits::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Finetune(a) => finetune::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),
