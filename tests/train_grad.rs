@@ -9,7 +9,7 @@ use common::*;
 
 use std::sync::Arc;
 
-use persona::backend::cpu::CpuBackend;
+use persona::backend::cpu::{CpuBackend, CpuGemmBackend};
 use persona::engine::{Engine, SeqInput};
 use persona::model::lora::{LoraAdapter, Target};
 use persona::model::ModelFiles;
@@ -17,12 +17,12 @@ use persona::steer::{Positions, SeqSteering, SteerKind, SteerOp};
 use persona::train::data::Example;
 use persona::train::optim::{AdamWConfig, Schedule};
 use persona::train::pass::{forward_backward, DeviceLora};
-use persona::train::{TrainOptions, Trainer};
+use persona::train::{TrainBackend, TrainOptions, Trainer};
 
 const MODELS: [&str; 3] = ["tiny-llama", "tiny-llama3-rope", "tiny-qwen2"];
 
-struct Case {
-    engine: Engine<CpuBackend>,
+struct Case<B: TrainBackend> {
+    engine: Engine<B>,
     dir: std::path::PathBuf,
     r: serde_json::Value,
     init: LoraAdapter,
@@ -30,9 +30,9 @@ struct Case {
     vector: Vec<Arc<[f32]>>,
 }
 
-fn load(name: &str) -> Case {
+fn load<B: TrainBackend>(b: B, name: &str) -> Case<B> {
     let files = ModelFiles::open(&fixtures().join(name)).unwrap();
-    let engine = Engine::new(CpuBackend, files.config.clone(), &files.tensors, 256).unwrap();
+    let engine = Engine::new(b, files.config.clone(), &files.tensors, 256).unwrap();
     let dir = fixtures().join("grad").join(name);
     let r = json(&dir.join("reference.json"));
     let init = LoraAdapter::load(&dir.join("adapter_init"), &engine.config).unwrap();
@@ -46,7 +46,7 @@ fn load(name: &str) -> Case {
     Case { engine, dir, r, init, examples, vector }
 }
 
-fn steering(c: &Case, ops: &serde_json::Value) -> Option<SeqSteering> {
+fn steering<B: TrainBackend>(c: &Case<B>, ops: &serde_json::Value) -> Option<SeqSteering> {
     let ops = ops.as_array().unwrap();
     if ops.is_empty() {
         return None;
@@ -112,7 +112,7 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
-fn options(c: &Case) -> TrainOptions {
+fn options<B: TrainBackend>(c: &Case<B>) -> TrainOptions {
     let o = &c.r["optimizer"];
     let mut opts = TrainOptions::new(c.init.config.clone());
     opts.lr = o["lr"].as_f64().unwrap();
@@ -131,13 +131,19 @@ fn options(c: &Case) -> TrainOptions {
     opts
 }
 
+/// On the reference backend and on the GEMM-library one the fine-tuner runs on.
 #[test]
 fn loss_gradients_and_adamw_match_peft() {
+    goldens(CpuBackend);
+    goldens(CpuGemmBackend);
+}
+
+fn goldens<B: TrainBackend + Clone>(b: B) {
     for name in MODELS {
-        let c = load(name);
+        let c = load(b.clone(), name);
         assert!((c.init.config.scale() as f64 - c.r["lora"]["scale"].as_f64().unwrap()).abs() < 1e-6);
         for case in c.r["cases"].as_array().unwrap() {
-            let what = format!("{name}/{}", case["case"].as_str().unwrap());
+            let what = format!("{}: {name}/{}", c.engine.backend.name(), case["case"].as_str().unwrap());
             let st = steering(&c, &case["ops"]);
             let mut trainer =
                 Trainer::new(&c.engine, options(&c), c.init.clone(), c.examples.clone(), vec![], st.clone(), vec![])
@@ -188,7 +194,7 @@ fn loss_gradients_and_adamw_match_peft() {
 }
 
 /// All logits rows of one sequence through the training forward (its tape hook adding `lora`).
-fn training_logits(e: &Engine<CpuBackend>, lora: &DeviceLora<CpuBackend>, ex: &Example) -> Vec<Vec<f32>> {
+fn training_logits<B: TrainBackend>(e: &Engine<B>, lora: &DeviceLora<B>, ex: &Example) -> Vec<Vec<f32>> {
     let mut cache = e.new_cache(1, ex.ids.len()).unwrap();
     let seq = [SeqInput { slot: 0, tokens: &ex.ids, logits_from: Some(0), ..Default::default() }];
     let out = persona::train::pass::hooked_forward(e, lora, &mut cache, &seq).unwrap();
@@ -198,8 +204,13 @@ fn training_logits(e: &Engine<CpuBackend>, lora: &DeviceLora<CpuBackend>, ex: &E
 /// With B = 0 the training forward's logits are `Engine::forward`'s bit for bit, steered or not.
 #[test]
 fn zero_b_training_forward_is_the_inference_forward() {
+    zero_b(CpuBackend);
+    zero_b(CpuGemmBackend);
+}
+
+fn zero_b<B: TrainBackend + Clone>(b: B) {
     for name in MODELS {
-        let c = load(name);
+        let c = load(b.clone(), name);
         let mut zero_b = c.init.clone();
         for p in zero_b.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
             p.b.iter_mut().for_each(|x| *x = 0.0);
@@ -233,7 +244,7 @@ fn zero_b_training_forward_is_the_inference_forward() {
 /// sequences gives the sum of their gradients run one by one.
 #[test]
 fn zero_coefficient_and_ragged_batch_invariants() {
-    let c = load("tiny-qwen2");
+    let c = load(CpuBackend, "tiny-qwen2");
     let lora = DeviceLora::upload(&c.engine.backend, &c.init).unwrap();
     let refs: Vec<&Example> = c.examples.iter().collect();
     let norm = refs.iter().map(|e| e.n_targets()).sum::<usize>() as f64;

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::backend::{SeqRows, TrainBackend};
-use crate::backend::cpu::{CpuBackend, CpuWeight};
+use crate::backend::cpu::{dot, gemm_f32, CpuBackend, CpuGemmBackend, CpuWeight};
 use crate::backend::{AttnShape, ResidualPlan, NONE, OP_ABLATE, OP_ADD, OP_CLAMP, POS_ALL, POS_LAST, POS_PROMPT};
 use crate::backend::{TOKEN_LAST, TOKEN_PROMPT};
 use crate::error::{Error, Result};
@@ -36,61 +36,6 @@ pub fn rmsnorm_backward(h: &[f32], w: &[f32], eps: f32, dy: &[f32], width: usize
     });
 }
 
-/// A row-major product `dst (+)= beta · lhs · rhs` through the `gemm` crate (AVX2/AVX-512 kernels,
-/// cache-blocked, rayon-parallel over output tiles); `lhs` and `rhs` are given by (pointer, row
-/// stride, column stride) so transposes are free.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: (&[f32], isize, isize),
-    rhs: (&[f32], isize, isize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let par = match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    };
-    assert!(dst.len() >= m * n);
-    // SAFETY: the callers check every buffer's length against (m, n, k) and the strides they pass,
-    // and dst does not alias lhs or rhs (a &mut and two & slices).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.2,
-            lhs.1,
-            rhs.0.as_ptr(),
-            rhs.2,
-            rhs.1,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 /// `dx (+)= dy · w`, `w` `[n, k]`, `dy` `[t, n]`.
 pub fn matmul_backward_x(dy: &[f32], w: &[f32], t: usize, n: usize, k: usize, dx: &mut [f32], accumulate: bool) {
     gemm_f32(t, k, n, dx, accumulate, (&dy[..t * n], n as isize, 1), (&w[..n * k], k as isize, 1), 1.0);
@@ -105,8 +50,17 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
+/// `y += a · x` (a loop the compiler vectorises).
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
 /// One (sequence, kv head) per task: it owns `dk`, `dv` of that head's rows and `dq` of the
-/// query heads that share it. The softmax is recomputed row by row in f64.
+/// query heads that share it. The softmax is recomputed row by row with the forward's
+/// arithmetic (f32 dot products, f64 normaliser); gradients accumulate in f32 rows.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
@@ -122,51 +76,50 @@ pub fn attention_backward(
     let hd = s.head_dim;
     let (qw, kvw) = (s.n_heads * hd, s.n_kv_heads * hd);
     let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = 1.0 / (hd as f32).sqrt();
     let tasks: Vec<(SeqRows, usize)> = seqs.iter().flat_map(|&sr| (0..s.n_kv_heads).map(move |g| (sr, g))).collect();
-    // (task, dq rows [len][group][hd], dk rows [len][hd], dv rows [len][hd])
-    let results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = tasks
+    // Per task: dq rows [len][group][hd], dk rows [len][hd], dv rows [len][hd].
+    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
         .map(|&(sr, g)| {
             let n = sr.len;
-            let mut dqs = vec![0f64; n * group * hd];
-            let mut dks = vec![0f64; n * hd];
-            let mut dvs = vec![0f64; n * hd];
+            let mut dqs = vec![0f32; n * group * hd];
+            let mut dks = vec![0f32; n * hd];
+            let mut dvs = vec![0f32; n * hd];
             let krow = |j: usize| &k[(sr.start + j) * kvw + g * hd..][..hd];
             let vrow = |j: usize| &v[(sr.start + j) * kvw + g * hd..][..hd];
-            let mut p = vec![0f64; n];
-            let mut dp = vec![0f64; n];
+            let mut p = vec![0f32; n];
+            let mut dp = vec![0f32; n];
             for hg in 0..group {
                 let head = g * group + hg;
                 for i in 0..n {
                     let qi = &q[(sr.start + i) * qw + head * hd..][..hd];
                     let doi = &d_out[(sr.start + i) * qw + head * hd..][..hd];
-                    let mut m = f64::NEG_INFINITY;
+                    let mut m = f32::NEG_INFINITY;
                     for j in 0..=i {
-                        p[j] = dot64(qi, krow(j)) * scale;
+                        p[j] = dot(qi, krow(j)) * scale;
                         m = m.max(p[j]);
                     }
-                    let mut sum = 0.0;
+                    let mut sum = 0f64;
                     for pj in p[..=i].iter_mut() {
                         *pj = (*pj - m).exp();
-                        sum += *pj;
+                        sum += *pj as f64;
                     }
+                    let inv = (1.0 / sum) as f32;
                     // D_i = Σ_j P_ij dP_ij with dP_ij = dO_i · v_j.
-                    let mut d = 0.0;
+                    let mut d = 0f64;
                     for j in 0..=i {
-                        p[j] /= sum;
-                        dp[j] = dot64(doi, vrow(j));
-                        d += p[j] * dp[j];
+                        p[j] *= inv;
+                        dp[j] = dot(doi, vrow(j));
+                        d += p[j] as f64 * dp[j] as f64;
                     }
+                    let d = d as f32;
                     let dqi = &mut dqs[(i * group + hg) * hd..][..hd];
                     for j in 0..=i {
                         let ds = p[j] * (dp[j] - d) * scale;
-                        let kj = krow(j);
-                        for c in 0..hd {
-                            dqi[c] += ds * kj[c] as f64;
-                            dks[j * hd + c] += ds * qi[c] as f64;
-                            dvs[j * hd + c] += p[j] * doi[c] as f64;
-                        }
+                        axpy(dqi, ds, krow(j));
+                        axpy(&mut dks[j * hd..(j + 1) * hd], ds, qi);
+                        axpy(&mut dvs[j * hd..(j + 1) * hd], p[j], doi);
                     }
                 }
             }
@@ -176,16 +129,9 @@ pub fn attention_backward(
     for (&(sr, g), (dqs, dks, dvs)) in tasks.iter().zip(&results) {
         for i in 0..sr.len {
             let row = sr.start + i;
-            for hg in 0..group {
-                let head = g * group + hg;
-                for c in 0..hd {
-                    dq[row * qw + head * hd + c] = dqs[(i * group + hg) * hd + c] as f32;
-                }
-            }
-            for c in 0..hd {
-                dk[row * kvw + g * hd + c] = dks[i * hd + c] as f32;
-                dv[row * kvw + g * hd + c] = dvs[i * hd + c] as f32;
-            }
+            dq[row * qw + g * group * hd..][..group * hd].copy_from_slice(&dqs[i * group * hd..(i + 1) * group * hd]);
+            dk[row * kvw + g * hd..][..hd].copy_from_slice(&dks[i * hd..(i + 1) * hd]);
+            dv[row * kvw + g * hd..][..hd].copy_from_slice(&dvs[i * hd..(i + 1) * hd]);
         }
     }
 }
@@ -242,131 +188,142 @@ pub fn steer_backward(dh: &mut [f32], p: &ResidualPlan, l: usize, t: usize) -> R
     Ok(())
 }
 
-impl TrainBackend for CpuBackend {
-    fn copy(&self, src: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
-        need("copy", src.len(), len)?;
-        Ok(src[..len].to_vec())
-    }
-
-    fn axpy(&self, y: &mut Vec<f32>, a: f32, x: &Vec<f32>, n: usize) -> Result<()> {
-        need("axpy y", y.len(), n)?;
-        need("axpy x", x.len(), n)?;
-        y[..n].par_chunks_mut(4096).zip(x[..n].par_chunks(4096)).for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o += a * v;
+/// The reference backend and its GEMM-library variant share every training op.
+macro_rules! cpu_train_backend {
+    ($backend:ty) => {
+        impl TrainBackend for $backend {
+            fn copy(&self, src: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+                need("copy", src.len(), len)?;
+                Ok(src[..len].to_vec())
             }
-        });
-        Ok(())
-    }
 
-    fn rmsnorm_backward(
-        &self,
-        h: &Vec<f32>,
-        w: &CpuWeight,
-        eps: f32,
-        dy: &Vec<f32>,
-        t: usize,
-        width: usize,
-        dh: &mut Vec<f32>,
-    ) -> Result<()> {
-        for (what, len) in [("h", h.len()), ("dy", dy.len()), ("dh", dh.len())] {
-            need(&format!("rmsnorm_backward {what}"), len, t * width)?;
+            fn axpy(&self, y: &mut Vec<f32>, a: f32, x: &Vec<f32>, n: usize) -> Result<()> {
+                need("axpy y", y.len(), n)?;
+                need("axpy x", x.len(), n)?;
+                y[..n].par_chunks_mut(4096).zip(x[..n].par_chunks(4096)).for_each(|(yc, xc)| {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o += a * v;
+                    }
+                });
+                Ok(())
+            }
+
+            fn rmsnorm_backward(
+                &self,
+                h: &Vec<f32>,
+                w: &CpuWeight,
+                eps: f32,
+                dy: &Vec<f32>,
+                t: usize,
+                width: usize,
+                dh: &mut Vec<f32>,
+            ) -> Result<()> {
+                for (what, len) in [("h", h.len()), ("dy", dy.len()), ("dh", dh.len())] {
+                    need(&format!("rmsnorm_backward {what}"), len, t * width)?;
+                }
+                need("rmsnorm_backward weight", w.data.len(), width)?;
+                rmsnorm_backward(&h[..t * width], &w.data[..width], eps, &dy[..t * width], width, &mut dh[..t * width]);
+                Ok(())
+            }
+
+            fn matmul_backward_x(
+                &self,
+                dy: &Vec<f32>,
+                w: &CpuWeight,
+                t: usize,
+                dx: &mut Vec<f32>,
+                accumulate: bool,
+            ) -> Result<()> {
+                let (n, k) = (w.shape[0], w.shape[1]);
+                need("matmul_backward_x dy", dy.len(), t * n)?;
+                need("matmul_backward_x dx", dx.len(), t * k)?;
+                matmul_backward_x(dy, &w.data, t, n, k, dx, accumulate);
+                Ok(())
+            }
+
+            fn matmul_backward_w(
+                &self,
+                dy: &Vec<f32>,
+                x: &Vec<f32>,
+                a: f32,
+                t: usize,
+                n: usize,
+                k: usize,
+                dw: &mut [f32],
+            ) -> Result<()> {
+                need("matmul_backward_w dy", dy.len(), t * n)?;
+                need("matmul_backward_w x", x.len(), t * k)?;
+                need("matmul_backward_w dw", dw.len(), n * k)?;
+                matmul_backward_w(dy, x, a, t, n, k, dw);
+                Ok(())
+            }
+
+            fn attention_backward(
+                &self,
+                q: &Vec<f32>,
+                k: &Vec<f32>,
+                v: &Vec<f32>,
+                d_out: &Vec<f32>,
+                seqs: &[SeqRows],
+                shape: AttnShape,
+                dq: &mut Vec<f32>,
+                dk: &mut Vec<f32>,
+                dv: &mut Vec<f32>,
+            ) -> Result<()> {
+                let t = seqs.iter().map(|s| s.start + s.len).max().unwrap_or(0);
+                let (qw, kvw) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
+                if shape.n_kv_heads == 0 || shape.n_heads % shape.n_kv_heads != 0 {
+                    return Err(invalid(format!(
+                        "{} query heads do not share {} kv heads",
+                        shape.n_heads, shape.n_kv_heads
+                    )));
+                }
+                for (what, len, want) in [
+                    ("q", q.len(), t * qw),
+                    ("d_out", d_out.len(), t * qw),
+                    ("dq", dq.len(), t * qw),
+                    ("k", k.len(), t * kvw),
+                    ("v", v.len(), t * kvw),
+                    ("dk", dk.len(), t * kvw),
+                    ("dv", dv.len(), t * kvw),
+                ] {
+                    need(&format!("attention_backward {what}"), len, want)?;
+                }
+                attention_backward(q, k, v, d_out, seqs, shape, dq, dk, dv);
+                Ok(())
+            }
+
+            fn silu_mul_backward(
+                &self,
+                gate: &Vec<f32>,
+                up: &Vec<f32>,
+                d_out: &Vec<f32>,
+                n: usize,
+                dgate: &mut Vec<f32>,
+                dup: &mut Vec<f32>,
+            ) -> Result<()> {
+                for (what, len) in [("gate", gate.len()), ("up", up.len()), ("d_out", d_out.len())] {
+                    need(&format!("silu_mul_backward {what}"), len, n)?;
+                }
+                need("silu_mul_backward dgate", dgate.len(), n)?;
+                need("silu_mul_backward dup", dup.len(), n)?;
+                silu_mul_backward(&gate[..n], &up[..n], &d_out[..n], &mut dgate[..n], &mut dup[..n]);
+                Ok(())
+            }
+
+            fn steer_backward(&self, dh: &mut Vec<f32>, plan: &ResidualPlan, l: usize, t: usize) -> Result<()> {
+                need("steer_backward dh", dh.len(), t * plan.hidden)?;
+                if plan.token_seq.len() < t || l > plan.n_layers {
+                    return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l})")));
+                }
+                steer_backward(dh, plan, l, t)
+            }
         }
-        need("rmsnorm_backward weight", w.data.len(), width)?;
-        rmsnorm_backward(&h[..t * width], &w.data[..width], eps, &dy[..t * width], width, &mut dh[..t * width]);
-        Ok(())
-    }
-
-    fn matmul_backward_x(
-        &self,
-        dy: &Vec<f32>,
-        w: &CpuWeight,
-        t: usize,
-        dx: &mut Vec<f32>,
-        accumulate: bool,
-    ) -> Result<()> {
-        let (n, k) = (w.shape[0], w.shape[1]);
-        need("matmul_backward_x dy", dy.len(), t * n)?;
-        need("matmul_backward_x dx", dx.len(), t * k)?;
-        matmul_backward_x(dy, &w.data, t, n, k, dx, accumulate);
-        Ok(())
-    }
-
-    fn matmul_backward_w(
-        &self,
-        dy: &Vec<f32>,
-        x: &Vec<f32>,
-        a: f32,
-        t: usize,
-        n: usize,
-        k: usize,
-        dw: &mut [f32],
-    ) -> Result<()> {
-        need("matmul_backward_w dy", dy.len(), t * n)?;
-        need("matmul_backward_w x", x.len(), t * k)?;
-        need("matmul_backward_w dw", dw.len(), n * k)?;
-        matmul_backward_w(dy, x, a, t, n, k, dw);
-        Ok(())
-    }
-
-    fn attention_backward(
-        &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        d_out: &Vec<f32>,
-        seqs: &[SeqRows],
-        shape: AttnShape,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
-    ) -> Result<()> {
-        let t = seqs.iter().map(|s| s.start + s.len).max().unwrap_or(0);
-        let (qw, kvw) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
-        if shape.n_kv_heads == 0 || shape.n_heads % shape.n_kv_heads != 0 {
-            return Err(invalid(format!("{} query heads do not share {} kv heads", shape.n_heads, shape.n_kv_heads)));
-        }
-        for (what, len, want) in [
-            ("q", q.len(), t * qw),
-            ("d_out", d_out.len(), t * qw),
-            ("dq", dq.len(), t * qw),
-            ("k", k.len(), t * kvw),
-            ("v", v.len(), t * kvw),
-            ("dk", dk.len(), t * kvw),
-            ("dv", dv.len(), t * kvw),
-        ] {
-            need(&format!("attention_backward {what}"), len, want)?;
-        }
-        attention_backward(q, k, v, d_out, seqs, shape, dq, dk, dv);
-        Ok(())
-    }
-
-    fn silu_mul_backward(
-        &self,
-        gate: &Vec<f32>,
-        up: &Vec<f32>,
-        d_out: &Vec<f32>,
-        n: usize,
-        dgate: &mut Vec<f32>,
-        dup: &mut Vec<f32>,
-    ) -> Result<()> {
-        for (what, len) in [("gate", gate.len()), ("up", up.len()), ("d_out", d_out.len())] {
-            need(&format!("silu_mul_backward {what}"), len, n)?;
-        }
-        need("silu_mul_backward dgate", dgate.len(), n)?;
-        need("silu_mul_backward dup", dup.len(), n)?;
-        silu_mul_backward(&gate[..n], &up[..n], &d_out[..n], &mut dgate[..n], &mut dup[..n]);
-        Ok(())
-    }
-
-    fn steer_backward(&self, dh: &mut Vec<f32>, plan: &ResidualPlan, l: usize, t: usize) -> Result<()> {
-        need("steer_backward dh", dh.len(), t * plan.hidden)?;
-        if plan.token_seq.len() < t || l > plan.n_layers {
-            return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l})")));
-        }
-        steer_backward(dh, plan, l, t)
-    }
+    };
 }
+
+cpu_train_backend!(CpuBackend);
+cpu_train_backend!(CpuGemmBackend);
 
 #[cfg(test)]
 mod tests {

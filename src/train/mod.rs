@@ -3,6 +3,7 @@
 //! forward pass with a hook that adds the adapter and keeps what the backward needs.
 
 pub mod backend;
+pub mod bench;
 pub mod cpu;
 pub mod data;
 pub mod optim;

@@ -117,6 +117,26 @@ pub fn init_adapter(config: LoraConfig, model: &crate::model::config::ModelConfi
 }
 
 /// A fine-tuning run on an engine: the adapter, the optimiser and the position in the data.
+///
+/// ```no_run
+/// use persona::{LoadedModel, backend::cpu::CpuBackend};
+/// use persona::model::lora::{LoraConfig, Target};
+/// use persona::train::data::{read_jsonl, DataOptions};
+/// use persona::train::{init_adapter, TrainOptions, Trainer};
+/// let m = LoadedModel::load(std::path::Path::new("model.gguf"), CpuBackend, 4096)?;
+/// let rows = read_jsonl(std::path::Path::new("data.jsonl"), &m, &DataOptions { max_len: 512, label: None })?;
+/// let lora = LoraConfig { r: 16, alpha: 32.0, use_rslora: true, targets: Target::ALL.to_vec() };
+/// let mut opts = TrainOptions::new(lora.clone());
+/// opts.steps = Some(30);
+/// let adapter = init_adapter(lora, &m.engine.config, 0);
+/// let mut t = Trainer::new(&m.engine, opts, adapter, rows, vec![], None, vec![])?;
+/// t.run(&mut |log| {
+///     println!("step {} loss {:.4}", log.step, log.loss);
+///     true // keep going
+/// })?;
+/// t.adapter.save(std::path::Path::new("my-adapter"), "model.gguf")?;
+/// # Ok::<(), persona::Error>(())
+/// ```
 pub struct Trainer<'e, B: TrainBackend> {
     engine: &'e Engine<B>,
     pub opts: TrainOptions,
@@ -276,6 +296,28 @@ impl<'e, B: TrainBackend> Trainer<'e, B> {
             projections,
             holdout_loss: None,
         })
+    }
+
+    /// [`Trainer::train_step`], then the held-out loss when it is due (every `eval_every` steps
+    /// and after the last).
+    pub fn step_and_evaluate(&mut self, grads_out: Option<&mut LoraAdapter>) -> Result<StepLog> {
+        let mut log = self.train_step(grads_out)?;
+        if self.step % self.opts.eval_every.max(1) == 0 || self.step == self.total_steps() {
+            log.holdout_loss = self.holdout_loss()?;
+        }
+        Ok(log)
+    }
+
+    /// Train to the last step, with the held-out loss every `eval_every` steps and after the
+    /// last; `on_step` sees each step's log and returns `false` to stop early.
+    pub fn run(&mut self, on_step: &mut dyn FnMut(&StepLog) -> bool) -> Result<()> {
+        while self.step < self.total_steps() {
+            let log = self.step_and_evaluate(None)?;
+            if !on_step(&log) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Mean loss of `rows` under the current adapter, with the training steering (as the

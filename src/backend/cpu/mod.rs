@@ -1,6 +1,7 @@
 //! The CPU reference backend: plain loops, f32 storage, f64 accumulation where it is cheap
 //! (norms, softmax sums). Parallel over rows with rayon; SIMD dot product when the CPU has AVX2+FMA.
 
+mod gemm;
 mod matmul;
 mod residual;
 
@@ -10,6 +11,7 @@ use super::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::{HostTensor, Storage};
 
+pub use gemm::{gemm_f32, CpuGemmBackend};
 pub use matmul::dot;
 pub use residual::CpuPlan;
 

@@ -104,6 +104,66 @@ pub struct BenchArgs {
     /// JSON instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Benchmark LoRA training steps instead (CPU): training tokens/s at --train-batch, rank
+    /// --lora-rank, all seven targets, -r timed steps after one warm-up, rows in file order.
+    #[arg(long)]
+    pub train: bool,
+    /// Training rows for --train (default: the shipped evil extraction answers, label pos).
+    #[arg(long, requires = "train")]
+    pub train_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 8, requires = "train", value_parser = at_least_one)]
+    pub train_batch: usize,
+    #[arg(long, default_value_t = 16, requires = "train", value_parser = at_least_one)]
+    pub lora_rank: usize,
+}
+
+/// `persona bench --train`: LoRA training steps on the CPU backend.
+fn run_train(a: &BenchArgs) -> Result<()> {
+    if !matches!(a.backend, BackendKind::Auto | BackendKind::Cpu) {
+        bail!("--train: training runs on the CPU backend (no CUDA or wgpu training kernels yet)");
+    }
+    if a.shape.is_some() {
+        bail!("--train needs a model with a tokenizer (--model), not a --shape");
+    }
+    let path = super::resolve_model(&a.model)?;
+    let m = persona::LoadedModel::load_with_adapter(
+        &path,
+        a.adapter.as_deref(),
+        persona::backend::cpu::CpuGemmBackend,
+        4096,
+    )
+    .with_context(|| format!("loading {}", path.display()))?;
+    let (data_path, label) = match &a.train_data {
+        Some(p) => (p.clone(), None),
+        None => (super::pipelines::shipped_vectors().join("evil.jsonl"), Some("pos".to_string())),
+    };
+    let opts = persona::train::data::DataOptions { max_len: 4096, label };
+    let rows = persona::train::data::read_jsonl(&data_path, &m, &opts)?;
+    eprintln!(
+        "training {} + 1 warm-up steps of batch {} (rank {}, 7 targets) on {} ({} rows)",
+        a.reps,
+        a.train_batch,
+        a.lora_rank,
+        data_path.display(),
+        rows.len()
+    );
+    let r = persona::train::bench::bench_train(&m.engine, rows, a.train_batch, a.lora_rank, a.reps, &mut |i, s| {
+        eprintln!("  step {i}{}: {s:.2} s", if i == 0 { " (warm-up)" } else { "" })
+    })?;
+    let info =
+        BenchInfo::new(&m.engine.config, "cpu-gemm", bench::cpu_name(), path.display().to_string(), "f32".into());
+    let (s, s_sd) = r.step_seconds();
+    let (t, t_sd) = r.tokens_per_second();
+    if a.json {
+        let mut v = serde_json::to_value(&info)?;
+        v["rows"] = serde_json::json!([r.to_json()]);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("persona {} · {} · {} · {}", info.persona_commit, info.backend, info.device, info.model);
+        println!("\n| test | batch | rank | s/step | train tokens/s |\n|---|---:|---:|---:|---:|");
+        println!("| train | {} | {} | {s:.2} ± {s_sd:.2} | {t:.1} ± {t_sd:.1} |", r.batch, r.rank);
+    }
+    Ok(())
 }
 
 /// A benchmark body that runs on any backend; `device` describes the hardware.
@@ -257,6 +317,9 @@ fn check_shape_memory(shape: &Shape, dtype: DType, widens: bool) -> Result<()> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.train {
+        return run_train(&a);
+    }
     if a.n_prompt.is_empty() {
         bail!("-p/--n-prompt: give at least one prompt length");
     }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use persona::backend::cpu::CpuBackend;
+use persona::backend::cpu::CpuGemmBackend;
 use persona::backend::Backend;
 use persona::model::lora::{LoraAdapter, LoraConfig, Target};
 use persona::persona::eval::random_like;
@@ -150,7 +150,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         bail!("training runs on the CPU backend (the CUDA and wgpu training kernels are not written yet); use --backend cpu");
     }
     let path = super::resolve_model(&a.model.model)?;
-    let m = LoadedModel::load(&path, CpuBackend, a.model.context.max(a.max_len))
+    let m = LoadedModel::load(&path, CpuGemmBackend, a.model.context.max(a.max_len))
         .with_context(|| format!("loading {}", path.display()))?;
     finetune(a, m, &path)
 }
@@ -361,7 +361,7 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         if first && a.grads_out.is_some() {
             grads = Some(LoraAdapter::zeros(trainer.adapter.config.clone(), &cfg));
         }
-        let mut entry = match trainer.train_step(grads.as_mut()) {
+        let entry = match trainer.step_and_evaluate(grads.as_mut()) {
             Ok(e) => e,
             Err(e) => {
                 bar.abandon();
@@ -376,9 +376,6 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         };
         if let (Some(g), Some(p)) = (&grads, &a.grads_out) {
             g.save_tensors(p)?;
-        }
-        if trainer.step % opts.eval_every == 0 || trainer.step == total {
-            entry.holdout_loss = trainer.holdout_loss()?;
         }
         let line = entry.to_json();
         writeln!(log, "{line}").and_then(|_| log.flush()).with_context(|| format!("writing {}", log_file.display()))?;
