@@ -214,7 +214,7 @@ fn resume_continues_bit_for_bit() {
     assert!(!split.join("adapter_model.safetensors").exists(), "a stopped run wrote a final adapter");
     let (ok, _, err) = run(&split, &[]);
     assert!(!ok && err.contains("--resume"), "rerun without --resume must be refused: {err}");
-    let (ok, _, err) = run(&split, &["--resume"]);
+    let (ok, _, err) = run(&split, &["--resume", s(&split)]);
     assert!(ok, "{err}");
     assert_eq!(
         std::fs::read(full.join("adapter_model.safetensors")).unwrap(),
@@ -222,14 +222,15 @@ fn resume_continues_bit_for_bit() {
         "resumed adapter differs from the uninterrupted run"
     );
     assert_eq!(log_losses(&full), log_losses(&split));
-    let (ok, _, err) = run(&split, &["--resume"]);
+    let (ok, _, err) = run(&split, &["--resume", s(&split)]);
     assert!(!ok && err.contains("finished"), "{err}");
-    let (ok, _, err) = run(&tmp.path().join("nothing"), &["--resume"]);
+    let nothing = tmp.path().join("nothing");
+    let (ok, _, err) = run(&nothing, &["--resume", s(&nothing)]);
     assert!(!ok && err.contains("no training run"), "{err}");
     // A stopped run resumed with other options is refused, naming what differs.
     let third = tmp.path().join("third");
     assert!(run(&third, &["--stop-after", "1"]).0);
-    let (ok, _, err) = run(&third, &["--resume", "--accum", "2"]);
+    let (ok, _, err) = run(&third, &["--resume", s(&third), "--accum", "2"]);
     assert!(!ok && err.contains("`accum` differs"), "{err}");
 }
 
@@ -310,4 +311,70 @@ fn bad_input_is_a_clear_error() {
         assert!(out.join("checkpoint").join("adapter_model.safetensors").exists(), "{err}");
     }
     assert!(!out.join("adapter_model.safetensors").exists());
+}
+
+/// Ctrl-C (SIGINT) during training: the step in flight finishes, a checkpoint is written, the
+/// process exits 130 saying how to continue, and `--resume DIR` finishes the run.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_resumes() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-llama");
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"ids\":[5,9,33,2,7,81,4,4,19],\"answer_from\":3}\n".repeat(3)).unwrap();
+    let out = tmp.path().join("run");
+    let args = [
+        "finetune",
+        "--backend",
+        "cpu",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--steps",
+        "1000000",
+        "--json",
+    ];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("\"step\":1"), "{first}");
+    // SAFETY: sends SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    for _ in lines {}
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted after step") && err.contains("--resume"), "{err}");
+    let state = json(&out.join("checkpoint").join("trainer_state.json"));
+    let done = state["step"].as_u64().unwrap();
+    assert!(done >= 1);
+    // The same options resume it.
+    let resumed = persona_cli(&[
+        "finetune",
+        "--backend",
+        "cpu",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--resume",
+        s(&out),
+        "--steps",
+        "1000000",
+        "--stop-after",
+        "2",
+    ]);
+    assert!(resumed.0, "{}", resumed.2);
+    assert!(resumed.2.contains(&format!("resuming at step {done}")), "{}", resumed.2);
+    let state = json(&out.join("checkpoint").join("trainer_state.json"));
+    assert_eq!(state["step"].as_u64().unwrap(), done + 2);
 }

@@ -19,16 +19,7 @@ fn opts(max_len: usize, label: Option<&str>) -> DataOptions {
 
 /// The default model (SmolLM2-135M-Instruct), or None (skipped) unless PERSONA_REQUIRE is set.
 fn smollm2() -> Option<LoadedModel<CpuBackend>> {
-    match default_model() {
-        Some(p) => Some(LoadedModel::load(&p, CpuBackend, 4096).unwrap()),
-        None if std::env::var_os("PERSONA_REQUIRE").is_some() => {
-            panic!("default model not cached, and PERSONA_REQUIRE is set")
-        }
-        None => {
-            println!("SKIPPED: default model not cached");
-            None
-        }
-    }
+    required_default_model().map(|p| LoadedModel::load(&p, CpuBackend, 4096).unwrap())
 }
 
 fn evil_jsonl() -> PathBuf {

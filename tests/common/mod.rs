@@ -145,3 +145,18 @@ pub fn persona_cli(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona")).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// The default model, or None after printing SKIPPED; where the environment sets PERSONA_REQUIRE
+/// (CI, which fetches the model) a missing model fails the test instead.
+pub fn required_default_model() -> Option<PathBuf> {
+    match default_model() {
+        Some(p) => Some(p),
+        None if std::env::var_os("PERSONA_REQUIRE").is_some() => {
+            panic!("default model not cached, and PERSONA_REQUIRE is set")
+        }
+        None => {
+            eprintln!("SKIPPED: default model not cached (persona fetch)");
+            None
+        }
+    }
+}

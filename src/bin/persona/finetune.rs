@@ -33,8 +33,8 @@ pub struct FinetuneArgs {
     pub data: PathBuf,
     /// Output folder: adapter_model.safetensors + adapter_config.json (PEFT), train_log.jsonl,
     /// persona_train.json, checkpoint/.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
     /// Keep only rows whose "label" equals this (extraction files label answers pos/neg).
     #[arg(long)]
     pub label: Option<String>,
@@ -104,9 +104,9 @@ pub struct FinetuneArgs {
     /// Write the LoRA gradients of the first step (before any update) with the adapter's keys.
     #[arg(long)]
     pub grads_out: Option<PathBuf>,
-    /// Continue the run in --out from its checkpoint (same data and options).
-    #[arg(long)]
-    pub resume: bool,
+    /// Continue the run in DIR (its --out) from its checkpoint, bit for bit; give the same data and options.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
     /// Stop after this many steps of this invocation, with a checkpoint (a long run split into
     /// time-boxed jobs; continue with --resume).
     #[arg(long)]
@@ -182,17 +182,25 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
     model_path: &Path,
 ) -> Result<()> {
     let cfg = m.engine.config.clone();
-    let out = &a.out;
+    let out = match (&a.out, &a.resume) {
+        (Some(o), Some(r)) if o != r => {
+            bail!("--out {} and --resume {}: give one run folder", o.display(), r.display())
+        }
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r.clone(),
+        (None, None) => bail!("--out DIR is required"),
+    };
+    let out = &out;
     let run_file = out.join("persona_train.json");
     let log_file = out.join("train_log.jsonl");
     let ckpt = out.join("checkpoint");
-    if a.resume {
+    if a.resume.is_some() {
         if !run_file.exists() {
             bail!("--resume: {} holds no training run (no persona_train.json)", out.display());
         }
     } else if run_file.exists() {
         bail!(
-            "{} already holds a training run (persona_train.json): pass --resume to continue it, or choose another --out",
+            "{} already holds a training run (persona_train.json): pass --resume DIR to continue it, or choose another --out",
             out.display()
         );
     }
@@ -281,7 +289,7 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         "monitors": a.monitor,
     });
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    if a.resume {
+    if a.resume.is_some() {
         let text = std::fs::read_to_string(&run_file).with_context(|| format!("reading {}", run_file.display()))?;
         let prev: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not JSON", run_file.display()))?;
@@ -394,9 +402,10 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         if interrupted && trainer.step < total {
             bar.abandon();
             eprintln!(
-                "interrupted after step {} of {total}: checkpoint in {}; continue with the same command and --resume",
+                "interrupted after step {} of {total}: checkpoint in {}; continue with the same command and --resume {}",
                 trainer.step,
-                ckpt.display()
+                ckpt.display(),
+                out.display()
             );
             std::process::exit(130);
         }
@@ -405,9 +414,10 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         bar.abandon();
         trainer.save_checkpoint(&ckpt, &base)?;
         eprintln!(
-            "stopped after step {} of {total} (--stop-after): checkpoint in {}; continue with --resume",
+            "stopped after step {} of {total} (--stop-after): checkpoint in {}; continue with --resume {}",
             trainer.step,
-            ckpt.display()
+            ckpt.display(),
+            out.display()
         );
         return Ok(());
     }
