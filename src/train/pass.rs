@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use super::backend::{SeqRows, TrainBackend};
 use super::data::Example;
 use crate::backend::{PageTable, ResidualPlan, TokenPos};
@@ -171,41 +173,37 @@ pub fn forward_backward<B: TrainBackend>(
     let mut tape = Tape { lora, keep, acts: HashMap::new(), u: HashMap::new() };
     let out = engine.forward_hooked(&mut cache, &seqs, false, Some(&mut tape))?;
 
-    // Cross-entropy on the target rows (row p predicts token p + 1), in f64 on the host.
+    // Cross-entropy on the target rows (row p predicts token p + 1), on the host, rows in parallel.
+    // Per loss row: (logits row, batch row, target id, source line, token index).
     let vocab = c.vocab;
-    let mut loss_sum = 0f64;
-    let mut loss_rows = Vec::new(); // batch row of each loss row
-    let mut dlogits = Vec::new();
-    let mut targets = 0;
+    let mut picks = Vec::new();
     for (i, e) in examples.iter().enumerate() {
         let from = seqs[i].logits_from.unwrap_or(0);
         for p in from..e.ids.len() - 1 {
-            if !e.target[p + 1] {
-                continue;
-            }
-            let z = out.row(out.rows[i].start + (p - from));
-            let y = e.ids[p + 1] as usize;
-            let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let sum: f64 = z.iter().map(|&v| (v as f64 - m).exp()).sum();
-            let lse = m + sum.ln();
-            let l = lse - z[y] as f64;
-            if !l.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "the loss is not finite (line {}, token {}): the model or adapter produced non-finite logits",
-                    e.line,
-                    p + 1
-                )));
-            }
-            loss_sum += l;
-            targets += 1;
-            if grads.is_some() {
-                dlogits.extend(z.iter().map(|&v| (((v as f64 - m).exp() / sum) / norm) as f32));
-                let at = dlogits.len() - vocab + y;
-                dlogits[at] -= (1.0 / norm) as f32;
-                loss_rows.push(rows[i].start + p);
+            if e.target[p + 1] {
+                picks.push((out.rows[i].start + (p - from), rows[i].start + p, e.ids[p + 1] as usize, e.line, p + 1));
             }
         }
     }
+    let mut dlogits = if grads.is_some() { vec![0f32; picks.len() * vocab] } else { vec![] };
+    let losses: Vec<f64> = if grads.is_some() {
+        dlogits
+            .par_chunks_mut(vocab)
+            .zip(&picks)
+            .map(|(d, pk)| cross_entropy(out.row(pk.0), pk.2, norm, Some(d)))
+            .collect()
+    } else {
+        picks.par_iter().map(|pk| cross_entropy(out.row(pk.0), pk.2, norm, None)).collect()
+    };
+    if let Some((_, pk)) = losses.iter().zip(&picks).find(|(l, _)| !l.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "the loss is not finite (line {}, token {}): the model or adapter produced non-finite logits",
+            pk.3, pk.4
+        )));
+    }
+    let loss_sum: f64 = losses.iter().sum();
+    let targets = picks.len();
+    let loss_rows: Vec<usize> = picks.iter().map(|pk| pk.1).collect();
     let mut projection_sums = vec![0f64; monitors.len()];
     if !monitors.is_empty() {
         let h = c.hidden;
@@ -236,6 +234,27 @@ pub fn forward_backward<B: TrainBackend>(
     let built = plan::build(&seqs, c.hidden, c.n_layers).map(|(p, _)| p);
     backward(engine, lora, &tape, &seqs, &rows, t, built.as_ref(), &dlogits, &loss_rows, grads)?;
     Ok(result)
+}
+
+/// `−log softmax(z)[y]`; with `d`, also `∂(loss / norm)/∂z = (softmax(z) − onehot(y)) / norm`.
+/// Exponentials in f32 (written once into `d`), their sum in f64.
+fn cross_entropy(z: &[f32], y: usize, norm: f64, d: Option<&mut [f32]>) -> f64 {
+    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = match d {
+        Some(d) => {
+            let mut sum = 0f64;
+            for (o, &v) in d.iter_mut().zip(z) {
+                *o = (v - m).exp();
+                sum += *o as f64;
+            }
+            let scale = (1.0 / (sum * norm)) as f32;
+            d.iter_mut().for_each(|o| *o *= scale);
+            d[y] -= (1.0 / norm) as f32;
+            sum
+        }
+        None => z.iter().map(|&v| (v - m).exp() as f64).sum(),
+    };
+    m as f64 + sum.ln() - z[y] as f64
 }
 
 fn unit(v: &[f32]) -> Vec<f64> {
