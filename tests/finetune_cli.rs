@@ -378,3 +378,47 @@ fn ctrl_c_checkpoints_and_resumes() {
     let state = json(&out.join("checkpoint").join("trainer_state.json"));
     assert_eq!(state["step"].as_u64().unwrap(), done + 2);
 }
+
+/// `--random-control SEED`: each steering vector becomes a random direction of the same norm,
+/// recorded in persona_train.json, and the run differs from the real vector's.
+#[test]
+fn random_control_is_norm_matched_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-llama");
+    let gdir = fixtures().join("grad").join("tiny-llama");
+    let data = data_file(tmp.path(), &json(&gdir.join("reference.json")));
+    let spec = format!("vector={},layer=2,coeff=3", gdir.join("vector.safetensors").display());
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut a = vec![
+            "finetune",
+            "--backend",
+            "cpu",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--steer",
+            &spec,
+        ];
+        a.extend_from_slice(extra);
+        let (ok, _, err) = persona_cli(&a);
+        assert!(ok, "{err}");
+        (json(&out.join("persona_train.json")), log_losses(&out))
+    };
+    let (real, real_losses) = run("real", &[]);
+    let (ctl, ctl_losses) = run("control", &["--random-control", "5"]);
+    let (ctl2, _) = run("control2", &["--random-control", "5"]);
+    let (r, c) = (&real["steering"][0], &ctl["steering"][0]);
+    assert_eq!(ctl["random_control"], 5);
+    assert!((r["norm"].as_f64().unwrap() - c["norm"].as_f64().unwrap()).abs() < 1e-4 * r["norm"].as_f64().unwrap());
+    assert_ne!(r["vector_sha256"], c["vector_sha256"], "the control used the real vector");
+    assert_eq!(c["vector_sha256"], ctl2["steering"][0]["vector_sha256"], "the control is not seeded");
+    assert_ne!(real_losses, ctl_losses);
+}

@@ -279,3 +279,53 @@ fn zero_coefficient_and_ragged_batch_invariants() {
         assert!(nmse(a, &b) < 1e-10, "{k}: batch gradient differs from the sum of its sequences ({:e})", nmse(a, &b));
     }
 }
+
+/// Gradient accumulation: three micro-batches of one sequence make the same step as one batch of
+/// three (the loss is the mean over the step's answer tokens either way).
+#[test]
+fn accumulation_equals_one_large_batch() {
+    let c = load(CpuBackend, "tiny-llama");
+    let step = |batch: usize, accum: usize| {
+        let mut o = options(&c);
+        o.batch = batch;
+        o.accum = accum;
+        let mut t = Trainer::new(&c.engine, o, c.init.clone(), c.examples.clone(), vec![], None, vec![]).unwrap();
+        let mut g = LoraAdapter::zeros(c.init.config.clone(), &c.engine.config);
+        let log = t.train_step(Some(&mut g)).unwrap();
+        (log.loss, g, t.adapter)
+    };
+    let (l1, g1, a1) = step(3, 1);
+    let (l3, g3, a3) = step(1, 3);
+    assert!(rel(l1, l3) < 1e-6, "loss {l1} vs {l3}");
+    for (((k, x), (_, y)), ((_, p), (_, q))) in flat(&g1).iter().zip(flat(&g3)).zip(flat(&a1).iter().zip(flat(&a3))) {
+        assert!(nmse(x, &y) < 1e-10, "{k}: accumulated gradient differs ({:e})", nmse(x, &y));
+        assert!(nmse(p, &q) < 1e-10, "{k}: parameters after the step differ");
+    }
+}
+
+/// The adapter saved after training, loaded and merged into the weights (how `--adapter` runs
+/// it), gives the training forward's logits.
+#[test]
+fn saved_adapter_runs_as_trained() {
+    for name in MODELS {
+        let c = load(CpuBackend, name);
+        let mut t =
+            Trainer::new(&c.engine, options(&c), c.init.clone(), c.examples.clone(), vec![], None, vec![]).unwrap();
+        t.train_step(None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        t.adapter.save(dir.path(), name).unwrap();
+        let lora = DeviceLora::upload(&c.engine.backend, &t.adapter).unwrap();
+        let trained = training_logits(&c.engine, &lora, &c.examples[1]);
+        let mut files = ModelFiles::open(&fixtures().join(name)).unwrap();
+        LoraAdapter::load(dir.path(), &files.config).unwrap().merge_into(&mut files.tensors).unwrap();
+        let merged = Engine::new(CpuBackend, files.config.clone(), &files.tensors, 256).unwrap();
+        let ex = &c.examples[1];
+        let mut cache = merged.new_cache(1, ex.ids.len()).unwrap();
+        let seq = [SeqInput { slot: 0, tokens: &ex.ids, logits_from: Some(0), ..Default::default() }];
+        let out = merged.forward(&mut cache, &seq, false).unwrap();
+        let worst = (0..ex.ids.len())
+            .flat_map(|r| out.row(r).iter().zip(&trained[r]).map(|(a, b)| (a - b).abs()).collect::<Vec<_>>())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: merged adapter logits differ from the training forward by {worst}");
+    }
+}
