@@ -1,6 +1,7 @@
 //! Persona pipelines: traits, extraction, judges, evaluation, monitoring, screening.
 
 pub mod common;
+pub mod dataset;
 pub mod eval;
 pub mod extract;
 pub mod judge;

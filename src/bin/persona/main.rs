@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod dataset;
 mod finetune;
 mod generate;
 mod info;
@@ -59,6 +60,8 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// LoRA fine-tuning with steering in the training pass (preventative steering / CAFT); PEFT adapters out.
     Finetune(finetune::FinetuneArgs),
+    /// A fine-tuning set made by the model: trait answers (written without their system prompt), benign ones, or a mix.
+    Dataset(dataset::DatasetArgs),
     /// Throughput benchmark (llama-bench style): prompt processing and generation, steered and not.
     Bench(bench::BenchArgs),
 }
@@ -172,6 +175,7 @@ fn main() {
         Cmd::Traits(a) => traits::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Finetune(a) => finetune::run(a),
+        Cmd::Dataset(a) => dataset::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),
