@@ -349,7 +349,15 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+        // The first Ctrl-C finishes the step in flight and checkpoints; a second one leaves at once.
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of the step in flight");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to stop at once)");
+        })
+        .context("installing the Ctrl-C handler")?;
     }
     let base = model_path.display().to_string();
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(total as u64) };
