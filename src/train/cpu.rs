@@ -136,16 +136,16 @@ pub fn attention_backward(
     }
 }
 
-/// `dgate = d·up·σ(g)(1 + g(1 − σ(g)))`, `dup = d·silu(g)`.
+/// `dgate = d·up·σ(g)(1 + g(1 − σ(g)))`, `dup = d·silu(g)`, in f32 as the forward computes silu.
 pub fn silu_mul_backward(gate: &[f32], up: &[f32], d: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     dgate.par_chunks_mut(4096).zip(dup.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
         let off = c * 4096;
         for j in 0..dg.len() {
-            let g = gate[off + j] as f64;
+            let g = gate[off + j];
             let sg = 1.0 / (1.0 + (-g).exp());
-            let dj = d[off + j] as f64;
-            dg[j] = (dj * up[off + j] as f64 * sg * (1.0 + g * (1.0 - sg))) as f32;
-            du[j] = (dj * g * sg) as f32;
+            let dj = d[off + j];
+            dg[j] = dj * up[off + j] * sg * (1.0 + g * (1.0 - sg));
+            du[j] = dj * g * sg;
         }
     });
 }
