@@ -8,3 +8,4 @@ pub mod judge;
 pub mod monitor;
 pub mod screen;
 pub mod traits;
+pub mod vaccine;

@@ -9,6 +9,7 @@ mod info;
 mod pipelines;
 mod serve;
 mod traits;
+mod vaccine;
 mod vectors;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ enum Cmd {
     Finetune(finetune::FinetuneArgs),
     /// A fine-tuning set made by the model: trait answers (written without their system prompt), benign ones, or a mix.
     Dataset(dataset::DatasetArgs),
+    /// Preventative steering measured: plain vs steered fine-tunes, random/CAFT/other-trait controls.
+    Vaccine(vaccine::VaccineArgs),
     /// Throughput benchmark (llama-bench style): prompt processing and generation, steered and not.
     Bench(bench::BenchArgs),
 }
@@ -176,6 +179,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Finetune(a) => finetune::run(a),
         Cmd::Dataset(a) => dataset::run(a),
+        Cmd::Vaccine(a) => vaccine::run(a),
         Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
             .map(|p| println!("{}", p.display()))
             .map_err(Into::into),

@@ -1,0 +1,623 @@
+//! Preventative steering measured, with controls (`persona vaccine`).
+//!
+//! Several LoRA fine-tunes of one model on the **same** rows, in the same order, from the same
+//! initial adapter, differing only in the steering applied during the training passes: none
+//! (`plain`), `c·v[L]` added at every position (`steer`), a norm-matched random direction at the
+//! same coefficients (`random`), the direction ablated (`caft`), another trait's vector scaled to
+//! `|v[L]|` (`other_trait`); plus the model itself (`base`). Every measurement is taken with the
+//! steering **off**:
+//!
+//! - prompt projection: per evaluation question (chat-templated, no system prompt), the last
+//!   prompt token's residual at L projected on the unit `v[L]` — `shift` is its mean minus base's;
+//! - response projection: the model's greedy answer read by the **base** model at L (mean over the
+//!   answer tokens) — `response_shift` is its mean minus base's own answers read the same way;
+//! - `benign_nll`, `trait_nll_off`, `trait_nll_on`: held-out mean NLL per answer token (benign rows;
+//!   trait rows without and with the arm's training steering), computed by the training pass;
+//! - `logodds_shift` (when log-odds items are given): the trait log-odds of `persona eval` (mean
+//!   log-prob per token of base's trait-positive answers minus its trait-negative ones, no system
+//!   prompt) minus base's;
+//! - 95% intervals of both shifts by a paired bootstrap over questions.
+//!
+//! Each arm writes `arms/<name>/` (adapter, `train_log.jsonl`, `result.json` with the raw
+//! per-question values); an arm whose `result.json` matches the run's settings is not retrained.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::common::{norm, quantile, random_like, teacher_force, unit, write_atomic, CaptureRange, Forced};
+use crate::engine::generate::GenRequest;
+use crate::engine::sampler::Rng;
+use crate::error::{Error, Result};
+use crate::model::lora::LoraAdapter;
+use crate::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+use crate::train::data::Example;
+use crate::train::pass::{forward_backward, DeviceLora};
+use crate::train::{init_adapter, TrainBackend, TrainOptions, Trainer};
+use crate::LoadedModel;
+
+/// What an arm is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArmKind {
+    Base,
+    Plain,
+    Steer,
+    Random,
+    Caft,
+    OtherTrait,
+}
+
+impl ArmKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ArmKind::Base => "base",
+            ArmKind::Plain => "plain",
+            ArmKind::Steer => "steer",
+            ArmKind::Random => "random",
+            ArmKind::Caft => "caft",
+            ArmKind::OtherTrait => "other_trait",
+        }
+    }
+}
+
+/// One arm: its name (a folder name), kind, and the steering of its training passes.
+#[derive(Debug, Clone)]
+pub struct Arm {
+    pub name: String,
+    pub kind: ArmKind,
+    /// What the steering vector is (`evil@18`, `random(seed 1000)`, ...); `None` without steering.
+    pub vector: Option<String>,
+    pub coeff: Option<f32>,
+    /// The training-time steering op (`None`: base and plain).
+    pub op: Option<SteerOp>,
+}
+
+impl Arm {
+    pub fn steering(&self) -> Option<SeqSteering> {
+        self.op.as_ref().map(|op| SeqSteering { plan: SteeringPlan { ops: vec![op.clone()] }, probes: vec![] })
+    }
+}
+
+fn add_op(layer: usize, v: &[f32], coeff: f32) -> SteerOp {
+    SteerOp { kind: SteerKind::Add, layer, vector: Arc::from(v), coeff, positions: Positions::All, when: None }
+}
+
+fn coeff_name(c: f32) -> String {
+    format!("{c}").replace('-', "m")
+}
+
+/// The arms of a run, in the order they are trained: base, plain, steer at each coefficient,
+/// random at each coefficient (one per seed of `random_seeds`: a random direction norm-matched to
+/// `v`, the same direction at every coefficient), caft, and `other` (name, its row at `layer`)
+/// scaled to `|v|` at the middle coefficient.
+pub fn plan_arms(
+    layer: usize,
+    v: &[f32],
+    label: &str,
+    coeffs: &[f32],
+    random_seeds: &[u64],
+    other: Option<(&str, &[f32])>,
+) -> Result<Vec<Arm>> {
+    if coeffs.is_empty() {
+        return Err(Error::Invalid("give at least one steering coefficient".into()));
+    }
+    if let Some(c) = coeffs.iter().find(|c| !c.is_finite()) {
+        return Err(Error::Invalid(format!("coefficient {c} is not a finite number")));
+    }
+    if norm(v) == 0.0 {
+        return Err(Error::Invalid(format!("the vector `{label}` is zero at layer {layer}: no direction")));
+    }
+    let mut arms = vec![
+        Arm { name: "base".into(), kind: ArmKind::Base, vector: None, coeff: None, op: None },
+        Arm { name: "plain".into(), kind: ArmKind::Plain, vector: None, coeff: None, op: None },
+    ];
+    for &c in coeffs {
+        arms.push(Arm {
+            name: format!("steer-c{}", coeff_name(c)),
+            kind: ArmKind::Steer,
+            vector: Some(format!("{label}@{layer}")),
+            coeff: Some(c),
+            op: Some(add_op(layer, v, c)),
+        });
+    }
+    for &s in random_seeds {
+        let r = random_like(v, s);
+        for &c in coeffs {
+            arms.push(Arm {
+                name: format!("random-c{}-s{s}", coeff_name(c)),
+                kind: ArmKind::Random,
+                vector: Some(format!("random(seed {s}, |v|={:.3})@{layer}", norm(v))),
+                coeff: Some(c),
+                op: Some(add_op(layer, &r, c)),
+            });
+        }
+    }
+    arms.push(Arm {
+        name: "caft".into(),
+        kind: ArmKind::Caft,
+        vector: Some(format!("{label}@{layer}")),
+        coeff: None,
+        op: Some(SteerOp {
+            kind: SteerKind::Ablate,
+            layer,
+            vector: Arc::from(v),
+            coeff: 0.0,
+            positions: Positions::All,
+            when: None,
+        }),
+    });
+    if let Some((name, w)) = other {
+        let nw = norm(w);
+        if nw == 0.0 {
+            return Err(Error::Invalid(format!("the other trait's vector `{name}` is zero at layer {layer}")));
+        }
+        let scaled: Vec<f32> = w.iter().map(|&x| (x as f64 * norm(v) / nw) as f32).collect();
+        let mut sorted = coeffs.to_vec();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let c = sorted[sorted.len() / 2];
+        arms.push(Arm {
+            name: format!("other-{name}-c{}", coeff_name(c)),
+            kind: ArmKind::OtherTrait,
+            vector: Some(format!("{name}@{layer} scaled to |v|")),
+            coeff: Some(c),
+            op: Some(add_op(layer, &scaled, c)),
+        });
+    }
+    Ok(arms)
+}
+
+/// The prepared data of a run (token ids; see the CLI for how it is made from a trait).
+#[derive(Debug, Clone, Default)]
+pub struct VaccineData {
+    pub train: Vec<Example>,
+    /// Held-out trait rows (`trait_nll_*`).
+    pub trait_holdout: Vec<Example>,
+    /// Held-out benign rows (`benign_nll`).
+    pub benign_holdout: Vec<Example>,
+    /// Evaluation prompts (chat-templated questions, no system prompt, generation prompt added).
+    pub eval_prompts: Vec<Vec<u32>>,
+    /// Log-odds items: per evaluation question, base's trait-positive and trait-negative answers
+    /// after the no-system prompt. Empty: no `logodds_shift`.
+    pub logodds_pos: Vec<Forced>,
+    pub logodds_neg: Vec<Forced>,
+}
+
+/// How a run measures.
+#[derive(Debug, Clone)]
+pub struct VaccineOptions {
+    /// Residual index of the steering and of every projection.
+    pub layer: usize,
+    pub train: TrainOptions,
+    /// Greedy answer length for the response projection.
+    pub max_answer_tokens: usize,
+    /// Bootstrap resamples and seed.
+    pub resamples: usize,
+    pub boot_seed: u64,
+    /// Sequences per evaluation batch.
+    pub batch: usize,
+    /// Written into each arm's `result.json`; an arm recorded under other settings is refused.
+    pub settings: Value,
+}
+
+/// An arm's raw measurements (its `result.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArmMeasure {
+    pub name: String,
+    pub kind: ArmKind,
+    pub vector: Option<String>,
+    pub coeff: Option<f32>,
+    /// Per evaluation question: last-prompt-token projection (this model).
+    pub prompt_proj: Vec<f64>,
+    /// Per evaluation question: this model's greedy answer read by the base model (mean over its
+    /// tokens; NaN for an empty answer).
+    pub response_proj: Vec<f64>,
+    pub answer_tokens: Vec<usize>,
+    pub logodds: Option<f64>,
+    pub benign_nll: f64,
+    pub trait_nll_off: f64,
+    pub trait_nll_on: f64,
+    /// FNV-1a of the initial adapter and of the training rows in order (same for every arm).
+    pub init_hash: String,
+    pub data_hash: String,
+    pub steps: usize,
+    pub final_loss: Option<f64>,
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    pub settings: Value,
+}
+
+fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+pub fn adapter_hash(a: &LoraAdapter) -> String {
+    let mut h = FNV0;
+    for p in a.layers.iter().flatten().flatten() {
+        h = fnv(p.a.iter().chain(&p.b).flat_map(|x| x.to_le_bytes()), h);
+    }
+    format!("{h:016x}")
+}
+
+pub fn data_hash(rows: &[Example]) -> String {
+    let mut h = FNV0;
+    for r in rows {
+        h = fnv(r.ids.iter().flat_map(|x| x.to_le_bytes()), h);
+        h = fnv(r.target.iter().map(|&t| t as u8), h);
+        h = fnv([0xff], h);
+    }
+    format!("{h:016x}")
+}
+
+/// Check the data before any training: enough rows and questions, no evaluation prompt among the
+/// training rows' prompts.
+pub fn check_data(d: &VaccineData) -> Result<()> {
+    if d.eval_prompts.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{} evaluation question(s): a shift with an interval needs at least 2",
+            d.eval_prompts.len()
+        )));
+    }
+    if d.train.is_empty() || d.trait_holdout.is_empty() || d.benign_holdout.is_empty() {
+        return Err(Error::Invalid(format!(
+            "too little data: {} training rows, {} held-out trait rows, {} held-out benign rows (each needs at least 1)",
+            d.train.len(),
+            d.trait_holdout.len(),
+            d.benign_holdout.len()
+        )));
+    }
+    for (i, p) in d.eval_prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Invalid(format!("evaluation prompt {} is empty", i + 1)));
+        }
+        for r in &d.train {
+            let first = r.target.iter().position(|&t| t).unwrap_or(r.ids.len());
+            if r.ids[..first].ends_with(p) || r.ids[..first] == p[..] {
+                return Err(Error::Invalid(format!(
+                    "evaluation prompt {} is the prompt of a training row (line {}): evaluation questions must \
+                     never be trained on",
+                    i + 1,
+                    r.line
+                )));
+            }
+        }
+    }
+    if d.logodds_pos.len() != d.logodds_neg.len() {
+        return Err(Error::Invalid("log-odds items: as many positive as negative answers are needed".into()));
+    }
+    Ok(())
+}
+
+/// Mean NLL per answer token of `rows` with the adapter and `steering` (the training pass's loss).
+pub fn nll<B: TrainBackend>(
+    m: &LoadedModel<B>,
+    lora: &DeviceLora<B>,
+    rows: &[Example],
+    steering: Option<&SeqSteering>,
+    batch: usize,
+) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in rows.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let out = forward_backward(&m.engine, lora, &refs, steering, &[], 1.0, None)?;
+        sum += out.loss_sum;
+        n += out.targets;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+fn probe_steering(layer: usize, u: &[f32]) -> SeqSteering {
+    SeqSteering { plan: SteeringPlan::default(), probes: vec![Probe { name: "v".into(), layer, vector: Arc::from(u) }] }
+}
+
+/// Prompt projections, greedy answers read by `base`, and log-odds of `model` (steering off).
+#[allow(clippy::type_complexity)]
+fn measure_model<B: TrainBackend>(
+    base: &LoadedModel<B>,
+    model: &LoadedModel<B>,
+    d: &VaccineData,
+    u: &[f32],
+    o: &VaccineOptions,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<usize>, Option<f64>)> {
+    let probe = Arc::new(probe_steering(o.layer, u));
+    let (mut prompt_proj, mut response_proj, mut lens) = (vec![], vec![], vec![]);
+    for chunk in d.eval_prompts.chunks(o.batch.max(1)) {
+        let reqs: Vec<GenRequest> = chunk
+            .iter()
+            .map(|p| GenRequest { steering: Some(probe.clone()), ..GenRequest::greedy(p.clone(), o.max_answer_tokens) })
+            .collect();
+        let gens = model.engine.generate(&reqs, &mut |_, _| {})?;
+        let mut items = vec![];
+        for (p, g) in chunk.iter().zip(&gens) {
+            prompt_proj.push(g.last_prompt_projection(0) as f64);
+            let ans = model.answer_ids(g);
+            lens.push(ans.len());
+            let mut tokens = p.clone();
+            tokens.extend(&ans);
+            items.push(Forced { tokens, answer_start: p.len() });
+        }
+        let outs = teacher_force(&base.engine, &items, Some(&probe), CaptureRange::None, false, o.batch, None)?;
+        for (it, out) in items.iter().zip(outs) {
+            response_proj.push(if it.tokens.len() > it.answer_start { out.answer_proj[0] as f64 } else { f64::NAN });
+        }
+    }
+    let logodds = if d.logodds_pos.is_empty() {
+        None
+    } else {
+        let lp = |items: &[Forced]| -> Result<f64> {
+            let outs = teacher_force(&model.engine, items, None, CaptureRange::None, true, o.batch, None)?;
+            Ok(outs.iter().map(|x| x.logprob.unwrap_or(0.0)).sum::<f64>() / outs.len().max(1) as f64)
+        };
+        Some(lp(&d.logodds_pos)? - lp(&d.logodds_neg)?)
+    };
+    Ok((prompt_proj, response_proj, lens, logodds))
+}
+
+/// Train (unless base) and measure one arm in `dir`; an arm already recorded there under the same
+/// settings is read back and not retrained. `load_merged` builds the fine-tuned model (the adapter
+/// merged into the weights); `log` receives progress lines.
+#[allow(clippy::too_many_arguments)]
+pub fn run_arm<B: TrainBackend>(
+    base: &LoadedModel<B>,
+    load_merged: &mut dyn FnMut(&LoraAdapter) -> Result<LoadedModel<B>>,
+    arm: &Arm,
+    d: &VaccineData,
+    v: &[f32],
+    o: &VaccineOptions,
+    dir: &Path,
+    base_model: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<ArmMeasure> {
+    let result_path = dir.join("result.json");
+    if result_path.exists() {
+        let text = std::fs::read_to_string(&result_path).map_err(|e| Error::io(&result_path, e))?;
+        let r: ArmMeasure =
+            serde_json::from_str(&text).map_err(|e| Error::format(&result_path, format!("not an arm result: {e}")))?;
+        if r.settings != o.settings {
+            return Err(Error::format(
+                &result_path,
+                "recorded under other settings (trait, vector, layer, steps, lr, seed, data or questions); \
+                 use another --out-dir, or delete this arm's folder",
+            ));
+        }
+        log(&format!("[{}] already measured: resumed from {}", arm.name, result_path.display()));
+        return Ok(r);
+    }
+    check_data(d)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg = &base.engine.config;
+    let init = init_adapter(o.train.lora.clone(), cfg, o.train.seed);
+    let init_hash = adapter_hash(&init);
+    let steering = arm.steering();
+    let start = Instant::now();
+    let (adapter, steps, final_loss) = if arm.kind == ArmKind::Base {
+        (LoraAdapter::zeros(o.train.lora.clone(), cfg), 0, None)
+    } else {
+        let u = unit(v);
+        let monitor = Probe { name: "v".into(), layer: o.layer, vector: Arc::from(&u[..]) };
+        let mut t = Trainer::new(
+            &base.engine,
+            o.train.clone(),
+            init,
+            d.train.clone(),
+            vec![],
+            steering.clone(),
+            vec![monitor],
+        )?;
+        let total = t.total_steps();
+        let log_path = dir.join("train_log.jsonl");
+        let mut f = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let mut last = None;
+        while t.step < total {
+            let s = t.train_step(None)?;
+            writeln!(f, "{}", s.to_json()).map_err(|e| Error::io(&log_path, e))?;
+            let per = start.elapsed().as_secs_f64() / s.step as f64;
+            log(&format!(
+                "[{}] step {}/{total} loss {:.4} proj {:+.3} ({:.1} s/step, arm ETA {:.0} s)",
+                arm.name,
+                s.step,
+                s.loss,
+                s.projections.first().map_or(f64::NAN, |p| p.2),
+                per,
+                per * (total - s.step) as f64
+            ));
+            last = Some(s.loss);
+        }
+        f.sync_all().map_err(|e| Error::io(&log_path, e))?;
+        t.adapter.save(dir, base_model)?;
+        (t.adapter, total, last)
+    };
+    let train_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    log(&format!("[{}] measuring (steering off)", arm.name));
+    let lora = DeviceLora::upload(&base.engine.backend, &adapter)?;
+    let benign_nll = nll(base, &lora, &d.benign_holdout, None, o.batch)?;
+    let trait_nll_off = nll(base, &lora, &d.trait_holdout, None, o.batch)?;
+    let trait_nll_on = match &steering {
+        Some(s) => nll(base, &lora, &d.trait_holdout, Some(s), o.batch)?,
+        None => trait_nll_off,
+    };
+    drop(lora);
+    let u = unit(v);
+    let (prompt_proj, response_proj, answer_tokens, logodds) = if arm.kind == ArmKind::Base {
+        measure_model(base, base, d, &u, o)?
+    } else {
+        let merged = load_merged(&adapter)?;
+        measure_model(base, &merged, d, &u, o)?
+    };
+    let r = ArmMeasure {
+        name: arm.name.clone(),
+        kind: arm.kind,
+        vector: arm.vector.clone(),
+        coeff: arm.coeff,
+        prompt_proj,
+        response_proj,
+        answer_tokens,
+        logodds,
+        benign_nll,
+        trait_nll_off,
+        trait_nll_on,
+        init_hash,
+        data_hash: data_hash(&d.train),
+        steps,
+        final_loss,
+        train_seconds,
+        eval_seconds: start.elapsed().as_secs_f64(),
+        settings: o.settings.clone(),
+    };
+    let text = serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&result_path, text.as_bytes())?;
+    Ok(r)
+}
+
+/// Mean of `a[i] − b[i]` over the pairs where both are finite, and its 95% paired-bootstrap
+/// interval (`resamples` resamples of the questions, seeded).
+pub fn paired_shift(a: &[f64], b: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
+    let diffs: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).filter(|d| d.is_finite()).collect();
+    if diffs.is_empty() {
+        return (f64::NAN, [f64::NAN, f64::NAN]);
+    }
+    let n = diffs.len();
+    let mean = diffs.iter().sum::<f64>() / n as f64;
+    let mut rng = Rng::new(seed);
+    let boots: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| diffs[(rng.next_u64() % n as u64) as usize]).sum::<f64>() / n as f64)
+        .collect();
+    (mean, [quantile(&boots, 0.025), quantile(&boots, 0.975)])
+}
+
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+/// `results.json`'s value: every arm's shifts relative to `base` (the arm of kind base).
+pub fn results_json(arms: &[ArmMeasure], resamples: usize, seed: u64, settings: &Value) -> Result<Value> {
+    let base = arms
+        .iter()
+        .find(|a| a.kind == ArmKind::Base)
+        .ok_or_else(|| Error::Invalid("no base arm to measure shifts against".into()))?;
+    let rows: Vec<Value> = arms
+        .iter()
+        .map(|a| {
+            let (s, ci_s) = paired_shift(&a.prompt_proj, &base.prompt_proj, resamples, seed);
+            let (r, ci_r) = paired_shift(&a.response_proj, &base.response_proj, resamples, seed);
+            let lo = match (a.logodds, base.logodds) {
+                (Some(x), Some(y)) => num(x - y),
+                _ => Value::Null,
+            };
+            json!({
+                "name": a.name, "kind": a.kind.name(), "vector": a.vector, "coeff": a.coeff,
+                "shift": num(s), "response_shift": num(r), "logodds_shift": lo,
+                "benign_nll": num(a.benign_nll), "trait_nll_off": num(a.trait_nll_off), "trait_nll_on": num(a.trait_nll_on),
+                "ci95": {"shift": [num(ci_s[0]), num(ci_s[1])], "response_shift": [num(ci_r[0]), num(ci_r[1])]},
+                "final_loss": a.final_loss, "steps": a.steps, "train_seconds": a.train_seconds,
+                "mean_answer_tokens": a.answer_tokens.iter().sum::<usize>() as f64 / a.answer_tokens.len().max(1) as f64,
+            })
+        })
+        .collect();
+    Ok(json!({ "arms": rows, "settings": settings }))
+}
+
+fn f(x: &Value, digits: usize) -> String {
+    x.as_f64().map_or("–".into(), |v| format!("{v:+.digits$}"))
+}
+
+/// Prevention ratio `1 − |x_arm| / |x_plain|` (`None` when plain's shift is 0 or missing).
+pub fn prevention_ratio(arm: f64, plain: f64) -> Option<f64> {
+    (plain.is_finite() && plain != 0.0 && arm.is_finite()).then(|| 1.0 - arm.abs() / plain.abs())
+}
+
+/// `results.md`: the table and the prevention ratios.
+pub fn results_markdown(results: &Value) -> String {
+    let arms = results["arms"].as_array().cloned().unwrap_or_default();
+    let plain = arms.iter().find(|a| a["kind"] == "plain");
+    let ps = plain.and_then(|p| p["shift"].as_f64()).unwrap_or(f64::NAN);
+    let pr = plain.and_then(|p| p["response_shift"].as_f64()).unwrap_or(f64::NAN);
+    let mut s = String::from("# persona vaccine\n\n");
+    s += &format!("settings: `{}`\n\n", results["settings"]);
+    s += "Shifts are relative to base, measured with steering off; [95% paired bootstrap over questions]. \
+          PR = 1 − |shift_arm| / |shift_plain| (prompt; response).\n\n";
+    s += "| arm | kind | coeff | shift [95%] | response_shift [95%] | logodds_shift | benign_nll | trait_nll_off | trait_nll_on | PR prompt | PR response |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for a in &arms {
+        let ci = |k: &str| format!("[{}, {}]", f(&a["ci95"][k][0], 3), f(&a["ci95"][k][1], 3));
+        let prf = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.2}"));
+        let (is_ft, sh, rs) = (
+            a["kind"] != "base" && a["kind"] != "plain",
+            a["shift"].as_f64().unwrap_or(f64::NAN),
+            a["response_shift"].as_f64().unwrap_or(f64::NAN),
+        );
+        s += &format!(
+            "| {} | {} | {} | {} {} | {} {} | {} | {:.4} | {:.4} | {:.4} | {} | {} |\n",
+            a["name"].as_str().unwrap_or(""),
+            a["kind"].as_str().unwrap_or(""),
+            a["coeff"].as_f64().map_or("–".into(), |c| format!("{c}")),
+            f(&a["shift"], 3),
+            ci("shift"),
+            f(&a["response_shift"], 3),
+            ci("response_shift"),
+            f(&a["logodds_shift"], 3),
+            a["benign_nll"].as_f64().unwrap_or(f64::NAN),
+            a["trait_nll_off"].as_f64().unwrap_or(f64::NAN),
+            a["trait_nll_on"].as_f64().unwrap_or(f64::NAN),
+            if is_ft { prf(prevention_ratio(sh, ps)) } else { "–".into() },
+            if is_ft { prf(prevention_ratio(rs, pr)) } else { "–".into() },
+        );
+    }
+    s
+}
+
+/// Run every arm (resuming finished ones) and write `results.json` and `results.md` atomically
+/// into `out`; arms go to `out/arms/<name>/`. Returns the results value.
+#[allow(clippy::too_many_arguments)]
+pub fn run<B: TrainBackend>(
+    base: &LoadedModel<B>,
+    load_merged: &mut dyn FnMut(&LoraAdapter) -> Result<LoadedModel<B>>,
+    arms: &[Arm],
+    d: &VaccineData,
+    v: &[f32],
+    o: &VaccineOptions,
+    out: &Path,
+    base_model: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<Value> {
+    check_data(d)?;
+    if v.len() != base.engine.config.hidden {
+        return Err(Error::Invalid(format!(
+            "the vector row has {} values; the model's hidden size is {}",
+            v.len(),
+            base.engine.config.hidden
+        )));
+    }
+    let mut names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    if names.len() != arms.len() {
+        return Err(Error::Invalid("two arms have the same name".into()));
+    }
+    let start = Instant::now();
+    let mut done = vec![];
+    for (i, arm) in arms.iter().enumerate() {
+        log(&format!("arm {}/{}: {} ({:.0} s so far)", i + 1, arms.len(), arm.name, start.elapsed().as_secs_f64()));
+        let r = run_arm(base, load_merged, arm, d, v, o, &out.join("arms").join(&arm.name), base_model, log)?;
+        done.push(r);
+        let results = results_json(&done, o.resamples, o.boot_seed, &o.settings)?;
+        write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())?;
+        write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
+    }
+    results_json(&done, o.resamples, o.boot_seed, &o.settings)
+}
