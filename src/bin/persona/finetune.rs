@@ -129,20 +129,8 @@ fn sha256_f32(v: &[f32]) -> String {
     format!("{:x}", h.finalize())
 }
 
-/// A training step allocates and frees the same large buffers (the tape, logits, gradients) every
-/// step; glibc would unmap each one on free and fault it in again (measured: 12% of a step on the
-/// default model). Serve them from the heap instead and keep freed memory in the process.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before the training allocations.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    keep_freed_memory();
+    persona::train::keep_freed_memory();
     if a.model.adapter.is_some() {
         bail!("finetune trains an adapter on the base model: use --init-adapter DIR to start from an existing adapter");
     }

@@ -81,15 +81,6 @@ pub struct VaccineArgs {
     pub lora_alpha: f64,
 }
 
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before the training allocations.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 /// The first other trait's vector in `dir` (alphabetical), as (trait name, path).
 fn other_vector_beside(vector: &Path, trait_name: &str) -> Option<PathBuf> {
     let dir = vector.parent()?;
@@ -104,7 +95,7 @@ fn other_vector_beside(vector: &Path, trait_name: &str) -> Option<PathBuf> {
 }
 
 pub fn run(a: VaccineArgs) -> Result<()> {
-    keep_freed_memory();
+    persona::train::keep_freed_memory();
     let t0 = Instant::now();
     if a.model.adapter.is_some() {
         bail!("vaccine fine-tunes the base model itself: --adapter is not supported here");
