@@ -2,20 +2,22 @@
 //! without a judge is the trait log-odds: the mean per-token log-probability of the model's own
 //! trait-positive answers minus its trait-negative answers (each generated once, unsteered, under
 //! the trait's system prompts), scored with no system prompt under steering. With a judge, steered
-//! answers are generated and scored for the trait and coherence. A norm-matched random direction
-//! at the best layer is the control.
+//! answers are generated and scored for the trait and coherence. The control is R norm-matched
+//! random directions at the best layer (`random`, default 3): each costs as much as one layer of
+//! the sweep (one teacher-forced pass per coefficient, plus generation with `generate` or a judge),
+//! so R stays small; the report gives their spans' mean and largest |span| and the vector's rank.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::common::{progress, teacher_force, CaptureRange, Forced};
+pub use super::common::random_like;
+use super::common::{progress, random_directions, teacher_force, CaptureRange, Forced, RandomControl};
 use super::extract::chat_ids;
 use super::judge::Judge;
 use super::traits::TraitDef;
 use crate::backend::Backend;
 use crate::engine::generate::GenRequest;
-use crate::engine::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::steer::vector::PersonaVector;
 use crate::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
@@ -32,6 +34,8 @@ pub struct EvalOptions {
     pub max_tokens: usize,
     pub batch: usize,
     pub seed: u64,
+    /// Random directions at the best layer (the control).
+    pub random: usize,
     pub show_progress: bool,
 }
 
@@ -40,8 +44,11 @@ pub struct EvalOptions {
 pub struct EvalPoint {
     pub layer: usize,
     pub coeff: f32,
-    /// `true` for the norm-matched random direction.
+    /// `true` for a norm-matched random direction.
     pub control: bool,
+    /// Which random direction (0-based; with `control`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_index: Option<usize>,
     /// Mean over questions of (log p(pos answer) − log p(neg answer)) per token, nats.
     pub log_odds: f64,
     /// Mean projection of the steered answers onto the unit vector at `layer`.
@@ -59,8 +66,11 @@ pub struct EvalReport {
     /// Per layer: log_odds(max coeff) − log_odds(min coeff).
     pub effect: Vec<(usize, f64)>,
     pub best_layer: usize,
-    /// The same span for the random direction at the best layer.
+    /// The mean over the random directions at the best layer of the same span.
     pub random_effect: f64,
+    /// The log-odds span of each random direction at the best layer against the vector's there
+    /// (center 0: `max_abs` is the largest |span|, `rank` the vector's rank by |span|).
+    pub random: RandomControl,
 }
 
 /// The model's own reference answers (unsteered) to the evaluation questions, under the
@@ -96,25 +106,6 @@ fn add_op(layer: usize, v: &Arc<[f32]>, coeff: f32) -> SteerOp {
     SteerOp { kind: SteerKind::Add, layer, vector: v.clone(), coeff, positions: Positions::All, when: None }
 }
 
-/// A random direction with the norm of `v`.
-pub fn random_like(v: &[f32], seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    // Box–Muller normals: an isotropic direction.
-    let mut g: Vec<f32> = (0..v.len())
-        .map(|_| {
-            let (u1, u2) = (r.next_f64().max(1e-300), r.next_f64());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
-    let (nv, ng) = (norm(v), norm(&g));
-    g.iter_mut().for_each(|x| *x *= (nv / ng) as f32);
-    g
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn point<B: Backend>(
     m: &LoadedModel<B>,
@@ -124,7 +115,7 @@ fn point<B: Backend>(
     layer: usize,
     coeff: f32,
     row: &Arc<[f32]>,
-    control: bool,
+    random_index: Option<usize>,
     judge: Option<&dyn Judge>,
     o: &EvalOptions,
 ) -> Result<EvalPoint> {
@@ -139,7 +130,8 @@ fn point<B: Backend>(
     let mut p = EvalPoint {
         layer,
         coeff,
-        control,
+        control: random_index.is_some(),
+        random_index,
         log_odds: lo,
         response_projection: None,
         trait_score: None,
@@ -178,8 +170,22 @@ fn point<B: Backend>(
     Ok(p)
 }
 
-fn span(points: &[EvalPoint], layer: usize, control: bool) -> f64 {
-    let pts: Vec<&EvalPoint> = points.iter().filter(|p| p.layer == layer && p.control == control).collect();
+/// Which line of the sweep a point is on: its layer and, for the control, its random direction.
+fn line(p: &EvalPoint) -> (usize, Option<usize>) {
+    (p.layer, p.random_index)
+}
+
+/// A line's name in the table: its layer, or `18 random 2`.
+fn label(of: (usize, Option<usize>)) -> String {
+    match of {
+        (l, Some(r)) => format!("{l} random {}", r + 1),
+        (l, None) => l.to_string(),
+    }
+}
+
+/// log_odds(max coeff) − log_odds(min coeff) along one line.
+fn span(points: &[EvalPoint], of: (usize, Option<usize>)) -> f64 {
+    let pts: Vec<&EvalPoint> = points.iter().filter(|p| line(p) == of).collect();
     let lo = pts.iter().min_by(|a, b| a.coeff.total_cmp(&b.coeff));
     let hi = pts.iter().max_by(|a, b| a.coeff.total_cmp(&b.coeff));
     match (lo, hi) {
@@ -205,13 +211,13 @@ pub fn sweep<B: Backend>(
     }
     let questions: Vec<String> = t.eval_questions.iter().take(o.questions).cloned().collect();
     let refs = reference_answers(m, t, &questions, o.max_tokens)?;
-    let cells = o.layers.len() * o.coeffs.len() + o.coeffs.len();
+    let cells = (o.layers.len() + o.random) * o.coeffs.len();
     let pb = o.show_progress.then(|| progress(cells, "sweep"));
     let mut points = vec![];
     for &l in &o.layers {
         let row: Arc<[f32]> = Arc::from(v.layer(l));
         for &c in &o.coeffs {
-            points.push(point(m, t, &refs, &questions, l, c, &row, false, judge, o)?);
+            points.push(point(m, t, &refs, &questions, l, c, &row, None, judge, o)?);
             if let Some(pb) = &pb {
                 pb.inc(1);
             }
@@ -221,24 +227,28 @@ pub fn sweep<B: Backend>(
         let pts: Vec<&EvalPoint> = points.iter().filter(|p| p.layer == l && !p.control).collect();
         match (pts.first().and_then(|p| p.trait_score), pts.last().and_then(|p| p.trait_score)) {
             (Some(a), Some(b)) if judge.is_some() => b - a,
-            _ => span(&points, l, false),
+            _ => span(&points, (l, None)),
         }
     };
-    let effect: Vec<(usize, f64)> = o.layers.iter().map(|&l| (l, span(&points, l, false))).collect();
+    let effect: Vec<(usize, f64)> = o.layers.iter().map(|&l| (l, span(&points, (l, None)))).collect();
     let best_layer =
         o.layers.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
-    let random: Arc<[f32]> = Arc::from(random_like(v.layer(best_layer), o.seed ^ 0x5eed));
-    for &c in &o.coeffs {
-        points.push(point(m, t, &refs, &questions, best_layer, c, &random, true, judge, o)?);
-        if let Some(pb) = &pb {
-            pb.inc(1);
+    // Member 0 is the single direction earlier versions drew (same seed).
+    for (i, d) in random_directions(v.layer(best_layer), o.random, o.seed ^ 0x5eed).into_iter().enumerate() {
+        let d: Arc<[f32]> = Arc::from(d);
+        for &c in &o.coeffs {
+            points.push(point(m, t, &refs, &questions, best_layer, c, &d, Some(i), judge, o)?);
+            if let Some(pb) = &pb {
+                pb.inc(1);
+            }
         }
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let random_effect = span(&points, best_layer, true);
-    Ok(EvalReport { trait_name: t.name.clone(), points, effect, best_layer, random_effect })
+    let spans: Vec<f64> = (0..o.random).map(|i| span(&points, (best_layer, Some(i)))).collect();
+    let random = RandomControl::new(span(&points, (best_layer, None)), spans, 0.0);
+    Ok(EvalReport { trait_name: t.name.clone(), points, effect, best_layer, random_effect: random.mean, random })
 }
 
 impl EvalReport {
@@ -247,24 +257,39 @@ impl EvalReport {
         let mut coeffs: Vec<f32> = self.points.iter().map(|p| p.coeff).collect();
         coeffs.sort_by(f32::total_cmp);
         coeffs.dedup();
-        let mut s = format!("trait log-odds (nats/token) for `{}`\n{:>10}", self.trait_name, "layer");
+        let mut s = format!("trait log-odds (nats/token) for `{}`\n{:>12}", self.trait_name, "layer");
         for c in &coeffs {
             s += &format!("{:>9}", format!("{c:+}"));
         }
         s += &format!("{:>9}\n", "span");
-        let mut rows: Vec<(usize, bool)> = self.points.iter().map(|p| (p.layer, p.control)).collect();
+        let mut rows: Vec<(usize, Option<usize>)> = self.points.iter().map(line).collect();
         rows.dedup();
-        for (l, ctl) in rows {
-            s += &format!("{:>10}", if ctl { format!("{l} random") } else { l.to_string() });
+        for of in rows {
+            s += &format!("{:>12}", label(of));
             for c in &coeffs {
-                match self.points.iter().find(|p| p.layer == l && p.control == ctl && p.coeff == *c) {
+                match self.points.iter().find(|p| line(p) == of && p.coeff == *c) {
                     Some(p) => s += &format!("{:>9.3}", p.log_odds),
                     None => s += &format!("{:>9}", ""),
                 }
             }
-            s += &format!("{:>9.3}\n", span(&self.points, l, ctl));
+            s += &format!("{:>9.3}\n", span(&self.points, of));
         }
-        s += &format!("best layer: {} (random direction span {:.3})\n", self.best_layer, self.random_effect);
+        let r = &self.random;
+        if r.values.is_empty() {
+            s += &format!("best layer: {} (no random directions)\n", self.best_layer);
+        } else {
+            s += &format!(
+                "best layer: {} (span {:.3}); {} random directions there: mean span {:.3}, largest |span| {:.3}; \
+                 the vector ranks {} of {}\n",
+                self.best_layer,
+                self.effect.iter().find(|e| e.0 == self.best_layer).map_or(f64::NAN, |e| e.1),
+                r.values.len(),
+                self.random_effect,
+                r.max_abs,
+                r.rank,
+                r.values.len() + 1
+            );
+        }
         s
     }
 
@@ -304,24 +329,28 @@ impl EvalReport {
             pad + 4.0,
             h - pad
         );
-        let mut rows: Vec<(usize, bool)> = self.points.iter().map(|p| (p.layer, p.control)).collect();
+        let mut rows: Vec<(usize, Option<usize>)> = self.points.iter().map(line).collect();
         rows.dedup();
-        for (i, (l, ctl)) in rows.iter().enumerate() {
-            let mut pts: Vec<&EvalPoint> = self.points.iter().filter(|p| p.layer == *l && p.control == *ctl).collect();
+        for (i, &of) in rows.iter().enumerate() {
+            let ctl = of.1.is_some();
+            let mut pts: Vec<&EvalPoint> = self.points.iter().filter(|p| line(p) == of).collect();
             pts.sort_by(|a, b| a.coeff.total_cmp(&b.coeff));
             let path: Vec<String> =
                 pts.iter().map(|p| format!("{:.1},{:.1}", px(p.coeff as f64), py(p.log_odds))).collect();
-            let color = if *ctl { "#888888" } else { colors[i % colors.len()] };
+            let color = if ctl { "#888888" } else { colors[i % colors.len()] };
             s += &format!(
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{} points=\"{}\"/>\n",
-                if *ctl { " stroke-dasharray=\"5,4\"" } else { "" },
+                if ctl { " stroke-dasharray=\"5,4\"" } else { "" },
                 path.join(" ")
             );
             s += &format!(
                 "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>\n",
                 w - pad + 4.0,
                 pad + 14.0 * i as f64,
-                if *ctl { format!("L{l} random") } else { format!("L{l}") }
+                match of {
+                    (_, Some(r)) => format!("random {}", r + 1),
+                    (l, None) => format!("L{l}"),
+                }
             );
         }
         s + "</svg>\n"

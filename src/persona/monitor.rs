@@ -5,16 +5,19 @@
 //! question, with no system prompt: the trait-eliciting side shows k answers written in the trait,
 //! the suppressing side the opposite answers to the same k questions. The report gives, per layer,
 //! the AUROC of eliciting vs suppressing prompts — system prompts, and each k apart — for the
-//! vector and for a norm-matched random direction, and the correlation between the projection and
-//! the measured trait of the responses (judge score, or without a judge the response's own mean
-//! projection).
+//! vector and, as the control, for R norm-matched random directions (the mean of their AUROCs,
+//! the 95th percentile of their |AUROC − 0.5| and the vector's percentile among them), and the
+//! correlation between the projection and the measured trait of the responses (judge score, or
+//! without a judge the response's own mean projection). The random directions cost no model runs:
+//! the pass captures the last prompt token's residual at every layer and projects it onto each.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{auroc, pearson, progress, teacher_force, CaptureRange, Forced};
-use super::eval::random_like;
+use super::common::{
+    auroc, pearson, progress, project, random_directions, teacher_force, unit, CaptureRange, Forced, RandomControl,
+};
 use super::extract::{Label, Response};
 use super::judge::Judge;
 use super::traits::{norm_question, TraitDef};
@@ -76,7 +79,10 @@ pub struct MonitorOptions {
     pub generate: bool,
     pub max_tokens: usize,
     pub batch: usize,
+    /// Seeds the random directions (layer `l`'s are drawn from `seed ^ l`).
     pub seed: u64,
+    /// Random directions per layer (the control).
+    pub random: usize,
     pub show_progress: bool,
 }
 
@@ -85,7 +91,10 @@ pub struct MonitorRow {
     pub prompt: LadderPrompt,
     /// Last-prompt-token projection per probed layer (same order as `layers`).
     pub projection: Vec<f32>,
+    /// The same onto the first random direction per layer (the single control of earlier versions).
     pub random_projection: Vec<f32>,
+    /// The same onto every random direction: `[layer][direction]`.
+    pub random_projections: Vec<Vec<f32>>,
     pub response: Option<String>,
     pub response_projection: Option<f32>,
     pub trait_score: Option<f64>,
@@ -96,16 +105,26 @@ pub struct MonitorRow {
 pub struct ShotAuroc {
     pub shots: usize,
     pub auroc: Vec<f64>,
+    /// Mean AUROC of the random directions, per layer.
     pub random_auroc: Vec<f64>,
+    /// Per layer: the random directions' AUROCs against the vector's (center 0.5).
+    pub random: Vec<RandomControl>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MonitorReport {
     pub trait_name: String,
     pub layers: Vec<usize>,
+    /// Random directions per layer.
+    pub random_directions: usize,
     /// System-prompt ladder (prompts without example turns): eliciting vs suppressing, per layer.
     pub auroc: Vec<f64>,
+    /// Mean AUROC of the random directions, per layer.
     pub random_auroc: Vec<f64>,
+    /// Per layer: the random directions' AUROCs against the vector's. A direction's sign is
+    /// arbitrary (AUROC a and 1 − a are equally likely for a random one), so `p95_abs`, `max_abs`,
+    /// `percentile` and `rank` compare |AUROC − 0.5|.
+    pub random: Vec<RandomControl>,
     /// Many-shot rungs, one entry per number of examples (empty without many-shot prompts).
     pub many_shot: Vec<ShotAuroc>,
     pub layer: usize,
@@ -195,6 +214,28 @@ pub fn many_shot_ladder(questions: &[String], pool: &[(Shot, Shot)], shots: &[us
     Ok(out)
 }
 
+/// The AUROC of eliciting (`pos`) over suppressing (`neg`) prompts along the vector, and the same
+/// along each of `r` random directions as its control (center 0.5). Each prompt is (its projection
+/// onto the vector, its projections onto the random directions).
+///
+/// ```
+/// use persona::persona::monitor::auroc_control;
+/// let pos: Vec<(f32, &[f32])> = vec![(2.0, &[0.1, -1.0]), (3.0, &[0.3, 0.0])];
+/// let neg: Vec<(f32, &[f32])> = vec![(-1.0, &[0.2, 1.0]), (0.0, &[0.0, 2.0])];
+/// let (au, c) = auroc_control(&pos, &neg, 2);
+/// assert_eq!((au, c.values.clone()), (1.0, vec![0.75, 0.0]));
+/// // Direction 1 separates as well as the vector, the other way round: a tie.
+/// assert_eq!((c.rank, c.percentile), (1, 75.0));
+/// ```
+pub fn auroc_control(pos: &[(f32, &[f32])], neg: &[(f32, &[f32])], r: usize) -> (f64, RandomControl) {
+    let along = |side: &[(f32, &[f32])], i: Option<usize>| -> Vec<f64> {
+        side.iter().map(|(p, rs)| i.map_or(*p, |i| rs[i]) as f64).collect()
+    };
+    let a = auroc(&along(pos, None), &along(neg, None));
+    let rand = (0..r).map(|i| auroc(&along(pos, Some(i)), &along(neg, Some(i)))).collect();
+    (a, RandomControl::new(a, rand, 0.5))
+}
+
 pub fn run<B: Backend>(
     m: &LoadedModel<B>,
     name: &str,
@@ -212,10 +253,14 @@ pub fn run<B: Backend>(
         v.check_layer(l)?;
         probes.push(Probe { name: "v".into(), layer: l, vector: Arc::from(v.layer(l)) });
     }
-    for &l in &o.layers {
-        let r = random_like(v.layer(l), o.seed ^ l as u64);
-        probes.push(Probe { name: "random".into(), layer: l, vector: Arc::from(r) });
-    }
+    // Unit random directions per layer; the residual at the last prompt token is captured at
+    // every layer, so projecting onto them needs no further model runs.
+    let units: Vec<Vec<Vec<f32>>> = o
+        .layers
+        .iter()
+        .map(|&l| random_directions(v.layer(l), o.random, o.seed ^ l as u64).iter().map(|d| unit(d)).collect())
+        .collect();
+    let hidden = m.engine.config.hidden;
     let nl = o.layers.len();
     let st = SeqSteering { plan: Default::default(), probes };
     let items: Vec<Forced> = prompts
@@ -226,38 +271,60 @@ pub fn run<B: Backend>(
         })
         .collect::<Result<_>>()?;
     let pb = o.show_progress.then(|| progress(items.len(), "prompts"));
-    let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, false, o.batch, pb.as_ref())?;
+    let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::PromptLast, false, o.batch, pb.as_ref())?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let mut rows: Vec<MonitorRow> = prompts
-        .into_iter()
-        .zip(&outs)
-        .map(|(p, f)| MonitorRow {
+    let mut rows: Vec<MonitorRow> = vec![];
+    for (p, f) in prompts.into_iter().zip(&outs) {
+        let h = f
+            .mean
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the last prompt token's residual was not captured".into()))?;
+        let random_projections: Vec<Vec<f32>> = o
+            .layers
+            .iter()
+            .zip(&units)
+            .map(|(&l, us)| project(&h[l * hidden..(l + 1) * hidden], us).into_iter().map(|x| x as f32).collect())
+            .collect();
+        rows.push(MonitorRow {
             prompt: p,
             projection: f.last_prompt_proj[..nl].to_vec(),
-            random_projection: f.last_prompt_proj[nl..].to_vec(),
+            random_projection: random_projections.iter().filter_map(|r| r.first().copied()).collect(),
+            random_projections,
             response: None,
             response_projection: None,
             trait_score: None,
-        })
-        .collect();
-    // AUROC per layer over the rows with `n` example turns, eliciting vs suppressing.
-    let au_of = |n: usize, random: bool| -> Vec<f64> {
-        let side = |level: i32, k: usize| -> Vec<f64> {
-            rows.iter()
-                .filter(|r| r.prompt.level == level && r.prompt.shots.len() == n)
-                .map(|r| if random { r.random_projection[k] } else { r.projection[k] } as f64)
-                .collect()
-        };
-        (0..nl).map(|k| auroc(&side(1, k), &side(-1, k))).collect()
+        });
+    }
+    // AUROC per layer over the rows with `n` example turns, eliciting vs suppressing: the vector's,
+    // and each random direction's against it.
+    let au_of = |n: usize| -> (Vec<f64>, Vec<RandomControl>) {
+        (0..nl)
+            .map(|k| {
+                let side = |level: i32| -> Vec<(f32, &[f32])> {
+                    rows.iter()
+                        .filter(|r| r.prompt.level == level && r.prompt.shots.len() == n)
+                        .map(|r| (r.projection[k], &r.random_projections[k][..]))
+                        .collect()
+                };
+                auroc_control(&side(1), &side(-1), o.random)
+            })
+            .unzip()
     };
-    let (au, rau) = (au_of(0, false), au_of(0, true));
+    let means = |c: &[RandomControl]| c.iter().map(|c| c.mean).collect::<Vec<f64>>();
+    let (au, random) = au_of(0);
+    let rau = means(&random);
     let mut ks: Vec<usize> = rows.iter().map(|r| r.prompt.shots.len()).filter(|&n| n > 0).collect();
     ks.sort_unstable();
     ks.dedup();
-    let many_shot: Vec<ShotAuroc> =
-        ks.iter().map(|&n| ShotAuroc { shots: n, auroc: au_of(n, false), random_auroc: au_of(n, true) }).collect();
+    let many_shot: Vec<ShotAuroc> = ks
+        .iter()
+        .map(|&n| {
+            let (auroc, random) = au_of(n);
+            ShotAuroc { shots: n, auroc, random_auroc: means(&random), random }
+        })
+        .collect();
     // The default layer: the best system-ladder AUROC, or without one the best of the first many-shot rung.
     let primary = if au.iter().all(|a| a.is_nan()) { many_shot.first().map_or(&au, |s| &s.auroc) } else { &au };
     let best =
@@ -324,8 +391,10 @@ pub fn run<B: Backend>(
     Ok(MonitorReport {
         trait_name: name.to_string(),
         layers: o.layers.clone(),
+        random_directions: o.random,
         auroc: au,
         random_auroc: rau,
+        random,
         many_shot,
         layer,
         correlation,
@@ -338,20 +407,39 @@ pub fn run<B: Backend>(
 impl MonitorReport {
     pub fn table(&self) -> String {
         let mut s = format!("last-prompt-token projection, eliciting vs suppressing prompts (`{}`)\n", self.trait_name);
-        s += &format!("{:>6} {:>8} {:>14}", "layer", "AUROC", "random AUROC");
+        // One group per rung: the vector's AUROC; the random directions' mean AUROC, 95th percentile
+        // of |AUROC − 0.5| and the vector's percentile of |AUROC − 0.5| among them.
+        let group = |s: &mut String, au: f64, c: &RandomControl| {
+            *s += &format!(" {:>7.3} {:>6.3} {:>6.3} {:>5.0}", au, c.mean, c.p95_abs, c.percentile);
+        };
+        let mut head = format!("{:>6} {:>7} {:>6} {:>6} {:>5}", "", "system", "rand", "rand", "");
         for ms in &self.many_shot {
-            s += &format!(" | {:>9} {:>7}", format!("{}-shot", ms.shots), "random");
+            head += &format!(" | {:>7} {:>6} {:>6} {:>5}", format!("{}-shot", ms.shots), "rand", "rand", "");
+        }
+        s += head.trim_end();
+        s += "\n";
+        s += &format!("{:>6} {:>7} {:>6} {:>6} {:>5}", "layer", "AUROC", "mean", "p95", "pct");
+        for _ in &self.many_shot {
+            s += &format!(" | {:>7} {:>6} {:>6} {:>5}", "AUROC", "mean", "p95", "pct");
         }
         s += "\n";
         for (i, l) in self.layers.iter().enumerate() {
-            s += &format!("{:>6} {:>8.3} {:>14.3}", l, self.auroc[i], self.random_auroc[i]);
+            s += &format!("{l:>6}");
+            group(&mut s, self.auroc[i], &self.random[i]);
             for ms in &self.many_shot {
-                s += &format!(" | {:>9.3} {:>7.3}", ms.auroc[i], ms.random_auroc[i]);
+                s += " |";
+                group(&mut s, ms.auroc[i], &ms.random[i]);
             }
             s += if *l == self.layer { " <\n" } else { "\n" };
         }
+        s += &format!(
+            "(rand: {} norm-matched random directions per layer. mean: their mean AUROC; p95: the 95th percentile\n \
+             of their |AUROC − 0.5|, as a direction's sign is arbitrary; pct: the vector's |AUROC − 0.5| as a\n \
+             percentile of theirs, 100 = beyond every one)\n",
+            self.random_directions
+        );
         if !self.many_shot.is_empty() {
-            s += "(AUROC: system prompts; k-shot: k example answers in the trait vs the opposite, no system prompt)\n";
+            s += "(system: system prompts; k-shot: k example answers in the trait vs the opposite, no system prompt)\n";
         }
         if let Some(c) = self.correlation {
             s += &format!("correlation at layer {} with the {}: r = {:.3}", self.layer, self.correlation_with, c);

@@ -1,6 +1,8 @@
 //! Training-data screening: for each (prompt x, response y) of a dataset,
 //! ΔP = mean_resp(h(x, y))·u − mean_resp(h(x, y'))·u at one layer, where y' is the model's own
 //! (greedy) answer to x. Samples with large ΔP would pull the model toward the trait.
+//! The control is the same ΔP along R norm-matched random unit directions: the pass captures the
+//! mean residual of each response at every layer, so projecting it onto them costs no model runs.
 //! Results are appended to a JSONL file as they are computed, so an interrupted run resumes
 //! where it stopped.
 
@@ -10,7 +12,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{progress, teacher_force, CaptureRange};
+use super::common::{
+    percentile_of, progress, project, quantile, random_directions, teacher_force, unit, CaptureRange, ForcedOut,
+    RandomControl,
+};
 use super::extract::forced_chat;
 use crate::backend::Backend;
 use crate::engine::generate::GenRequest;
@@ -74,6 +79,12 @@ pub struct ScreenRow {
     pub p_data: f64,
     pub p_own: f64,
     pub own_answer: String,
+    /// ΔP along each random direction (the control), in draw order.
+    #[serde(default)]
+    pub delta_p_random: Vec<f64>,
+    /// |ΔP| as a percentile (0–100) of the random directions' |ΔP| for this sample.
+    #[serde(default)]
+    pub delta_p_percentile: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +92,41 @@ pub struct ScreenOptions {
     pub layer: usize,
     pub max_tokens: usize,
     pub batch: usize,
+    /// Random directions (the control), drawn from `seed ^ layer` (the monitor's at that layer).
+    pub random: usize,
+    pub seed: u64,
     pub show_progress: bool,
+}
+
+/// The dataset's ΔP against the random directions': the vector's mean ΔP beside each random
+/// direction's mean ΔP (center 0, distances |mean ΔP|), and per sample the pooled random |ΔP|.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScreenControl {
+    /// Over the dataset: the mean ΔP of each random direction against the vector's.
+    pub mean_delta_p: RandomControl,
+    /// Mean ΔP over every sample and random direction.
+    pub sample_mean: f64,
+    /// 95th percentile of |ΔP| over every sample and random direction.
+    pub sample_p95_abs: f64,
+    /// Samples whose |ΔP| along the vector exceeds `sample_p95_abs`.
+    pub samples_above_p95: usize,
+}
+
+/// The control over finished rows (with `delta_p_random`).
+pub fn control(rows: &[ScreenRow]) -> ScreenControl {
+    let r = rows.iter().map(|x| x.delta_p_random.len()).min().unwrap_or(0);
+    let n = rows.len().max(1) as f64;
+    let mean = rows.iter().map(|x| x.delta_p).sum::<f64>() / n;
+    let per_dir: Vec<f64> = (0..r).map(|i| rows.iter().map(|x| x.delta_p_random[i]).sum::<f64>() / n).collect();
+    let pooled: Vec<f64> = rows.iter().flat_map(|x| x.delta_p_random[..r].iter().copied()).collect();
+    let abs: Vec<f64> = pooled.iter().map(|x| x.abs()).collect();
+    let p95 = quantile(&abs, 0.95);
+    ScreenControl {
+        mean_delta_p: RandomControl::new(mean, per_dir, 0.0),
+        sample_mean: if pooled.is_empty() { f64::NAN } else { pooled.iter().sum::<f64>() / pooled.len() as f64 },
+        sample_p95_abs: p95,
+        samples_above_p95: rows.iter().filter(|x| x.delta_p.abs() > p95).count(),
+    }
 }
 
 /// Rows already in `progress_file` (a truncated last line is ignored and rewritten).
@@ -104,7 +149,8 @@ pub fn screen<B: Backend>(
 ) -> Result<Vec<ScreenRow>> {
     v.check_layer(o.layer)?;
     let mut rows = read_progress(progress_file)?;
-    rows.retain(|r| r.index < samples.len());
+    // Rows from a run with another number of random directions are redone.
+    rows.retain(|r| r.index < samples.len() && r.delta_p_random.len() == o.random);
     let done: std::collections::HashSet<usize> = rows.iter().map(|r| r.index).collect();
     // Rewrite the file with only whole lines, then append.
     let mut text = String::new();
@@ -119,6 +165,9 @@ pub fn screen<B: Backend>(
         plan: Default::default(),
         probes: vec![Probe { name: "v".into(), layer: o.layer, vector: Arc::from(v.layer(o.layer)) }],
     };
+    let hidden = m.engine.config.hidden;
+    let units: Vec<Vec<f32>> =
+        random_directions(v.layer(o.layer), o.random, o.seed ^ o.layer as u64).iter().map(|d| unit(d)).collect();
     let pb = o.show_progress.then(|| progress(todo.len(), "screening"));
     for chunk in todo.chunks(o.batch.max(1)) {
         let reqs: Vec<GenRequest> = chunk
@@ -132,11 +181,28 @@ pub fn screen<B: Backend>(
             items.push(forced_chat(m, &samples[i].messages, &samples[i].response)?);
             items.push(forced_chat(m, &samples[i].messages, a)?);
         }
-        let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::None, false, o.batch, None)?;
+        let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::Answer, false, o.batch, None)?;
+        // The mean answer residual at the layer (zero for an empty answer, as its projection is).
+        let at_layer = |f: &ForcedOut| -> Vec<f32> {
+            f.mean.as_ref().map_or(vec![0.0; hidden], |h| h[o.layer * hidden..(o.layer + 1) * hidden].to_vec())
+        };
         let mut lines = String::new();
         for (k, &i) in chunk.iter().enumerate() {
             let (pd, po) = (outs[2 * k].answer_proj[0] as f64, outs[2 * k + 1].answer_proj[0] as f64);
-            let r = ScreenRow { index: i, delta_p: pd - po, p_data: pd, p_own: po, own_answer: own[k].clone() };
+            let diff: Vec<f32> =
+                at_layer(&outs[2 * k]).iter().zip(at_layer(&outs[2 * k + 1])).map(|(a, b)| a - b).collect();
+            let delta_p_random = project(&diff, &units);
+            let abs: Vec<f64> = delta_p_random.iter().map(|x| x.abs()).collect();
+            let pct = percentile_of((pd - po).abs(), &abs);
+            let r = ScreenRow {
+                index: i,
+                delta_p: pd - po,
+                p_data: pd,
+                p_own: po,
+                own_answer: own[k].clone(),
+                delta_p_random,
+                delta_p_percentile: (!pct.is_nan()).then_some(pct),
+            };
             lines += &(serde_json::to_string(&r).unwrap_or_default() + "\n");
             rows.push(r);
         }

@@ -14,7 +14,7 @@ use persona::persona::extract::{
 };
 use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
 use persona::persona::monitor::{ladder, many_shot_ladder, shot_pool, LadderPrompt, MonitorOptions, Shot};
-use persona::persona::screen::{read_dataset, screen, ScreenOptions};
+use persona::persona::screen::{control as screen_control, read_dataset, screen, ScreenOptions};
 use persona::persona::traits::{find_trait, TraitDef};
 use persona::steer::spec::Layers;
 use persona::steer::vector::PersonaVector;
@@ -240,8 +240,14 @@ pub struct EvalArgs {
     pub generate: bool,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Seeds the random directions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Norm-matched random directions swept at the best layer as the control. Each costs as much
+    /// as one more layer of the sweep (a teacher-forced pass per coefficient, and generation with
+    /// --generate or a judge): the defaults sweep 5 + 3 lines of 7 coefficients.
+    #[arg(long, default_value_t = 3)]
+    pub random_eval: usize,
     /// Folder for eval.json, eval.txt and eval.svg (default: beside the vector).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -271,6 +277,7 @@ impl ModelTask for EvalArgs {
             max_tokens: a.max_tokens,
             batch: a.batch,
             seed: a.seed,
+            random: a.random_eval,
             show_progress: true,
         };
         let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
@@ -330,8 +337,13 @@ pub struct MonitorArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Seeds the random directions (layer L's come from SEED xor L).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Norm-matched random directions per layer, the control: their mean AUROC, the 95th percentile
+    /// of their |AUROC − 0.5| and the vector's percentile among them (no extra model runs).
+    #[arg(long, default_value_t = 20)]
+    pub random: usize,
     /// Write the full report (every prompt's projections) as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -404,6 +416,7 @@ impl ModelTask for MonitorArgs {
             max_tokens: a.max_tokens,
             batch: a.batch,
             seed: a.seed,
+            random: a.random,
             show_progress: true,
         };
         let name = t.as_ref().map(|t| t.name.clone()).unwrap_or_else(|| v.name.clone());
@@ -441,6 +454,12 @@ pub struct ScreenArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Norm-matched random directions, the control: ΔP along each (no extra model runs).
+    #[arg(long, default_value_t = 20)]
+    pub random: usize,
+    /// Seeds the random directions (drawn from SEED xor LAYER, as `monitor` does).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 fn vector_layer(v: &PersonaVector, arg: Option<usize>) -> Result<usize> {
@@ -462,33 +481,52 @@ impl ModelTask for ScreenArgs {
         let samples = read_dataset(&a.data)?;
         ensure_parent(&a.out)?;
         let progress_file = a.out.with_extension("progress.jsonl");
-        let o = ScreenOptions { layer, max_tokens: a.max_tokens, batch: a.batch, show_progress: true };
+        let o = ScreenOptions {
+            layer,
+            max_tokens: a.max_tokens,
+            batch: a.batch,
+            random: a.random,
+            seed: a.seed,
+            show_progress: true,
+        };
         let rows = screen(&m, &v, &samples, &progress_file, &o)?;
         let mean = rows.iter().map(|r| r.delta_p).sum::<f64>() / rows.len().max(1) as f64;
+        let ctl = screen_control(&rows);
         let mut ranked = rows.clone();
         ranked.sort_by(|x, y| y.delta_p.total_cmp(&x.delta_p));
         let is_csv = a.out.extension().is_some_and(|e| e == "csv");
         let body = if is_csv {
-            let mut s = String::from("rank,index,delta_p,p_data,p_own\n");
+            let mut s = String::from("rank,index,delta_p,p_data,p_own,delta_p_percentile\n");
             for (k, r) in ranked.iter().enumerate() {
-                s += &format!("{},{},{:.6},{:.6},{:.6}\n", k + 1, r.index, r.delta_p, r.p_data, r.p_own);
+                let pct = r.delta_p_percentile.map_or(String::new(), |p| format!("{p:.1}"));
+                s += &format!("{},{},{:.6},{:.6},{:.6},{pct}\n", k + 1, r.index, r.delta_p, r.p_data, r.p_own);
             }
             s
         } else {
             serde_json::to_string_pretty(&serde_json::json!({
-                "vector": a.vector, "layer": layer, "samples": rows.len(), "mean_delta_p": mean, "ranking": ranked,
+                "vector": a.vector, "layer": layer, "samples": rows.len(), "mean_delta_p": mean,
+                "random_directions": a.random, "seed": a.seed, "delta_p_random": ctl, "ranking": ranked,
             }))?
         };
         write_atomic(&a.out, body.as_bytes())?;
         let _ = std::fs::remove_file(&progress_file);
+        println!("{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}", rows.len());
+        if a.random > 0 {
+            let c = &ctl.mean_delta_p;
+            println!(
+                "{} random directions: mean ΔP {:+.3}, 95th percentile of |mean ΔP| {:.3} (the vector's |mean ΔP| \
+                 is at percentile {:.0}); per sample, random |ΔP| 95th percentile {:.3}, exceeded by {} samples",
+                a.random, c.mean, c.p95_abs, c.percentile, ctl.sample_p95_abs, ctl.samples_above_p95
+            );
+        }
         println!(
-            "{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}; top {}:",
-            rows.len(),
+            "top {} (pct: |ΔP| as a percentile of the random directions' for that sample):",
             a.top.min(rows.len())
         );
         for r in ranked.iter().take(a.top) {
             let resp: String = samples[r.index].response.chars().take(70).collect();
-            println!("  #{:<5} ΔP {:+8.3}  {}", r.index, r.delta_p, resp.replace('\n', " "));
+            let pct = r.delta_p_percentile.map_or("-".to_string(), |p| format!("{p:.0}"));
+            println!("  #{:<5} ΔP {:+8.3} pct {:>3}  {}", r.index, r.delta_p, pct, resp.replace('\n', " "));
         }
         Ok(())
     }
