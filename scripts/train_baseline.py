@@ -96,6 +96,9 @@ def main():
     if not a.data.is_file():
         sys.exit(f"error: {a.data} not found")
 
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,7 +148,7 @@ def main():
         opt.step()
         opt.zero_grad()
         dt = time.perf_counter() - t
-        losses.append(round(float(out.loss), 4))
+        losses.append(round(out.loss.item(), 4))
         log(f"step {s}{' (warm-up)' if s == 0 else ''}: {dt:.3f} s, {n} tokens, loss {losses[-1]}")
         if s > 0:
             times.append(dt)
