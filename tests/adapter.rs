@@ -65,7 +65,6 @@ fn trained_adapters_reproduce_peft_logits() {
     }
 }
 
-
 /// `persona generate` with `--adapter`: top logits of the last prompt position.
 fn cli_top_logits(model: &str, adapter: &Path, ids: &[u32]) -> Result<Vec<(u32, f32)>, String> {
     let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
