@@ -12,13 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use persona::backend::cpu::CpuBackend;
+use persona::backend::cpu::{CpuBackend, CpuGemmBackend};
 use persona::backend::{AttnShape, Backend};
-use persona::model::lora::{LoraConfig, Target};
 use persona::model::tensor::HostTensor;
+use persona::train::bench::bench_trainer;
 use persona::train::data::{read_jsonl, DataOptions};
-use persona::train::optim::Schedule;
-use persona::train::{init_adapter, SeqRows, TrainBackend, TrainOptions, Trainer};
+use persona::train::{SeqRows, TrainBackend, Trainer};
 use persona::LoadedModel;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -123,22 +122,15 @@ fn step(c: &mut Criterion) {
         eprintln!("SKIPPED: default model not cached (persona fetch)");
         return;
     };
-    let m = LoadedModel::load(&path, CpuBackend, 4096).unwrap();
+    // The backend `persona finetune` trains on.
+    let m = LoadedModel::load(&path, CpuGemmBackend, 4096).unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct/evil.jsonl");
     let rows = read_jsonl(&data, &m, &DataOptions { max_len: 4096, label: Some("pos".into()) }).unwrap();
     let (batch, rank) = (BATCH, RANK);
     let tokens: usize = rows.iter().take(batch).map(|e| e.ids.len()).sum();
 
-    let lora = LoraConfig { r: rank, alpha: 2.0 * rank as f64, use_rslora: true, targets: Target::ALL.to_vec() };
-    let mut opts = TrainOptions::new(lora.clone());
-    opts.batch = batch;
-    opts.shuffle = false;
-    opts.schedule = Schedule::Constant;
-    opts.warmup = 0;
-    opts.steps = Some(1_000_000);
-    let adapter = init_adapter(lora, &m.engine.config, 0);
     // Built (and warmed up) on first use, so a filter that leaves this group out costs no step.
-    let mut trainer: Option<Trainer<'_, CpuBackend>> = None;
+    let mut trainer: Option<Trainer<'_, CpuGemmBackend>> = None;
 
     let mut g = c.benchmark_group("train_step");
     // ~seconds per iteration: ten samples of one step each (criterion's least), flat sampling.
@@ -150,8 +142,7 @@ fn step(c: &mut Criterion) {
     eprintln!("train_step/{name}: {tokens} tokens per step (the first {batch} rows)");
     g.bench_function(&name, |bn| {
         let t = trainer.get_or_insert_with(|| {
-            let mut t =
-                Trainer::new(&m.engine, opts.clone(), adapter.clone(), rows.clone(), vec![], None, vec![]).unwrap();
+            let mut t = bench_trainer(&m.engine, rows.clone(), batch, rank, 1_000_000).unwrap();
             let warm = t.train_step(None).unwrap();
             eprintln!("warm-up step: {:.2} s, {} tokens, loss {:.4}", warm.seconds, warm.tokens, warm.loss);
             t

@@ -49,7 +49,27 @@ impl TrainBench {
     }
 }
 
-/// LoRA rank `rank` (alpha 2·rank, rsLoRA) on all seven targets, AdamW lr 1e-4.
+/// The benchmarked trainer: LoRA rank `rank` (alpha 2·rank, rsLoRA) on all seven targets, AdamW
+/// lr 1e-4 constant, `batch` rows per step in file order, `steps` steps.
+pub fn bench_trainer<B: TrainBackend>(
+    engine: &Engine<B>,
+    data: Vec<Example>,
+    batch: usize,
+    rank: usize,
+    steps: usize,
+) -> Result<Trainer<'_, B>> {
+    let lora = LoraConfig { r: rank, alpha: 2.0 * rank as f64, use_rslora: true, targets: Target::ALL.to_vec() };
+    let mut opts = TrainOptions::new(lora.clone());
+    opts.batch = batch;
+    opts.shuffle = false;
+    opts.schedule = Schedule::Constant;
+    opts.warmup = 0;
+    opts.steps = Some(steps);
+    let adapter = init_adapter(lora, &engine.config, 0);
+    Trainer::new(engine, opts, adapter, data, vec![], None, vec![])
+}
+
+/// [`bench_trainer`]: one untimed warm-up step, then `reps` timed steps.
 pub fn bench_train<B: TrainBackend>(
     engine: &Engine<B>,
     data: Vec<Example>,
@@ -58,15 +78,7 @@ pub fn bench_train<B: TrainBackend>(
     reps: usize,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<TrainBench> {
-    let lora = LoraConfig { r: rank, alpha: 2.0 * rank as f64, use_rslora: true, targets: Target::ALL.to_vec() };
-    let mut opts = TrainOptions::new(lora.clone());
-    opts.batch = batch;
-    opts.shuffle = false;
-    opts.schedule = Schedule::Constant;
-    opts.warmup = 0;
-    opts.steps = Some(reps + 1);
-    let adapter = init_adapter(lora, &engine.config, 0);
-    let mut t = Trainer::new(engine, opts, adapter, data, vec![], None, vec![])?;
+    let mut t = bench_trainer(engine, data, batch, rank, reps + 1)?;
     let mut out = TrainBench { batch: batch.min(t.rows()), rank, targets: 7, seconds: vec![], tokens: vec![] };
     for i in 0..=reps {
         let log = t.train_step(None)?;
