@@ -312,13 +312,14 @@ fn linear_backward<B: TrainBackend>(
     dx: Option<(&mut B::Buf, bool)>,
 ) -> Result<()> {
     let b = &engine.backend;
-    match dx {
+    let dx = match dx {
         Some((dx, accumulate)) => {
             b.matmul_backward_x(dy, engine.layers()[li].projection(target), t, dx, accumulate)?;
-            lora_backward(b, lora, tape, li, target, x, dy, t, grads, Some(dx))
+            Some(dx)
         }
-        None => lora_backward(b, lora, tape, li, target, x, dy, t, grads, None),
-    }
+        None => None,
+    };
+    lora_backward(b, lora, tape, li, target, x, dy, t, grads, dx)
 }
 
 #[allow(clippy::too_many_arguments)]
