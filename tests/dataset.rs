@@ -10,7 +10,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 use persona::backend::cpu::CpuBackend;
-use persona::persona::dataset::{build, plan, read_rows, DatasetOptions, Kind, Row, Summary};
+use persona::persona::dataset::{build, compose_mixture, plan, read_rows, DatasetOptions, Kind, Row, Summary};
 use persona::persona::traits::{find_trait, TraitDef};
 use persona::train::data::{read_jsonl, DataOptions};
 use persona::LoadedModel;
@@ -273,6 +273,9 @@ fn a_mixture_is_made_of_the_pure_sets_rows() {
         let same = pure.iter().find(|p| p.key() == r.key()).expect("the slot is in the pure set");
         assert_eq!(r.messages, same.messages, "{:?}", r.key());
     }
+    // Composed from the pure sets without generating, the mixture is the same file's rows.
+    let composed = compose_mixture(&evil(), &DatasetOptions { mix: Some(0.25), ..base }, &pos, &benign).unwrap();
+    assert_eq!(composed, mix);
 }
 
 // ---- the CLI ----

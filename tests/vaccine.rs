@@ -9,7 +9,9 @@ use std::path::Path;
 use persona::backend::cpu::CpuGemmBackend;
 use persona::model::lora::{LoraAdapter, LoraConfig, Target};
 use persona::model::ModelFiles;
-use persona::persona::vaccine::{self, plan_arms, ArmKind, ArmMeasure, VaccineData, VaccineOptions};
+use persona::persona::vaccine::{
+    self, control_arms, plan_arms, ArmKind, ArmMeasure, Protocol, VaccineData, VaccineOptions,
+};
 use persona::train::data::Example;
 use persona::train::TrainOptions;
 use persona::LoadedModel;
@@ -63,13 +65,24 @@ fn run_all(out: &Path) -> Value {
     let h = m.engine.config.hidden;
     let v = vec_row(h, 1);
     let other = vec_row(h, 2);
-    let arms = plan_arms(2, &v, "t", &[1.0, 4.0], &[1000], Some(("o", &other))).unwrap();
+    let p = protocol(&[1.0, 4.0], &[1000], Some(("o".into(), other)), Some(7));
     let mut merged = |a: &LoraAdapter| {
         let mut f = ModelFiles::open(&tiny())?;
         a.merge_into(&mut f.tensors)?;
         LoadedModel::from_files(f, CpuGemmBackend, 128)
     };
-    vaccine::run(&m, &mut merged, &arms, &data(), &v, &options(), out, "tiny", &mut |l| eprintln!("{l}")).unwrap()
+    vaccine::run(&m, &mut merged, "t", &p, &data(), &v, &options(), out, "tiny", &mut |l| eprintln!("{l}")).unwrap()
+}
+
+fn protocol(coeffs: &[f32], seeds: &[u64], other: Option<(String, Vec<f32>)>, noise_seed: Option<u64>) -> Protocol {
+    Protocol {
+        coeffs: coeffs.to_vec(),
+        random_seeds: seeds.to_vec(),
+        random_at_all: true,
+        other,
+        noise_seed,
+        nll_margin: 0.05,
+    }
 }
 
 fn assert_close(a: &Value, b: &Value, at: &str) {
@@ -101,7 +114,20 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     let results = run_all(out);
     let arms = results["arms"].as_array().unwrap();
     let kinds: Vec<&str> = arms.iter().map(|a| a["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["base", "plain", "steer", "steer", "random", "random", "caft", "other_trait"], "arms in order");
+    assert_eq!(
+        kinds,
+        ["base", "plain", "steer", "steer", "caft", "random", "random", "other_trait", "plain", "steer"],
+        "arms in order"
+    );
+    // The controls and the seed-noise arms follow the best steer arm.
+    let best = results["best"]["name"].as_str().unwrap();
+    let best_coeff = results["best"]["coeff"].as_f64().unwrap();
+    assert_eq!(arms[7]["coeff"].as_f64(), Some(best_coeff), "other_trait at the best coefficient");
+    assert_eq!(arms[8]["name"], json!("plain-seed7"));
+    assert_eq!(arms[9]["name"], json!(format!("{best}-seed7")));
+    assert_eq!(arms[9]["seed"], json!(7));
+    assert_eq!(results["seed_noise"].as_array().unwrap().len(), 2);
+    assert!(results["verdict"]["checks"]["plain_shift_significant"].is_boolean());
     // Base is the reference: its shifts are exactly zero.
     assert_eq!(arms[0]["shift"], json!(0.0));
     for a in arms {
@@ -118,7 +144,9 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     // Every trained arm: same initial adapter, same training rows, same batches (per-step token counts).
     let names: Vec<String> = arms.iter().map(|a| a["name"].as_str().unwrap().to_string()).collect();
     let ms: Vec<ArmMeasure> = names.iter().map(|n| measure(&out.join("arms").join(n))).collect();
-    assert!(ms.iter().all(|m| m.init_hash == ms[0].init_hash && m.data_hash == ms[0].data_hash));
+    let (run_seed, reseeded): (Vec<&ArmMeasure>, Vec<&ArmMeasure>) = ms.iter().partition(|m| m.seed.is_none());
+    assert!(run_seed.iter().all(|m| m.init_hash == ms[0].init_hash && m.data_hash == ms[0].data_hash));
+    assert!(reseeded.iter().all(|m| m.init_hash != ms[0].init_hash), "seed-noise arms start elsewhere");
     let steps = |n: &str| -> Vec<(u64, u64)> {
         std::fs::read_to_string(out.join("arms").join(n).join("train_log.jsonl"))
             .unwrap()
@@ -131,7 +159,7 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     };
     let plain = steps("plain");
     assert_eq!(plain.len(), 2);
-    for n in names.iter().skip(2) {
+    for n in names.iter().skip(2).filter(|n| !n.contains("-seed")) {
         assert_eq!(steps(n), plain, "{n}: the same batches as plain");
         assert!(out.join("arms").join(n).join("adapter_model.safetensors").exists());
     }
@@ -170,11 +198,11 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     // An arm recorded under other settings is refused, not silently mixed in.
     let m = load();
     let v = vec_row(m.engine.config.hidden, 1);
-    let arms = plan_arms(2, &v, "t", &[1.0], &[], None).unwrap();
     let mut o = options();
     o.settings = json!({"test": 2});
     let mut merged = |_: &LoraAdapter| -> persona::Result<LoadedModel<CpuGemmBackend>> { unreachable!() };
-    let e = vaccine::run(&m, &mut merged, &arms, &data(), &v, &o, out, "tiny", &mut |_| {}).unwrap_err();
+    let p = protocol(&[1.0], &[], None, None);
+    let e = vaccine::run(&m, &mut merged, "t", &p, &data(), &v, &o, out, "tiny", &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("other settings"), "{e}");
 }
 
@@ -199,25 +227,31 @@ fn eval_prompts_never_trained_and_bad_input() {
     // A vector row of the wrong width.
     let m = load();
     let v = vec![1.0f32; m.engine.config.hidden + 1];
-    let arms = plan_arms(2, &v, "t", &[1.0], &[], None).unwrap();
     let mut merged = |_: &LoraAdapter| -> persona::Result<LoadedModel<CpuGemmBackend>> { unreachable!() };
     let tmp = tempfile::tempdir().unwrap();
-    let e = vaccine::run(&m, &mut merged, &arms, &data(), &v, &options(), tmp.path(), "tiny", &mut |_| {})
+    let p = protocol(&[1.0], &[], None, None);
+    let e = vaccine::run(&m, &mut merged, "t", &p, &data(), &v, &options(), tmp.path(), "tiny", &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("hidden size"), "{e}");
     // No coefficients, zero vector.
-    assert!(plan_arms(2, &[1.0, 0.0], "t", &[], &[], None).is_err());
-    assert!(plan_arms(2, &[0.0, 0.0], "t", &[1.0], &[], None).unwrap_err().to_string().contains("zero"));
+    assert!(plan_arms(2, &[1.0, 0.0], "t", &[]).is_err());
+    assert!(plan_arms(2, &[0.0, 0.0], "t", &[1.0]).unwrap_err().to_string().contains("zero"));
+    assert!(plan_arms(2, &[1.0, 0.0], "t", &[f32::NAN]).unwrap_err().to_string().contains("finite"));
     // Random arms are norm-matched, other-trait arms scaled to |v|.
     let v = [3.0f32, 4.0, 0.0, 0.0];
-    let arms = plan_arms(1, &v, "t", &[0.5, 2.0, 8.0], &[7], Some(("o", &[0.0, 0.0, 1.0, 0.0]))).unwrap();
+    let arms = control_arms(1, &v, &[0.5, 2.0, 8.0], &[7, 8], Some(("o", &[0.0, 0.0, 1.0, 0.0])), 2.0).unwrap();
+    assert_eq!(arms.iter().filter(|a| a.kind == ArmKind::Random).count(), 6, "two directions × three coefficients");
+    let dir = |a: &vaccine::Arm| persona::persona::common::unit(&a.op.as_ref().unwrap().vector);
+    assert_eq!(dir(&arms[0]), dir(&arms[1]), "one direction per seed at every coefficient");
+    assert_ne!(dir(&arms[0]), dir(&arms[3]), "seeds give different directions");
     for a in arms.iter().filter(|a| matches!(a.kind, ArmKind::Random | ArmKind::OtherTrait)) {
         let n = persona::persona::common::norm(&a.op.as_ref().unwrap().vector);
         assert!((n - 5.0).abs() < 1e-4, "{}: norm {n}", a.name);
     }
     let other = arms.iter().find(|a| a.kind == ArmKind::OtherTrait).unwrap();
-    assert_eq!(other.coeff, Some(2.0), "other_trait at the middle coefficient");
+    assert_eq!(other.coeff, Some(2.0), "other_trait at the given (best) coefficient");
+    assert!(control_arms(1, &v, &[1.0], &[], Some(("o", &[0.0; 4])), 1.0).unwrap_err().to_string().contains("zero"));
 }
 
 #[test]

@@ -383,6 +383,24 @@ pub fn read_rows(path: &Path) -> Result<Vec<(usize, Row)>> {
     Ok(out)
 }
 
+/// The mixture `o` (kind pos or neg, `mix` set) composed from rows already generated: each
+/// planned slot takes the row with its (question, sample) from `trait_rows` or `benign_rows` —
+/// the very rows [`build`] would generate for it, since a row's seed depends only on its slot and
+/// kind. Slots whose row is missing (left out as empty) are skipped.
+pub fn compose_mixture(t: &TraitDef, o: &DatasetOptions, trait_rows: &[Row], benign_rows: &[Row]) -> Result<Vec<Row>> {
+    if o.mix.is_none() {
+        return Err(Error::Invalid("compose_mixture needs a mixture fraction".into()));
+    }
+    let by_key: HashMap<(usize, usize, Kind), &Row> =
+        trait_rows.iter().chain(benign_rows).filter(|r| r.seed == o.seed).map(|r| (r.key(), r)).collect();
+    Ok(plan(t, o)?.iter().filter_map(|p| by_key.get(&p.key()).map(|r| (*r).clone())).collect())
+}
+
+/// Write `rows` to `path` as a dataset file, atomically.
+pub fn write_rows(path: &Path, rows: &[Row]) -> Result<()> {
+    write_atomic(path, lines_of(rows).as_bytes())
+}
+
 fn lines_of<'a>(rows: impl IntoIterator<Item = &'a Row>) -> String {
     rows.into_iter().map(|r| serde_json::to_string(r).expect("a row always serializes") + "\n").collect()
 }

@@ -7,5 +7,6 @@ pub mod extract;
 pub mod judge;
 pub mod monitor;
 pub mod screen;
+pub mod screening;
 pub mod traits;
 pub mod vaccine;

@@ -138,6 +138,32 @@ pub fn read_progress(progress_file: &Path) -> Result<Vec<ScreenRow>> {
     Ok(text.lines().filter_map(|l| serde_json::from_str::<ScreenRow>(l).ok()).collect())
 }
 
+/// For the samples `idx`: the model's own greedy answers (at most `max_tokens`), and the
+/// teacher-forced passes of the dataset's response and of the own answer — two per sample, in that
+/// order — each with the mean answer residual at every layer and `steering`'s probes.
+pub fn data_and_own<B: Backend>(
+    m: &LoadedModel<B>,
+    samples: &[Sample],
+    idx: &[usize],
+    max_tokens: usize,
+    batch: usize,
+    steering: Option<&SeqSteering>,
+) -> Result<(Vec<String>, Vec<ForcedOut>)> {
+    let reqs: Vec<GenRequest> = idx
+        .iter()
+        .map(|&i| Ok(GenRequest::greedy(m.chat_prompt_ids(&samples[i].messages)?, max_tokens)))
+        .collect::<Result<_>>()?;
+    let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
+    let own: Vec<String> = gens.iter().map(|g| m.answer_text(g)).collect::<Result<_>>()?;
+    let mut items = vec![];
+    for (&i, a) in idx.iter().zip(&own) {
+        items.push(forced_chat(m, &samples[i].messages, &samples[i].response)?);
+        items.push(forced_chat(m, &samples[i].messages, a)?);
+    }
+    let outs = teacher_force(&m.engine, &items, steering, CaptureRange::Answer, false, batch, None)?;
+    Ok((own, outs))
+}
+
 /// Screen `samples`, appending each finished batch to `progress_file` and skipping samples
 /// already there. Returns every row, sorted by index.
 pub fn screen<B: Backend>(
@@ -170,18 +196,7 @@ pub fn screen<B: Backend>(
         random_directions(v.layer(o.layer), o.random, o.seed ^ o.layer as u64).iter().map(|d| unit(d)).collect();
     let pb = o.show_progress.then(|| progress(todo.len(), "screening"));
     for chunk in todo.chunks(o.batch.max(1)) {
-        let reqs: Vec<GenRequest> = chunk
-            .iter()
-            .map(|&i| Ok(GenRequest::greedy(m.chat_prompt_ids(&samples[i].messages)?, o.max_tokens)))
-            .collect::<Result<_>>()?;
-        let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
-        let own: Vec<String> = gens.iter().map(|g| m.answer_text(g)).collect::<Result<_>>()?;
-        let mut items = vec![];
-        for (&i, a) in chunk.iter().zip(&own) {
-            items.push(forced_chat(m, &samples[i].messages, &samples[i].response)?);
-            items.push(forced_chat(m, &samples[i].messages, a)?);
-        }
-        let outs = teacher_force(&m.engine, &items, Some(&st), CaptureRange::Answer, false, o.batch, None)?;
+        let (own, outs) = data_and_own(m, samples, chunk, o.max_tokens, o.batch, Some(&st))?;
         // The mean answer residual at the layer (zero for an empty answer, as its projection is).
         let at_layer = |f: &ForcedOut| -> Vec<f32> {
             f.mean.as_ref().map_or(vec![0.0; hidden], |h| h[o.layer * hidden..(o.layer + 1) * hidden].to_vec())

@@ -89,7 +89,7 @@ struct RawTrait {
 }
 
 /// Questions are compared ignoring case and whitespace differences.
-pub(crate) fn norm_question(q: &str) -> String {
+pub fn norm_question(q: &str) -> String {
     q.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 

@@ -75,6 +75,8 @@ pub struct Arm {
     pub coeff: Option<f32>,
     /// The training-time steering op (`None`: base and plain).
     pub op: Option<SteerOp>,
+    /// Training seed (LoRA initialisation and data order) when not the run's: the seed-noise arms.
+    pub seed: Option<u64>,
 }
 
 impl Arm {
@@ -91,18 +93,9 @@ fn coeff_name(c: f32) -> String {
     format!("{c}").replace('-', "m")
 }
 
-/// The arms of a run, in the order they are trained: base, plain, steer at each coefficient,
-/// random at each coefficient (one per seed of `random_seeds`: a random direction norm-matched to
-/// `v`, the same direction at every coefficient), caft, and `other` (name, its row at `layer`)
-/// scaled to `|v|` at the middle coefficient.
-pub fn plan_arms(
-    layer: usize,
-    v: &[f32],
-    label: &str,
-    coeffs: &[f32],
-    random_seeds: &[u64],
-    other: Option<(&str, &[f32])>,
-) -> Result<Vec<Arm>> {
+/// The first arms of a run, in the order they are trained: base, plain, steer at each
+/// coefficient, caft. The controls ([`control_arms`]) follow once the best coefficient is known.
+pub fn plan_arms(layer: usize, v: &[f32], label: &str, coeffs: &[f32]) -> Result<Vec<Arm>> {
     if coeffs.is_empty() {
         return Err(Error::Invalid("give at least one steering coefficient".into()));
     }
@@ -113,8 +106,8 @@ pub fn plan_arms(
         return Err(Error::Invalid(format!("the vector `{label}` is zero at layer {layer}: no direction")));
     }
     let mut arms = vec![
-        Arm { name: "base".into(), kind: ArmKind::Base, vector: None, coeff: None, op: None },
-        Arm { name: "plain".into(), kind: ArmKind::Plain, vector: None, coeff: None, op: None },
+        Arm { name: "base".into(), kind: ArmKind::Base, vector: None, coeff: None, op: None, seed: None },
+        Arm { name: "plain".into(), kind: ArmKind::Plain, vector: None, coeff: None, op: None, seed: None },
     ];
     for &c in coeffs {
         arms.push(Arm {
@@ -123,19 +116,8 @@ pub fn plan_arms(
             vector: Some(format!("{label}@{layer}")),
             coeff: Some(c),
             op: Some(add_op(layer, v, c)),
+            seed: None,
         });
-    }
-    for &s in random_seeds {
-        let r = random_like(v, s);
-        for &c in coeffs {
-            arms.push(Arm {
-                name: format!("random-c{}-s{s}", coeff_name(c)),
-                kind: ArmKind::Random,
-                vector: Some(format!("random(seed {s}, |v|={:.3})@{layer}", norm(v))),
-                coeff: Some(c),
-                op: Some(add_op(layer, &r, c)),
-            });
-        }
     }
     arms.push(Arm {
         name: "caft".into(),
@@ -150,25 +132,95 @@ pub fn plan_arms(
             positions: Positions::All,
             when: None,
         }),
+        seed: None,
     });
+    Ok(arms)
+}
+
+/// The control arms: a random direction norm-matched to `v` per seed of `random_seeds` (the
+/// same direction at every coefficient) at each of `coeffs`, and `other` (name, its row at
+/// `layer`) scaled to `|v|` at `other_coeff`.
+pub fn control_arms(
+    layer: usize,
+    v: &[f32],
+    coeffs: &[f32],
+    random_seeds: &[u64],
+    other: Option<(&str, &[f32])>,
+    other_coeff: f32,
+) -> Result<Vec<Arm>> {
+    let mut arms = vec![];
+    for &s in random_seeds {
+        let r = random_like(v, s);
+        for &c in coeffs {
+            arms.push(Arm {
+                name: format!("random-c{}-s{s}", coeff_name(c)),
+                kind: ArmKind::Random,
+                vector: Some(format!("random(seed {s}, |v|={:.3})@{layer}", norm(v))),
+                coeff: Some(c),
+                op: Some(add_op(layer, &r, c)),
+                seed: None,
+            });
+        }
+    }
     if let Some((name, w)) = other {
         let nw = norm(w);
         if nw == 0.0 {
             return Err(Error::Invalid(format!("the other trait's vector `{name}` is zero at layer {layer}")));
         }
         let scaled: Vec<f32> = w.iter().map(|&x| (x as f64 * norm(v) / nw) as f32).collect();
-        let mut sorted = coeffs.to_vec();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        let c = sorted[sorted.len() / 2];
         arms.push(Arm {
-            name: format!("other-{name}-c{}", coeff_name(c)),
+            name: format!("other-{name}-c{}", coeff_name(other_coeff)),
             kind: ArmKind::OtherTrait,
             vector: Some(format!("{name}@{layer} scaled to |v|")),
-            coeff: Some(c),
-            op: Some(add_op(layer, &scaled, c)),
+            coeff: Some(other_coeff),
+            op: Some(add_op(layer, &scaled, other_coeff)),
+            seed: None,
         });
     }
     Ok(arms)
+}
+
+/// The same arm trained from another seed (LoRA initialisation and data order): seed noise.
+pub fn reseeded(arm: &Arm, seed: u64) -> Arm {
+    Arm { name: format!("{}-seed{seed}", arm.name), seed: Some(seed), ..arm.clone() }
+}
+
+/// What a run trains besides its first arms ([`plan_arms`]).
+#[derive(Debug, Clone)]
+pub struct Protocol {
+    pub coeffs: Vec<f32>,
+    /// Seeds of the random directions (one direction per seed).
+    pub random_seeds: Vec<u64>,
+    /// Random arms at every coefficient; otherwise at the best steer arm's coefficient only.
+    pub random_at_all: bool,
+    /// Another trait's vector row at the layer, scaled to `|v|` and added at the best coefficient.
+    pub other: Option<(String, Vec<f32>)>,
+    /// Train plain and the best steer arm again from this seed.
+    pub noise_seed: Option<u64>,
+    /// The best steer arm keeps benign NLL within this many nats/token of plain's.
+    pub nll_margin: f64,
+}
+
+/// The best steer arm: the highest prompt prevention ratio among those whose benign NLL is within
+/// `nll_margin` of plain's (or among all steer arms when none is); `None` without steer arms.
+/// Returns (index into `arms`, whether it met the NLL margin).
+pub fn best_steer(arms: &[ArmMeasure], nll_margin: f64) -> Option<(usize, bool)> {
+    let base = arms.iter().find(|a| a.kind == ArmKind::Base)?;
+    let plain = arms.iter().find(|a| a.kind == ArmKind::Plain && a.seed.is_none())?;
+    let shift = |a: &ArmMeasure| paired_shift(&a.prompt_proj, &base.prompt_proj, 0, 0).0;
+    let ps = shift(plain);
+    let steer: Vec<(usize, f64, bool)> = arms
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.kind == ArmKind::Steer && a.seed.is_none())
+        .map(|(i, a)| {
+            let pr = prevention_ratio(shift(a), ps).unwrap_or(f64::NEG_INFINITY);
+            (i, pr, a.benign_nll <= plain.benign_nll + nll_margin)
+        })
+        .collect();
+    let pick =
+        |ok_only: bool| steer.iter().filter(|x| !ok_only || x.2).max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| (x.0, x.2));
+    pick(true).or_else(|| pick(false))
 }
 
 /// The prepared data of a run (token ids; see the CLI for how it is made from a trait).
@@ -211,6 +263,9 @@ pub struct ArmMeasure {
     pub kind: ArmKind,
     pub vector: Option<String>,
     pub coeff: Option<f32>,
+    /// Training seed when not the run's (seed-noise arms).
+    #[serde(default)]
+    pub seed: Option<u64>,
     /// Per evaluation question: last-prompt-token projection (this model).
     pub prompt_proj: Vec<f64>,
     /// Per evaluation question: this model's greedy answer read by the base model (mean over its
@@ -396,7 +451,11 @@ pub fn run_arm<B: TrainBackend>(
     check_data(d)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = &base.engine.config;
-    let init = init_adapter(o.train.lora.clone(), cfg, o.train.seed);
+    let mut train = o.train.clone();
+    if let Some(seed) = arm.seed {
+        train.seed = seed;
+    }
+    let init = init_adapter(train.lora.clone(), cfg, train.seed);
     let init_hash = adapter_hash(&init);
     let steering = arm.steering();
     let start = Instant::now();
@@ -405,15 +464,7 @@ pub fn run_arm<B: TrainBackend>(
     } else {
         let u = unit(v);
         let monitor = Probe { name: "v".into(), layer: o.layer, vector: Arc::from(&u[..]) };
-        let mut t = Trainer::new(
-            &base.engine,
-            o.train.clone(),
-            init,
-            d.train.clone(),
-            vec![],
-            steering.clone(),
-            vec![monitor],
-        )?;
+        let mut t = Trainer::new(&base.engine, train, init, d.train.clone(), vec![], steering.clone(), vec![monitor])?;
         let total = t.total_steps();
         let log_path = dir.join("train_log.jsonl");
         let mut f = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
@@ -460,6 +511,7 @@ pub fn run_arm<B: TrainBackend>(
         kind: arm.kind,
         vector: arm.vector.clone(),
         coeff: arm.coeff,
+        seed: arm.seed,
         prompt_proj,
         response_proj,
         answer_tokens,
@@ -496,7 +548,7 @@ pub fn paired_shift(a: &[f64], b: &[f64], resamples: usize, seed: u64) -> (f64, 
     (mean, [quantile(&boots, 0.025), quantile(&boots, 0.975)])
 }
 
-fn num(x: f64) -> Value {
+pub(crate) fn num(x: f64) -> Value {
     if x.is_finite() {
         json!(x)
     } else {
@@ -504,23 +556,35 @@ fn num(x: f64) -> Value {
     }
 }
 
-/// `results.json`'s value: every arm's shifts relative to `base` (the arm of kind base).
-pub fn results_json(arms: &[ArmMeasure], resamples: usize, seed: u64, settings: &Value) -> Result<Value> {
+/// `results.json`'s value: every arm's shifts relative to `base` (the arm of kind base), the best
+/// steer arm ([`best_steer`]), seed noise, and the verdict on the criteria.
+pub fn results_json(
+    arms: &[ArmMeasure],
+    resamples: usize,
+    seed: u64,
+    settings: &Value,
+    nll_margin: f64,
+) -> Result<Value> {
     let base = arms
         .iter()
         .find(|a| a.kind == ArmKind::Base)
         .ok_or_else(|| Error::Invalid("no base arm to measure shifts against".into()))?;
+    let shifts = |a: &ArmMeasure| {
+        (
+            paired_shift(&a.prompt_proj, &base.prompt_proj, resamples, seed),
+            paired_shift(&a.response_proj, &base.response_proj, resamples, seed),
+        )
+    };
     let rows: Vec<Value> = arms
         .iter()
         .map(|a| {
-            let (s, ci_s) = paired_shift(&a.prompt_proj, &base.prompt_proj, resamples, seed);
-            let (r, ci_r) = paired_shift(&a.response_proj, &base.response_proj, resamples, seed);
+            let ((s, ci_s), (r, ci_r)) = shifts(a);
             let lo = match (a.logodds, base.logodds) {
                 (Some(x), Some(y)) => num(x - y),
                 _ => Value::Null,
             };
             json!({
-                "name": a.name, "kind": a.kind.name(), "vector": a.vector, "coeff": a.coeff,
+                "name": a.name, "kind": a.kind.name(), "vector": a.vector, "coeff": a.coeff, "seed": a.seed,
                 "shift": num(s), "response_shift": num(r), "logodds_shift": lo,
                 "benign_nll": num(a.benign_nll), "trait_nll_off": num(a.trait_nll_off), "trait_nll_on": num(a.trait_nll_on),
                 "ci95": {"shift": [num(ci_s[0]), num(ci_s[1])], "response_shift": [num(ci_r[0]), num(ci_r[1])]},
@@ -529,7 +593,54 @@ pub fn results_json(arms: &[ArmMeasure], resamples: usize, seed: u64, settings: 
             })
         })
         .collect();
-    Ok(json!({ "arms": rows, "settings": settings }))
+    let mut out = json!({ "arms": rows, "settings": settings });
+    let plain = arms.iter().find(|a| a.kind == ArmKind::Plain && a.seed.is_none());
+    let (Some(plain), Some((bi, nll_ok))) = (plain, best_steer(arms, nll_margin)) else {
+        return Ok(out);
+    };
+    let best = &arms[bi];
+    let ((ps, ps_ci), (pr, _)) = shifts(plain);
+    let ((bs, _), (br, _)) = shifts(best);
+    let pr_of = |a: &ArmMeasure| {
+        let ((s, _), (r, _)) = shifts(a);
+        json!({"name": a.name, "pr_prompt": prevention_ratio(s, ps).map(num), "pr_response": prevention_ratio(r, pr).map(num)})
+    };
+    let randoms: Vec<&ArmMeasure> =
+        arms.iter().filter(|a| a.kind == ArmKind::Random && a.coeff == best.coeff).collect();
+    let random_prs: Vec<f64> = randoms.iter().filter_map(|a| prevention_ratio(shifts(a).0 .0, ps)).collect();
+    let best_pr = prevention_ratio(bs, ps);
+    let nll_delta = best.benign_nll - plain.benign_nll;
+    let plain_significant = ps_ci[0] > 0.0 || ps_ci[1] < 0.0;
+    let checks = json!({
+        "plain_shift_significant": plain_significant,
+        "best_pr_at_least_0.5": best_pr.is_some_and(|p| p >= 0.5),
+        "benign_nll_within_margin": nll_ok,
+        "random_pr_at_most_0.25": (!random_prs.is_empty()).then(|| random_prs.iter().all(|&p| p <= 0.25)),
+    });
+    let met = checks.as_object().is_some_and(|c| c.values().all(|v| v == &json!(true)));
+    // Seed noise: |shift(seed s) − shift(run's seed)| for plain and the best arm, where both ran.
+    let noise: Vec<Value> = arms
+        .iter()
+        .filter(|a| a.seed.is_some())
+        .filter_map(|a| {
+            let twin = arms.iter().find(|b| b.seed.is_none() && b.kind == a.kind && b.coeff == a.coeff)?;
+            let ((s1, _), (r1, _)) = shifts(a);
+            let ((s0, _), (r0, _)) = shifts(twin);
+            Some(json!({"arm": twin.name, "seed": a.seed, "shift_diff": num((s1 - s0).abs()), "response_shift_diff": num((r1 - r0).abs())}))
+        })
+        .collect();
+    out["best"] = json!({
+        "name": best.name, "coeff": best.coeff,
+        "rule": format!("steer arm with the highest prompt PR among those with benign NLL ≤ plain + {nll_margin} (all steer arms if none)"),
+        "pr_prompt": best_pr.map(num), "pr_response": prevention_ratio(br, pr).map(num),
+        "benign_nll_minus_plain": num(nll_delta),
+        "random_at_best_coeff": randoms.iter().map(|a| pr_of(a)).collect::<Vec<_>>(),
+        "other_trait": arms.iter().filter(|a| a.kind == ArmKind::OtherTrait).map(pr_of).collect::<Vec<_>>(),
+        "caft": arms.iter().filter(|a| a.kind == ArmKind::Caft).map(pr_of).collect::<Vec<_>>(),
+    });
+    out["seed_noise"] = json!(noise);
+    out["verdict"] = json!({"checks": checks, "criterion_met": met});
+    Ok(out)
 }
 
 fn f(x: &Value, digits: usize) -> String {
@@ -578,16 +689,54 @@ pub fn results_markdown(results: &Value) -> String {
             if is_ft { prf(prevention_ratio(rs, pr)) } else { "–".into() },
         );
     }
+    let b = &results["best"];
+    if b.is_object() {
+        let prf = |x: &Value| x.as_f64().map_or("–".to_string(), |v| format!("{v:.2}"));
+        s += &format!(
+            "\nBest steer arm: **{}** ({}): PR prompt {}, response {}; benign NLL {} nats/token vs plain.\n",
+            b["name"].as_str().unwrap_or(""),
+            b["rule"].as_str().unwrap_or(""),
+            prf(&b["pr_prompt"]),
+            prf(&b["pr_response"]),
+            f(&b["benign_nll_minus_plain"], 4)
+        );
+        for r in b["random_at_best_coeff"].as_array().into_iter().flatten() {
+            s += &format!(
+                "- random at the same coefficient, {}: PR prompt {}, response {}\n",
+                r["name"].as_str().unwrap_or(""),
+                prf(&r["pr_prompt"]),
+                prf(&r["pr_response"])
+            );
+        }
+        for n in results["seed_noise"].as_array().into_iter().flatten() {
+            s += &format!(
+                "- seed noise, {} (seed {}): |Δshift| {}, |Δresponse_shift| {}\n",
+                n["arm"].as_str().unwrap_or(""),
+                n["seed"],
+                f(&n["shift_diff"], 3),
+                f(&n["response_shift_diff"], 3)
+            );
+        }
+        s += &format!(
+            "\nCriterion checks: `{}` → **{}**\n",
+            results["verdict"]["checks"],
+            if results["verdict"]["criterion_met"] == json!(true) { "met" } else { "not met" }
+        );
+    }
     s
 }
 
 /// Run every arm (resuming finished ones) and write `results.json` and `results.md` atomically
-/// into `out`; arms go to `out/arms/<name>/`. Returns the results value.
+/// into `out`; arms go to `out/arms/<name>/`. The first arms are [`plan_arms`]'s; then, once the
+/// best steer arm is known, the controls ([`control_arms`]: random directions at every coefficient
+/// or at the best one, the other trait at the best one) and the seed-noise arms. Returns the
+/// results value.
 #[allow(clippy::too_many_arguments)]
 pub fn run<B: TrainBackend>(
     base: &LoadedModel<B>,
     load_merged: &mut dyn FnMut(&LoraAdapter) -> Result<LoadedModel<B>>,
-    arms: &[Arm],
+    label: &str,
+    protocol: &Protocol,
     d: &VaccineData,
     v: &[f32],
     o: &VaccineOptions,
@@ -603,21 +752,58 @@ pub fn run<B: TrainBackend>(
             base.engine.config.hidden
         )));
     }
-    let mut names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
-    names.sort();
-    names.dedup();
-    if names.len() != arms.len() {
-        return Err(Error::Invalid("two arms have the same name".into()));
+    let p = protocol;
+    let mut arms = plan_arms(o.layer, v, label, &p.coeffs)?;
+    if let Some((name, w)) = &p.other {
+        if w.len() != v.len() {
+            return Err(Error::Invalid(format!(
+                "the other trait's vector `{name}` has {} values, not {}",
+                w.len(),
+                v.len()
+            )));
+        }
     }
     let start = Instant::now();
-    let mut done = vec![];
-    for (i, arm) in arms.iter().enumerate() {
-        log(&format!("arm {}/{}: {} ({:.0} s so far)", i + 1, arms.len(), arm.name, start.elapsed().as_secs_f64()));
-        let r = run_arm(base, load_merged, arm, d, v, o, &out.join("arms").join(&arm.name), base_model, log)?;
-        done.push(r);
-        let results = results_json(&done, o.resamples, o.boot_seed, &o.settings)?;
+    let mut done: Vec<ArmMeasure> = vec![];
+    let write = |done: &[ArmMeasure]| -> Result<Value> {
+        let results = results_json(done, o.resamples, o.boot_seed, &o.settings, p.nll_margin)?;
         write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())?;
         write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
+        Ok(results)
+    };
+    let mut i = 0;
+    let mut controls_planned = false;
+    loop {
+        if i == arms.len() {
+            if controls_planned {
+                break;
+            }
+            controls_planned = true;
+            let Some((bi, _)) = best_steer(&done, p.nll_margin) else { break };
+            let best = done[bi].coeff.unwrap_or(0.0);
+            log(&format!("best steer arm: {} (coefficient {best}); planning the controls", done[bi].name));
+            let rc: Vec<f32> = if p.random_at_all { p.coeffs.clone() } else { vec![best] };
+            let other = p.other.as_ref().map(|(n, w)| (n.as_str(), &w[..]));
+            arms.extend(control_arms(o.layer, v, &rc, &p.random_seeds, other, best)?);
+            if let Some(s) = p.noise_seed {
+                let plain = arms.iter().find(|a| a.kind == ArmKind::Plain).cloned();
+                let steer = arms.iter().find(|a| a.name == done[bi].name).cloned();
+                arms.extend(plain.into_iter().chain(steer).map(|a| reseeded(&a, s)));
+            }
+            let mut names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
+            names.sort();
+            names.dedup();
+            if names.len() != arms.len() {
+                return Err(Error::Invalid("two arms have the same name".into()));
+            }
+            continue;
+        }
+        let arm = &arms[i];
+        log(&format!("arm {}: {} ({:.0} s so far)", i + 1, arm.name, start.elapsed().as_secs_f64()));
+        let r = run_arm(base, load_merged, arm, d, v, o, &out.join("arms").join(&arm.name), base_model, log)?;
+        done.push(r);
+        write(&done)?;
+        i += 1;
     }
-    results_json(&done, o.resamples, o.boot_seed, &o.settings)
+    write(&done)
 }
