@@ -227,9 +227,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub vector: PathBuf,
     /// Layers to sweep (e.g. 12-18, 10+14; default: five layers at 40–80% depth).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub layers: Option<String>,
-    #[arg(long, default_value = "-3,-2,-1,0,1,2,3")]
+    /// Steering coefficients, comma-separated; may start negative (`--coeffs -2,0,2`).
+    #[arg(long, default_value = "-3,-2,-1,0,1,2,3", allow_hyphen_values = true)]
     pub coeffs: String,
     #[arg(long, default_value_t = 10)]
     pub questions: usize,
@@ -261,17 +262,19 @@ pub struct EvalArgs {
 impl ModelTask for EvalArgs {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
         let a = self;
-        let mut v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
-        let t = trait_for(&a.trait_name, &v)?;
+        // The flags first, so that a typo is reported before any file is read.
+        let coeffs = parse_coeffs(&a.coeffs)?;
         let n = m.engine.config.n_layers;
         let layers = match &a.layers {
-            Some(l) => Layers::parse(l)?.resolve(n),
+            Some(l) => Layers::parse(l).context("--layers")?.resolve(n),
             None => default_layers(n),
         };
+        let mut v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let t = trait_for(&a.trait_name, &v)?;
         let judge = a.judge.build(&m)?;
         let o = EvalOptions {
             layers,
-            coeffs: parse_coeffs(&a.coeffs)?,
+            coeffs,
             questions: a.questions,
             generate: a.generate,
             max_tokens: a.max_tokens,
@@ -325,7 +328,7 @@ pub struct MonitorArgs {
     #[arg(long, default_value_t = 20)]
     pub questions: usize,
     /// Layers to probe (default all).
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
     pub layers: String,
     /// Layer for the correlation (default: the best AUROC).
     #[arg(long)]
@@ -543,7 +546,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub vector: Option<PathBuf>,
     /// Steering coefficient α (raw; default 0.13·|h_L|/|v_L|); answers at −α, 0, +α.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub coeff: Option<f32>,
     #[arg(long)]
     pub layer: Option<usize>,
