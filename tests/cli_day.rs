@@ -49,3 +49,76 @@ fn negative_lists_parse_as_typed() {
     ]);
     assert!(!ok && !err.contains("unexpected argument") && err.contains("nonexistent"), "{err}");
 }
+
+/// `persona generate --prompt-ids ... --json` on a tiny fixture model with extra flags.
+fn gen_json(model: &std::path::Path, extra: &[&str]) -> Result<serde_json::Value, String> {
+    let ids = "1,5,9,17,33,2";
+    let base = ["generate", "--backend", "cpu", "--model", s(model), "--prompt-ids", ids, "--max-tokens", "8"];
+    let (ok, out, err) = persona_cli(&[&base[..], &["--ignore-eos", "--json"], extra].concat());
+    if !ok {
+        return Err(err);
+    }
+    Ok(serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}")))
+}
+
+/// `vector=NAME` is found in `--vectors DIR` (and the model's own vectors/<model>/ folder), and
+/// `layer=` defaults to the vector's recorded `persona.layer`; an unknown name lists the names.
+#[test]
+fn vectors_by_name_and_recorded_layer() {
+    let m = tiny("tiny-llama");
+    let src = m.join("test_vector.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = persona::steer::vector::PersonaVector::load(&src).unwrap();
+    assert!(!v.metadata.contains_key("persona.layer"));
+    std::fs::copy(&src, dir.path().join("plain.safetensors")).unwrap();
+    v.metadata.insert("persona.layer".into(), "2".into());
+    v.save(dir.path().join("tv.safetensors")).unwrap();
+    let vecs = s(dir.path());
+
+    let by_path = gen_json(&m, &["--steer", &format!("vector={},layer=2,coeff=1.5", s(&src))]).unwrap();
+    let plain = gen_json(&m, &[]).unwrap();
+    assert_ne!(by_path["ids"], plain["ids"], "the steering must change the greedy ids for this check to mean anything");
+    let by_name = gen_json(&m, &["--vectors", vecs, "--steer", "vector=tv,coeff=1.5"]).unwrap();
+    assert_eq!(by_name["ids"], by_path["ids"], "vector=tv without layer= is tv.safetensors at its persona.layer 2");
+    let other_layer = gen_json(&m, &["--vectors", vecs, "--steer", "vector=tv,layer=1,coeff=1.5"]).unwrap();
+    assert_ne!(other_layer["ids"], by_path["ids"], "an explicit layer= wins over persona.layer");
+    // With a file extension, too.
+    let by_file = gen_json(&m, &["--vectors", vecs, "--steer", "vector=tv.safetensors,coeff=1.5"]).unwrap();
+    assert_eq!(by_file["ids"], by_path["ids"]);
+
+    // A monitor by name probes the recorded layer only; without a record, every layer.
+    let mon = gen_json(&m, &["--vectors", vecs, "--monitor", "vector=tv"]).unwrap();
+    let layers: Vec<&String> = mon["projections"]["tv"].as_object().unwrap().keys().collect();
+    assert_eq!(layers, ["2"]);
+    let mon = gen_json(&m, &["--vectors", vecs, "--monitor", "vector=plain"]).unwrap();
+    assert_eq!(mon["projections"]["plain"].as_object().unwrap().len(), 3, "layers 1..=3 (`all`)");
+
+    // Unknown names list what there is; a vector without persona.layer needs layer=.
+    let err = gen_json(&m, &["--vectors", vecs, "--steer", "vector=evl,coeff=1"]).unwrap_err();
+    assert!(err.contains("vector `evl`") && err.contains("available: plain, tv"), "{err}");
+    let err = gen_json(&m, &["--vectors", vecs, "--steer", "vector=plain,coeff=1"]).unwrap_err();
+    assert!(err.contains("no `persona.layer`") && err.contains("layer=L"), "{err}");
+    let err = gen_json(&m, &["--steer", "vector=tv,coeff=1"]).unwrap_err();
+    assert!(err.contains("vector `tv`") && err.contains("--vectors DIR"), "{err}");
+}
+
+/// On the default model a bare trait name is a shipped vector (vectors/smollm2-135m-instruct/),
+/// from any working directory, at its recorded layer (18).
+#[test]
+fn shipped_vectors_by_name_on_the_default_model() {
+    let Some(model) = required_default_model() else { return };
+    let cwd = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+        .current_dir(cwd.path())
+        .args(["generate", "--backend", "cpu", "--model", s(&model), "-p", "Hi", "--max-tokens", "3", "--json"])
+        .args(["--steer", "vector=evil,coeff=-2", "--monitor", "vector=evil", "--monitor", "vector=impolite"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for t in ["evil", "impolite"] {
+        let layers: Vec<&String> = o["projections"][t].as_object().unwrap().keys().collect();
+        assert_eq!(layers, ["18"], "{t}");
+    }
+}

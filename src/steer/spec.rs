@@ -1,15 +1,17 @@
 //! Steering and monitoring specs as the CLI writes them, and their resolution against a model.
 //!
-//! `--steer vector=PATH,layer=12,coeff=4,op=add,positions=all[,when=NAME>3.5]`
-//!   (also `layers=10-14`, `layers=all` = 1..=N, `layers=3+7`; `op=clamp` takes the target projection
+//! `--steer vector=PATH|NAME[,layer=12],coeff=4,op=add,positions=all[,when=NAME>3.5]`
+//!   (`vector=NAME` is looked up by [`locate_vector`]; without `layer=` the vector's recorded
+//!   `persona.layer`; also `layers=10-14`, `layers=all` = 1..=N, `layers=3+7`; `op=clamp` takes the target projection
 //!   as `coeff`; `when=NAME[@L]>τ` or `<τ` reads monitor NAME's vector — or `self`, the op's own
 //!   vector — at residual index L, default the op's layer; `scale=relative` reads `coeff` as a
 //!   fraction of the layer's mean residual norm |h_L| recorded in the vector's metadata:
 //!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`)
-//! `--monitor vector=PATH[,layers=all][,name=NAME]` (name defaults to the file stem)
+//! `--monitor vector=PATH|NAME[,layers=all][,name=NAME]` (name defaults to the file stem; layers to
+//! the vector's `persona.layer`, else all)
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -72,7 +74,8 @@ pub struct WhenSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SteerSpec {
     pub vector: PathBuf,
-    pub layers: Layers,
+    /// None: the vector's recorded `persona.layer`.
+    pub layers: Option<Layers>,
     pub kind: SteerKind,
     pub coeff: f32,
     pub positions: Positions,
@@ -88,7 +91,8 @@ pub const RELATIVE_WINDOW: (f32, f32) = (0.1, 0.3);
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonitorSpec {
     pub vector: PathBuf,
-    pub layers: Layers,
+    /// None: the vector's recorded `persona.layer`, else every layer.
+    pub layers: Option<Layers>,
     pub name: String,
 }
 
@@ -120,13 +124,13 @@ impl SteerSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let what = format!("--steer `{spec}`");
         let m = pairs(spec, "--steer", &["vector", "layer", "layers", "coeff", "op", "positions", "when", "scale"])?;
-        let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH")))?;
+        let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH or NAME")))?;
         let layers = match (m.get("layer"), m.get("layers")) {
             (Some(_), Some(_)) => return Err(Error::Invalid(format!("{what}: give layer= or layers=, not both"))),
             (Some(l), None) | (None, Some(l)) => {
-                Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?
+                Some(Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?)
             }
-            (None, None) => return Err(Error::Invalid(format!("{what}: missing layer=L (or layers=A-B / all)"))),
+            (None, None) => None,
         };
         let kind = match m.get("op").map(String::as_str).unwrap_or("add") {
             "add" => SteerKind::Add,
@@ -191,11 +195,12 @@ impl MonitorSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let what = format!("--monitor `{spec}`");
         let m = pairs(spec, "--monitor", &["vector", "layers", "layer", "name"])?;
-        let vector =
-            PathBuf::from(m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH")))?);
+        let vector = PathBuf::from(
+            m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH or NAME")))?,
+        );
         let layers = match m.get("layers").or(m.get("layer")) {
-            Some(l) => Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?,
-            None => Layers::All,
+            Some(l) => Some(Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?),
+            None => None,
         };
         let name = match m.get("name") {
             Some(n) => n.clone(),
@@ -203,6 +208,65 @@ impl MonitorSpec {
         };
         Ok(MonitorSpec { vector, layers, name })
     }
+}
+
+/// The layer chosen for the vector (`persona.layer`, recorded by `persona eval`), if any.
+pub fn recorded_layer(v: &PersonaVector) -> Result<Option<usize>> {
+    match v.metadata.get("persona.layer") {
+        None => Ok(None),
+        Some(s) => match s.trim().parse::<usize>() {
+            Ok(l) if l <= v.n_layers => Ok(Some(l)),
+            _ => Err(Error::format(v.origin(), format!("`persona.layer` is `{s}`, not a layer 0..={}", v.n_layers))),
+        },
+    }
+}
+
+/// The vector files (`*.safetensors`, `*.gguf`) in `dirs`, by name (file stem), sorted, once each.
+pub fn vector_names(dirs: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors" || e == "gguf"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().to_string()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The file a spec's `vector=` means: an existing path as given; else a bare name (no folder
+/// part, e.g. `evil` or `evil.safetensors`) looked up in `dirs` in order, as `NAME`,
+/// `NAME.safetensors` or `NAME.gguf`. A name found nowhere is an error listing the names there are.
+///
+/// ```
+/// # use std::path::{Path, PathBuf};
+/// let dirs = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct")];
+/// let p = persona::steer::spec::locate_vector(Path::new("evil"), &dirs).unwrap();
+/// assert!(p.ends_with("evil.safetensors"));
+/// ```
+pub fn locate_vector(v: &Path, dirs: &[PathBuf]) -> Result<PathBuf> {
+    if v.is_file() || v.components().count() != 1 {
+        // A path: the loader names it if it is missing.
+        return Ok(v.to_path_buf());
+    }
+    let name = v.to_string_lossy();
+    for d in dirs {
+        for cand in [d.join(v), d.join(format!("{name}.safetensors")), d.join(format!("{name}.gguf"))] {
+            if cand.is_file() {
+                return Ok(cand);
+            }
+        }
+    }
+    let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let names = vector_names(dirs);
+    Err(Error::Invalid(format!(
+        "vector `{name}`: no such file, and no vector of that name in {} (available: {}); give a path, or a \
+         folder of vectors with --vectors DIR",
+        if searched.is_empty() { "any vector folder".to_string() } else { searched.join(", ") },
+        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+    )))
 }
 
 /// The per-layer mean residual norms |h_L| recorded at extraction (`persona.mean_norms`).
@@ -254,13 +318,29 @@ pub fn resolve(
         if by_name.insert(m.name.clone(), v.clone()).is_some() {
             return Err(Error::Invalid(format!("two monitors are named `{}`: give one a name=", m.name)));
         }
-        for l in m.layers.resolve(cfg.n_layers) {
+        let layers = match (&m.layers, recorded_layer(&v)?) {
+            (Some(l), _) => l.resolve(cfg.n_layers),
+            (None, Some(l)) => vec![l],
+            (None, None) => Layers::All.resolve(cfg.n_layers),
+        };
+        for l in layers {
             out.probes.push(Probe { name: m.name.clone(), layer: l, vector: row(&v, l)? });
         }
     }
     for s in steer {
         let v = load(&s.vector)?;
-        for l in s.layers.resolve(cfg.n_layers) {
+        let layers = match (&s.layers, recorded_layer(&v)?) {
+            (Some(l), _) => l.resolve(cfg.n_layers),
+            (None, Some(l)) => vec![l],
+            (None, None) => {
+                return Err(Error::Invalid(format!(
+                    "--steer vector={}: no layer= given and the vector records no `persona.layer` (`persona eval` \
+                     chooses one): give layer=L",
+                    s.vector.display()
+                )))
+            }
+        };
+        for l in layers {
             let vector = row(&v, l)?;
             let mut coeff = s.coeff;
             if s.relative && s.kind != SteerKind::Ablate {
@@ -313,11 +393,14 @@ mod tests {
             "vector=v.safetensors,layers=10-12,coeff=-2.5,op=clamp,positions=response,when=evil@9>3.5",
         )
         .unwrap();
-        assert_eq!(s.layers, Layers::List(vec![10, 11, 12]));
+        assert_eq!(s.layers, Some(Layers::List(vec![10, 11, 12])));
         assert_eq!((s.kind, s.coeff, s.positions), (SteerKind::Clamp, -2.5, Positions::Response));
         assert_eq!(s.when, Some(WhenSpec { probe: "evil".into(), layer: Some(9), cmp: Cmp::Gt, threshold: 3.5 }));
         let m = MonitorSpec::parse("vector=/x/evil.safetensors").unwrap();
-        assert_eq!((m.name.as_str(), m.layers), ("evil", Layers::All));
+        assert_eq!((m.name.as_str(), m.layers), ("evil", None));
+        let m = MonitorSpec::parse("vector=evil,layers=all").unwrap();
+        assert_eq!((m.name.as_str(), m.layers, m.vector), ("evil", Some(Layers::All), PathBuf::from("evil")));
+        assert_eq!(SteerSpec::parse("vector=evil,coeff=2").unwrap().layers, None);
         assert_eq!(Layers::parse("3+7+9").unwrap(), Layers::List(vec![3, 7, 9]));
     }
 
@@ -327,7 +410,6 @@ mod tests {
         assert!(err("vector=a,layer=3,coeff=1,op=boost").contains("unknown op `boost`"));
         assert!(err("vector=a,layer=3,coeff=nan").contains("coeff `nan`"));
         assert!(err("vector=a,layer=x,coeff=1").contains("layers `x`"));
-        assert!(err("vector=a,coeff=1").contains("missing layer"));
         assert!(err("layer=3,coeff=1").contains("missing vector"));
         assert!(err("vector=a,layer=3,coeff=1,colour=red").contains("unknown key `colour`"));
         assert!(err("vector=a,layer=3,coeff=1,positions=middle").contains("unknown positions"));

@@ -14,7 +14,7 @@ use persona::backend::cpu::CpuGemmBackend;
 use persona::backend::Backend;
 use persona::model::lora::{LoraAdapter, LoraConfig, Target};
 use persona::persona::eval::random_like;
-use persona::steer::spec::{resolve, MonitorSpec, SteerSpec};
+use persona::steer::spec::resolve;
 use persona::train::data::{read_jsonl, split_holdout, DataOptions, Example};
 use persona::train::optim::Schedule;
 use persona::train::{init_adapter, TrainOptions, Trainer};
@@ -44,6 +44,9 @@ pub struct FinetuneArgs {
     /// Log the mean projection of the answer tokens at these layers each step (before that layer's steering).
     #[arg(long)]
     pub monitor: Vec<String>,
+    /// Folder searched first for `vector=NAME` in --steer / --monitor (then vectors/<model name>/).
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
     /// Replace each steering vector by a random direction of the same norm (seeded): the control arm.
     #[arg(long)]
     pub random_control: Option<u64>,
@@ -206,8 +209,8 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
     };
 
     // Steering (training passes only) and monitors.
-    let steer: Vec<SteerSpec> = a.steer.iter().map(|s| SteerSpec::parse(s)).collect::<persona::Result<_>>()?;
-    let monitor: Vec<MonitorSpec> = a.monitor.iter().map(|s| MonitorSpec::parse(s)).collect::<persona::Result<_>>()?;
+    let (steer, monitor) =
+        super::generate::parse_specs(&a.steer, &a.monitor, &super::vector_dirs(a.vectors.as_deref(), &m.path))?;
     if let Some(s) = steer.iter().find(|s| s.when.is_some()) {
         bail!("--steer {}: when= conditions are not differentiable and are refused for training", s.vector.display());
     }

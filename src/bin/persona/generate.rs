@@ -1,6 +1,7 @@
 //! `persona generate` and `persona chat`.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -10,12 +11,12 @@ use persona::engine::generate::{Finish, GenOutput, GenRequest};
 use persona::engine::loaded::TextStream;
 use persona::engine::sampler::SamplingParams;
 use persona::model::Message;
-use persona::steer::spec::{resolve, MonitorSpec, SteerSpec};
+use persona::steer::spec::{locate_vector, resolve, MonitorSpec, SteerSpec};
 use persona::steer::Probe;
 use persona::LoadedModel;
 use serde_json::json;
 
-use super::{ModelArgs, ModelTask};
+use super::{vector_dirs, ModelArgs, ModelTask};
 
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
@@ -76,13 +77,18 @@ pub struct GenerateArgs {
     /// Report the K highest logits behind every generated token (with --json).
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
-    /// Steer: `vector=PATH,layer=12,coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME>3.5]`
-    /// (also `layers=10-14`, `layers=all`); repeat for several ops.
+    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME>3.5]`
+    /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer); repeat for several ops.
     #[arg(long = "steer", value_name = "SPEC")]
     pub steer: Vec<String>,
-    /// Monitor: `vector=PATH[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector.
+    /// Monitor: `vector=PATH|NAME[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector
+    /// (layers default to the vector's persona.layer, else all).
     #[arg(long = "monitor", value_name = "SPEC")]
     pub monitor: Vec<String>,
+    /// Folder searched first for `vector=NAME` (then vectors/<model name>/, e.g. the shipped
+    /// vectors/smollm2-135m-instruct/ for the default model).
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
     /// Print one JSON object per prompt instead of text.
     #[arg(long)]
     pub json: bool,
@@ -121,6 +127,27 @@ fn prompt_ids<B: Backend>(m: &LoadedModel<B>, a: &GenerateArgs) -> Result<Vec<Ve
         .collect()
 }
 
+/// Parse `--steer` / `--monitor` specs and find the file each `vector=` names in `dirs`.
+pub fn parse_specs(
+    steer: &[String],
+    monitor: &[String],
+    dirs: &[PathBuf],
+) -> Result<(Vec<SteerSpec>, Vec<MonitorSpec>)> {
+    let mut st = vec![];
+    for s in steer {
+        let mut p = SteerSpec::parse(s)?;
+        p.vector = locate_vector(&p.vector, dirs).with_context(|| format!("--steer `{s}`"))?;
+        st.push(p);
+    }
+    let mut mo = vec![];
+    for s in monitor {
+        let mut p = MonitorSpec::parse(s)?;
+        p.vector = locate_vector(&p.vector, dirs).with_context(|| format!("--monitor `{s}`"))?;
+        mo.push(p);
+    }
+    Ok((st, mo))
+}
+
 fn timing(o: &GenOutput, batch: usize, prompt_tokens: usize, generated: usize) -> serde_json::Value {
     let decode_tokens = generated.saturating_sub(batch);
     json!({
@@ -142,8 +169,7 @@ impl ModelTask for GenerateArgs {
 
 fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let prompts = prompt_ids(&m, &a)?;
-    let steer: Vec<SteerSpec> = a.steer.iter().map(|s| SteerSpec::parse(s)).collect::<persona::Result<_>>()?;
-    let monitor: Vec<MonitorSpec> = a.monitor.iter().map(|s| MonitorSpec::parse(s)).collect::<persona::Result<_>>()?;
+    let (steer, monitor) = parse_specs(&a.steer, &a.monitor, &vector_dirs(a.vectors.as_deref(), &m.path))?;
     let steering = if steer.is_empty() && monitor.is_empty() {
         None
     } else {

@@ -98,6 +98,57 @@ pub struct ModelArgs {
     pub adapter: Option<PathBuf>,
 }
 
+/// A model's name: an HF folder's name (the repository's, for a hub cache snapshot), or a file's
+/// name without its extension and quantisation tag (`SmolLM2-135M-Instruct.Q4_1.gguf` →
+/// `SmolLM2-135M-Instruct`).
+pub fn model_name(path: &Path) -> String {
+    let file = |p: &Path| p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    if path.is_dir() {
+        // ~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH
+        let parent = path.parent();
+        if parent.is_some_and(|p| p.ends_with("snapshots")) {
+            if let Some(repo) = parent.and_then(Path::parent).map(file) {
+                if let Some(name) = repo.rsplit("--").next().filter(|_| repo.starts_with("models--")) {
+                    return name.to_string();
+                }
+            }
+        }
+        return file(path);
+    }
+    let mut name = file(path);
+    for ext in [".gguf", ".safetensors", ".bin"] {
+        if let Some(s) = name.strip_suffix(ext) {
+            name = s.to_string();
+            break;
+        }
+    }
+    // A trailing quantisation tag after `.` or `-`: Q4_1, Q4_K_M, IQ3_XS, F16, BF16, F32, ...
+    let is_quant = |t: &str| {
+        let u = t.to_ascii_uppercase();
+        matches!(u.as_str(), "F16" | "F32" | "BF16")
+            || ((u.starts_with('Q') || u.starts_with("IQ"))
+                && u.trim_start_matches('I').trim_start_matches('Q').starts_with(|c: char| c.is_ascii_digit()))
+    };
+    if let Some(i) = name.rfind(['.', '-']) {
+        if i > 0 && is_quant(&name[i + 1..]) {
+            name.truncate(i);
+        }
+    }
+    name
+}
+
+/// Where `vector=NAME` is looked for: `--vectors DIR` first, then the model's own folder of
+/// vectors, `vectors/<model name, lower case>/`, in the working directory and beside persona's
+/// sources (where the shipped vectors for the default model live).
+pub fn vector_dirs(extra: Option<&Path>, model: &Path) -> Vec<PathBuf> {
+    let own = Path::new("vectors").join(model_name(model).to_lowercase());
+    let mut dirs: Vec<PathBuf> = extra.map(Path::to_path_buf).into_iter().collect();
+    dirs.push(own.clone());
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&own));
+    dirs.dedup();
+    dirs
+}
+
 pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
     match m {
         Some(p) => Ok(p.clone()),
