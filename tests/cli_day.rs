@@ -122,3 +122,78 @@ fn shipped_vectors_by_name_on_the_default_model() {
         assert_eq!(layers, ["18"], "{t}");
     }
 }
+
+/// Every `persona ...` command of the README that uses `when=`, as pasted: continuation lines
+/// (`\` at the end) joined, comments dropped.
+fn readme_commands_with(needle: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut cmds = vec![];
+    let mut cur: Option<String> = None;
+    for line in readme.lines() {
+        let t = line.trim();
+        match cur.as_mut() {
+            Some(c) => c.push_str(line),
+            None if t.starts_with("persona ") => cur = Some(t.to_string()),
+            None => continue,
+        }
+        let c = cur.as_mut().unwrap();
+        if c.ends_with('\\') {
+            c.push('\n');
+        } else {
+            let done = cur.take().unwrap();
+            if done.contains(needle) {
+                cmds.push(done);
+            }
+        }
+    }
+    cmds
+}
+
+/// The README's `when=` examples run when pasted into a shell unquoted: they print the answer and
+/// the monitor line, and create no file (`when=NAME>3.5` unquoted was a redirection into `3.5`).
+#[test]
+fn readme_when_examples_run_when_pasted() {
+    let cmds = readme_commands_with("when=");
+    assert!(!cmds.is_empty(), "the README has no `persona ...` example using when=");
+    let Some(model) = required_default_model() else { return };
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_persona")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    for cmd in cmds {
+        let cwd = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .current_dir(cwd.path())
+            .env("PATH", &path)
+            .env("PERSONA_MODEL", &model)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{cmd}\n{stderr}");
+        assert!(stdout.contains("[monitor evil layer 18:"), "{cmd}\nstdout: {stdout}\nstderr: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{cmd} created {left:?}");
+    }
+}
+
+/// `when=NAME:gt:τ` / `:lt:τ` (negative τ too) mean what `>` / `<` mean: a condition that always
+/// holds is the plain op, one that never holds is no op.
+#[test]
+fn shell_safe_conditions_steer_where_they_hold() {
+    let m = tiny("tiny-llama");
+    let v = s(&m.join("test_vector.safetensors")).to_string();
+    let steer = |when: &str| {
+        let spec = format!("vector={v},layer=2,coeff=1.5{when}");
+        gen_json(&m, &["--monitor", &format!("vector={v},layers=2,name=tv"), "--steer", &spec]).unwrap()["ids"].clone()
+    };
+    let plain = gen_json(&m, &[]).unwrap()["ids"].clone();
+    let always = steer("");
+    assert_ne!(always, plain);
+    assert_eq!(steer(",when=tv:gt:-1e9"), always);
+    assert_eq!(steer(",when=self:lt:1e9"), always);
+    assert_eq!(steer(",when=tv@2:gt:1e9"), plain);
+    assert_eq!(steer(",when=self:lt:-1e9"), plain);
+    assert_eq!(steer(",when=tv>-1e9"), always, "the quoted `>` form still works");
+    assert_eq!(steer(",when=self<-1e9"), plain, "the quoted `<` form still works");
+    let err = gen_json(&m, &["--steer", &format!("vector={v},layer=2,coeff=1,when=tv:ge:3")]).unwrap_err();
+    assert!(err.contains("unknown comparison `ge`") && err.contains("NAME:gt:τ"), "{err}");
+}

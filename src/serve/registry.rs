@@ -1,6 +1,6 @@
 //! The run-time vector registry and the JSON form of steering and monitoring:
 //! `"steering": [{"vector": NAME, "layers": "12" | "10-14" | "all" | [12, 13] | 12, "coeff": 4,
-//! "op": "add", "positions": "all", "scale": "raw" | "relative", "when": "evil>3.5"}]` and
+//! "op": "add", "positions": "all", "scale": "raw" | "relative", "when": "evil:gt:3.5" (or "evil>3.5")}]` and
 //! `"monitor": [{"vector": NAME, "layers": .., "threshold": .., "name": ..}]`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::api::{ApiError, ApiResult};
 use crate::model::config::ModelConfig;
-use crate::steer::spec::{mean_norms, Layers};
+use crate::steer::spec::{mean_norms, Layers, WhenSpec};
 use crate::steer::vector::{PersonaVector, GGUF_MAGIC};
 use crate::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp};
 
@@ -201,24 +201,10 @@ fn row(v: &PersonaVector, l: usize, param: &str) -> ApiResult<Arc<[f32]>> {
     Ok(Arc::from(v.layer(l)))
 }
 
+/// The CLI's condition syntax: `NAME[@L]:gt:τ`, `:lt:τ`, `NAME[@L]>τ` or `<τ`.
 fn parse_when(w: &str, param: &str) -> ApiResult<(String, Option<usize>, Cmp, f32)> {
-    let bad = || ApiError::param(param, format!("when `{w}` must be NAME>τ, NAME<τ or NAME@L>τ"));
-    let (lhs, rhs, cmp) = if let Some((a, b)) = w.split_once('>') {
-        (a, b, Cmp::Gt)
-    } else if let Some((a, b)) = w.split_once('<') {
-        (a, b, Cmp::Lt)
-    } else {
-        return Err(bad());
-    };
-    let t: f32 = rhs.trim().parse().ok().filter(|x: &f32| x.is_finite()).ok_or_else(bad)?;
-    let (name, layer) = match lhs.trim().split_once('@') {
-        Some((n, l)) => (n.trim().to_string(), Some(l.trim().parse::<usize>().map_err(|_| bad())?)),
-        None => (lhs.trim().to_string(), None),
-    };
-    if name.is_empty() {
-        return Err(bad());
-    }
-    Ok((name, layer, cmp, t))
+    let c = WhenSpec::parse_condition(w).map_err(|e| ApiError::param(param, e))?;
+    Ok((c.probe, c.layer, c.cmp, c.threshold))
 }
 
 fn as_list<'a>(v: Option<&'a Value>, param: &str) -> ApiResult<&'a [Value]> {

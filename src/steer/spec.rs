@@ -1,9 +1,10 @@
 //! Steering and monitoring specs as the CLI writes them, and their resolution against a model.
 //!
-//! `--steer vector=PATH|NAME[,layer=12],coeff=4,op=add,positions=all[,when=NAME>3.5]`
+//! `--steer vector=PATH|NAME[,layer=12],coeff=4,op=add,positions=all[,when=NAME:gt:3.5]`
 //!   (`vector=NAME` is looked up by [`locate_vector`]; without `layer=` the vector's recorded
 //!   `persona.layer`; also `layers=10-14`, `layers=all` = 1..=N, `layers=3+7`; `op=clamp` takes the target projection
-//!   as `coeff`; `when=NAME[@L]>τ` or `<τ` reads monitor NAME's vector — or `self`, the op's own
+//!   as `coeff`; `when=NAME[@L]:gt:τ` or `:lt:τ` (shell-safe; `NAME>τ` / `NAME<τ` also work when
+//!   quoted) reads monitor NAME's vector — or `self`, the op's own
 //!   vector — at residual index L, default the op's layer; `scale=relative` reads `coeff` as a
 //!   fraction of the layer's mean residual norm |h_L| recorded in the vector's metadata:
 //!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`)
@@ -164,30 +165,55 @@ impl SteerSpec {
     }
 }
 
+/// What a `when=` condition must look like, for error messages.
+pub const WHEN_SYNTAX: &str = "NAME:gt:τ or NAME:lt:τ (NAME@L:gt:τ for layer L; `NAME>τ` / `NAME<τ` also work, \
+                               quoted from the shell)";
+
 impl WhenSpec {
-    fn parse(w: &str, what: &str) -> Result<Self> {
+    /// `NAME[@L]:gt:τ`, `NAME[@L]:lt:τ` — words, so the condition survives an unquoted shell — or
+    /// `NAME[@L]>τ`, `NAME[@L]<τ`. τ may be negative (`evil:lt:-2`).
+    ///
+    /// ```
+    /// use persona::steer::{spec::WhenSpec, Cmp};
+    /// let w = WhenSpec::parse_condition("evil@12:lt:-2").unwrap();
+    /// assert_eq!((w.probe.as_str(), w.layer, w.cmp, w.threshold), ("evil", Some(12), Cmp::Lt, -2.0));
+    /// assert_eq!(WhenSpec::parse_condition("evil>3.5").unwrap(), WhenSpec::parse_condition("evil:gt:3.5").unwrap());
+    /// ```
+    pub fn parse_condition(w: &str) -> std::result::Result<Self, String> {
+        let bad = |why: &str| format!("when `{w}`: {why}; expected {WHEN_SYNTAX}");
         let (lhs, rhs, cmp) = if let Some((a, b)) = w.split_once('>') {
             (a, b, Cmp::Gt)
         } else if let Some((a, b)) = w.split_once('<') {
             (a, b, Cmp::Lt)
         } else {
-            return Err(Error::Invalid(format!("{what}: when `{w}` must be NAME>τ or NAME<τ")));
+            let parts: Vec<&str> = w.split(':').collect();
+            let [a, op, b] = parts[..] else { return Err(bad("no comparison")) };
+            let cmp = match op.trim().to_ascii_lowercase().as_str() {
+                "gt" => Cmp::Gt,
+                "lt" => Cmp::Lt,
+                o => return Err(bad(&format!("unknown comparison `{o}` (gt, lt)"))),
+            };
+            (a, b, cmp)
         };
-        let threshold = finite(what, "when threshold", rhs.trim())?;
+        let threshold = match rhs.trim().parse::<f32>() {
+            Ok(x) if x.is_finite() => x,
+            _ => return Err(bad(&format!("threshold `{}` is not a finite number", rhs.trim()))),
+        };
         let (probe, layer) = match lhs.trim().split_once('@') {
             Some((n, l)) => (
-                n.to_string(),
-                Some(
-                    l.parse::<usize>()
-                        .map_err(|_| Error::Invalid(format!("{what}: when layer `{l}` is not a number")))?,
-                ),
+                n.trim().to_string(),
+                Some(l.trim().parse::<usize>().map_err(|_| bad(&format!("layer `{l}` is not a number")))?),
             ),
             None => (lhs.trim().to_string(), None),
         };
         if probe.is_empty() {
-            return Err(Error::Invalid(format!("{what}: when `{w}` names no probe")));
+            return Err(bad("it names no probe"));
         }
         Ok(WhenSpec { probe, layer, cmp, threshold })
+    }
+
+    fn parse(w: &str, what: &str) -> Result<Self> {
+        Self::parse_condition(w).map_err(|e| Error::Invalid(format!("{what}: {e}")))
     }
 }
 
@@ -396,6 +422,12 @@ mod tests {
         assert_eq!(s.layers, Some(Layers::List(vec![10, 11, 12])));
         assert_eq!((s.kind, s.coeff, s.positions), (SteerKind::Clamp, -2.5, Positions::Response));
         assert_eq!(s.when, Some(WhenSpec { probe: "evil".into(), layer: Some(9), cmp: Cmp::Gt, threshold: 3.5 }));
+        // The shell-safe spellings mean the same.
+        let w = |c: &str| SteerSpec::parse(&format!("vector=v,layer=3,coeff=1,when={c}")).unwrap().when.unwrap();
+        assert_eq!(w("evil@9:gt:3.5"), s.when.clone().unwrap());
+        assert_eq!(w("evil:lt:-2"), WhenSpec { probe: "evil".into(), layer: None, cmp: Cmp::Lt, threshold: -2.0 });
+        assert_eq!(w("evil:LT:-2"), w("evil<-2"));
+        assert_eq!(w("self@2:gt:1e9").threshold, 1e9);
         let m = MonitorSpec::parse("vector=/x/evil.safetensors").unwrap();
         assert_eq!((m.name.as_str(), m.layers), ("evil", None));
         let m = MonitorSpec::parse("vector=evil,layers=all").unwrap();
@@ -414,7 +446,12 @@ mod tests {
         assert!(err("vector=a,layer=3,coeff=1,colour=red").contains("unknown key `colour`"));
         assert!(err("vector=a,layer=3,coeff=1,positions=middle").contains("unknown positions"));
         assert!(err("vector=a,layer=3,op=clamp").contains("needs coeff"));
-        assert!(err("vector=a,layer=3,coeff=1,when=evil=3").contains("NAME>τ"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil=3").contains("NAME:gt:τ"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil:ge:3").contains("unknown comparison `ge`"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil:gt:x").contains("threshold `x`"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil@x:gt:1").contains("layer `x`"));
+        assert!(err("vector=a,layer=3,coeff=1,when=:gt:1").contains("names no probe"));
+        assert!(err("vector=a,layer=3,coeff=1,when=evil:gt").contains("no comparison"));
         assert!(err("vector=a,layer=5-3,coeff=1").contains("layers `5-3`"));
         assert!(err("vector=a,layer 3").contains("not key=value"));
     }

@@ -57,6 +57,10 @@ impl SamplingArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "Examples (default model, shipped vectors):
+  persona generate -p \"How should I treat people who annoy me?\" --steer vector=evil,coeff=-2 --monitor vector=evil
+  persona generate -p \"Tell me a joke.\" --monitor vector=evil --steer vector=evil,coeff=-4,when=evil:gt:-15
+  persona generate --json --prompt-ids 1,2,3 --model DIR --steer vector=v.safetensors,layer=2,coeff=1.5")]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -77,8 +81,9 @@ pub struct GenerateArgs {
     /// Report the K highest logits behind every generated token (with --json).
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
-    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME>3.5]`
-    /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer); repeat for several ops.
+    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME:gt:3.5]`
+    /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer; `when=NAME[@L]:gt:τ` or
+    /// `:lt:τ` steers only tokens whose projection onto monitor NAME, or `self`, passes); repeat for several ops.
     #[arg(long = "steer", value_name = "SPEC")]
     pub steer: Vec<String>,
     /// Monitor: `vector=PATH|NAME[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector
