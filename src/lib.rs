@@ -8,6 +8,7 @@ pub mod error;
 pub mod fetch;
 pub mod model;
 pub mod persona;
+pub mod plot;
 pub mod serve;
 pub mod steer;
 pub mod train;
