@@ -107,6 +107,8 @@ fn screening_measures_resumes_and_matches_screen() {
     let on_disk: Value = serde_json::from_str(&std::fs::read_to_string(out.join("screening.json")).unwrap()).unwrap();
     assert_eq!(on_disk["datasets"].as_array().unwrap().len(), 3);
     assert!(std::fs::read_to_string(out.join("screening.md")).unwrap().contains("| evil-pos | evil | 4 |"));
+    let svg = std::fs::read_to_string(out.join("screening.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("evil-pos") && svg.contains("random direction"));
     assert!(!std::fs::read_dir(out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp")));
     // A re-run resumes: nothing retrained, the same numbers.
     let t =

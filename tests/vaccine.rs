@@ -103,6 +103,8 @@ fn assert_close(a: &Value, b: &Value, at: &str) {
     }
 }
 
+const PLOTS: [&str; 3] = ["shift_vs_coeff.svg", "response_shift_vs_coeff.svg", "training_projection.svg"];
+
 fn measure(dir: &Path) -> ArmMeasure {
     serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap()
 }
@@ -176,9 +178,15 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     let leftovers: Vec<_> = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n != "results.json" && n != "results.md" && n != "arms")
+        .filter(|n| !["results.json", "results.md", "arms"].contains(&n.as_str()) && !PLOTS.contains(&n.as_str()))
         .collect();
     assert!(leftovers.is_empty(), "stray files: {leftovers:?}");
+    for p in PLOTS {
+        let svg = std::fs::read_to_string(out.join(p)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("plain"), "{p}");
+    }
+    let tp = std::fs::read_to_string(out.join("training_projection.svg")).unwrap();
+    assert!(tp.contains("steer-c4") && tp.contains("random-c1-s1000"), "every trained arm's curve");
 
     // A re-run resumes: nothing is retrained (train logs untouched), the same results.
     let mtimes: Vec<_> = names

@@ -264,7 +264,7 @@ fn correlation(delta_p: &[f64], random: &[Vec<f64>], shift: &[f64]) -> Value {
     json!({
         "n": shift.len(), "r": num(r), "r_ci95": pearson_ci95(r, shift.len()).map(num),
         "r_random": rr.first().copied().map(num),
-        "r_random_mean": num(rr.iter().sum::<f64>() / rr.len().max(1) as f64),
+        "r_random_mean": num(if rr.is_empty() { f64::NAN } else { rr.iter().sum::<f64>() / rr.len() as f64 }),
         "r_random_p95_abs": num(quantile(&abs, 0.95)),
         "r_percentile_among_random": num(percentile_of(r.abs(), &abs)),
         "r_random_all": rr.iter().map(|&x| num(x)).collect::<Vec<_>>(),
@@ -422,8 +422,48 @@ pub fn run<B: TrainBackend>(
         value = screening_json(&done, &base_proj, o.resamples, o.seed, &o.settings);
         write_atomic(&out.join("screening.json"), serde_json::to_string_pretty(&value).unwrap_or_default().as_bytes())?;
         write_atomic(&out.join("screening.md"), screening_markdown(&value).as_bytes())?;
+        write_atomic(&out.join("screening.svg"), screening_chart(&value).to_svg()?.as_bytes())?;
     }
     Ok(value)
+}
+
+/// The scatter of ΔP (before training) against the shift (after), one series per trait over
+/// every dataset, and the same datasets' ΔP along the first random direction of the dataset's
+/// own trait.
+pub fn screening_chart(v: &Value) -> crate::plot::Chart {
+    use crate::plot::{Chart, Point, Series};
+    let ds = v["datasets"].as_array().cloned().unwrap_or_default();
+    let mut series = vec![];
+    for (t, _) in v["per_trait"].as_object().into_iter().flatten() {
+        let pts: Vec<Point> = ds
+            .iter()
+            .filter_map(|d| {
+                let a = &d["all_traits"][t];
+                let p = Point::new(a["delta_p"].as_f64()?, a["shift"].as_f64()?);
+                // Label the dataset where it was made for this trait.
+                Some(if d["trait"] == t.as_str() { p.with_label(d["name"].as_str().unwrap_or("")) } else { p })
+            })
+            .collect();
+        series.push(Series::scatter(format!("{t} vector (r = {})", fmt_r(&v["per_trait"][t]["r"])), pts));
+    }
+    let pts: Vec<Point> =
+        ds.iter().filter_map(|d| Some(Point::new(d["delta_p_random"].as_f64()?, d["shift"].as_f64()?))).collect();
+    series.push(Series::scatter(
+        format!("random direction, own trait's shift (r = {})", fmt_r(&v["pooled"]["r_random"])),
+        pts,
+    ));
+    Chart {
+        title: format!("Does ΔP before training predict the shift? pooled r = {}", fmt_r(&v["r"])),
+        x_label: "ΔP: dataset responses minus the model's own answers (projection)".into(),
+        y_label: "shift after fine-tuning (last-prompt-token projection)".into(),
+        series,
+        hlines: vec![("no shift".into(), 0.0)],
+        log_x: false,
+    }
+}
+
+fn fmt_r(x: &Value) -> String {
+    x.as_f64().map_or("–".into(), |r| format!("{r:.2}"))
 }
 
 #[cfg(test)]

@@ -769,6 +769,7 @@ pub fn run<B: TrainBackend>(
         let results = results_json(done, o.resamples, o.boot_seed, &o.settings, p.nll_margin)?;
         write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())?;
         write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
+        write_plots(&results, out)?;
         Ok(results)
     };
     let mut i = 0;
@@ -806,4 +807,110 @@ pub fn run<B: TrainBackend>(
         i += 1;
     }
     write(&done)
+}
+
+/// The plots of a run's results: `shift_vs_coeff.svg` (prompt shift of the steer and random arms
+/// by coefficient, with their intervals, plain and base as lines, the other trait and CAFT as
+/// points), `response_shift_vs_coeff.svg` (the same for the response shift) and
+/// `training_projection.svg` (each trained arm's projection on the unit vector at L per step,
+/// from its `train_log.jsonl`, read before the layer's training steering: the model's own drift). Returns the files written.
+pub fn write_plots(results: &Value, out: &Path) -> Result<Vec<std::path::PathBuf>> {
+    use crate::plot::{Chart, Point, Series};
+    let arms = results["arms"].as_array().cloned().unwrap_or_default();
+    let layer = &results["settings"]["layer"];
+    let label = results["settings"]["trait"].as_str().unwrap_or("trait").to_string();
+    let mut written = vec![];
+    for (key, what) in [("shift", "prompt"), ("response_shift", "response")] {
+        let point = |a: &Value| -> Option<Point> {
+            let (x, y) = (a["coeff"].as_f64()?, a[key].as_f64()?);
+            let ci = &a["ci95"][key];
+            Some(match (ci[0].as_f64(), ci[1].as_f64()) {
+                (Some(lo), Some(hi)) => Point::new(x, y).with_ci(lo, hi),
+                _ => Point::new(x, y),
+            })
+        };
+        let of = |kind: &str, name_has: Option<&str>| -> Vec<Point> {
+            arms.iter()
+                .filter(|a| a["kind"] == kind && a["seed"].is_null())
+                .filter(|a| name_has.is_none_or(|n| a["name"].as_str().is_some_and(|s| s.ends_with(n))))
+                .filter_map(point)
+                .collect()
+        };
+        let mut series = vec![Series::line(format!("{label} vector (steer)"), of("steer", None))];
+        let mut seeds: Vec<String> = arms
+            .iter()
+            .filter(|a| a["kind"] == "random")
+            .filter_map(|a| a["name"].as_str()?.rsplit_once("-s").map(|(_, s)| format!("-s{s}")))
+            .collect();
+        seeds.sort();
+        seeds.dedup();
+        for s in &seeds {
+            let mut r = Series::line(format!("random direction (seed {})", &s[2..]), of("random", Some(s)));
+            r.dashed = true;
+            series.push(r);
+        }
+        for kind in ["other_trait", "caft"] {
+            for a in arms.iter().filter(|a| a["kind"] == kind) {
+                // CAFT has no coefficient: drawn at the best coefficient's x for reference.
+                let x = a["coeff"].as_f64().or_else(|| results["best"]["coeff"].as_f64()).unwrap_or(1.0);
+                if let Some(y) = a[key].as_f64() {
+                    let mut p = Point::new(x, y).with_label(a["name"].as_str().unwrap_or(kind));
+                    if let (Some(lo), Some(hi)) = (a["ci95"][key][0].as_f64(), a["ci95"][key][1].as_f64()) {
+                        p = p.with_ci(lo, hi);
+                    }
+                    series.push(Series::scatter(a["name"].as_str().unwrap_or(kind).to_string(), vec![p]));
+                }
+            }
+        }
+        let mut hlines = vec![("base".to_string(), 0.0)];
+        if let Some(p) = arms.iter().find(|a| a["kind"] == "plain" && a["seed"].is_null()).and_then(|a| a[key].as_f64())
+        {
+            hlines.push(("plain fine-tune".to_string(), p));
+        }
+        let chart = Chart {
+            title: format!(
+                "{label}: {what} projection shift after fine-tuning (steering off), by training coefficient"
+            ),
+            x_label: "steering coefficient during training (raw, × v)".into(),
+            y_label: format!("{what} shift vs base (projection at layer {layer})"),
+            series,
+            hlines,
+            log_x: true,
+        };
+        let file = out.join(format!("{key}_vs_coeff.svg"));
+        write_atomic(&file, chart.to_svg()?.as_bytes())?;
+        written.push(file);
+    }
+    // Projection during training, per trained arm.
+    let mut series = vec![];
+    for a in &arms {
+        let name = a["name"].as_str().unwrap_or("");
+        let log = out.join("arms").join(name).join("train_log.jsonl");
+        let Ok(text) = std::fs::read_to_string(&log) else { continue };
+        let pts: Vec<Point> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| {
+                let p = v["projections"]["v"].as_object()?.values().next()?.as_f64()?;
+                Some(Point::new(v["step"].as_f64()?, p))
+            })
+            .collect();
+        if !pts.is_empty() {
+            let mut s = Series::line(name.to_string(), pts);
+            s.dashed = a["kind"] == "random";
+            series.push(s);
+        }
+    }
+    let chart = Chart {
+        title: format!("{label}: projection during training (read before the layer's steering)"),
+        x_label: "optimiser step".into(),
+        y_label: format!("mean projection over the step's answer tokens, layer {layer}"),
+        series,
+        hlines: vec![],
+        log_x: false,
+    };
+    let file = out.join("training_projection.svg");
+    write_atomic(&file, chart.to_svg()?.as_bytes())?;
+    written.push(file);
+    Ok(written)
 }
