@@ -198,9 +198,28 @@ fn arms_share_data_and_seed_results_atomic_and_resume() {
     let again = run_all(out);
     // (f64s read back from result.json may differ in the last bit: serde_json's parser.)
     assert_close(&again, &results, "re-run");
+    let mtimes_plain = mtimes[0];
     for (n, t) in names.iter().skip(1).zip(mtimes) {
         let now = std::fs::metadata(out.join("arms").join(n).join("train_log.jsonl")).unwrap().modified().unwrap();
         assert_eq!(now, t, "{n} was retrained");
+    }
+
+    // The protocol is not an arm setting: more coefficients extend the run, finished arms are kept.
+    {
+        let m = load();
+        let h = m.engine.config.hidden;
+        let (v, other) = (vec_row(h, 1), vec_row(h, 2));
+        let p = protocol(&[1.0, 4.0, 2.0], &[1000], Some(("o".into(), other)), Some(7));
+        let mut merged = |a: &LoraAdapter| {
+            let mut f = ModelFiles::open(&tiny())?;
+            a.merge_into(&mut f.tensors)?;
+            LoadedModel::from_files(f, CpuGemmBackend, 128)
+        };
+        let more = vaccine::run(&m, &mut merged, "t", &p, &data(), &v, &options(), out, "tiny", &mut |_| {}).unwrap();
+        assert!(more["arms"].as_array().unwrap().iter().any(|a| a["name"] == "steer-c2"));
+        assert_eq!(more["settings"]["coeffs"], json!([1.0, 4.0, 2.0]));
+        let plain_log = out.join("arms/plain/train_log.jsonl");
+        assert_eq!(std::fs::metadata(plain_log).unwrap().modified().unwrap(), mtimes_plain, "plain was retrained");
     }
 
     // An arm recorded under other settings is refused, not silently mixed in.

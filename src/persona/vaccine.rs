@@ -252,7 +252,10 @@ pub struct VaccineOptions {
     pub boot_seed: u64,
     /// Sequences per evaluation batch.
     pub batch: usize,
-    /// Written into each arm's `result.json`; an arm recorded under other settings is refused.
+    /// What an arm's measurement depends on (model, trait, vector, layer, data, training and
+    /// evaluation settings), written into each arm's `result.json`: an arm recorded under other
+    /// settings is refused. The protocol (coefficients, seeds) is not part of it, so a run can be
+    /// extended with more arms.
     pub settings: Value,
 }
 
@@ -763,10 +766,21 @@ pub fn run<B: TrainBackend>(
             )));
         }
     }
+    // results.json's settings: the arms' (which decide whether a finished arm is reused) and the
+    // protocol's (which arms there are: changing them extends a run instead of redoing it).
+    let mut settings = o.settings.clone();
+    if let Some(m) = settings.as_object_mut() {
+        m.insert("coeffs".into(), json!(p.coeffs));
+        m.insert("random_seeds".into(), json!(p.random_seeds));
+        m.insert("random_at_all".into(), json!(p.random_at_all));
+        m.insert("other_trait".into(), json!(p.other.as_ref().map(|o| &o.0)));
+        m.insert("noise_seed".into(), json!(p.noise_seed));
+        m.insert("nll_margin".into(), json!(p.nll_margin));
+    }
     let start = Instant::now();
     let mut done: Vec<ArmMeasure> = vec![];
     let write = |done: &[ArmMeasure]| -> Result<Value> {
-        let results = results_json(done, o.resamples, o.boot_seed, &o.settings, p.nll_margin)?;
+        let results = results_json(done, o.resamples, o.boot_seed, &settings, p.nll_margin)?;
         write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default().as_bytes())?;
         write_atomic(&out.join("results.md"), results_markdown(&results).as_bytes())?;
         write_plots(&results, out)?;

@@ -283,7 +283,7 @@ pub fn run(a: VaccineArgs) -> Result<()> {
     train.seed = a.seed;
     let settings = json!({
         "trait": t.name, "vector": vector.display().to_string(), "vector_norm_at_layer": persona::persona::common::norm(&v),
-        "layer": layer, "model": path.display().to_string(), "quick": a.quick, "steps": steps, "batch": batch, "coeffs": coeffs, "random_seeds": a.random_seeds, "random_at_all": random_at_all, "seed_noise": seed_noise, "nll_margin": a.nll_margin,
+        "layer": layer, "model": path.display().to_string(), "steps": steps, "batch": batch,
         "lr": a.lr, "schedule": "linear", "warmup": train.warmup, "seed": a.seed,
         "lora": {"r": lora.r, "alpha": lora.alpha, "rslora": true, "targets": "all"},
         "train_rows": d.train.len(), "trait_holdout_rows": d.trait_holdout.len(), "benign_rows": d.benign_holdout.len(),
