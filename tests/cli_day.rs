@@ -197,3 +197,54 @@ fn shell_safe_conditions_steer_where_they_hold() {
     let err = gen_json(&m, &["--steer", &format!("vector={v},layer=2,coeff=1,when=tv:ge:3")]).unwrap_err();
     assert!(err.contains("unknown comparison `ge`") && err.contains("NAME:gt:τ"), "{err}");
 }
+
+/// Every shipped vector exports as a llama.cpp control vector as is: layers 0 and 1 (which
+/// llama.cpp cannot steer) are zeroed with a note, the rest kept bit for bit, and `model_hint` is
+/// the model's name, not its file name.
+#[test]
+fn shipped_vectors_export_to_gguf() {
+    use persona::model::gguf::GgufFile;
+    use persona::steer::control_vector::import_control_vector;
+    use persona::steer::vector::PersonaVector;
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct");
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(&shipped).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        n += 1;
+        let out = dir.path().join(p.file_stem().unwrap()).with_extension("gguf");
+        let (ok, stdout, err) = persona_cli(&["vectors", s(&p), "--export-gguf", s(&out)]);
+        assert!(ok, "{}: {err}", p.display());
+        let v = PersonaVector::load(&p).unwrap();
+        assert!(!v.is_zero(0) || !v.is_zero(1), "{}: a shipped vector that needs no zeroing", p.display());
+        for l in [0, 1] {
+            assert_eq!(err.contains(&format!(" {l} (norm ")), !v.is_zero(l), "layer {l} of {}: {err}", p.display());
+        }
+        assert!(err.contains("note: zeroed layer"), "{err}");
+        assert!(
+            stdout.contains("29 direction(s)") && stdout.contains("model_hint `SmolLM2-135M-Instruct`"),
+            "{stdout}"
+        );
+        let g = GgufFile::open(&out).unwrap();
+        assert_eq!(g.get_str("controlvector.model_hint"), Some("SmolLM2-135M-Instruct"));
+        let back = import_control_vector(&out, &tiny_cfg_like(&v)).unwrap();
+        assert!(back.is_zero(0) && back.is_zero(1));
+        for l in 2..=v.n_layers {
+            assert_eq!(back.layer(l), v.layer(l), "{} layer {l}", p.display());
+        }
+    }
+    assert_eq!(n, 7, "the seven shipped vectors");
+}
+
+/// A model config with the vector's N and H (all `import_control_vector` reads).
+fn tiny_cfg_like(v: &persona::steer::vector::PersonaVector) -> persona::model::config::ModelConfig {
+    let text = format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"hidden_size":{},"intermediate_size":16,"num_hidden_layers":{},
+           "num_attention_heads":2,"num_key_value_heads":1,"head_dim":4,"vocab_size":32}}"#,
+        v.hidden, v.n_layers
+    );
+    persona::model::config::ModelConfig::from_hf_str(&text, std::path::Path::new("config.json")).unwrap()
+}

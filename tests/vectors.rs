@@ -287,9 +287,15 @@ fn cli_vectors() {
     let d = tempfile::tempdir().unwrap();
     let gguf = d.path().join("cv.gguf");
     let back = d.path().join("back.safetensors");
-    let (ok, _, err) = cli!(tiny, "--export-gguf", gguf, "--model-hint", "llama");
-    assert!(!ok, "layer 0 is non-zero: cannot export");
-    assert_has(&err, &["layer 0", "--layer"]);
+    // Every layer: 0 and 1 (which llama.cpp cannot steer) are zeroed with a note.
+    let (ok, out, err) = cli!(tiny, "--export-gguf", gguf, "--model-hint", "llama");
+    assert!(ok, "{err}");
+    assert_has(&err, &["note: zeroed layer 0", "and 1", "2..=3"]);
+    assert_has(&out, &["2 direction(s)", "model_hint `llama`"]);
+    // Asking for layer 0 alone is still refused.
+    let (ok, _, err) = cli!(tiny, "--export-gguf", gguf, "--layer", "0", "--model-hint", "llama");
+    assert!(!ok);
+    assert_has(&err, &["layer 0", "non-zero"]);
     let (ok, out, err) = cli!(tiny, "--export-gguf", gguf, "--model-hint", "llama", "--layer", "3");
     assert!(ok, "{err}");
     assert_has(&out, &["cv.gguf", "1 direction"]);

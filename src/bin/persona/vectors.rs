@@ -5,7 +5,8 @@
 //! - `--model M`: the model the vectors belong to; needed to read llama.cpp control vectors
 //!   (GGUF), and checks every vector's N and H against it.
 //! - `persona vectors IN.gguf --model M --out OUT.safetensors`: import a control vector.
-//! - `persona vectors IN.safetensors --export-gguf OUT.gguf [--model-hint NAME]`: export one.
+//! - `persona vectors IN.safetensors --export-gguf OUT.gguf [--model-hint NAME]`: export one
+//!   (layers 0 and 1, which llama.cpp cannot steer, are zeroed with a note).
 
 use std::path::{Path, PathBuf};
 
@@ -36,8 +37,9 @@ pub struct VectorsArgs {
     /// Write the (single) FILE as a llama.cpp control vector (direction.K = our layer K+1).
     #[arg(long, value_name = "OUT.gguf")]
     pub export_gguf: Option<PathBuf>,
-    /// `controlvector.model_hint` for --export-gguf (default: the --model's architecture, else
-    /// the vector's `persona.model` metadata).
+    /// `controlvector.model_hint` for --export-gguf (default: the model's name — from --model,
+    /// else the vector's `persona.model` metadata — without file extension or quantisation tag,
+    /// e.g. `SmolLM2-135M-Instruct`).
     #[arg(long, value_name = "NAME", requires = "export_gguf")]
     pub model_hint: Option<String>,
     /// Machine-readable output.
@@ -98,7 +100,7 @@ pub fn run(a: VectorsArgs) -> Result<()> {
     let vectors: Vec<PersonaVector> = a.files.iter().map(|p| load_one(p, cfg.as_ref())).collect::<Result<_>>()?;
 
     if a.out.is_some() || a.export_gguf.is_some() {
-        return convert(&a, &vectors, cfg.as_ref());
+        return convert(&a, &vectors);
     }
 
     let refs: Vec<&PersonaVector> = vectors.iter().collect();
@@ -232,13 +234,37 @@ fn print_cosines(vs: &[&PersonaVector], layers: &[usize], default_layer: bool) {
     }
 }
 
-fn convert(a: &VectorsArgs, vectors: &[PersonaVector], cfg: Option<&ModelConfig>) -> Result<()> {
+fn convert(a: &VectorsArgs, vectors: &[PersonaVector]) -> Result<()> {
     if vectors.len() != 1 {
         bail!("--out and --export-gguf take exactly one FILE ({} given)", vectors.len());
     }
     let v = &match a.layer {
         Some(LayerSel::One(l)) => vectors[0].only_layers(&[l])?,
         Some(LayerSel::All) | None => vectors[0].clone(),
+    };
+    // llama.cpp steers the outputs of blocks 1..N-1 only (our layers 2..=N): an extracted vector
+    // is non-zero at our layers 0 (the embedding output) and 1 (block 0's output), which the
+    // control vector cannot hold. Dropped with a note unless the user asked for one of them.
+    let gguf_v = match (&a.export_gguf, a.layer) {
+        (Some(_), Some(LayerSel::All) | None) => {
+            let dropped: Vec<usize> = (0..=v.n_layers.min(1)).filter(|&l| !v.is_zero(l)).collect();
+            if dropped.is_empty() || v.n_layers < 2 {
+                None
+            } else {
+                let keep: Vec<usize> = (2..=v.n_layers).collect();
+                let norms = v.norms();
+                let what: Vec<String> = dropped.iter().map(|&l| format!("{l} (norm {})", fmt_norm(norms[l]))).collect();
+                eprintln!(
+                    "note: zeroed layer {} in the control vector: llama.cpp can steer only our layers 2..={} \
+                     (direction.1..direction.{}), not the embedding output (0) or block 0's output (1)",
+                    what.join(" and "),
+                    v.n_layers,
+                    v.n_layers - 1
+                );
+                Some(v.only_layers(&keep)?)
+            }
+        }
+        _ => None,
     };
     let mut wrote = Vec::new();
     if let Some(out) = &a.out {
@@ -249,13 +275,14 @@ fn convert(a: &VectorsArgs, vectors: &[PersonaVector], cfg: Option<&ModelConfig>
         }
     }
     if let Some(out) = &a.export_gguf {
-        let hint = match (&a.model_hint, cfg, v.metadata.get("persona.model")) {
+        let v = gguf_v.as_ref().unwrap_or(v);
+        let hint = match (&a.model_hint, &a.model, v.metadata.get("persona.model")) {
             (Some(h), _, _) => h.clone(),
-            (None, Some(c), _) => c.arch.name().to_string(),
-            (None, None, Some(m)) => m.clone(),
+            (None, Some(m), _) => super::model_name(m),
+            (None, None, Some(m)) => super::model_name(Path::new(m)),
             (None, None, None) => bail!(
-                "--export-gguf needs a model hint: give --model-hint NAME (llama.cpp's cvector-generator \
-                 writes the model's general.architecture, e.g. `llama`) or --model M"
+                "--export-gguf needs a model hint: the vector records no persona.model; give --model-hint NAME \
+                 (llama.cpp does not read it; its cvector-generator writes the architecture, e.g. `llama`) or --model M"
             ),
         };
         export_control_vector(v, out, &hint).with_context(|| {
