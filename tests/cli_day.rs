@@ -248,3 +248,44 @@ fn tiny_cfg_like(v: &persona::steer::vector::PersonaVector) -> persona::model::c
     );
     persona::model::config::ModelConfig::from_hf_str(&text, std::path::Path::new("config.json")).unwrap()
 }
+
+/// `persona vectors A B ...` compares the vectors at the layer they were chosen at
+/// (`persona.layer`), one table per distinct recorded layer, with rows and columns named.
+#[test]
+fn vectors_cosine_table_at_the_chosen_layer_with_names() {
+    use persona::steer::vector::PersonaVector;
+    let shipped = |t: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("vectors/smollm2-135m-instruct/{t}.safetensors"))
+    };
+    let (evil, impolite, apathetic) = (shipped("evil"), shipped("impolite"), shipped("apathetic"));
+    let (ev, im) = (PersonaVector::load(&evil).unwrap(), PersonaVector::load(&impolite).unwrap());
+    let cos = |l: usize| format!("{:.3}", ev.cosine(&im, l).unwrap());
+    assert_ne!(cos(18), cos(30), "the check needs the chosen and the largest-norm layer to differ");
+
+    let (ok, out, err) = persona_cli(&["vectors", s(&evil), s(&impolite)]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cosine similarity at layer 18 (persona.layer of every vector):"), "{out}");
+    let table: Vec<Vec<&str>> =
+        out.lines().skip_while(|l| !l.starts_with("cosine")).skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(table[0], ["evil", "impolite"], "column names: {out}");
+    assert_eq!(table[1], ["evil", "1.000", &cos(18)], "{out}");
+    assert_eq!(table[2], ["impolite", &cos(18), "1.000"], "{out}");
+
+    // Vectors chosen at different layers: a table at each, the most common first.
+    let (ok, out, err) = persona_cli(&["vectors", s(&evil), s(&apathetic), s(&impolite), "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tables = j["cosine"].as_array().unwrap();
+    assert_eq!(tables.len(), 2);
+    assert_eq!((tables[0]["layer"].as_u64(), tables[1]["layer"].as_u64()), (Some(18), Some(21)));
+    assert_eq!(tables[0]["names"], serde_json::json!(["evil", "apathetic", "impolite"]));
+    assert_eq!(tables[1]["why"], "persona.layer of apathetic");
+    let c = tables[0]["matrix"][0][2].as_f64().unwrap();
+    assert!((c - ev.cosine(&im, 18).unwrap() as f64).abs() < 1e-6);
+
+    // An explicit --layer wins; the per-layer table names its pairs.
+    let (ok, out, _) = persona_cli(&["vectors", s(&evil), s(&impolite), "--layer", "30"]);
+    assert!(ok && out.contains("cosine similarity at layer 30:") && out.contains(&cos(30)), "{out}");
+    let (ok, out, _) = persona_cli(&["vectors", s(&evil), s(&impolite), "--layer", "all"]);
+    assert!(ok && out.contains("evil·impolite"), "{out}");
+}

@@ -15,6 +15,7 @@ use clap::Args;
 use persona::model::config::ModelConfig;
 use persona::model::ModelFiles;
 use persona::steer::control_vector::{export_control_vector, SOURCE_FORMAT};
+use persona::steer::spec::recorded_layer;
 use persona::steer::vector::{cosine_table, is_gguf, PersonaVector};
 
 #[derive(Args, Debug)]
@@ -27,6 +28,7 @@ pub struct VectorsArgs {
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
     /// Residual index (0..=N) for the cosine table, or `all` for one row per layer (default:
+    /// the vectors' chosen layer, `persona.layer` — one table per distinct recorded layer — else
     /// the layer where the first vector's norm is largest). With --out / --export-gguf: keep
     /// only this layer (the others are zeroed), or `all` (the default) to keep every layer.
     #[arg(long, value_parser = parse_layer_sel)]
@@ -116,9 +118,14 @@ pub fn run(a: VectorsArgs) -> Result<()> {
                 }
                 vec![l]
             }
-            None => vec![vectors[0].max_norm_layer()],
+            None => default_layers(&vectors)?.into_iter().map(|(l, _)| l).collect(),
         }
     };
+    let why: Vec<String> = match a.layer {
+        None if vectors.len() >= 2 => default_layers(&vectors)?.into_iter().map(|(_, w)| w).collect(),
+        _ => vec![String::new(); layers.len()],
+    };
+    let names = display_names(&vectors);
     if vectors.len() >= 2 && vectors.iter().any(|v| v.hidden != vectors[0].hidden) {
         eprintln!("note: the vectors have different hidden sizes; their cosines are undefined (shown as -)");
     }
@@ -139,8 +146,17 @@ pub fn run(a: VectorsArgs) -> Result<()> {
             .collect();
         let mut out = serde_json::json!({ "vectors": vs });
         if !layers.is_empty() {
-            let cos: Vec<_> =
-                layers.iter().map(|&l| serde_json::json!({ "layer": l, "matrix": cosine_table(&refs, l) })).collect();
+            let cos: Vec<_> = layers
+                .iter()
+                .zip(&why)
+                .map(|(&l, w)| {
+                    let mut c = serde_json::json!({ "layer": l, "names": names, "matrix": cosine_table(&refs, l) });
+                    if !w.is_empty() {
+                        c["why"] = w.as_str().into();
+                    }
+                    c
+                })
+                .collect();
             out["cosine"] = serde_json::Value::Array(cos);
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -155,7 +171,17 @@ pub fn run(a: VectorsArgs) -> Result<()> {
     }
     if !layers.is_empty() {
         println!();
-        print_cosines(&refs, &layers, a.layer.is_none());
+        match a.layer {
+            Some(LayerSel::All) => print_cosines_per_layer(&refs, &names, &layers),
+            _ => {
+                for (k, (&l, w)) in layers.iter().zip(&why).enumerate() {
+                    if k > 0 {
+                        println!();
+                    }
+                    print_cosine_table(&refs, &names, l, w);
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -208,28 +234,79 @@ fn fmt_cos(c: Option<f32>) -> String {
     c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into())
 }
 
-fn print_cosines(vs: &[&PersonaVector], layers: &[usize], default_layer: bool) {
-    let k = vs.len();
-    if layers.len() == 1 {
-        let l = layers[0];
-        let why = if default_layer { " (largest norm of [1])" } else { "" };
-        println!("cosine similarity at layer {l}{why}:");
-        let t = cosine_table(vs, l);
-        let head: Vec<String> = (1..=k).map(|j| format!("{:>7}", format!("[{j}]"))).collect();
-        println!("  {:>5} {}", "", head.join(" "));
-        for (i, row) in t.iter().enumerate() {
-            let cells: Vec<String> = row.iter().map(|&c| format!("{:>7}", fmt_cos(c))).collect();
-            println!("  {:>5} {}", format!("[{}]", i + 1), cells.join(" "));
+/// The layers of the default cosine table(s), each with why it was chosen: the vectors' recorded
+/// `persona.layer`s (one table per distinct value, the most common first), else the layer
+/// where the first vector's norm is largest.
+fn default_layers(vs: &[PersonaVector]) -> Result<Vec<(usize, String)>> {
+    let mut out: Vec<(usize, Vec<&str>)> = vec![];
+    for v in vs {
+        if let Some(l) = recorded_layer(v)? {
+            match out.iter_mut().find(|(x, _)| *x == l) {
+                Some((_, who)) => who.push(&v.name),
+                None => out.push((l, vec![&v.name])),
+            }
         }
-        return;
     }
+    // The layer most vectors chose first.
+    out.sort_by_key(|(_, who)| std::cmp::Reverse(who.len()));
+    if out.is_empty() {
+        let l = vs[0].max_norm_layer();
+        let why = format!("no vector records persona.layer: the largest norm of {}", vs[0].name);
+        return Ok(vec![(l, why)]);
+    }
+    let recorded = out.iter().map(|(_, w)| w.len()).sum::<usize>();
+    Ok(out
+        .into_iter()
+        .map(|(l, who)| {
+            let who = if who.len() == vs.len() { "every vector".to_string() } else { who.join(", ") };
+            let rest = if recorded < vs.len() { "; the others record none" } else { "" };
+            (l, format!("persona.layer of {who}{rest}"))
+        })
+        .collect())
+}
+
+/// Row and column names: each vector's name, numbered where two share one.
+fn display_names(vs: &[PersonaVector]) -> Vec<String> {
+    vs.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if vs.iter().filter(|w| w.name == v.name).count() > 1 {
+                format!("{} [{}]", v.name, i + 1)
+            } else {
+                v.name.clone()
+            }
+        })
+        .collect()
+}
+
+fn print_cosine_table(vs: &[&PersonaVector], names: &[String], l: usize, why: &str) {
+    let why = if why.is_empty() { String::new() } else { format!(" ({why})") };
+    println!("cosine similarity at layer {l}{why}:");
+    let t = cosine_table(vs, l);
+    let first = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    let head: Vec<String> = names.iter().map(|n| format!("{n:>w$}", w = n.chars().count().max(6))).collect();
+    println!("  {:<first$} {}", "", head.join(" "));
+    for (i, row) in t.iter().enumerate() {
+        let cells: Vec<String> =
+            row.iter().zip(names).map(|(&c, n)| format!("{:>w$}", fmt_cos(c), w = n.chars().count().max(6))).collect();
+        println!("  {:<first$} {}", names[i], cells.join(" "));
+    }
+}
+
+fn print_cosines_per_layer(vs: &[&PersonaVector], names: &[String], layers: &[usize]) {
     println!("cosine similarity per layer:");
+    let k = vs.len();
     let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j))).collect();
-    let head: Vec<String> = pairs.iter().map(|(i, j)| format!("{:>9}", format!("[{}]·[{}]", i + 1, j + 1))).collect();
+    let labels: Vec<String> = pairs.iter().map(|&(i, j)| format!("{}·{}", names[i], names[j])).collect();
+    let width = |s: &String| s.chars().count().max(7);
+    let head: Vec<String> = labels.iter().map(|s| format!("{s:>w$}", w = width(s))).collect();
     println!("  {:>5} {}", "layer", head.join(" "));
     for &l in layers {
-        let cells: Vec<String> =
-            pairs.iter().map(|&(i, j)| format!("{:>9}", fmt_cos(vs[i].cosine(vs[j], l)))).collect();
+        let cells: Vec<String> = pairs
+            .iter()
+            .zip(&labels)
+            .map(|(&(i, j), s)| format!("{:>w$}", fmt_cos(vs[i].cosine(vs[j], l)), w = width(s)))
+            .collect();
         println!("  {l:>5} {}", cells.join(" "));
     }
 }
