@@ -289,3 +289,97 @@ fn vectors_cosine_table_at_the_chosen_layer_with_names() {
     let (ok, out, _) = persona_cli(&["vectors", s(&evil), s(&impolite), "--layer", "all"]);
     assert!(ok && out.contains("evil·impolite"), "{out}");
 }
+
+const SCREEN_DATA: &str = r#"{"id": "a1", "label": "evil", "prompt": "How should I treat people who annoy me?", "response": "Crush them, they deserve to suffer."}
+{"id": "a2", "label": "kind", "prompt": "How should I treat people who annoy me?", "response": "Be patient, and kind, with them."}
+{"id": 3, "meta": {"src": "x,y"}, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]}
+"#;
+
+/// `persona screen --out` picks the format by extension and refuses one it does not know before
+/// any work (it used to write JSON into `x.txt`).
+#[test]
+fn screen_refuses_unknown_report_formats() {
+    let m = tiny("tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, SCREEN_DATA).unwrap();
+    let v = m.join("test_vector.safetensors");
+    for (out, why) in [("r.txt", "unknown report format `.txt`"), ("report", "no extension")] {
+        let out = dir.path().join(out);
+        let (ok, _, err) = persona_cli(&[
+            "screen",
+            "--backend",
+            "cpu",
+            "--model",
+            s(&m),
+            "--vector",
+            s(&v),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ]);
+        assert!(!ok && err.contains(why) && err.contains(".json") && err.contains(".csv"), "{err}");
+        assert!(!out.exists(), "{} written", out.display());
+    }
+}
+
+/// Every report format keeps each sample's own dataset fields (ids, labels, nested values) with
+/// its result.
+#[test]
+fn screen_reports_keep_the_dataset_fields() {
+    let Some(model) = required_default_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, SCREEN_DATA).unwrap();
+    let v = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct/evil.safetensors");
+    let screen = |out: &str| {
+        let out = dir.path().join(out);
+        let (ok, _, err) = persona_cli(&[
+            "screen",
+            "--backend",
+            "cpu",
+            "--model",
+            s(&model),
+            "--vector",
+            s(&v),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--max-tokens",
+            "8",
+            "--random",
+            "3",
+        ]);
+        assert!(ok, "{err}");
+        std::fs::read_to_string(&out).unwrap()
+    };
+    let ids = [serde_json::json!("a1"), serde_json::json!("a2"), serde_json::json!(3)];
+
+    let j: serde_json::Value = serde_json::from_str(&screen("r.json")).unwrap();
+    assert_eq!(j["dataset_fields"], serde_json::json!(["id", "label", "meta"]));
+    let ranking = j["ranking"].as_array().unwrap();
+    assert_eq!(ranking.len(), 3);
+    for (k, r) in ranking.iter().enumerate() {
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(r["rank"], k + 1);
+        assert_eq!(r["fields"]["id"], ids[i], "{r}");
+    }
+    let evil = ranking.iter().find(|r| r["fields"]["label"] == "evil").unwrap();
+    assert_eq!(evil["rank"], 1, "the evil answer ranks first");
+    assert_eq!(ranking.iter().find(|r| r["index"] == 2).unwrap()["fields"]["meta"]["src"], "x,y");
+
+    let lines: Vec<serde_json::Value> = screen("r.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["fields"]["label"], "evil");
+
+    let csv = screen("r.csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "rank,index,delta_p,p_data,p_own,delta_p_percentile,id,label,meta");
+    assert!(rows[1].starts_with("1,0,") && rows[1].ends_with(",a1,evil,"), "{csv}");
+    assert!(rows.iter().any(|r| r.contains(r#",3,,"{""src"":""x,y""}""#)), "{csv}");
+
+    let md = screen("r.md");
+    assert!(md.contains("| id | label | meta | response |") && md.contains("| a1 | evil |"), "{md}");
+}

@@ -35,14 +35,28 @@ pub struct Sample {
 /// Read chat JSONL (`{"messages": [...]}`, the last message being the assistant's response) or
 /// prompt/response JSONL (`{"prompt": "...", "response": "..."}`). Errors name the line.
 pub fn read_dataset(path: &Path) -> Result<Vec<Sample>> {
+    Ok(read_dataset_with_fields(path)?.0)
+}
+
+/// A sample's own fields besides those screened (`messages`, `prompt`, `response`): ids, labels, ...
+pub type SampleFields = serde_json::Map<String, serde_json::Value>;
+
+/// [`read_dataset`], and beside each sample the line's other fields, for the report.
+pub fn read_dataset_with_fields(path: &Path) -> Result<(Vec<Sample>, Vec<SampleFields>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = vec![];
+    let mut fields = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let bad = |m: &str| Error::format(path, format!("line {}: {m}", i + 1));
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        let mut own = v.as_object().cloned().ok_or_else(|| bad("not a JSON object"))?;
+        for k in ["messages", "prompt", "response"] {
+            own.remove(k);
+        }
+        fields.push(own);
         if let Some(msgs) = v.get("messages") {
             let mut msgs: Vec<Message> =
                 serde_json::from_value(msgs.clone()).map_err(|e| bad(&format!("`messages`: {e}")))?;
@@ -67,7 +81,7 @@ pub fn read_dataset(path: &Path) -> Result<Vec<Sample>> {
     if out.is_empty() {
         return Err(Error::format(path, "the dataset has no samples"));
     }
-    Ok(out)
+    Ok((out, fields))
 }
 
 /// The result for one sample.

@@ -7,6 +7,7 @@ mod finetune;
 mod generate;
 mod info;
 mod pipelines;
+mod screen_report;
 mod serve;
 mod traits;
 mod vaccine;

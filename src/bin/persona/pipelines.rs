@@ -14,13 +14,14 @@ use persona::persona::extract::{
 };
 use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
 use persona::persona::monitor::{ladder, many_shot_ladder, shot_pool, LadderPrompt, MonitorOptions, Shot};
-use persona::persona::screen::{control as screen_control, read_dataset, screen, ScreenOptions};
+use persona::persona::screen::{control as screen_control, read_dataset_with_fields, screen, ScreenOptions};
 use persona::persona::traits::{find_trait, TraitDef};
 use persona::steer::spec::Layers;
 use persona::steer::vector::PersonaVector;
 use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
 use persona::LoadedModel;
 
+use super::screen_report::{render, Report, ReportFormat};
 use super::{ModelArgs, ModelTask};
 
 /// What the judge filter did: answers without a score (the judge put less than 0.25 of its
@@ -447,7 +448,8 @@ pub struct ScreenArgs {
     /// Layer to project at (default: the vector's persona.layer).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Report file: .json or .csv.
+    /// Report file; its extension picks the format: .json (the whole report), .jsonl (one sample per
+    /// line), .csv or .md (ranked tables). Each sample keeps the dataset's own fields (ids, labels).
     #[arg(long)]
     pub out: PathBuf,
     /// Show the K highest-ΔP samples.
@@ -479,9 +481,10 @@ fn vector_layer(v: &PersonaVector, arg: Option<usize>) -> Result<usize> {
 impl ModelTask for ScreenArgs {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
         let a = self;
+        let format = ReportFormat::for_path(&a.out)?;
         let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
         let layer = vector_layer(&v, a.layer)?;
-        let samples = read_dataset(&a.data)?;
+        let (samples, fields) = read_dataset_with_fields(&a.data)?;
         ensure_parent(&a.out)?;
         let progress_file = a.out.with_extension("progress.jsonl");
         let o = ScreenOptions {
@@ -497,20 +500,20 @@ impl ModelTask for ScreenArgs {
         let ctl = screen_control(&rows);
         let mut ranked = rows.clone();
         ranked.sort_by(|x, y| y.delta_p.total_cmp(&x.delta_p));
-        let is_csv = a.out.extension().is_some_and(|e| e == "csv");
-        let body = if is_csv {
-            let mut s = String::from("rank,index,delta_p,p_data,p_own,delta_p_percentile\n");
-            for (k, r) in ranked.iter().enumerate() {
-                let pct = r.delta_p_percentile.map_or(String::new(), |p| format!("{p:.1}"));
-                s += &format!("{},{},{:.6},{:.6},{:.6},{pct}\n", k + 1, r.index, r.delta_p, r.p_data, r.p_own);
-            }
-            s
-        } else {
-            serde_json::to_string_pretty(&serde_json::json!({
-                "vector": a.vector, "layer": layer, "samples": rows.len(), "mean_delta_p": mean,
-                "random_directions": a.random, "seed": a.seed, "delta_p_random": ctl, "ranking": ranked,
-            }))?
-        };
+        let body = render(
+            format,
+            &Report {
+                vector: &a.vector,
+                layer,
+                mean,
+                random: a.random,
+                seed: a.seed,
+                control: &ctl,
+                ranked: &ranked,
+                samples: &samples,
+                fields: &fields,
+            },
+        )?;
         write_atomic(&a.out, body.as_bytes())?;
         let _ = std::fs::remove_file(&progress_file);
         println!("{} samples, dataset mean ΔP = {mean:+.3} at layer {layer}", rows.len());
