@@ -133,6 +133,8 @@ fn cli_bad_input() {
     let tiny = fixtures().join("tiny-llama");
     let (ok, _, err) = persona_cli(&["vaccine", "--screening", "--out-dir", out, "--model", tiny.to_str().unwrap()]);
     assert!(!ok && err.contains("does not fit this model"), "{err}");
+    let (ok, _, err) = persona_cli(&["vaccine", "--screening", "--trait", "evil", "--out-dir", out]);
+    assert!(!ok && err.contains("do not apply"), "{err}");
     let (ok, _, err) = persona_cli(&["vaccine", "--out-dir", out]);
     assert!(!ok && err.contains("--trait"), "{err}");
 }

@@ -337,6 +337,12 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
     if a.model.adapter.is_some() {
         bail!("screening fine-tunes the base model itself: --adapter is not supported here");
     }
+    if a.trait_name.is_some() || a.vector.is_some() || a.coeffs.is_some() || a.other_vector.is_some() {
+        bail!(
+            "--screening studies the shipped vectors of --traits and trains without steering: \
+             --trait, --vector, --coeffs and --other-vector do not apply"
+        );
+    }
     if !matches!(a.model.backend, BackendKind::Auto | BackendKind::Cpu) {
         bail!("training runs on the CPU backend; use --backend cpu");
     }
