@@ -383,3 +383,45 @@ fn screen_reports_keep_the_dataset_fields() {
     let md = screen("r.md");
     assert!(md.contains("| id | label | meta | response |") && md.contains("| a1 | evil |"), "{md}");
 }
+
+/// `persona generate` leaves the end-of-turn token that stopped it out of its text (streamed and
+/// `--json`), while `ids` keep it and `finish` says `eos`.
+#[test]
+fn generate_text_has_no_end_of_turn_token() {
+    let Some(model) = required_default_model() else { return };
+    let args = ["generate", "--backend", "cpu", "--model", s(&model), "-p", "Reply with just the word yes."];
+    let (ok, out, err) = persona_cli(&[&args[..], &["--max-tokens", "48"]].concat());
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty() && !out.contains("<|im_end|>") && !out.contains("<|"), "{out}");
+    let (ok, out, err) = persona_cli(&[&args[..], &["--max-tokens", "48", "--json"]].concat());
+    assert!(ok, "{err}");
+    let o: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(o["finish"], "eos", "the check needs a reply that ends: {o}");
+    assert_eq!(o["ids"].as_array().unwrap().last().unwrap(), 2, "ids keep <|im_end|> (2)");
+    let text = o["text"].as_str().unwrap();
+    assert!(!text.is_empty() && !text.contains("<|im_end|>"), "{text}");
+}
+
+/// `persona info` reports the context length, the end-of-sequence token(s) and the size on disk.
+#[test]
+fn info_shows_context_eos_and_size() {
+    let m = tiny("tiny-llama");
+    let size: u64 = std::fs::read_dir(&m).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let (ok, out, err) = persona_cli(&["info", s(&m)]);
+    assert!(ok, "{err}");
+    assert!(out.contains("context       256 tokens"), "{out}");
+    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["eos", "2"]), "{out}");
+    assert!(out.contains(&format!("({size} bytes on disk)")), "{out}");
+    let (ok, out, _) = persona_cli(&["info", s(&m), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok);
+    assert_eq!((j["context_length"].as_u64(), j["size_bytes"].as_u64()), (Some(256), Some(size)));
+    assert_eq!(j["eos"], serde_json::json!([{"id": 2, "token": null}]));
+
+    let Some(model) = required_default_model() else { return };
+    let (ok, out, err) = persona_cli(&["info", s(&model)]);
+    assert!(ok, "{err}");
+    let bytes = std::fs::metadata(&model).unwrap().len();
+    assert!(out.contains("context       8192 tokens") && out.contains("eos           2 <|im_end|>"), "{out}");
+    assert!(out.contains(&format!("({bytes} bytes on disk)")), "{out}");
+}

@@ -201,6 +201,14 @@ fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
     assert!(lps["token_logprobs"][0].as_f64().unwrap() <= 0.0);
 
     // Server-wide default steering: applies when a request omits `steering`; `[]` opts out.
+    // Unset, GET says so explicitly.
+    let unset = |d: &Value| {
+        assert_eq!((&d["set"], &d["steering"], &d["monitor"]), (&json!(false), &json!([]), &json!([])), "{d}");
+        assert!(d["message"].as_str().unwrap().contains("no server-wide default steering"), "{d}");
+    };
+    let (code, d, _) = call("GET", &format!("{base}/v1/steering"), None, None);
+    assert_eq!(code, 200);
+    unset(&d);
     let (code, d, _) = call(
         "PUT",
         &format!("{base}/v1/steering"),
@@ -208,6 +216,10 @@ fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
         None,
     );
     assert_eq!(code, 200, "{d}");
+    let (_, d, _) = call("GET", &format!("{base}/v1/steering"), None, None);
+    assert_eq!(d["set"], true, "{d}");
+    assert_eq!(d["steering"], json!([{"vector": "t", "layers": 2, "coeff": 6.0}]));
+    assert_eq!((d["monitor"].clone(), d.get("message")), (json!([]), None));
     let plain_body = json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let (_, r) = post(&format!("{base}/v1/completions"), &plain_body);
     assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids());
@@ -216,6 +228,7 @@ fn tiny_steered_completion_matches_engine_and_registry_round_trip() {
     let (_, r) = post(&format!("{base}/v1/completions"), &opt_out);
     assert_eq!(ids_of(&r["choices"][0]["token_ids"]), plain.ids());
     call("PUT", &format!("{base}/v1/steering"), Some(&json!({})), None);
+    unset(&call("GET", &format!("{base}/v1/steering"), None, None).1);
     let (_, r) = post(&format!("{base}/v1/completions"), &plain_body);
     assert_eq!(ids_of(&r["choices"][0]["token_ids"]), plain.ids());
 }
@@ -850,6 +863,12 @@ fn conditional_steering_and_vectors_dir_and_control_vector_upload() {
         threshold: 0.0,
     });
     let want = engine_alone(&m, PROMPT, 10, st, SamplingParams::greedy());
+    assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids());
+    // The CLI's shell-safe spelling means the same.
+    let mut safe = body.clone();
+    safe["steering"][0]["when"] = json!("self:lt:0.0");
+    let (code, r) = post(&format!("{base}/v1/completions"), &safe);
+    assert_eq!(code, 200, "{r}");
     assert_eq!(ids_of(&r["choices"][0]["token_ids"]), want.ids());
 }
 

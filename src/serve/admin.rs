@@ -54,9 +54,24 @@ pub(super) async fn delete_vector(State(st): State<S>, UrlPath(name): UrlPath<St
     }
 }
 
+/// The server-wide default as set (`{"set": true, "steering": [..], "monitor": [..]}`), or, when
+/// none is, an object that says so: `{"set": false, "steering": [], "monitor": [], "message": ..}`.
 pub(super) async fn get_default(State(st): State<S>) -> Response {
     let d = st.default.read().map(|d| d.clone()).unwrap_or_default();
-    Json(Value::Object(d)).into_response()
+    let set = !d.is_empty();
+    let mut out = serde_json::Map::new();
+    out.insert("set".into(), set.into());
+    out.insert("steering".into(), d.get("steering").cloned().unwrap_or_else(|| Value::Array(vec![])));
+    out.insert("monitor".into(), d.get("monitor").cloned().unwrap_or_else(|| Value::Array(vec![])));
+    if !set {
+        out.insert(
+            "message".into(),
+            "no server-wide default steering or monitor is set; requests run as they ask \
+             (PUT /v1/steering {\"steering\": [..], \"monitor\": [..]} sets one, {} clears it)"
+                .into(),
+        );
+    }
+    Json(Value::Object(out)).into_response()
 }
 
 pub(super) async fn set_default(State(st): State<S>, body: Result<Bytes, BytesRejection>) -> Response {

@@ -193,8 +193,12 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let stream = !a.json && reqs.len() == 1 && m.tokenizer.is_some();
     let mut ts = TextStream::default();
     let mut stdout = std::io::stdout();
+    // The end-of-sequence token that stops generation is not part of the text (it shows as
+    // `"finish": "eos"`); with --ignore-eos every token is text.
+    let eos = &m.engine.config.eos_ids;
+    let stops = |id: u32| !a.sampling.ignore_eos && eos.contains(&id);
     let outs = m.engine.generate(&reqs, &mut |_, step| {
-        if stream {
+        if stream && !stops(step.id) {
             if let Some(tok) = &m.tokenizer {
                 let _ = write!(stdout, "{}", ts.push(tok, step.id));
                 let _ = stdout.flush();
@@ -206,7 +210,11 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let t = timing(&outs[0], reqs.len(), prompt_tokens, generated);
     for o in &outs {
         let ids = o.ids();
-        let text = if m.tokenizer.is_some() { Some(m.decode(&ids)?) } else { None };
+        let text_ids = match (matches!(o.finish, Finish::Eos), ids.split_last()) {
+            (true, Some((&last, rest))) if stops(last) => rest,
+            _ => &ids[..],
+        };
+        let text = if m.tokenizer.is_some() { Some(m.decode(text_ids)?) } else { None };
         if a.json {
             let steps: Vec<serde_json::Value> = o
                 .steps

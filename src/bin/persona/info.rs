@@ -1,8 +1,9 @@
-//! `persona info`: what a model file holds.
+//! `persona info`: what a model file holds: architecture, sizes (on disk and in parameters),
+//! context length, end-of-sequence tokens, dtypes, tensors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use persona::model::ModelFiles;
 
@@ -17,9 +18,39 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+/// Bytes on disk: the file, or the files directly inside the folder.
+fn size_on_disk(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+        let m = e?.metadata()?;
+        if m.is_file() {
+            total += m.len();
+        }
+    }
+    Ok(total)
+}
+
+fn human_bytes(b: u64) -> String {
+    let (b, units) = (b as f64, ["B", "KiB", "MiB", "GiB", "TiB"]);
+    let i = ((b.max(1.0).ln() / 1024f64.ln()).floor() as usize).min(units.len() - 1);
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{:.1} {}", b / 1024f64.powi(i as i32), units[i])
+    }
+}
+
 pub fn run(a: InfoArgs) -> Result<()> {
     let path = super::resolve_model(&a.model)?;
     let f = ModelFiles::open(&path)?;
+    let bytes = size_on_disk(&path)?;
+    // End-of-sequence ids with their tokens, where the model has a tokenizer.
+    let eos: Vec<(u32, Option<String>)> =
+        f.config.eos_ids.iter().map(|&id| (id, f.tokenizer.as_ref().and_then(|t| t.id_to_token(id)))).collect();
     let c = &f.config;
     let params: usize = f.listing.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
     let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -34,18 +65,25 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "rope_theta": c.rope.theta, "llama3_rope": c.rope.llama3.is_some(), "rms_eps": c.rms_eps,
             "tied_embeddings": c.tie_embeddings, "qkv_bias": c.qkv_bias, "parameters": params,
             "dtypes": dtypes, "tokenizer": f.tokenizer.is_some(), "chat_template": f.chat_template.is_some(),
+            "context_length": c.max_positions, "size_bytes": bytes,
+            "eos": eos.iter().map(|(id, t)| serde_json::json!({"id": id, "token": t})).collect::<Vec<_>>(),
             "tensors": if a.tensors { serde_json::to_value(&f.listing)? } else { serde_json::Value::Null },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("{} ({:?})", path.display(), f.format);
+    println!("size          {} ({bytes} bytes on disk)", human_bytes(bytes));
     println!("architecture  {}", c.arch.name());
     println!("parameters    {:.1} M", params as f64 / 1e6);
     println!("layers        {}", c.n_layers);
     println!("hidden        {}  (intermediate {})", c.hidden, c.intermediate);
     println!("heads         {} q / {} kv, head_dim {}", c.n_heads, c.n_kv_heads, c.head_dim);
     println!("vocab         {}", c.vocab);
+    println!("context       {} tokens (the model's; commands plan for --context, default 4096)", c.max_positions);
+    let eos_text: Vec<String> =
+        eos.iter().map(|(id, t)| t.as_ref().map_or(id.to_string(), |t| format!("{id} {t}"))).collect();
+    println!("eos           {}", if eos_text.is_empty() { "none".to_string() } else { eos_text.join(", ") });
     println!(
         "rope          theta {}{}",
         c.rope.theta,
