@@ -15,7 +15,6 @@
 //! already measured under the same settings is not redone, so an interrupted run resumes.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +25,7 @@ use serde_json::{json, Value};
 use super::common::{percentile_of, project, quantile, random_directions, teacher_force, unit, write_atomic};
 use super::common::{CaptureRange, Forced};
 use super::screen::{data_and_own, Sample};
-use super::vaccine::{num, paired_shift};
+use super::vaccine::{num, paired_shift, read_recorded, train_logged};
 use crate::error::{Error, Result};
 use crate::model::lora::LoraAdapter;
 use crate::steer::{Probe, SeqSteering, SteeringPlan};
@@ -161,16 +160,8 @@ pub fn run_dataset<B: TrainBackend>(
     log: &mut dyn FnMut(&str),
 ) -> Result<DatasetMeasure> {
     let result_path = dir.join("result.json");
-    if result_path.exists() {
-        let text = std::fs::read_to_string(&result_path).map_err(|e| Error::io(&result_path, e))?;
-        let r: DatasetMeasure = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&result_path, format!("not a screening result: {e}")))?;
-        if r.settings != o.settings {
-            return Err(Error::format(
-                &result_path,
-                "recorded under other settings; use another --out-dir, or delete this dataset's folder",
-            ));
-        }
+    if let Some(r) = read_recorded::<DatasetMeasure>(&result_path, |r| &r.settings, &o.settings, "a screening result")?
+    {
         log(&format!("[{}] already measured: resumed from {}", d.name, result_path.display()));
         return Ok(r);
     }
@@ -184,26 +175,7 @@ pub fn run_dataset<B: TrainBackend>(
     let init = init_adapter(o.train.lora.clone(), &base.engine.config, o.train.seed);
     let monitors = probes(traits).probes;
     let mut t = Trainer::new(&base.engine, o.train.clone(), init, d.train.clone(), vec![], None, monitors)?;
-    let total = t.total_steps();
-    let log_path = dir.join("train_log.jsonl");
-    let mut f = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let mut last = None;
-    while t.step < total {
-        let s = t.train_step(None)?;
-        writeln!(f, "{}", s.to_json()).map_err(|e| Error::io(&log_path, e))?;
-        let per = start.elapsed().as_secs_f64() / s.step as f64;
-        log(&format!(
-            "[{}] step {}/{total} loss {:.4} ({:.1} s/step, ETA {:.0} s)",
-            d.name,
-            s.step,
-            s.loss,
-            per,
-            per * (total - s.step) as f64
-        ));
-        last = Some(s.loss);
-    }
-    f.sync_all().map_err(|e| Error::io(&log_path, e))?;
-    t.adapter.save(dir, base_model)?;
+    let (_, last) = train_logged(&mut t, dir, base_model, &d.name, log)?;
     let train_seconds = start.elapsed().as_secs_f64();
     let merged = load_merged(&t.adapter)?;
     let prompt_proj = prompt_projections(&merged, traits, o.batch)?;

@@ -356,6 +356,62 @@ pub fn check_data(d: &VaccineData) -> Result<()> {
     Ok(())
 }
 
+/// The record at `path` (an arm's or a dataset's `result.json`) when there is one: `None` when
+/// absent, an error when unreadable or made under other settings than `want`.
+pub(crate) fn read_recorded<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    settings: impl Fn(&T) -> &Value,
+    want: &Value,
+    what: &str,
+) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let r: T = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not {what}: {e}")))?;
+    if settings(&r) != want {
+        return Err(Error::format(
+            path,
+            "recorded under other settings (model, trait, vector, layer, data, training or evaluation settings); \
+             use another --out-dir, or delete this folder",
+        ));
+    }
+    Ok(Some(r))
+}
+
+/// Run `t` to its last step, one line per step in `dir/train_log.jsonl` and a progress line to
+/// `log` (loss, first monitor's projection, ETA); save the adapter in `dir`. Returns (steps, last loss).
+pub(crate) fn train_logged<B: TrainBackend>(
+    t: &mut Trainer<'_, B>,
+    dir: &Path,
+    base_model: &str,
+    name: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<(usize, Option<f64>)> {
+    let start = Instant::now();
+    let total = t.total_steps();
+    let log_path = dir.join("train_log.jsonl");
+    let mut f = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let mut last = None;
+    while t.step < total {
+        let s = t.train_step(None)?;
+        writeln!(f, "{}", s.to_json()).map_err(|e| Error::io(&log_path, e))?;
+        let per = start.elapsed().as_secs_f64() / s.step as f64;
+        log(&format!(
+            "[{name}] step {}/{total} loss {:.4} proj {:+.3} ({:.1} s/step, ETA {:.0} s)",
+            s.step,
+            s.loss,
+            s.projections.first().map_or(f64::NAN, |p| p.2),
+            per,
+            per * (total - s.step) as f64
+        ));
+        last = Some(s.loss);
+    }
+    f.sync_all().map_err(|e| Error::io(&log_path, e))?;
+    t.adapter.save(dir, base_model)?;
+    Ok((total, last))
+}
+
 /// Mean NLL per answer token of `rows` with the adapter and `steering` (the training pass's loss).
 pub fn nll<B: TrainBackend>(
     m: &LoadedModel<B>,
@@ -437,17 +493,7 @@ pub fn run_arm<B: TrainBackend>(
     log: &mut dyn FnMut(&str),
 ) -> Result<ArmMeasure> {
     let result_path = dir.join("result.json");
-    if result_path.exists() {
-        let text = std::fs::read_to_string(&result_path).map_err(|e| Error::io(&result_path, e))?;
-        let r: ArmMeasure =
-            serde_json::from_str(&text).map_err(|e| Error::format(&result_path, format!("not an arm result: {e}")))?;
-        if r.settings != o.settings {
-            return Err(Error::format(
-                &result_path,
-                "recorded under other settings (trait, vector, layer, steps, lr, seed, data or questions); \
-                 use another --out-dir, or delete this arm's folder",
-            ));
-        }
+    if let Some(r) = read_recorded::<ArmMeasure>(&result_path, |r| &r.settings, &o.settings, "an arm result")? {
         log(&format!("[{}] already measured: resumed from {}", arm.name, result_path.display()));
         return Ok(r);
     }
@@ -468,27 +514,7 @@ pub fn run_arm<B: TrainBackend>(
         let u = unit(v);
         let monitor = Probe { name: "v".into(), layer: o.layer, vector: Arc::from(&u[..]) };
         let mut t = Trainer::new(&base.engine, train, init, d.train.clone(), vec![], steering.clone(), vec![monitor])?;
-        let total = t.total_steps();
-        let log_path = dir.join("train_log.jsonl");
-        let mut f = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-        let mut last = None;
-        while t.step < total {
-            let s = t.train_step(None)?;
-            writeln!(f, "{}", s.to_json()).map_err(|e| Error::io(&log_path, e))?;
-            let per = start.elapsed().as_secs_f64() / s.step as f64;
-            log(&format!(
-                "[{}] step {}/{total} loss {:.4} proj {:+.3} ({:.1} s/step, arm ETA {:.0} s)",
-                arm.name,
-                s.step,
-                s.loss,
-                s.projections.first().map_or(f64::NAN, |p| p.2),
-                per,
-                per * (total - s.step) as f64
-            ));
-            last = Some(s.loss);
-        }
-        f.sync_all().map_err(|e| Error::io(&log_path, e))?;
-        t.adapter.save(dir, base_model)?;
+        let (total, last) = train_logged(&mut t, dir, base_model, &arm.name, log)?;
         (t.adapter, total, last)
     };
     let train_seconds = start.elapsed().as_secs_f64();
