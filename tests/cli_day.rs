@@ -425,3 +425,59 @@ fn info_shows_context_eos_and_size() {
     assert!(out.contains("context       8192 tokens") && out.contains("eos           2 <|im_end|>"), "{out}");
     assert!(out.contains(&format!("({bytes} bytes on disk)")), "{out}");
 }
+
+/// Run `args` with stderr (and stdout) on a pseudo-terminal through util-linux `script`; None
+/// when `script` is not installed.
+fn on_a_terminal(args: &[&str]) -> Option<(bool, String)> {
+    let sh_quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let cmd: Vec<String> =
+        std::iter::once(env!("CARGO_BIN_EXE_persona")).chain(args.iter().copied()).map(sh_quote).collect();
+    let out = std::process::Command::new("script").args(["-q", "-e", "-c", &cmd.join(" "), "/dev/null"]).output();
+    match out {
+        Ok(o) => Some((o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())),
+        Err(_) => {
+            eprintln!("SKIPPED: no `script` (util-linux) to give the command a terminal");
+            None
+        }
+    }
+}
+
+/// Long jobs draw a progress bar with ETA on a terminal; `--quiet`, or stderr that is not a
+/// terminal, draws none.
+#[test]
+fn progress_bars_on_a_terminal_and_quiet_otherwise() {
+    let Some(model) = required_default_model() else { return };
+    let v = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct/evil.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, SCREEN_DATA).unwrap();
+    let out = dir.path().join("r.json");
+    let monitor =
+        ["monitor", "--backend", "cpu", "--model", s(&model), "--vector", s(&v), "--questions", "2", "--layers", "18"];
+    let screen = [
+        "screen",
+        "--backend",
+        "cpu",
+        "--model",
+        s(&model),
+        "--vector",
+        s(&v),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--max-tokens",
+        "8",
+        "--random",
+        "2",
+    ];
+    for (args, bar) in [(&monitor[..], "prompts ["), (&screen[..], "screening [")] {
+        let Some((ok, tty)) = on_a_terminal(args) else { return };
+        assert!(ok, "{tty}");
+        assert!(tty.contains(bar) && tty.contains("ETA"), "{args:?}: no progress bar on a terminal:\n{tty}");
+        let (ok, quiet) = on_a_terminal(&[args, &["--quiet"]].concat()).unwrap();
+        assert!(ok && !quiet.contains("ETA") && !quiet.contains(bar), "{args:?} --quiet:\n{quiet}");
+        let (ok, _, err) = persona_cli(args);
+        assert!(ok && !err.contains("ETA"), "{args:?}, stderr not a terminal:\n{err}");
+    }
+}

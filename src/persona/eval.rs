@@ -80,6 +80,7 @@ fn reference_answers<B: Backend>(
     t: &TraitDef,
     questions: &[String],
     max_tokens: usize,
+    show_progress: bool,
 ) -> Result<Vec<(Forced, Forced)>> {
     let mut reqs = vec![];
     for (qi, q) in questions.iter().enumerate() {
@@ -88,7 +89,16 @@ fn reference_answers<B: Backend>(
             reqs.push(GenRequest::greedy(chat_ids(m, Some(sys), q)?, max_tokens));
         }
     }
-    let gens = m.engine.generate(&reqs, &mut |_, _| {})?;
+    // Token by token (an answer that ends early leaves its share unfilled).
+    let pb = show_progress.then(|| progress(reqs.len() * max_tokens, "references"));
+    let gens = m.engine.generate(&reqs, &mut |_, _| {
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
     let mut out = vec![];
     for (qi, q) in questions.iter().enumerate() {
         let base = chat_ids(m, None, q)?;
@@ -210,7 +220,7 @@ pub fn sweep<B: Backend>(
         v.check_layer(l)?;
     }
     let questions: Vec<String> = t.eval_questions.iter().take(o.questions).cloned().collect();
-    let refs = reference_answers(m, t, &questions, o.max_tokens)?;
+    let refs = reference_answers(m, t, &questions, o.max_tokens, o.show_progress)?;
     let cells = (o.layers.len() + o.random) * o.coeffs.len();
     let pb = o.show_progress.then(|| progress(cells, "sweep"));
     let mut points = vec![];

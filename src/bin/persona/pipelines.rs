@@ -117,6 +117,9 @@ pub struct ExtractArgs {
     /// response_avg | prompt_avg | prompt_last
     #[arg(long, default_value = "response_avg")]
     pub method: String,
+    /// No progress bars (they are drawn only when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub judge: JudgeArgs,
 }
@@ -145,7 +148,7 @@ impl ModelTask for ExtractArgs {
                     seed: a.seed,
                     batch: a.batch,
                     method,
-                    show_progress: true,
+                    show_progress: !a.quiet,
                 };
                 let r = generate_responses(&m, &t, &o)?;
                 (t.name.clone(), r, Ok(t))
@@ -161,7 +164,7 @@ impl ModelTask for ExtractArgs {
         let jsonl = a.out.with_extension("jsonl");
         let text: String = responses.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
         write_atomic(&jsonl, text.as_bytes())?;
-        let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, true)
+        let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, !a.quiet)
             .with_context(|| format!("the answers and their scores are in {}", jsonl.display()))?;
         v.metadata.insert("persona.model".into(), model_name(&m.path));
         v.metadata.insert("persona.seed".into(), a.seed.to_string());
@@ -256,6 +259,9 @@ pub struct EvalArgs {
     /// Do not record the best layer in the vector's metadata.
     #[arg(long)]
     pub no_update: bool,
+    /// No progress bars (they are drawn only when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub judge: JudgeArgs,
 }
@@ -282,7 +288,7 @@ impl ModelTask for EvalArgs {
             batch: a.batch,
             seed: a.seed,
             random: a.random_eval,
-            show_progress: true,
+            show_progress: !a.quiet,
         };
         let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
         let dir = a.out_dir.clone().unwrap_or_else(|| a.vector.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -351,6 +357,9 @@ pub struct MonitorArgs {
     /// Write the full report (every prompt's projections) as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// No progress bars (they are drawn only when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub judge: JudgeArgs,
 }
@@ -421,7 +430,7 @@ impl ModelTask for MonitorArgs {
             batch: a.batch,
             seed: a.seed,
             random: a.random,
-            show_progress: true,
+            show_progress: !a.quiet,
         };
         let name = t.as_ref().map(|t| t.name.clone()).unwrap_or_else(|| v.name.clone());
         if let Some(out) = &a.out {
@@ -465,6 +474,9 @@ pub struct ScreenArgs {
     /// Seeds the random directions (drawn from SEED xor LAYER, as `monitor` does).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// No progress bars (they are drawn only when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 fn vector_layer(v: &PersonaVector, arg: Option<usize>) -> Result<usize> {
@@ -493,7 +505,7 @@ impl ModelTask for ScreenArgs {
             batch: a.batch,
             random: a.random,
             seed: a.seed,
-            show_progress: true,
+            show_progress: !a.quiet,
         };
         let rows = screen(&m, &v, &samples, &progress_file, &o)?;
         let mean = rows.iter().map(|r| r.delta_p).sum::<f64>() / rows.len().max(1) as f64;
