@@ -6,7 +6,20 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked
 ./target/release/persona fetch
 scripts/install-nvrtc.sh
-# The official OpenAI client checks `persona serve` (tests/serve.rs skips it when absent).
-python3 -m pip install --quiet --disable-pip-version-check openai 2>/dev/null || true
+# The wgpu tests run on Mesa's lavapipe, a Vulkan driver on the CPU (tests/wgpu.rs asserts Vulkan).
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update && $SUDO apt-get install -y mesa-vulkan-drivers libvulkan1 || {
+        echo "test.sh: could not install lavapipe (apt-get install mesa-vulkan-drivers libvulkan1)" >&2
+        exit 1
+    }
+fi
+# The official OpenAI client checks `persona serve`.
+PIP=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+"${PIP[@]}" openai 2>/dev/null || "${PIP[@]}" --break-system-packages openai
+# Tests whose resource (default model, lavapipe, NVRTC, openai) is missing fail instead of
+# printing SKIPPED: everything above installed it. (A CUDA GPU is never required.)
+export PERSONA_REQUIRE=1
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc

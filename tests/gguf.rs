@@ -2,7 +2,7 @@
 //!
 //! The model is found through `PERSONA_MODEL_GGUF`, else
 //! `$XDG_CACHE_HOME/persona/SmolLM2-135M-Instruct.Q4_1.gguf` (default `~/.cache/persona/...`).
-//! When it is absent every test prints "skipping" and passes. Token ids come from the HF
+//! When it is absent every test prints SKIPPED (fails under PERSONA_REQUIRE, as in CI). Token ids come from the HF
 //! transformers fixtures (`tests/common`: `../shared/fixtures`, else the vendored copy); dequantized values from
 //! gguf-py (see `dequantization_matches_gguf_py`).
 
@@ -19,7 +19,7 @@ const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 fn model_path() -> Option<PathBuf> {
     let p = common::default_model();
     if p.is_none() {
-        eprintln!("skipping: model {MODEL_FILE} not cached (set PERSONA_MODEL_GGUF or run `persona fetch`)");
+        common::missing(&format!("the model {MODEL_FILE}"), "set PERSONA_MODEL_GGUF or run `persona fetch`");
     }
     p
 }

@@ -514,10 +514,7 @@ fn local_judge_readings_match_brute_force_on_a_tiny_model() {
 
 #[test]
 fn local_judge_on_the_default_model() {
-    let Some(path) = common::default_model() else {
-        eprintln!("skipping: default model not cached (run `persona fetch`)");
-        return;
-    };
+    let Some(path) = common::required_default_model() else { return };
     let m = Arc::new(LoadedModel::load(&path, CpuBackend, 1024).unwrap());
     let judge = LocalJudge::new(m.clone()).unwrap();
     let covered = judge.covered_values();

@@ -38,10 +38,7 @@ fn fixture_responses(path: &Path) {
 
 #[test]
 fn extract_from_responses_reproduces_the_reference_vector() {
-    let Some(model) = default_model() else {
-        eprintln!("skipping: default model not cached");
-        return;
-    };
+    let Some(model) = required_default_model() else { return };
     let d = tempfile::tempdir().unwrap();
     let (resp, out) = (d.path().join("r.jsonl"), d.path().join("enthusiasm.safetensors"));
     fixture_responses(&resp);
@@ -124,12 +121,11 @@ fn malformed_pipeline_inputs_name_the_line() {
 
 /// Shipped vectors on the default model, or a skip message.
 fn with_shipped(traits: &[&str]) -> Option<PathBuf> {
-    let model = default_model();
-    if model.is_none() || traits.iter().any(|t| !shipped(t).exists()) {
-        eprintln!("skipping: default model or shipped vectors missing");
-        return None;
+    let model = required_default_model()?;
+    if let Some(t) = traits.iter().find(|t| !shipped(t).exists()) {
+        panic!("the shipped vector {} is missing from the checkout", shipped(t).display());
     }
-    model
+    Some(model)
 }
 
 fn monitor_json(model: &Path, t: &str, dir: &Path) -> serde_json::Value {

@@ -542,7 +542,7 @@ fn load_32_streaming_clients_tiny() {
 #[test]
 #[ignore]
 fn load_32_streaming_clients_default_model() {
-    if default_model().is_none() {
+    if required_default_model().is_none() {
         return;
     }
     let secs: f64 = std::env::var("PERSONA_LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180.0);
@@ -771,10 +771,7 @@ fn api_key_and_metrics_format() {
 
 #[test]
 fn smollm2_chat_steered_matches_engine() {
-    let Some(model) = default_model() else {
-        eprintln!("skipping: the default model is not cached (run `persona fetch`)");
-        return;
-    };
+    let Some(model) = required_default_model() else { return };
     let vec_path = fixtures().join("smollm2_extracted_vector.safetensors");
     let base = start(&model, ServeConfig::default());
     assert_eq!(upload(&base, "evil", &vec_path).0, 201);
@@ -899,17 +896,14 @@ fn non_streaming_client_that_disconnects_frees_its_slot() {
 /// monitoring through `extra_body`, against the engine on the default model.
 #[test]
 fn openai_python_client_with_extra_body() {
-    let Some(model) = default_model() else {
-        eprintln!("skipping: the default model is not cached");
-        return;
-    };
+    let Some(model) = required_default_model() else { return };
     let has_client = std::process::Command::new("python3")
         .args(["-c", "import openai"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has_client {
-        eprintln!("skipping: the `openai` Python package is not installed (pip install openai)");
+        missing("the `openai` Python package", "pip install openai; scripts/test.sh installs it");
         return;
     }
     let vec_path = fixtures().join("smollm2_extracted_vector.safetensors");
@@ -974,7 +968,7 @@ print(json.dumps({"full": d, "stream_text": text, "stream_projs": projs, "models
 #[test]
 #[ignore]
 fn batching_gain_on_default_model() {
-    let Some(model) = default_model() else { return };
+    let Some(model) = required_default_model() else { return };
     let base = start(&model, ServeConfig::default());
     let run = |k: usize| {
         let t = std::time::Instant::now();

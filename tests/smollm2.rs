@@ -13,10 +13,7 @@ use persona::model::{Message, ModelFiles};
 use persona::LoadedModel;
 
 fn model() -> Option<LoadedModel<CpuBackend>> {
-    let Some(path) = default_model() else {
-        eprintln!("skipping: default model not cached (run `persona fetch`)");
-        return None;
-    };
+    let path = required_default_model()?;
     Some(LoadedModel::load(&path, CpuBackend, 512).unwrap())
 }
 
@@ -123,7 +120,7 @@ fn batch_generation_equals_single() {
 /// same model: identical logits.
 #[test]
 fn gguf_and_safetensors_folder_give_identical_logits() {
-    let Some(path) = default_model() else { return };
+    let Some(path) = required_default_model() else { return };
     let files = ModelFiles::open(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let c = &files.config;

@@ -51,10 +51,7 @@ fn tiny_models_steering_cases_match_transformers() {
 }
 
 fn smollm2() -> Option<LoadedModel<CpuBackend>> {
-    let Some(path) = default_model() else {
-        eprintln!("skipping: default model not cached (run `persona fetch`)");
-        return None;
-    };
+    let path = required_default_model()?;
     Some(LoadedModel::load(&path, CpuBackend, 512).unwrap())
 }
 

@@ -33,7 +33,10 @@ fn backend() -> Option<WgpuBackend> {
             Some(b)
         }
         Err(e) => {
-            eprintln!("skipping wgpu tests: {e}");
+            common::missing(
+                &format!("a wgpu adapter ({e})"),
+                "on Linux install lavapipe: apt-get install mesa-vulkan-drivers libvulkan1; scripts/test.sh does",
+            );
             None
         }
     })
@@ -444,10 +447,7 @@ fn bad_input_is_an_error_not_a_panic() {
 #[test]
 fn default_model_greedy_ids() {
     let Some(b) = backend() else { return };
-    let Some(path) = default_model() else {
-        eprintln!("skipping: default model not cached (run `persona fetch`)");
-        return;
-    };
+    let Some(path) = common::required_default_model() else { return };
     let full = std::env::var("PERSONA_WGPU_FULL").is_ok_and(|v| v == "1");
     let (n_prompts, steps) = if full { (usize::MAX, 24) } else { (2, 8) };
     let t0 = std::time::Instant::now();

@@ -146,17 +146,27 @@ pub fn persona_cli(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
-/// The default model, or None after printing SKIPPED; where the environment sets PERSONA_REQUIRE
-/// (CI, which fetches the model) a missing model fails the test instead.
-pub fn required_default_model() -> Option<PathBuf> {
-    match default_model() {
-        Some(p) => Some(p),
-        None if std::env::var_os("PERSONA_REQUIRE").is_some() => {
-            panic!("default model not cached, and PERSONA_REQUIRE is set")
-        }
-        None => {
-            eprintln!("SKIPPED: default model not cached (persona fetch)");
-            None
-        }
+/// A resource a test needs is missing: where the environment sets PERSONA_REQUIRE (CI, whose
+/// set-up — scripts/test.sh — installs the default model, lavapipe, NVRTC and the openai client)
+/// the test fails; elsewhere it prints SKIPPED with how to get the resource, and the caller
+/// returns. (A CUDA GPU is never required: CI has none; see [`no_gpu`].)
+pub fn missing(what: &str, how: &str) {
+    if std::env::var_os("PERSONA_REQUIRE").is_some() {
+        panic!("{what} is missing, and PERSONA_REQUIRE is set ({how})");
     }
+    eprintln!("SKIPPED: {what} is missing ({how})");
+}
+
+/// No CUDA GPU here: the test prints SKIPPED (a GPU is not required anywhere CI runs).
+pub fn no_gpu(test: &str, why: &dyn std::fmt::Display) {
+    eprintln!("SKIPPED: {test}: no usable CUDA GPU ({why})");
+}
+
+/// The default model, or None after [`missing`] (SKIPPED, or a failure under PERSONA_REQUIRE).
+pub fn required_default_model() -> Option<PathBuf> {
+    let p = default_model();
+    if p.is_none() {
+        missing("the default model", "run `persona fetch`");
+    }
+    p
 }
