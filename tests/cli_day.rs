@@ -436,7 +436,7 @@ fn on_a_terminal(args: &[&str]) -> Option<(bool, String)> {
     match out {
         Ok(o) => Some((o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())),
         Err(_) => {
-            eprintln!("SKIPPED: no `script` (util-linux) to give the command a terminal");
+            missing("util-linux `script` (to give the command a terminal)", "apt install util-linux");
             None
         }
     }
