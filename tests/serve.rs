@@ -781,7 +781,7 @@ fn smollm2_chat_steered_matches_engine() {
     let msgs = [persona::model::Message::user("How should I treat my neighbours?")];
     let ids = m.chat_prompt_ids(&msgs).unwrap();
     let body = json!({
-        "model": "x", "messages": [{"role": "user", "content": "How should I treat my neighbours?"}],
+        "model": "persona", "messages": [{"role": "user", "content": "How should I treat my neighbours?"}],
         "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2,
         "steering": [{"vector": "evil", "layers": layer, "coeff": 4}],
         "monitor": [{"vector": "evil", "layers": layer, "name": "t"}],
@@ -920,10 +920,10 @@ c = OpenAI(base_url=os.environ["BASE"] + "/v1", api_key="k")
 extra = {"steering": [{"vector": "evil", "layers": 15, "coeff": 3}],
          "monitor": [{"vector": "evil", "layers": 15, "name": "t"}]}
 msgs = [{"role": "user", "content": "Tell me about your day."}]
-r = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, seed=3,
+r = c.chat.completions.create(model="persona", messages=msgs, max_tokens=12, temperature=0, seed=3,
                               logprobs=True, top_logprobs=2, extra_body=extra)
 d = r.model_dump()
-s = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stream=True,
+s = c.chat.completions.create(model="persona", messages=msgs, max_tokens=12, temperature=0, stream=True,
                               extra_body=extra)
 text, projs = "", []
 for ch in s:

@@ -211,3 +211,147 @@ impl Common {
         })
     }
 }
+
+/// Top-level keys persona reads in a chat (`chat`) or text completion body; `model` is checked
+/// by [`check_model`].
+fn used_keys(chat: bool) -> &'static [&'static str] {
+    const CHAT: &[&str] = &[
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "n",
+        "stop",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "ignore_eos",
+        "steering",
+        "monitor",
+    ];
+    const TEXT: &[&str] = &[
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "n",
+        "stop",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "ignore_eos",
+        "steering",
+        "monitor",
+    ];
+    if chat {
+        CHAT
+    } else {
+        TEXT
+    }
+}
+
+/// Documented OpenAI keys persona accepts without acting on them: always ignored (bookkeeping
+/// that changes no output), or accepted only at the value that means "off".
+const IGNORED_ALWAYS: &[&str] =
+    &["user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"];
+
+/// Whether `v` (not null) is the "off" value of the documented OpenAI option `k`; `None` when `k`
+/// is not such an option. The message names the accepted value.
+fn default_only(k: &str, v: &Value, chat: bool) -> Option<(bool, &'static str)> {
+    let zero = |v: &Value| v.as_f64() == Some(0.0);
+    let empty = |v: &Value| match v {
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
+    Some(match k {
+        "frequency_penalty" | "presence_penalty" => (zero(v), "0"),
+        "logit_bias" => (empty(v), "{}"),
+        "response_format" => (v.get("type").and_then(Value::as_str) == Some("text"), "{\"type\": \"text\"}"),
+        "tools" | "functions" if chat => (empty(v), "[]"),
+        "tool_choice" | "function_call" if chat => (v.as_str() == Some("none"), "\"none\""),
+        "modalities" if chat => (v.as_array().is_some_and(|a| a.len() == 1 && a[0] == "text"), "[\"text\"]"),
+        "audio" | "prediction" | "reasoning_effort" | "verbosity" | "web_search_options" if chat => (false, "null"),
+        "echo" if !chat => (v == &Value::Bool(false), "false"),
+        "best_of" if !chat => (v.as_u64() == Some(1), "1"),
+        "suffix" if !chat => (v.as_str() == Some(""), "\"\""),
+        _ => return None,
+    })
+}
+
+/// Levenshtein distance (small strings: request keys).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Refuse top-level keys that are neither read by persona nor documented OpenAI keys it may
+/// ignore, and non-default values of OpenAI options persona does not implement.
+pub fn check_keys(m: &Map<String, Value>, chat: bool) -> ApiResult<()> {
+    let used = used_keys(chat);
+    for (k, v) in m {
+        if used.contains(&k.as_str()) || IGNORED_ALWAYS.contains(&k.as_str()) {
+            continue;
+        }
+        if let Some((ok, want)) = default_only(k, v, chat) {
+            if ok || v.is_null() {
+                continue;
+            }
+            return Err(ApiError::param(
+                k,
+                format!("persona does not support the OpenAI option `{k}` (only {want} or null is accepted), got {v}"),
+            )
+            .with_code("unsupported_parameter"));
+        }
+        let mut msg = format!("unknown field `{k}`");
+        if k.len() <= 200 {
+            let best = used.iter().map(|u| (edit_distance(k, u), *u)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d);
+            if let Some((_, u)) = best {
+                msg.push_str(&format!("; did you mean `{u}`?"));
+            }
+        }
+        let name = if k.len() > 200 { "(a long key)" } else { k.as_str() };
+        return Err(ApiError::param(name, msg).with_code("unknown_parameter"));
+    }
+    Ok(())
+}
+
+/// Model aliases accepted besides the served id.
+pub const MODEL_ALIASES: &[&str] = &["persona"];
+
+/// `model`, when present, must name the served model (its id or an alias): 404 otherwise, as
+/// OpenAI answers for an unknown model.
+pub fn check_model(m: &Map<String, Value>, served: &str) -> ApiResult<()> {
+    match field(m, "model") {
+        None => Ok(()),
+        Some(Value::String(s)) if s == served || MODEL_ALIASES.contains(&s.as_str()) => Ok(()),
+        Some(Value::String(s)) => {
+            let shown: String = s.chars().take(200).collect();
+            let mut e = ApiError::status(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model `{shown}` does not exist: this server serves `{served}` (alias: `persona`)"),
+            )
+            .with_code("model_not_found");
+            e.param = Some("model".into());
+            Err(e)
+        }
+        Some(v) => Err(ApiError::param("model", format!("`model` must be a string, got {v}"))),
+    }
+}

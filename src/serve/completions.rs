@@ -17,7 +17,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
-use super::api::{field, parse_body, ApiError, ApiResult, Common};
+use super::api::{check_keys, check_model, field, parse_body, ApiError, ApiResult, Common};
 use super::registry::{self, MonitorInfo, Resolved};
 use super::scheduler::{DoneEvent, Event, FinishReason, Job, TokenEvent};
 use super::{body_bytes, into_response, now_s, AppState, S};
@@ -49,6 +49,13 @@ fn parse_messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {
         let p = format!("messages[{i}]");
         let o = m.as_object().ok_or_else(|| ApiError::param(&p, "each message must be an object"))?;
         let role = o.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::param(&p, "missing `role`"))?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            let shown: String = role.chars().take(100).collect();
+            return Err(ApiError::param(
+                &format!("{p}.role"),
+                format!("{p}: unsupported role `{shown}` (persona takes system, user and assistant messages)"),
+            ));
+        }
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -78,6 +85,8 @@ fn tokenizer(st: &AppState) -> ApiResult<&Tokenizer> {
 pub(super) async fn chat(State(st): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
     let prep = (|| -> ApiResult<(Vec<u32>, Common, Resolved)> {
         let m = parse_body(&body_bytes(body)?)?;
+        check_keys(&m, true)?;
+        check_model(&m, &st.cfg.model_id)?;
         let common = Common::parse(&m, true)?;
         let msgs = parse_messages(field(&m, "messages"))?;
         let tok = tokenizer(&st)?;
@@ -99,6 +108,8 @@ pub(super) async fn chat(State(st): State<S>, body: Result<Bytes, BytesRejection
 pub(super) async fn completions(State(st): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
     let prep = (|| -> ApiResult<(Vec<u32>, Common, Resolved)> {
         let m = parse_body(&body_bytes(body)?)?;
+        check_keys(&m, false)?;
+        check_model(&m, &st.cfg.model_id)?;
         let common = Common::parse(&m, false)?;
         let bad = || {
             ApiError::param("prompt", "`prompt` must be a string, a list of token ids, or a one-element list of either")
