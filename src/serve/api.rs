@@ -355,3 +355,24 @@ pub fn check_model(m: &Map<String, Value>, served: &str) -> ApiResult<()> {
         Some(v) => Err(ApiError::param("model", format!("`model` must be a string, got {v}"))),
     }
 }
+
+/// Bytes of prompt text accepted per token of context: 8 × a generous 16 bytes per token, so
+/// that no prompt that could fit the context is refused, and none far past it is tokenized.
+pub const PROMPT_BYTES_PER_CONTEXT_TOKEN: usize = 128;
+
+/// Refuse, before tokenizing, prompt text (`bytes` long) far longer than the context could hold.
+pub fn check_prompt_bytes(bytes: usize, context: usize, param: &str) -> ApiResult<()> {
+    let limit = context.saturating_mul(PROMPT_BYTES_PER_CONTEXT_TOKEN);
+    if bytes > limit {
+        return Err(ApiError::param(
+            param,
+            format!(
+                "the prompt is {bytes} bytes, over this server's limit of {limit} bytes \
+                 ({PROMPT_BYTES_PER_CONTEXT_TOKEN} bytes per token of its {context}-token context); \
+                 it cannot fit the context"
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}

@@ -17,7 +17,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
-use super::api::{check_keys, check_model, field, parse_body, ApiError, ApiResult, Common};
+use super::api::{check_keys, check_model, check_prompt_bytes, field, parse_body, ApiError, ApiResult, Common};
 use super::registry::{self, MonitorInfo, Resolved};
 use super::scheduler::{DoneEvent, Event, FinishReason, Job, TokenEvent};
 use super::{body_bytes, into_response, now_s, AppState, S};
@@ -89,6 +89,7 @@ pub(super) async fn chat(State(st): State<S>, body: Result<Bytes, BytesRejection
         check_model(&m, &st.cfg.model_id)?;
         let common = Common::parse(&m, true)?;
         let msgs = parse_messages(field(&m, "messages"))?;
+        check_prompt_bytes(msgs.iter().map(|m| m.content.len()).sum(), st.capacity, "messages")?;
         let tok = tokenizer(&st)?;
         let tpl = st
             .template
@@ -121,6 +122,7 @@ pub(super) async fn completions(State(st): State<S>, body: Result<Bytes, BytesRe
                 .ok_or_else(bad)
         };
         let encode = |s: &str| -> ApiResult<Vec<u32>> {
+            check_prompt_bytes(s.len(), st.capacity, "prompt")?;
             Ok(tokenizer(&st)?
                 .encode(s, true)
                 .map_err(|e| ApiError::param("prompt", e.to_string()))?
