@@ -182,3 +182,43 @@ fn huge_prompt_is_refused_before_tokenizing() {
     let (code, e) = post(&format!("{base}/v1/completions"), &json!({"prompt": "Hello", "max_tokens": 2}));
     assert_eq!(code, 200, "{e}");
 }
+
+/// A vector used by the server-wide default cannot be deleted (409 naming the use), so plain
+/// requests keep working; re-uploading under an existing name needs `?replace=true`.
+#[test]
+fn vectors_in_use_and_replacement() {
+    let base = start(&tiny(), ServeConfig::default());
+    let vector = fixtures().join("tiny-llama/test_vector.safetensors");
+    let upload = |q: &str| {
+        let r = ureq::post(&format!("{base}/v1/vectors?{q}"))
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(&std::fs::read(&vector).unwrap());
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("upload: {e}"),
+        };
+        let code = resp.status();
+        (code, serde_json::from_str::<Value>(&resp.into_string().unwrap()).unwrap())
+    };
+    assert_eq!(upload("name=evil").0, 201);
+    let (code, e) = upload("name=evil");
+    assert_eq!(code, 409, "{e}");
+    assert!(msg(&e).contains("`evil`") && msg(&e).contains("replace=true"), "{e}");
+    assert_eq!(upload("name=evil&replace=true").0, 201);
+    assert_eq!(upload("name=evil&replace=maybe").0, 400);
+    let steering = json!({"steering": [{"vector": "evil", "layers": 1, "coeff": 2}],
+                          "monitor": [{"vector": "evil", "layers": 1}]});
+    assert_eq!(send("PUT", &format!("{base}/v1/steering"), &steering.to_string()).0, 200);
+    let (code, e) = send("DELETE", &format!("{base}/v1/vectors/evil"), "");
+    assert_eq!(code, 409, "{e}");
+    assert!(msg(&e).contains("steering[0]") && msg(&e).contains("monitor[0]"), "{e}");
+    let url = format!("{base}/v1/completions");
+    let (code, e) = post(&url, &json!({"prompt": [1, 2, 3], "max_tokens": 2}));
+    assert_eq!(code, 200, "{e}");
+    // Cleared default: the delete goes through.
+    assert_eq!(send("PUT", &format!("{base}/v1/steering"), "{}").0, 200);
+    assert_eq!(send("DELETE", &format!("{base}/v1/vectors/evil"), "").0, 200);
+    assert_eq!(send("DELETE", &format!("{base}/v1/vectors/evil"), "").0, 404);
+    assert_eq!(post(&url, &json!({"prompt": [1, 2, 3], "max_tokens": 2})).0, 200);
+}

@@ -38,14 +38,57 @@ pub(super) async fn upload_vector(
                 return Err(ApiError::param("name", "vector names may not contain `/` (at most 200 bytes)"));
             }
         }
+        let replace = match q.get("replace").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(x) => return Err(ApiError::param("replace", format!("`replace` must be true or false, got `{x}`"))),
+        };
         let v = registry::parse_upload(&bytes, name, &st.model)?;
+        if !replace && st.registry.get(&v.name).is_some() {
+            return Err(ApiError::status(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                format!("a vector named `{}` already exists: upload with `?replace=true` to replace it", v.name),
+            )
+            .with_code("vector_exists"));
+        }
         let body = registry::vector_json(&v);
         st.registry.insert(v);
         Ok((StatusCode::CREATED, Json(body)).into_response())
     })())
 }
 
+/// Where the server-wide default uses vector `name`: `steering[i]` / `monitor[i]`.
+fn default_uses(st: &S, name: &str) -> Vec<String> {
+    let d = st.default.read().map(|d| d.clone()).unwrap_or_default();
+    let mut out = vec![];
+    for k in ["steering", "monitor"] {
+        if let Some(Value::Array(a)) = d.get(k) {
+            for (i, o) in a.iter().enumerate() {
+                if o.get("vector").and_then(Value::as_str) == Some(name) {
+                    out.push(format!("{k}[{i}]"));
+                }
+            }
+        }
+    }
+    out
+}
+
 pub(super) async fn delete_vector(State(st): State<S>, UrlPath(name): UrlPath<String>) -> Response {
+    let uses = default_uses(&st, &name);
+    if !uses.is_empty() && st.registry.get(&name).is_some() {
+        return ApiError::status(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!(
+                "vector `{name}` is used by the server-wide default ({}): change it first \
+                 (PUT /v1/steering; {{}} clears it)",
+                uses.join(", ")
+            ),
+        )
+        .with_code("vector_in_use")
+        .into_response();
+    }
     if st.registry.remove(&name) {
         Json(json!({"id": name, "object": "persona.vector", "deleted": true})).into_response()
     } else {
