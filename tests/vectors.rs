@@ -273,7 +273,7 @@ fn cli_vectors() {
     assert!((j["cosine"][0]["matrix"][0][1].as_f64().unwrap() - 1.0).abs() < 1e-6);
     let (ok, out, err) = cli!(tiny, smol, "--layer", "all");
     assert!(ok, "{err}");
-    assert_has(&out, &["cosine similarity per layer", "[1]·[2]"]);
+    assert_has(&out, &["cosine similarity per layer", "test_vector·smollm2_extracted_vector"]);
     let (ok, _, err) = cli!(tiny, tiny, "--layer", "99");
     assert!(!ok);
     assert_has(&err, &["--layer 99", "out of range"]);
