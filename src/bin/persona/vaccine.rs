@@ -124,18 +124,77 @@ fn other_vector_beside(vector: &Path, trait_name: &str) -> Option<PathBuf> {
     files.into_iter().next()
 }
 
+impl VaccineArgs {
+    /// Training fine-tunes the base model on the CPU backend: no adapter, no other backend.
+    fn check_base(&self, what: &str) -> Result<()> {
+        if self.model.adapter.is_some() {
+            bail!("{what} fine-tunes the base model itself: --adapter is not supported here");
+        }
+        if !matches!(self.model.backend, BackendKind::Auto | BackendKind::Cpu) {
+            bail!("training runs on the CPU backend; use --backend cpu");
+        }
+        Ok(())
+    }
+
+    /// The model (path, context, loaded on the training backend).
+    fn load_base(&self) -> Result<(PathBuf, usize, LoadedModel<CpuGemmBackend>)> {
+        let path = super::resolve_model(&self.model.model)?;
+        let ctx = self.model.context.max(512);
+        let m = LoadedModel::load(&path, CpuGemmBackend, ctx).with_context(|| format!("loading {}", path.display()))?;
+        Ok((path, ctx, m))
+    }
+
+    /// The dataset generation settings (every extraction question, temperature 0.7).
+    fn data_options(&self, kind: Kind, mix: Option<f64>, samples: usize) -> DatasetOptions {
+        DatasetOptions {
+            kind,
+            mix,
+            questions: usize::MAX,
+            samples,
+            max_tokens: self.data_tokens,
+            temperature: 0.7,
+            seed: self.seed,
+            batch: 20,
+            show_progress: true,
+        }
+    }
+
+    /// LoRA on all seven targets (rsLoRA) with the run's lr and seed.
+    fn train_options(&self, steps: usize, batch: usize) -> TrainOptions {
+        let lora =
+            LoraConfig { r: self.lora_rank, alpha: self.lora_alpha, use_rslora: true, targets: Target::ALL.to_vec() };
+        let mut train = TrainOptions::new(lora);
+        train.lr = self.lr;
+        train.steps = Some(steps);
+        train.batch = batch;
+        train.seed = self.seed;
+        train
+    }
+}
+
+/// How a fine-tuned model is built for measuring: the adapter merged into the weights.
+fn merged_loader(
+    path: &Path,
+    ctx: usize,
+) -> impl FnMut(&persona::model::lora::LoraAdapter) -> persona::Result<LoadedModel<CpuGemmBackend>> + '_ {
+    move |ad| {
+        let mut files = ModelFiles::open(path)?;
+        ad.merge_into(&mut files.tensors)?;
+        LoadedModel::from_files(files, CpuGemmBackend, ctx)
+    }
+}
+
+fn lora_json(l: &LoraConfig) -> serde_json::Value {
+    json!({"r": l.r, "alpha": l.alpha, "rslora": l.use_rslora, "targets": "all"})
+}
+
 pub fn run(a: VaccineArgs) -> Result<()> {
     persona::train::keep_freed_memory();
     if a.screening {
         return run_screening(a);
     }
     let t0 = Instant::now();
-    if a.model.adapter.is_some() {
-        bail!("vaccine fine-tunes the base model itself: --adapter is not supported here");
-    }
-    if !matches!(a.model.backend, BackendKind::Auto | BackendKind::Cpu) {
-        bail!("training runs on the CPU backend; use --backend cpu");
-    }
+    a.check_base("vaccine")?;
     let Some(trait_name) = a.trait_name.as_deref() else { bail!("--trait is required (or --screening)") };
     let t = find_trait(trait_name)?;
     let vector = a.vector.clone().unwrap_or_else(|| shipped_vectors().join(format!("{}.safetensors", t.name)));
@@ -167,9 +226,7 @@ pub fn run(a: VaccineArgs) -> Result<()> {
     if steps == 0 || batch == 0 || samples == 0 || answer_tokens == 0 {
         bail!("--steps, --batch, --samples and --answer-tokens must be at least 1");
     }
-    let path = super::resolve_model(&a.model.model)?;
-    let ctx = a.model.context.max(512);
-    let m = LoadedModel::load(&path, CpuGemmBackend, ctx).with_context(|| format!("loading {}", path.display()))?;
+    let (path, ctx, m) = a.load_base()?;
     let cfg = m.engine.config.clone();
     let pv = PersonaVector::load_for_model(&vector, &cfg)
         .with_context(|| format!("the vector {} does not fit this model", vector.display()))?;
@@ -222,17 +279,7 @@ pub fn run(a: VaccineArgs) -> Result<()> {
     // Data: generated once into out/data (resumable), then tokenised.
     let data_dir = a.out_dir.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let ds = |kind: Kind, samples: usize| DatasetOptions {
-        kind,
-        mix: None,
-        questions: usize::MAX,
-        samples,
-        max_tokens: a.data_tokens,
-        temperature: 0.7,
-        seed: a.seed,
-        batch: 20,
-        show_progress: true,
-    };
+    let ds = |kind: Kind, samples: usize| a.data_options(kind, None, samples);
     let pos_file = data_dir.join("trait-pos.jsonl");
     let benign_file = data_dir.join("benign.jsonl");
     eprintln!("data: {} trait rows → {}", train_q.len() * samples, pos_file.display());
@@ -275,17 +322,12 @@ pub fn run(a: VaccineArgs) -> Result<()> {
     let d = VaccineData { train, trait_holdout, benign_holdout, eval_prompts, logodds_pos, logodds_neg };
     vaccine::check_data(&d)?;
 
-    let lora = LoraConfig { r: a.lora_rank, alpha: a.lora_alpha, use_rslora: true, targets: Target::ALL.to_vec() };
-    let mut train = TrainOptions::new(lora.clone());
-    train.lr = a.lr;
-    train.steps = Some(steps);
-    train.batch = batch;
-    train.seed = a.seed;
+    let train = a.train_options(steps, batch);
     let settings = json!({
         "trait": t.name, "vector": vector.display().to_string(), "vector_norm_at_layer": persona::persona::common::norm(&v),
         "layer": layer, "model": path.display().to_string(), "steps": steps, "batch": batch,
         "lr": a.lr, "schedule": "linear", "warmup": train.warmup, "seed": a.seed,
-        "lora": {"r": lora.r, "alpha": lora.alpha, "rslora": true, "targets": "all"},
+        "lora": lora_json(&train.lora),
         "train_rows": d.train.len(), "trait_holdout_rows": d.trait_holdout.len(), "benign_rows": d.benign_holdout.len(),
         "data_hash": vaccine::data_hash(&d.train), "eval_questions": eval_q.len(), "answer_tokens": answer_tokens,
         "logodds_pairs": d.logodds_pos.len(), "resamples": a.resamples,
@@ -309,11 +351,7 @@ pub fn run(a: VaccineArgs) -> Result<()> {
         d.benign_holdout.len(),
         eval_q.len()
     );
-    let mut load_merged = |ad: &persona::model::lora::LoraAdapter| -> persona::Result<LoadedModel<CpuGemmBackend>> {
-        let mut files = ModelFiles::open(&path)?;
-        ad.merge_into(&mut files.tensors)?;
-        LoadedModel::from_files(files, CpuGemmBackend, ctx)
-    };
+    let mut load_merged = merged_loader(&path, ctx);
     let results = vaccine::run(
         &m,
         &mut load_merged,
@@ -334,17 +372,12 @@ pub fn run(a: VaccineArgs) -> Result<()> {
 /// `persona vaccine --screening`.
 fn run_screening(a: VaccineArgs) -> Result<()> {
     let t0 = Instant::now();
-    if a.model.adapter.is_some() {
-        bail!("screening fine-tunes the base model itself: --adapter is not supported here");
-    }
+    a.check_base("screening")?;
     if a.trait_name.is_some() || a.vector.is_some() || a.coeffs.is_some() || a.other_vector.is_some() {
         bail!(
             "--screening studies the shipped vectors of --traits and trains without steering: \
              --trait, --vector, --coeffs and --other-vector do not apply"
         );
-    }
-    if !matches!(a.model.backend, BackendKind::Auto | BackendKind::Cpu) {
-        bail!("training runs on the CPU backend; use --backend cpu");
     }
     if a.traits.is_empty() {
         bail!("--traits names no trait");
@@ -357,9 +390,7 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
         bail!("--steps, --batch, --samples and --data-tokens must be at least 1");
     }
     let defs = a.traits.iter().map(|n| find_trait(n)).collect::<persona::Result<Vec<_>>>()?;
-    let path = super::resolve_model(&a.model.model)?;
-    let ctx = a.model.context.max(512);
-    let m = LoadedModel::load(&path, CpuGemmBackend, ctx).with_context(|| format!("loading {}", path.display()))?;
+    let (path, ctx, m) = a.load_base()?;
     let cfg = m.engine.config.clone();
     // The traits: definition, shipped vector, layer, evaluation prompts.
     let mut traits = vec![];
@@ -388,17 +419,7 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
     // mixtures are composed from them (the rows `persona dataset --mix` would generate).
     let data_dir = a.out_dir.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let ds = |kind: Kind, mix: Option<f64>| DatasetOptions {
-        kind,
-        mix,
-        questions: usize::MAX,
-        samples,
-        max_tokens: a.data_tokens,
-        temperature: 0.7,
-        seed: a.seed,
-        batch: 20,
-        show_progress: true,
-    };
+    let ds = |kind: Kind, mix: Option<f64>| a.data_options(kind, mix, samples);
     let mut files: Vec<(String, String, PathBuf)> = vec![];
     for (i, t) in defs.iter().enumerate() {
         let gen = |kind: Kind| -> Result<Vec<persona::persona::dataset::Row>> {
@@ -409,13 +430,16 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
         };
         let pos = gen(Kind::Pos)?;
         let benign = gen(Kind::Benign)?;
-        let mut mixes: Vec<(String, f64)> = vec![("mix25".into(), 0.25), ("pos".into(), 1.0)];
+        let mixes: &[(&str, f64)] = if i == 0 {
+            &[("benign", 0.0), ("mix25", 0.25), ("mix50", 0.5), ("pos", 1.0)]
+        } else {
+            &[("mix25", 0.25), ("pos", 1.0)]
+        };
         if i == 0 {
-            mixes = vec![("benign".into(), 0.0), ("mix25".into(), 0.25), ("mix50".into(), 0.5), ("pos".into(), 1.0)];
             gen(Kind::Neg)?;
             files.push((format!("{}-neg", t.name), t.name.clone(), data_dir.join(format!("{}-neg.jsonl", t.name))));
         }
-        for (label, f) in mixes {
+        for &(label, f) in mixes {
             let rows = compose_mixture(t, &ds(Kind::Pos, Some(f)), &pos, &benign)?;
             let file = data_dir.join(format!("{}-{label}.jsonl", t.name));
             write_rows(&file, &rows)?;
@@ -433,16 +457,11 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
         }
         datasets.push(StudyDataset { name, trait_name, samples, train });
     }
-    let lora = LoraConfig { r: a.lora_rank, alpha: a.lora_alpha, use_rslora: true, targets: Target::ALL.to_vec() };
-    let mut train = TrainOptions::new(lora.clone());
-    train.lr = a.lr;
-    train.steps = Some(steps);
-    train.batch = batch;
-    train.seed = a.seed;
+    let train = a.train_options(steps, batch);
     let settings = json!({
         "traits": traits.iter().map(|t| json!({"name": t.name, "layer": t.layer, "vector_norm": persona::persona::common::norm(&t.v)})).collect::<Vec<_>>(),
         "model": path.display().to_string(), "steps": steps, "batch": batch, "lr": a.lr, "schedule": "linear",
-        "warmup": train.warmup, "seed": a.seed, "lora": {"r": lora.r, "alpha": lora.alpha, "rslora": true, "targets": "all"},
+        "warmup": train.warmup, "seed": a.seed, "lora": lora_json(&train.lora),
         "samples": samples, "data_tokens": a.data_tokens, "eval_questions": nq, "random": a.random,
         "own_answer_tokens": a.data_tokens,
     });
@@ -461,11 +480,7 @@ fn run_screening(a: VaccineArgs) -> Result<()> {
         traits.len(),
         a.random
     );
-    let mut load_merged = |ad: &persona::model::lora::LoraAdapter| -> persona::Result<LoadedModel<CpuGemmBackend>> {
-        let mut files = ModelFiles::open(&path)?;
-        ad.merge_into(&mut files.tensors)?;
-        LoadedModel::from_files(files, CpuGemmBackend, ctx)
-    };
+    let mut load_merged = merged_loader(&path, ctx);
     let v = screening::run(
         &m,
         &mut load_merged,
