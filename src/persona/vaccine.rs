@@ -782,7 +782,7 @@ pub fn run<B: TrainBackend>(
         )));
     }
     let p = protocol;
-    let mut arms = plan_arms(o.layer, v, label, &p.coeffs)?;
+    let arms = plan_arms(o.layer, v, label, &p.coeffs)?;
     if let Some((name, w)) = &p.other {
         if w.len() != v.len() {
             return Err(Error::Invalid(format!(
@@ -812,39 +812,34 @@ pub fn run<B: TrainBackend>(
         write_plots(&results, out)?;
         Ok(results)
     };
-    let mut i = 0;
-    let mut controls_planned = false;
-    loop {
-        if i == arms.len() {
-            if controls_planned {
-                break;
-            }
-            controls_planned = true;
-            let Some((bi, _)) = best_steer(&done, p.nll_margin) else { break };
-            let best = done[bi].coeff.unwrap_or(0.0);
-            log(&format!("best steer arm: {} (coefficient {best}); planning the controls", done[bi].name));
-            let rc: Vec<f32> = if p.random_at_all { p.coeffs.clone() } else { vec![best] };
-            let other = p.other.as_ref().map(|(n, w)| (n.as_str(), &w[..]));
-            arms.extend(control_arms(o.layer, v, &rc, &p.random_seeds, other, best)?);
-            if let Some(s) = p.noise_seed {
-                let plain = arms.iter().find(|a| a.kind == ArmKind::Plain).cloned();
-                let steer = arms.iter().find(|a| a.name == done[bi].name).cloned();
-                arms.extend(plain.into_iter().chain(steer).map(|a| reseeded(&a, s)));
-            }
-            let mut names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
-            names.sort();
-            names.dedup();
-            if names.len() != arms.len() {
-                return Err(Error::Invalid("two arms have the same name".into()));
-            }
-            continue;
+    let mut run_arms = |arms: &[Arm], done: &mut Vec<ArmMeasure>, log: &mut dyn FnMut(&str)| -> Result<()> {
+        for arm in arms {
+            log(&format!("arm {}: {} ({:.0} s so far)", done.len() + 1, arm.name, start.elapsed().as_secs_f64()));
+            let r = run_arm(base, load_merged, arm, d, v, o, &out.join("arms").join(&arm.name), base_model, log)?;
+            done.push(r);
+            write(done)?;
         }
-        let arm = &arms[i];
-        log(&format!("arm {}: {} ({:.0} s so far)", i + 1, arm.name, start.elapsed().as_secs_f64()));
-        let r = run_arm(base, load_merged, arm, d, v, o, &out.join("arms").join(&arm.name), base_model, log)?;
-        done.push(r);
-        write(&done)?;
-        i += 1;
+        Ok(())
+    };
+    run_arms(&arms, &mut done, log)?;
+    if let Some((bi, _)) = best_steer(&done, p.nll_margin) {
+        let best = done[bi].coeff.unwrap_or(0.0);
+        log(&format!("best steer arm: {} (coefficient {best}); planning the controls", done[bi].name));
+        let rc: Vec<f32> = if p.random_at_all { p.coeffs.clone() } else { vec![best] };
+        let other = p.other.as_ref().map(|(n, w)| (n.as_str(), &w[..]));
+        let mut controls = control_arms(o.layer, v, &rc, &p.random_seeds, other, best)?;
+        if let Some(s) = p.noise_seed {
+            let plain = arms.iter().find(|a| a.kind == ArmKind::Plain);
+            let steer = arms.iter().find(|a| a.name == done[bi].name);
+            controls.extend(plain.into_iter().chain(steer).map(|a| reseeded(a, s)));
+        }
+        let mut names: Vec<&str> = arms.iter().chain(&controls).map(|a| a.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        if names.len() != arms.len() + controls.len() {
+            return Err(Error::Invalid("two arms have the same name".into()));
+        }
+        run_arms(&controls, &mut done, log)?;
     }
     write(&done)
 }
