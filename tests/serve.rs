@@ -1222,3 +1222,262 @@ fn vectors_in_use_and_replacement() {
     assert_eq!(call("DELETE", &format!("{base}/v1/vectors/evil"), None, None).0, 404);
     assert_eq!(post(&url, &json!({"prompt": [1, 2, 3], "max_tokens": 2})).0, 200);
 }
+
+// ---- server policy (issue 16 item 2): the admin key, --allow-steering-override false, and the cap
+// on one request's work.
+
+/// `upload` with an `Authorization: Bearer KEY` header.
+fn upload_as(base: &str, name: &str, path: &Path, key: Option<&str>) -> (u16, Value) {
+    let mut r = ureq::post(&format!("{base}/v1/vectors?name={name}")).set("Content-Type", "application/octet-stream");
+    if let Some(k) = key {
+        r = r.set("Authorization", &format!("Bearer {k}"));
+    }
+    let (code, resp) = match r.send_bytes(&std::fs::read(path).unwrap()) {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(c, r)) => (c, r),
+        Err(e) => panic!("upload: {e}"),
+    };
+    (code, serde_json::from_str(&resp.into_string().unwrap()).unwrap())
+}
+
+#[test]
+fn admin_key_guards_the_registry_and_the_default_steering() {
+    let cfg = ServeConfig { api_key: Some("user".into()), admin_key: Some("root".into()), ..Default::default() };
+    let base = start(&tiny(), cfg);
+    let vectors = format!("{base}/v1/vectors");
+    let steer = format!("{base}/v1/steering");
+    let admin_only = |e: &Value, what: &str| {
+        assert_eq!(e["error"]["code"], "admin_key_required", "{e}");
+        assert_eq!(e["error"]["type"], "permission_error", "{e}");
+        assert!(
+            msg(e).starts_with(&format!("{what} changes the server's state and needs the admin key (--admin-key)")),
+            "{e}"
+        );
+    };
+    // The API key may not upload: 403, and the registry stays empty.
+    let (code, e) = upload_as(&base, "t", &tiny_vector(), Some("user"));
+    assert_eq!(code, 403, "{e}");
+    admin_only(&e, "POST /v1/vectors");
+    let (code, list, _) = call("GET", &vectors, None, Some("user"));
+    assert_eq!((code, list["data"].as_array().unwrap().len()), (200, 0), "{list}");
+    // The admin key may; the API key still reads.
+    assert_eq!(upload_as(&base, "t", &tiny_vector(), Some("root")).0, 201);
+    assert_eq!(call("GET", &vectors, None, Some("user")).0, 200);
+    assert_eq!(call("GET", &format!("{vectors}/t"), None, Some("user")).0, 200);
+    let (code, e, _) = call("DELETE", &format!("{vectors}/t"), None, Some("user"));
+    assert_eq!(code, 403, "{e}");
+    admin_only(&e, "DELETE /v1/vectors/{name}");
+    assert_eq!(call("GET", &format!("{vectors}/t"), None, Some("user")).0, 200, "a refused DELETE deleted");
+    // The default steering: PUT (and its POST alias) need the admin key, GET does not.
+    let default = json!({"steering": [{"vector": "t", "layers": 2, "coeff": 3}]});
+    for method in ["PUT", "POST"] {
+        let (code, e, _) = call(method, &steer, Some(&default), Some("user"));
+        assert_eq!(code, 403, "{method}: {e}");
+        admin_only(&e, &format!("{method} /v1/steering"));
+    }
+    let (code, d, _) = call("GET", &steer, None, Some("user"));
+    assert_eq!((code, &d["set"]), (200, &json!(false)), "{d}");
+    assert_eq!(call("PUT", &steer, Some(&default), Some("root")).0, 200);
+    // The admin key works wherever the API key does.
+    let body = json!({"prompt": PROMPT, "max_tokens": 3});
+    for key in ["user", "root"] {
+        let (code, r, _) = call("POST", &format!("{base}/v1/completions"), Some(&body), Some(key));
+        assert_eq!(code, 200, "{key}: {r}");
+        assert_eq!(r["persona"]["steering_ops"], 1, "the default steering applies");
+        assert_eq!(call("GET", &format!("{base}/v1/models"), None, Some(key)).0, 200);
+        assert_eq!(call("GET", &steer, None, Some(key)).0, 200);
+    }
+    // No key, or a wrong one: 401 on reads and writes alike.
+    for key in [None, Some("wrong")] {
+        assert_eq!(call("GET", &vectors, None, key).0, 401);
+        let (code, e, _) = call("DELETE", &format!("{vectors}/t"), None, key);
+        assert_eq!((code, e["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{e}");
+    }
+    assert_eq!(call("PUT", &steer, Some(&json!({})), Some("root")).0, 200);
+    assert_eq!(call("DELETE", &format!("{vectors}/t"), None, Some("root")).0, 200);
+    let (_, m, _) = call("GET", &format!("{base}/metrics"), None, Some("root"));
+    let m = m.as_str().unwrap();
+    assert!(m.contains("persona_requests_total{route=\"/v1/steering\",code=\"403\"} 2"), "{m}");
+
+    // An admin key without an API key: anyone may read and generate, only the admin key writes.
+    let base = start(&tiny(), ServeConfig { admin_key: Some("root".into()), ..Default::default() });
+    assert_eq!(post(&format!("{base}/v1/completions"), &body).0, 200);
+    assert_eq!(call("GET", &format!("{base}/v1/vectors"), None, None).0, 200);
+    for key in [None, Some("wrong")] {
+        let (code, e) = upload_as(&base, "t", &tiny_vector(), key);
+        assert_eq!(code, 403, "{e}");
+        admin_only(&e, "POST /v1/vectors");
+    }
+    assert_eq!(upload_as(&base, "t", &tiny_vector(), Some("root")).0, 201);
+}
+
+/// The binary: `--api-key` without `--admin-key` warns at start; PERSONA_ADMIN_KEY,
+/// `--allow-steering-override false` and `--max-request-work` reach the server; the two keys must
+/// differ.
+#[cfg(unix)]
+#[test]
+fn binary_admin_key_override_and_work_flags() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let tiny = tiny().display().to_string();
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
+        cmd.args(["serve", "--port", "0", "--backend", "cpu", "--context", "256"])
+            .args(["--model", &tiny, "--vectors", &tiny])
+            .args(args)
+            .env_remove("PERSONA_API_KEY")
+            .env_remove("PERSONA_ADMIN_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        (child, line.trim().rsplit(' ').next().unwrap_or("").to_string())
+    };
+    let stop = |mut child: std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        err
+    };
+    let warning = "warning: --api-key is set without --admin-key: any client with the API key can change the \
+                   vector registry and the server-wide default steering";
+    let (child, base) = serve(&["--api-key", "user"], &[]);
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    let err = stop(child);
+    assert_eq!(err.lines().filter(|l| l.contains("--admin-key")).collect::<Vec<_>>(), [warning], "{err}");
+
+    let args = ["--api-key", "user", "--allow-steering-override", "false", "--max-request-work", "100"];
+    let (child, base) = serve(&args, &[("PERSONA_ADMIN_KEY", "root")]);
+    let (code, e) = upload_as(&base, "t", &tiny_vector(), Some("user"));
+    assert_eq!((code, e["error"]["code"].as_str()), (403, Some("admin_key_required")), "{e}");
+    let default = json!({"steering": [{"vector": "test_vector", "layers": 1, "coeff": 1}]});
+    assert_eq!(call("PUT", &format!("{base}/v1/steering"), Some(&default), Some("root")).0, 200);
+    let url = format!("{base}/v1/completions");
+    let own = json!({"prompt": [1, 2, 3], "max_tokens": 2, "steering": []});
+    let (code, e, _) = call("POST", &url, Some(&own), Some("user"));
+    assert_eq!((code, e["error"]["code"].as_str()), (403, Some("steering_override_disabled")), "{e}");
+    // 1 × (3 + 2) × (1 + 1) = 10 fits; 1 × (3 + 60) × 2 = 126 does not.
+    assert_eq!(call("POST", &url, Some(&json!({"prompt": [1, 2, 3], "max_tokens": 2})), Some("user")).0, 200);
+    let (code, e, _) = call("POST", &url, Some(&json!({"prompt": [1, 2, 3], "max_tokens": 60})), Some("user"));
+    assert_eq!(code, 400, "{e}");
+    assert!(msg(&e).contains("= 126, over this server's limit of 100"), "{e}");
+    let err = stop(child);
+    assert!(!err.contains("warning: --api-key"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(["serve", "--port", "0", "--backend", "cpu", "--context", "256", "--model", &tiny])
+        .args(["--api-key", "same", "--admin-key", "same"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-key must differ from --api-key"));
+}
+
+#[test]
+fn steering_override_can_be_disallowed() {
+    let base = start(&tiny(), ServeConfig { allow_steering_override: false, ..Default::default() });
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let url = format!("{base}/v1/completions");
+    let steer = format!("{base}/v1/steering");
+    let own = json!({"prompt": PROMPT, "max_tokens": 3, "steering": [{"vector": "t", "layers": "1-2", "coeff": 2}]});
+    // No default steering: requests steer as they like, also beside a default monitor.
+    let (code, r) = post(&url, &own);
+    assert_eq!((code, &r["persona"]["steering_ops"]), (200, &json!(2)), "{r}");
+    assert_eq!(call("PUT", &steer, Some(&json!({"monitor": [{"vector": "t", "layers": 1}]})), None).0, 200);
+    assert_eq!(post(&url, &own).0, 200);
+    // A default steering is pinned: `steering` in a request (its own ops, [] or null) is 403.
+    let default = json!({"steering": [{"vector": "t", "layers": 2, "coeff": 3}]});
+    assert_eq!(call("PUT", &steer, Some(&default), None).0, 200);
+    for s in [own["steering"].clone(), json!([]), Value::Null] {
+        let mut b = own.clone();
+        b["steering"] = s.clone();
+        let (code, e) = post(&url, &b);
+        assert_eq!(code, 403, "{s}: {e}");
+        assert_eq!(e["error"]["code"], "steering_override_disabled");
+        assert_eq!(e["error"]["param"], "steering");
+        assert!(
+            msg(&e).starts_with(
+                "this server does not let a request replace its default steering (--allow-steering-override false)"
+            ),
+            "{e}"
+        );
+    }
+    // Without `steering` the default applies, and the request's own monitor is allowed.
+    let (code, r) = post(&url, &json!({"prompt": PROMPT, "max_tokens": 3, "monitor": [{"vector": "t", "layers": 1}]}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["persona"]["steering_ops"], 1);
+    assert_eq!(r["persona"]["probes"].as_array().unwrap().len(), 1);
+    // Cleared: requests steer again.
+    assert_eq!(call("PUT", &steer, Some(&json!({})), None).0, 200);
+    assert_eq!(post(&url, &own).0, 200);
+
+    // By default a request's `steering` replaces the default (or drops it with []).
+    let base = start(&tiny(), ServeConfig::default());
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    assert_eq!(call("PUT", &format!("{base}/v1/steering"), Some(&default), None).0, 200);
+    let url = format!("{base}/v1/completions");
+    let (code, r) = post(&url, &own);
+    assert_eq!((code, &r["persona"]["steering_ops"]), (200, &json!(2)), "{r}");
+    let (code, r) = post(&url, &json!({"prompt": PROMPT, "max_tokens": 3, "steering": []}));
+    assert_eq!((code, &r["persona"]["steering_ops"]), (200, &json!(0)), "{r}");
+}
+
+#[test]
+fn request_work_is_capped() {
+    let base = start(&tiny(), ServeConfig { max_request_work: Some(1000), ..Default::default() });
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let url = format!("{base}/v1/completions");
+    let body = |n: usize, max_tokens: Option<usize>, layers: Option<&str>| {
+        let mut b = json!({"prompt": PROMPT, "n": n, "temperature": 0});
+        if let Some(m) = max_tokens {
+            b["max_tokens"] = json!(m);
+        }
+        if let Some(l) = layers {
+            b["steering"] = json!([{"vector": "t", "layers": l, "coeff": 1}]);
+        }
+        b
+    };
+    let too_much = |b: &Value, want: &str| {
+        let (code, e) = post(&url, b);
+        assert_eq!(code, 400, "{b}: {e}");
+        assert_eq!(e["error"]["code"], "request_too_large", "{e}");
+        assert_eq!(
+            msg(&e),
+            format!(
+                "this request's work is {want}, over this server's limit of 1000 (--max-request-work): \
+                 lower n, max_tokens or the number of steering ops (one per layer)"
+            )
+        );
+    };
+    // 2 × (9 + 40) × (1 + 2) = 294 fits; with n 8 it is 1176.
+    assert_eq!(post(&url, &body(2, Some(40), Some("1-2"))).0, 200);
+    too_much(&body(8, Some(40), Some("1-2")), "n 8 × (9 prompt + 40 max_tokens tokens) × (1 + 2 steering ops) = 1176");
+    // Without max_tokens the context's room counts: 9 + 246 = 255, × 3 = 765 fits, × 4 does not.
+    assert_eq!(post(&url, &body(3, None, None)).0, 200);
+    too_much(&body(4, None, None), "n 4 × (9 prompt + 246 max_tokens tokens) × (1 + 0 steering ops) = 1020");
+    // The default steering's ops count, and a stream is refused before it starts.
+    let default = json!({"steering": [{"vector": "t", "layers": "1-3", "coeff": 1}]});
+    assert_eq!(call("PUT", &format!("{base}/v1/steering"), Some(&default), None).0, 200);
+    assert_eq!(post(&url, &body(2, Some(40), None)).0, 200);
+    let mut b = body(6, Some(40), None);
+    b["stream"] = json!(true);
+    too_much(&b, "n 6 × (9 prompt + 40 max_tokens tokens) × (1 + 3 steering ops) = 1176");
+
+    // The default cap: 4 × max_batch × context = 4 × 8 × 256 = 8192.
+    let base = start(&tiny(), ServeConfig::default());
+    assert_eq!(upload(&base, "t", &tiny_vector()).0, 201);
+    let url = format!("{base}/v1/completions");
+    let ops: Vec<Value> = (0..40).map(|_| json!({"vector": "t", "layers": 1, "coeff": 0.1})).collect();
+    let b = json!({"prompt": PROMPT, "max_tokens": 100, "steering": ops});
+    assert_eq!(post(&url, &b).0, 200, "1 × 109 × 41 = 4469");
+    let mut b2 = b.clone();
+    b2["n"] = json!(2);
+    let (code, e) = post(&url, &b2);
+    assert_eq!(code, 400, "{e}");
+    assert!(msg(&e).contains("= 8938, over this server's limit of 8192 (--max-request-work)"), "{e}");
+}

@@ -28,6 +28,7 @@ use crate::model::Message;
 /// The request's `steering` / `monitor`, or the server default's for a key the request omits.
 fn resolve_ext(st: &AppState, m: &Map<String, Value>) -> ApiResult<Resolved> {
     let d = st.default.read().map(|d| d.clone()).unwrap_or_default();
+    super::policy::check_steering_override(&st.cfg, m, &d)?;
     let pick = |k: &str| if m.contains_key(k) { field(m, k).cloned() } else { field(&d, k).cloned() };
     registry::resolve(pick("steering").as_ref(), pick("monitor").as_ref(), &st.registry, &st.model)
 }
@@ -501,6 +502,8 @@ async fn generate(st: S, kind: Kind, ids: Vec<u32>, c: Common, ext: Resolved) ->
             format!("`n` {} is larger than the server's queue ({})", c.n, st.cfg.max_queue),
         ));
     }
+    let limit = super::policy::max_request_work(&st.cfg, st.capacity);
+    super::policy::check_work(limit, ids.len(), max_tokens, c.n, ext.steering.plan.ops.len())?;
     let seed = c.seed.unwrap_or_else(|| {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
             ^ st.next_id.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)

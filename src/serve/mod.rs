@@ -9,12 +9,14 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`,
 //! `GET /metrics`, `GET|POST /v1/vectors`, `GET|DELETE /v1/vectors/{name}`,
-//! `GET|PUT /v1/steering` (the server-wide default `steering` / `monitor`).
+//! `GET|PUT /v1/steering` (the server-wide default `steering` / `monitor`). With an admin key the
+//! routes that change the registry or the default need it (see [`policy`]).
 
 mod admin;
 pub mod api;
 mod completions;
 pub mod metrics;
+mod policy;
 pub mod registry;
 pub mod scheduler;
 
@@ -51,6 +53,16 @@ pub struct ServeConfig {
     pub port: u16,
     /// With a key every route but `/health` needs `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
+    /// With an admin key, `POST /v1/vectors`, `DELETE /v1/vectors/{name}` and `PUT /v1/steering`
+    /// need it (403 for the API key); it also works wherever the API key does. Without one the
+    /// API key (if any) covers everything.
+    pub admin_key: Option<String>,
+    /// Whether a request's own `steering` may replace the server-wide default steering (when
+    /// false and a default steering is set, a request carrying `steering` gets 403).
+    pub allow_steering_override: bool,
+    /// Most work one request may ask for, `n × (prompt + max_tokens) × (1 + steering ops)`
+    /// (default: 4 × max_batch × context); beyond it 400.
+    pub max_request_work: Option<usize>,
     /// Load every vector file in this folder into the registry at start.
     pub vectors_dir: Option<PathBuf>,
     /// KV-cache slots: sequences decoding at once.
@@ -80,6 +92,9 @@ impl Default for ServeConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
+            admin_key: None,
+            allow_steering_override: true,
+            max_request_work: None,
             vectors_dir: None,
             max_batch: 8,
             max_queue: 64,
@@ -134,6 +149,15 @@ pub fn run_server<B: Backend>(
         return Err(crate::Error::Invalid(format!(
             "--kv-tokens {kv_tokens} must hold at least one full context ({capacity} tokens)"
         )));
+    }
+    if cfg.admin_key.is_some() && cfg.admin_key == cfg.api_key {
+        return Err(crate::Error::Invalid("--admin-key must differ from --api-key".into()));
+    }
+    if cfg.max_request_work == Some(0) {
+        return Err(crate::Error::Invalid("--max-request-work must be at least 1".into()));
+    }
+    if let Some(w) = policy::warning(&cfg) {
+        eprintln!("{w}");
     }
     let mut cache = engine.new_paged_cache(cfg.max_batch, capacity, kv_tokens, crate::engine::PAGE_SIZE)?;
     let registry = Registry::default();
@@ -266,30 +290,20 @@ fn route_label(path: &str) -> &'static str {
 
 async fn auth_and_count(State(st): State<S>, req: Request, next: Next) -> Response {
     let label = route_label(req.uri().path());
-    if let Some(key) = &st.cfg.api_key {
-        if label != "/health" {
-            let ok = req
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|k| constant_eq(k.trim().as_bytes(), key.as_bytes()));
-            if !ok {
-                st.metrics.request(label, 401);
-                let mut e =
-                    ApiError::status(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or wrong API key");
-                e.code = Some("invalid_api_key");
-                return e.into_response();
-            }
-        }
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let caller = policy::caller(&st.cfg, bearer);
+    if let Err(e) = policy::authorize(&st.cfg, caller, req.method(), label) {
+        st.metrics.request(label, e.status.as_u16());
+        return e.into_response();
     }
     let r = next.run(req).await;
     st.metrics.request(label, r.status().as_u16());
     r
-}
-
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn not_found() -> Response {

@@ -23,6 +23,21 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long, env = "PERSONA_API_KEY")]
     pub api_key: Option<String>,
+    /// Reserve the routes that change the server's state (POST /v1/vectors, DELETE
+    /// /v1/vectors/NAME, PUT /v1/steering) for `Authorization: Bearer ADMIN_KEY` (the API key gets
+    /// 403 there; the admin key works everywhere). Without it the API key covers everything.
+    #[arg(long, env = "PERSONA_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Whether a request's own `steering` may replace the server-wide default steering (PUT
+    /// /v1/steering). With false, while a default steering is set, a request carrying a
+    /// `steering` key (even [] or null) gets 403; `monitor` stays allowed.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub allow_steering_override: bool,
+    /// Most work one request may ask for: n × (prompt tokens + max_tokens) × (1 + steering ops,
+    /// one per layer), max_tokens being the context's room when omitted; beyond it 400
+    /// (default: 4 × max-batch × context).
+    #[arg(long)]
+    pub max_request_work: Option<usize>,
     /// Load every *.safetensors / *.gguf vector in this folder into the registry.
     #[arg(long)]
     pub vectors: Option<PathBuf>,
@@ -61,6 +76,9 @@ impl ModelTask for ServeArgs {
             host: self.host,
             port: self.port,
             api_key: self.api_key.filter(|k| !k.is_empty()),
+            admin_key: self.admin_key.filter(|k| !k.is_empty()),
+            allow_steering_override: self.allow_steering_override,
+            max_request_work: self.max_request_work,
             vectors_dir: self.vectors,
             max_batch: self.max_batch,
             max_queue: self.max_queue,
