@@ -137,7 +137,7 @@ fn request(kind: Kind, c: usize, k: usize) -> (&'static str, String, usize, Vec<
         }
         Kind::Conditional => {
             // The CLI spelling and the shell-safe one, in turn.
-            let when = if k % 2 == 0 { "e@18>-15" } else { "e@18:gt:-15" };
+            let when = if k.is_multiple_of(2) { "e@18>-15" } else { "e@18:gt:-15" };
             b["monitor"] = json!([{"vector": "evil", "layers": 18, "name": "e"}]);
             b["steering"] = json!([{"vector": "evil", "layers": 20, "coeff": -3.0, "when": when}]);
             ops = 1;
