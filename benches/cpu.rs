@@ -77,6 +77,7 @@ fn model(c: &mut Criterion) {
         when: None,
     };
     let all = SeqSteering {
+        sources: Vec::new(),
         plan: SteeringPlan { ops: (1..=c.n_layers).map(op).collect() },
         probes: (1..=c.n_layers).map(|l| Probe { name: "p".into(), layer: l, vector: v.clone() }).collect(),
     };

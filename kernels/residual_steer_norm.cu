@@ -1,7 +1,9 @@
 // The fused residual boundary (see src/backend/cpu/residual.rs, the reference):
 //   h += delta; at a residual index, this layer's probes (pre-steering), the token's steering ops
 //   in order (add / ablate / clamp, by positions, conditions reading projection columns), the
-//   probes again if h changed, the capture sum; then x = rmsnorm(h) · w.
+//   probes again if h changed, the capture sum; then x = rmsnorm(h) · w. Each op counts the
+//   tokens its positions rule selects and the tokens it is applied to (`counts[op][2]`, the
+//   receipts of steering).
 //
 // One block per token row. The row is staged in shared memory (`width` floats, dynamic): h and
 // delta are read from global memory exactly once, every probe / op / norm pass then works on
@@ -58,7 +60,7 @@ extern "C" __global__ void residual_steer_norm_f32(
     int layer, int n_layers, int n_cols, const float* __restrict__ vectors, const float* __restrict__ units,
     const u32* __restrict__ token_seq, const u32* __restrict__ token_flags, const u32* __restrict__ token_capture,
     const OpDesc* __restrict__ ops, const u32* __restrict__ layer_ops, const ProbeDesc* __restrict__ probes,
-    const u32* __restrict__ layer_probes, float* proj, float* capture) {
+    const u32* __restrict__ layer_probes, float* proj, float* capture, u32* counts) {
     extern __shared__ float s[];
     __shared__ double red[32];
     const size_t row = blockIdx.x;
@@ -85,11 +87,13 @@ extern "C" __global__ void residual_steer_norm_f32(
             else if (op.positions == POS_PROMPT) at = (flags & TOKEN_PROMPT) != 0;
             else if (op.positions == POS_LAST) at = (flags & TOKEN_LAST) != 0;
             if (op.seq != seq || !at) continue;
+            if (threadIdx.x == 0) atomicAdd(&counts[2 * o], 1u);
             if (op.cond_col != PERSONA_NONE) {
                 const float v = pr[op.cond_col];
                 const bool pass = op.cond_cmp == 0 ? v > op.threshold : v < op.threshold;
                 if (!pass) continue;
             }
+            if (threadIdx.x == 0) atomicAdd(&counts[2 * o + 1], 1u);
             if (op.kind == OP_ADD) {
                 // α = 0 leaves h untouched bit for bit, as in the reference.
                 if (op.coeff != 0.0f) {

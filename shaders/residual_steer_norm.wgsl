@@ -50,6 +50,9 @@ struct Params {
 @group(0) @binding(6) var<storage, read> plan: array<u32>;
 // [t][n_cols]
 @group(0) @binding(7) var<storage, read_write> proj: array<f32>;
+// [n_ops][2]: tokens each op's positions rule selected, and tokens it was applied to (the
+// receipts of steering; thread 0 of each row counts).
+@group(0) @binding(10) var<storage, read_write> counts: array<atomic<u32>>;
 
 const NONE: u32 = 0xffffffffu;
 const TOKEN_PROMPT: u32 = 1u;
@@ -194,6 +197,9 @@ fn residual_steer_norm(
         if (op_seq != seq || !at_pos) {
             continue;
         }
+        if (lid == 0u) {
+            atomicAdd(&counts[2u * k], 1u);
+        }
         if (cond_col != NONE) {
             // Thread 0 wrote this layer's projections itself, so it reads them back in program
             // order; earlier layers' come from earlier dispatches.
@@ -206,6 +212,9 @@ fn residual_steer_norm(
             if (!ok) {
                 continue;
             }
+        }
+        if (lid == 0u) {
+            atomicAdd(&counts[2u * k + 1u], 1u);
         }
         if (kind == OP_ADD) {
             // α = 0 leaves h untouched bit for bit.

@@ -28,6 +28,10 @@ pub enum Error {
     Backend { backend: &'static str, msg: String },
     #[error("fetching the default model: {0}")]
     Fetch(String),
+    /// The forward pass produced NaN or infinite values (corrupt weights, overflow) for the
+    /// sequence in KV-cache `slot`; the message names where they first appeared.
+    #[error("non-finite values: {msg}")]
+    NonFinite { slot: usize, msg: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -154,6 +154,7 @@ fn captured_residual_projections_match_the_probes() {
     let layers = [1usize, 2, 3];
     let dirs: Vec<Vec<f32>> = layers.iter().map(|&l| random_like(&rows[l], 9 + l as u64)).collect();
     let st = SeqSteering {
+        sources: Vec::new(),
         plan: Default::default(),
         probes: layers
             .iter()

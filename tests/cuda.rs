@@ -206,7 +206,7 @@ fn zero_coefficient_equals_no_steering_exactly_on_cuda() {
     let ids = u32s(&r["ids"]);
     let v: Arc<[f32]> = (0..e.config.hidden).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>().into();
     let op = SteerOp { kind: SteerKind::Add, layer: 1, vector: v, coeff: 0.0, positions: Positions::All, when: None };
-    let st = SeqSteering { plan: SteeringPlan { ops: vec![op] }, probes: vec![] };
+    let st = SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops: vec![op] }, probes: vec![] };
     let plain = last_logits(&e, &ids, None);
     let zero = last_logits(&e, &ids, Some(&st));
     assert!(plain.iter().zip(&zero).all(|(a, b)| a.to_bits() == b.to_bits()), "α = 0 changed the logits");

@@ -119,7 +119,7 @@ fn steering(v: &PersonaVector, layer: usize, coeff: f32, probe_layers: &[usize])
     };
     let probes =
         probe_layers.iter().map(|&l| Probe { name: "t".into(), layer: l, vector: Arc::from(v.layer(l)) }).collect();
-    SeqSteering { plan: SteeringPlan { ops }, probes }
+    SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops }, probes }
 }
 
 fn engine_alone(

@@ -84,7 +84,7 @@ fn smollm2_steering_and_monitor_match_transformers() {
     let ids = u32s(&prompts[mon["prompt_index"].as_u64().unwrap() as usize]["ids"]);
     let probes =
         (1..=e.config.n_layers).map(|l| Probe { name: format!("v{l}"), layer: l, vector: rows[l].clone() }).collect();
-    let st = SeqSteering { plan: SteeringPlan::default(), probes };
+    let st = SeqSteering { sources: Vec::new(), plan: SteeringPlan::default(), probes };
     let mut req = GenRequest::greedy(ids.clone(), 1);
     req.steering = Some(Arc::new(st));
     let out = e.generate(&[req], &mut |_, _| {}).unwrap().remove(0);
@@ -111,7 +111,7 @@ fn zero_coefficient_is_bit_identical_to_no_plan() {
     let (e, ids, rows) = tiny();
     let plain = last_logits(&e, &ids, None);
     let ops = (0..=e.config.n_layers).map(|l| op(SteerKind::Add, l, &rows[l], 0.0)).collect();
-    let st = SeqSteering { plan: SteeringPlan { ops }, probes: vec![] };
+    let st = SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops }, probes: vec![] };
     assert!(plain == last_logits(&e, &ids, Some(&st)));
     let empty = SeqSteering::default();
     assert!(plain == last_logits(&e, &ids, Some(&empty)));
@@ -127,7 +127,11 @@ fn ablate_and_clamp_set_the_projection_and_probes_are_dot_products() {
     for (kind, c, want) in
         [(SteerKind::Ablate, 0.0, 0.0), (SteerKind::Clamp, 3.25, 3.25), (SteerKind::Clamp, -1.5, -1.5)]
     {
-        let st = SeqSteering { plan: SteeringPlan { ops: vec![op(kind, l, &rows[l], c)] }, probes: probe.clone() };
+        let st = SeqSteering {
+            sources: Vec::new(),
+            plan: SteeringPlan { ops: vec![op(kind, l, &rows[l], c)] },
+            probes: probe.clone(),
+        };
         let mut cache = e.new_cache(1, ids.len()).unwrap();
         let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(&st), ..Default::default() };
         let out = e.forward(&mut cache, &[input], true).unwrap();
@@ -149,9 +153,14 @@ fn ablate_and_clamp_set_the_projection_and_probes_are_dot_products() {
 fn mixed_plans_in_one_batch_equal_each_alone() {
     let (e, ids, rows) = tiny();
     let plans = [
-        SeqSteering { plan: SteeringPlan { ops: vec![op(SteerKind::Add, 1, &rows[1], 2.0)] }, probes: vec![] },
+        SeqSteering {
+            sources: Vec::new(),
+            plan: SteeringPlan { ops: vec![op(SteerKind::Add, 1, &rows[1], 2.0)] },
+            probes: vec![],
+        },
         SeqSteering::default(),
         SeqSteering {
+            sources: Vec::new(),
             plan: SteeringPlan {
                 ops: vec![op(SteerKind::Clamp, 3, &rows[3], -1.0), op(SteerKind::Ablate, 2, &rows[2], 0.0)],
             },
@@ -184,7 +193,7 @@ fn conditional_steering_applies_only_where_the_condition_holds() {
     let (e, ids, rows) = tiny();
     let l = 2;
     let probe = vec![Probe { name: "p".into(), layer: l, vector: rows[l].clone() }];
-    let base = SeqSteering { plan: SteeringPlan::default(), probes: probe.clone() };
+    let base = SeqSteering { sources: Vec::new(), plan: SteeringPlan::default(), probes: probe.clone() };
     let run = |st: &SeqSteering| {
         let mut c = e.new_cache(1, ids.len()).unwrap();
         let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(st), ..Default::default() };
@@ -196,7 +205,7 @@ fn conditional_steering_applies_only_where_the_condition_holds() {
     let tau = sorted[sorted.len() / 2];
     let mut clamp = op(SteerKind::Clamp, l, &rows[l], 100.0);
     clamp.when = Some(Condition { vector: rows[l].clone(), layer: l, cmp: Cmp::Gt, threshold: tau });
-    let after = run(&SeqSteering { plan: SteeringPlan { ops: vec![clamp] }, probes: probe });
+    let after = run(&SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops: vec![clamp] }, probes: probe });
     for (b, a) in before.iter().zip(&after) {
         if *b > tau {
             assert!((a - 100.0).abs() < 1e-3, "clamped token: {a}");
@@ -214,7 +223,7 @@ fn bad_plans_are_errors_that_name_the_problem() {
         let input = SeqInput { slot: 0, tokens: &ids, steering: Some(&st), ..Default::default() };
         e.forward(&mut c, &[input], false).err().unwrap().to_string()
     };
-    let one = |o: SteerOp| SeqSteering { plan: SteeringPlan { ops: vec![o] }, probes: vec![] };
+    let one = |o: SteerOp| SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops: vec![o] }, probes: vec![] };
     let msg = bad(one(op(SteerKind::Add, 9, &rows[1], 1.0)));
     assert!(msg.contains("layer 9") && msg.contains("out of range"), "{msg}");
     let msg = bad(one(op(SteerKind::Add, 1, &rows[1], f32::NAN)));
@@ -369,6 +378,7 @@ fn teacher_forced_answers_are_response_positions() {
     let rows = vector_rows(&dir.join("test_vector.safetensors"));
     let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
     let plan = |positions| SeqSteering {
+        sources: Vec::new(),
         plan: SteeringPlan {
             ops: vec![SteerOp {
                 kind: SteerKind::Add,
@@ -412,6 +422,7 @@ fn chunked_prefill_equals_one_prefill_under_every_positions() {
     let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
     for positions in [Positions::Prompt, Positions::Response, Positions::All] {
         let st = SeqSteering {
+            sources: Vec::new(),
             plan: SteeringPlan {
                 ops: vec![SteerOp {
                     kind: SteerKind::Add,

@@ -333,6 +333,7 @@ fn tiny_steering_probes_and_captures_match() {
     let ids = u32s(&json(&dir.join("reference.json"))["ids"]);
     let n = f.config.n_layers;
     let st = SeqSteering {
+        sources: Vec::new(),
         plan: SteeringPlan {
             ops: vec![SteerOp {
                 kind: SteerKind::Clamp,

@@ -160,6 +160,7 @@ fn unfused_residual(
     eps: f32,
     proj: &mut [f32],
     cap: &mut [f32],
+    counts: &mut [u32],
 ) -> Vec<f32> {
     let hs = p.hidden;
     let t = h.len() / hs;
@@ -172,7 +173,8 @@ fn unfused_residual(
         for pr in p.probes_at(l) {
             proj[i * p.n_cols + pr.col as usize] = dotu(row, p.unit(pr.vec));
         }
-        for op in p.ops_at(l) {
+        for (k, op) in p.ops_at(l).iter().enumerate() {
+            let o = p.layer_ops[l] as usize + k;
             let at = match op.positions {
                 POS_PROMPT => p.token_flags[i] & TOKEN_PROMPT != 0,
                 POS_LAST => p.token_flags[i] & TOKEN_LAST != 0,
@@ -181,9 +183,11 @@ fn unfused_residual(
             if op.seq != p.token_seq[i] || !at {
                 continue;
             }
+            counts[2 * o] += 1;
             if op.cond_col != NONE && !(proj[i * p.n_cols + op.cond_col as usize] > op.threshold) {
                 continue;
             }
+            counts[2 * o + 1] += 1;
             let u = p.unit(op.vec);
             match op.kind {
                 OP_ADD => row.iter_mut().zip(p.vector(op.vec)).for_each(|(a, &v)| *a += op.coeff * v),
@@ -307,16 +311,21 @@ fn check_residual<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: 
         tab.push("residual_steer_norm", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xc, 1e-10);
         tab.push("residual_steer_norm", format!("{case} {tag} h"), &b.read(&hb, t * h)?, &hc, 1e-10);
         if let Some(l) = l {
-            let (pg, cg) = b.plan_outputs(&pb)?;
-            let (pw, cw) = cpu.plan_outputs(&pc)?;
-            tab.push("residual_steer_norm", format!("{case} {tag} projections"), &pg, &pw, 1e-10);
-            tab.push("residual_steer_norm", format!("{case} {tag} capture"), &cg, &cw, 1e-10);
+            let (og, oc) = (b.plan_outputs(&pb)?, cpu.plan_outputs(&pc)?);
+            let (pg, cg, pw, cw) = (&og.proj, &og.capture, &oc.proj, &oc.capture);
+            tab.push("residual_steer_norm", format!("{case} {tag} projections"), pg, pw, 1e-10);
+            tab.push("residual_steer_norm", format!("{case} {tag} capture"), cg, cw, 1e-10);
+            // The op counts (steering receipts) are integers: exactly equal.
+            let f = |c: &[u32]| c.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            tab.push("residual_steer_norm", format!("{case} {tag} op counts"), &f(&og.counts), &f(&oc.counts), 0.0);
             // The fused op against the unfused composition.
             let mut hu = h0.clone();
             let (mut pu, mut cu) = (vec![0f32; t * plan.n_cols], vec![0f32; cw.len()]);
-            let xu = unfused_residual(&plan, l, &mut hu, &d, &w, 1e-5, &mut pu, &mut cu);
+            let mut nu = vec![0u32; 2 * plan.ops.len()];
+            let xu = unfused_residual(&plan, l, &mut hu, &d, &w, 1e-5, &mut pu, &mut cu, &mut nu);
             tab.push("fused_vs_unfused", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xu, 1e-10);
-            tab.push("fused_vs_unfused", format!("{case} {tag} projections"), &pg, &pu, 1e-10);
+            tab.push("fused_vs_unfused", format!("{case} {tag} projections"), pg, &pu, 1e-10);
+            tab.push("fused_vs_unfused", format!("{case} {tag} op counts"), &f(&og.counts), &f(&nu), 0.0);
         }
     }
     Ok(())
@@ -537,12 +546,16 @@ mod tests {
         let plan = sample_plan(t, h, 3, 4);
         let (mut h1, d, w) = (rand(t * h, 1, 2.0), rand(t * h, 2, 1.0), rand(h, 3, 1.0));
         let mut h2 = h1.clone();
-        let (mut p1, mut c1) = (vec![0f32; t * 2], vec![0f32; 4 * h]);
-        let x1 = unfused_residual(&plan, 1, &mut h1, &d, &w, 1e-5, &mut p1, &mut c1);
+        let (mut p1, mut c1, mut n1) = (vec![0f32; t * 2], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
+        let x1 = unfused_residual(&plan, 1, &mut h1, &d, &w, 1e-5, &mut p1, &mut c1, &mut n1);
         let mut wrong = plan.clone();
         wrong.ops[0].coeff = 1.25;
-        let (mut p2, mut c2) = (vec![0f32; t * 2], vec![0f32; 4 * h]);
-        let x2 = unfused_residual(&wrong, 1, &mut h2, &d, &w, 1e-5, &mut p2, &mut c2);
+        let (mut p2, mut c2, mut n2) = (vec![0f32; t * 2], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
+        let x2 = unfused_residual(&wrong, 1, &mut h2, &d, &w, 1e-5, &mut p2, &mut c2, &mut n2);
         assert!(compare(&x2, &x1, 1e-10).2.is_some());
+        // Every op at layer 1 counted the tokens it touched; the layer-2 op did not run.
+        let l1 = plan.layer_ops[1] as usize..plan.layer_ops[2] as usize;
+        assert!(l1.clone().all(|o| n1[2 * o] > 0 && n1[2 * o + 1] == n1[2 * o]), "{n1:?}");
+        assert!((plan.layer_ops[2] as usize..plan.ops.len()).all(|o| n1[2 * o] == 0), "{n1:?}");
     }
 }

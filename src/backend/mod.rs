@@ -183,6 +183,19 @@ impl ResidualPlan {
     }
 }
 
+/// What the fused op wrote while running a plan: the receipts of its steering.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlanOutputs {
+    /// `[t, n_cols]` projections.
+    pub proj: Vec<f32>,
+    /// `[n_captures, n_layers + 1, hidden]` residual sums.
+    pub capture: Vec<f32>,
+    /// `[n_ops][2]`, counted by the kernel itself: tokens of the op's sequence that its positions
+    /// rule selected (`[o][0]`), and of those, the tokens it was applied to — its condition held,
+    /// or it has none (`[o][1]`).
+    pub counts: Vec<u32>,
+}
+
 /// The ops of the transformer forward pass. `t` is the number of tokens in the batch
 /// (all sequences concatenated); activations are row-major `[t, width]` f32 buffers.
 pub trait Backend: Send + Sync {
@@ -207,8 +220,8 @@ pub trait Backend: Send + Sync {
     fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<Self::Layout>;
     /// Upload a plan; its outputs start at zero.
     fn plan(&self, plan: &ResidualPlan) -> Result<Self::Plan>;
-    /// Download a plan's outputs: projections `[t, n_cols]` and capture sums.
-    fn plan_outputs(&self, plan: &Self::Plan) -> Result<(Vec<f32>, Vec<f32>)>;
+    /// Download a plan's outputs: projections, capture sums and op counts.
+    fn plan_outputs(&self, plan: &Self::Plan) -> Result<PlanOutputs>;
 
     /// `out[i] = table[ids[i]]` (rows of `width`).
     fn embed(&self, table: &Self::Weight, ids: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;

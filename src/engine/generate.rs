@@ -8,7 +8,7 @@ use super::sampler::{sample, top_k, Rng, SamplingParams};
 use super::{Engine, SeqInput};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::steer::{Capture, SeqSteering};
+use crate::steer::{Capture, OpCount, Receipt, SeqSteering};
 
 /// One generation request (token ids; text goes through the tokenizer first).
 #[derive(Debug, Clone)]
@@ -73,6 +73,11 @@ pub struct GenOutput {
     /// Seconds spent in prefill and in decode (shared by the whole batch).
     pub prefill_s: f64,
     pub decode_s: f64,
+    /// Per op of the request's steering plan, what the kernel counted over the whole request.
+    pub op_counts: Vec<OpCount>,
+    /// The steering receipts: per op as asked for, the tokens it touched and how often its
+    /// condition fired ([`SeqSteering::receipts`]).
+    pub receipts: Vec<Receipt>,
 }
 
 impl GenOutput {
@@ -144,9 +149,16 @@ impl<B: Backend> Engine<B> {
         let mut finish: Vec<Option<Finish>> = vec![None; reqs.len()];
         let mut series: Vec<Vec<Vec<f32>>> = reqs.iter().map(|r| vec![vec![]; r.probes()]).collect();
         let mut sums: Vec<Option<(Vec<f64>, usize)>> = vec![None; reqs.len()];
+        let mut counts: Vec<Vec<OpCount>> = reqs
+            .iter()
+            .map(|r| vec![OpCount::default(); r.steering.as_ref().map_or(0, |s| s.plan.ops.len())])
+            .collect();
         let eos = &self.config.eos_ids;
         let mut absorb = |i: usize, out: &super::ForwardOutput, k: usize, sums: &mut Vec<Option<(Vec<f64>, usize)>>| {
             push_projections(&mut series[i], &out.projections[k]);
+            for (acc, &c) in counts[i].iter_mut().zip(&out.op_counts[k]) {
+                *acc += c;
+            }
             if let Some((s, n)) = &out.captures[k] {
                 let acc = sums[i].get_or_insert_with(|| (vec![0.0; s.len()], 0));
                 acc.0.iter_mut().zip(s).for_each(|(a, &b)| *a += b as f64);
@@ -212,6 +224,8 @@ impl<B: Backend> Engine<B> {
             .iter()
             .enumerate()
             .map(|(i, r)| GenOutput {
+                receipts: r.steering.as_ref().map_or(vec![], |s| s.receipts(&counts[i])),
+                op_counts: std::mem::take(&mut counts[i]),
                 prompt_ids: r.prompt_ids.clone(),
                 steps: std::mem::take(&mut steps[i]),
                 finish: finish[i].unwrap_or(Finish::Length),

@@ -7,13 +7,16 @@ pub mod loaded;
 pub mod plan;
 pub mod sampler;
 
-use crate::backend::{AttnShape, Backend, KvLayer, PageTable, TokenPos, NO_PAGE};
+use crate::backend::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, TokenPos, NO_PAGE};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::load::ModelTensors;
 use crate::model::lora::Target;
 use crate::model::tensor::HostTensor;
+pub use crate::steer::plan::OpCount;
 use crate::steer::{Capture, SeqSteering};
+
+use self::plan::Built;
 
 /// One decoder block's weights on a backend (read-only outside the engine).
 pub struct Layer<B: Backend> {
@@ -245,6 +248,8 @@ pub struct ForwardOutput {
     pub projections: Vec<Vec<f32>>,
     /// Per sequence with a capture: residual sums `[(N+1) * hidden]` and the number of tokens summed.
     pub captures: Vec<Option<(Vec<f32>, usize)>>,
+    /// Per sequence, per op of its steering plan: what the kernel counted (the receipts).
+    pub op_counts: Vec<Vec<OpCount>>,
 }
 
 impl ForwardOutput {
@@ -406,7 +411,57 @@ impl<B: Backend> Engine<B> {
     }
 
     /// [`Engine::forward`] with a hook that may add to the block projections and sees activations.
+    ///
+    /// Non-finite logits stop here with [`Error::NonFinite`] naming the sequence and the residual
+    /// index (and so the block) where NaN or Inf first appeared: the call is run again with a
+    /// trace from the same cache positions to find it (only on that error path; the check itself
+    /// is one pass over the logits the call reads back anyway). Every sequence's KV cache is then
+    /// back where it was before the call, so a caller may drop the bad sequence and retry.
     pub fn forward_hooked(
+        &self,
+        cache: &mut KvCache<B>,
+        seqs: &[SeqInput],
+        trace: bool,
+        hook: Option<&mut dyn ForwardHook<B>>,
+    ) -> Result<ForwardOutput> {
+        let starts: Vec<usize> = seqs.iter().map(|s| cache.lens.get(s.slot).copied().unwrap_or(0)).collect();
+        let out = self.run(cache, seqs, trace, hook)?;
+        let Some(bad_row) = out.logits.chunks(out.vocab.max(1)).position(|r| r.iter().any(|x| !x.is_finite())) else {
+            return Ok(out);
+        };
+        let seq = out.rows.iter().position(|r| r.contains(&bad_row)).unwrap_or(0);
+        for (s, &start) in seqs.iter().zip(&starts) {
+            cache.truncate(s.slot, start);
+        }
+        let traced = self.run(cache, seqs, true, None)?;
+        let h = self.config.hidden;
+        let first = traced
+            .residuals
+            .iter()
+            .enumerate()
+            .find_map(|(l, r)| r.chunks(h).position(|row| row.iter().any(|x| !x.is_finite())).map(|t| (l, t)));
+        for (s, &start) in seqs.iter().zip(&starts) {
+            cache.truncate(s.slot, start);
+        }
+        let at = match first {
+            Some((0, t)) => format!("the embedding of token {t} of the call (residual index 0) is not finite"),
+            Some((l, t)) => format!(
+                "the residual stream after block {} (residual index {l}) is not finite first at token {t} of the call",
+                l - 1
+            ),
+            None => "the residual stream is finite, so the output projection (lm_head) overflowed".into(),
+        };
+        let slot = seqs.get(seq).map_or(0, |s| s.slot);
+        Err(Error::NonFinite {
+            slot,
+            msg: format!(
+                "the logits of sequence {seq} (slot {slot}) hold NaN or Inf: {at}; the model's weights may be corrupt \
+                 (or a steering coefficient is too large)"
+            ),
+        })
+    }
+
+    fn run(
         &self,
         cache: &mut KvCache<B>,
         seqs: &[SeqInput],
@@ -475,7 +530,7 @@ impl<B: Backend> Engine<B> {
             cache.reserve(s.slot, cache.lens[s.slot] + s.tokens.len())?;
         }
         let built = plan::build(seqs, c.hidden, c.n_layers);
-        let mut dev_plan = built.as_ref().map(|(p, _)| self.backend.plan(p)).transpose()?;
+        let mut dev_plan = built.as_ref().map(|bp| self.backend.plan(&bp.plan)).transpose()?;
         if cache.scratch.as_ref().is_none_or(|s| s.tokens < t) {
             cache.scratch = Some(self.scratch(t)?);
         }
@@ -578,8 +633,21 @@ impl<B: Backend> Engine<B> {
         }
         let mut projections = vec![vec![]; seqs.len()];
         let mut captures = vec![None; seqs.len()];
-        if let (Some(dp), Some((p, cols))) = (&dev_plan, &built) {
-            let (proj, cap) = b.plan_outputs(dp)?;
+        let mut op_counts: Vec<Vec<OpCount>> =
+            seqs.iter().map(|s| vec![OpCount::default(); s.steering.map_or(0, |st| st.plan.ops.len())]).collect();
+        if let (Some(dp), Some(Built { plan: p, cols, op_origin })) = (&dev_plan, &built) {
+            let PlanOutputs { proj, capture: cap, counts } = b.plan_outputs(dp)?;
+            if counts.len() != 2 * op_origin.len() {
+                return Err(Error::Invalid(format!(
+                    "the {} backend returned {} op counts for {} ops",
+                    b.name(),
+                    counts.len(),
+                    op_origin.len()
+                )));
+            }
+            for (k, &(si, oi)) in op_origin.iter().enumerate() {
+                op_counts[si][oi] += OpCount { selected: counts[2 * k] as u64, applied: counts[2 * k + 1] as u64 };
+            }
             let per_cap = (c.n_layers + 1) * c.hidden;
             let mut first = 0;
             for (i, s) in seqs.iter().enumerate() {
@@ -594,6 +662,6 @@ impl<B: Backend> Engine<B> {
                 first += s.tokens.len();
             }
         }
-        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals, projections, captures })
+        Ok(ForwardOutput { logits, vocab: c.vocab, rows, residuals, projections, captures, op_counts })
     }
 }

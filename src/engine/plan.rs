@@ -25,8 +25,17 @@ fn unit(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| (x as f64 / n) as f32).collect()
 }
 
+/// A plan and where each sequence's outputs live in it.
+pub struct Built {
+    pub plan: ResidualPlan,
+    pub cols: Vec<SeqColumns>,
+    /// Per plan op (in plan order): its sequence (index in the call) and its index in that
+    /// sequence's [`crate::steer::SteeringPlan`].
+    pub op_origin: Vec<(usize, usize)>,
+}
+
 /// `None` when no sequence steers, probes or captures: the forward pass then runs plain.
-pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<(ResidualPlan, Vec<SeqColumns>)> {
+pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<Built> {
     if seqs.iter().all(|s| s.steering.is_none_or(|st| st.is_empty()) && s.capture.is_none()) {
         return None;
     }
@@ -36,8 +45,8 @@ pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<(Resid
         p.units.extend(unit(v));
         (p.vectors.len() / hidden - 1) as u32
     };
-    // (layer, desc) lists, sorted by layer (stable) at the end.
-    let mut ops: Vec<(usize, OpDesc)> = vec![];
+    // (layer, desc) lists, sorted by layer (stable) at the end; ops with their origin.
+    let mut ops: Vec<(usize, OpDesc, (usize, usize))> = vec![];
     let mut probes: Vec<(usize, ProbeDesc)> = vec![];
     let mut cols = Vec::with_capacity(seqs.len());
     let mut n_cols = 0u32;
@@ -73,7 +82,7 @@ pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<(Resid
                 sc.probe_cols.push(n_cols as usize);
                 n_cols += 1;
             }
-            for op in &st.plan.ops {
+            for (oi, op) in st.plan.ops.iter().enumerate() {
                 let vec = push_vec(&mut p, &op.vector);
                 let (cond_col, cond_cmp, threshold) = match &op.when {
                     Some(c) => {
@@ -105,20 +114,22 @@ pub fn build(seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Option<(Resid
                         cond_cmp,
                         threshold,
                     },
+                    (si, oi),
                 ));
             }
         }
         cols.push(sc);
     }
-    ops.sort_by_key(|(l, _)| *l);
+    ops.sort_by_key(|(l, _, _)| *l);
     probes.sort_by_key(|(l, _)| *l);
     let offsets = |layers: Vec<usize>| -> Vec<u32> {
         (0..=n_layers + 1).map(|l| layers.iter().filter(|&&x| x < l).count() as u32).collect()
     };
-    p.layer_ops = offsets(ops.iter().map(|(l, _)| *l).collect());
+    p.layer_ops = offsets(ops.iter().map(|(l, _, _)| *l).collect());
     p.layer_probes = offsets(probes.iter().map(|(l, _)| *l).collect());
-    p.ops = ops.into_iter().map(|(_, o)| o).collect();
+    let op_origin = ops.iter().map(|(_, _, o)| *o).collect();
+    p.ops = ops.into_iter().map(|(_, o, _)| o).collect();
     p.probes = probes.into_iter().map(|(_, o)| o).collect();
     p.n_cols = n_cols as usize;
-    Some((p, cols))
+    Some(Built { plan: p, cols, op_origin })
 }

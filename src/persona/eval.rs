@@ -130,6 +130,7 @@ fn point<B: Backend>(
     o: &EvalOptions,
 ) -> Result<EvalPoint> {
     let st = SeqSteering {
+        sources: Vec::new(),
         plan: SteeringPlan { ops: if coeff != 0.0 { vec![add_op(layer, row, coeff)] } else { vec![] } },
         probes: vec![Probe { name: "v".into(), layer, vector: row.clone() }],
     };

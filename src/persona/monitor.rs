@@ -262,7 +262,7 @@ pub fn run<B: Backend>(
         .collect();
     let hidden = m.engine.config.hidden;
     let nl = o.layers.len();
-    let st = SeqSteering { plan: Default::default(), probes };
+    let st = SeqSteering { sources: Vec::new(), plan: Default::default(), probes };
     let items: Vec<Forced> = prompts
         .iter()
         .map(|p| {
@@ -339,6 +339,7 @@ pub fn run<B: Backend>(
     let mut correlation_with = String::from("none (no responses generated)");
     if o.generate || judge.is_some() {
         let st = Arc::new(SeqSteering {
+            sources: Vec::new(),
             plan: Default::default(),
             probes: vec![Probe { name: "v".into(), layer, vector: Arc::from(v.layer(layer)) }],
         });

@@ -202,6 +202,7 @@ pub fn screen<B: Backend>(
         std::fs::OpenOptions::new().append(true).open(progress_file).map_err(|e| Error::io(progress_file, e))?;
     let todo: Vec<usize> = (0..samples.len()).filter(|i| !done.contains(i)).collect();
     let st = SeqSteering {
+        sources: Vec::new(),
         plan: Default::default(),
         probes: vec![Probe { name: "v".into(), layer: o.layer, vector: Arc::from(v.layer(o.layer)) }],
     };

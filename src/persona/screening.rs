@@ -87,6 +87,7 @@ pub struct DatasetMeasure {
 
 fn probes(traits: &[StudyTrait]) -> SeqSteering {
     SeqSteering {
+        sources: Vec::new(),
         plan: SteeringPlan::default(),
         probes: traits
             .iter()

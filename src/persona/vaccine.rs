@@ -81,7 +81,11 @@ pub struct Arm {
 
 impl Arm {
     pub fn steering(&self) -> Option<SeqSteering> {
-        self.op.as_ref().map(|op| SeqSteering { plan: SteeringPlan { ops: vec![op.clone()] }, probes: vec![] })
+        self.op.as_ref().map(|op| SeqSteering {
+            sources: Vec::new(),
+            plan: SteeringPlan { ops: vec![op.clone()] },
+            probes: vec![],
+        })
     }
 }
 
@@ -431,7 +435,11 @@ pub fn nll<B: TrainBackend>(
 }
 
 fn probe_steering(layer: usize, u: &[f32]) -> SeqSteering {
-    SeqSteering { plan: SteeringPlan::default(), probes: vec![Probe { name: "v".into(), layer, vector: Arc::from(u) }] }
+    SeqSteering {
+        sources: Vec::new(),
+        plan: SteeringPlan::default(),
+        probes: vec![Probe { name: "v".into(), layer, vector: Arc::from(u) }],
+    }
 }
 
 /// Prompt projections, greedy answers read by `base`, and log-odds of `model` (steering off).

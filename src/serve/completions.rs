@@ -369,6 +369,7 @@ impl Collector {
         json!({
             "probes": probes,
             "steering_ops": self.steering_ops,
+            "receipts": d.receipts,
             "flagged": flagged,
             "reason": if flagged { Value::String(reasons.join("; ")) } else { Value::Null },
             "reasons": reasons,

@@ -13,7 +13,7 @@ use super::api::{ApiError, ApiResult};
 use crate::model::config::ModelConfig;
 use crate::steer::spec::{mean_norms, Layers, WhenSpec};
 use crate::steer::vector::{PersonaVector, GGUF_MAGIC};
-use crate::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp};
+use crate::steer::{Cmp, Condition, OpSource, Positions, Probe, SeqSteering, SteerKind, SteerOp};
 
 /// Largest |coeff| accepted (raw multiples, or clamp targets); beyond it the text is noise.
 pub const MAX_COEFF: f32 = 1.0e4;
@@ -280,7 +280,9 @@ pub fn resolve(
             "relative" => true,
             x => return Err(ApiError::param(&param, format!("unknown scale `{x}` (raw, relative)"))),
         };
-        let when = str_field(o, "when", &param)?.map(|w| parse_when(w, &param)).transpose()?;
+        let when_text = str_field(o, "when", &param)?;
+        let when = when_text.map(|w| parse_when(w, &param)).transpose()?;
+        let first = out.steering.plan.ops.len();
         for l in layers {
             let vector = row(&v, l, &param)?;
             let mut c = coeff;
@@ -310,6 +312,12 @@ pub fn resolve(
             };
             out.steering.plan.ops.push(SteerOp { kind, layer: l, vector, coeff: c, positions, when });
         }
+        out.steering.sources.push(OpSource {
+            vector: vname.to_string(),
+            sha256: v.sha256(),
+            ops: first..out.steering.plan.ops.len(),
+            when: when_text.map(str::to_string),
+        });
     }
     out.steering.validate(cfg.hidden, cfg.n_layers).map_err(|e| ApiError::bad(Some("steering"), e.to_string()))?;
     Ok(out)

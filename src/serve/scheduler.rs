@@ -30,7 +30,7 @@ use crate::backend::Backend;
 use crate::engine::generate::push_projections;
 use crate::engine::sampler::{sample, top_k, Rng, SamplingParams};
 use crate::engine::{Engine, KvCache, SeqInput};
-use crate::steer::SeqSteering;
+use crate::steer::{OpCount, Receipt, SeqSteering};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,8 @@ pub struct DoneEvent {
     pub completion_tokens: usize,
     /// Per probe: projection at every prompt token, then at every kept generated token.
     pub series: Vec<Vec<f32>>,
+    /// What the kernel counted for each steering op (tokens touched, conditions fired).
+    pub receipts: Vec<Receipt>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +161,9 @@ struct Seq {
     /// Admission order (preemption takes the latest first).
     order: u64,
     series: Vec<Vec<f32>>,
+    /// Per steering op, the kernel's counts over every step of this sequence (recomputed
+    /// positions after a preemption count again: the kernel steered them again).
+    counts: Vec<OpCount>,
     finish: Option<FinishReason>,
     /// Tokens kept when finished (≤ generated).
     kept: usize,
@@ -167,6 +172,7 @@ struct Seq {
 impl Seq {
     fn new(job: Job, order: u64) -> Self {
         let probes = job.probes();
+        let n_ops = job.steering.as_ref().map_or(0, |s| s.plan.ops.len());
         Seq {
             rng: Rng::new(job.sampling.seed),
             job,
@@ -174,6 +180,7 @@ impl Seq {
             out: vec![],
             order,
             series: vec![vec![]; probes],
+            counts: vec![OpCount::default(); n_ops],
             finish: None,
             kept: 0,
         }
@@ -209,7 +216,14 @@ impl Seq {
                 v
             })
             .collect();
-        let done = DoneEvent { finish, prompt_tokens: self.job.prompt_ids.len(), completion_tokens: self.kept, series };
+        let receipts = self.job.steering.as_ref().map_or(vec![], |s| s.receipts(&self.counts));
+        let done = DoneEvent {
+            finish,
+            prompt_tokens: self.job.prompt_ids.len(),
+            completion_tokens: self.kept,
+            series,
+            receipts,
+        };
         let _ = self.job.tx.send(Event::Done(self.job.choice, done));
         metrics.completed.fetch_add(1, Ordering::Relaxed);
     }
@@ -424,6 +438,22 @@ pub fn run<B: Backend>(
         drop(inputs);
         let out = match fwd {
             Ok(o) => o,
+            Err(crate::Error::NonFinite { slot, msg }) => {
+                // Only that sequence fails (a steering coefficient can overflow one request);
+                // the others' caches are back before this step, so they are fed again.
+                // (Should no running sequence own that slot, all fail: never retry forever.)
+                let known = running.iter().any(|s| s.slot == slot);
+                running.retain(|s| {
+                    if known && s.slot != slot {
+                        return true;
+                    }
+                    let _ = s.job.tx.send(Event::Error(s.job.choice, format!("non-finite values: {msg}")));
+                    slots.release(cache, s.slot, metrics);
+                    false
+                });
+                metrics.engine_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Err(e) => {
                 for s in running.drain(..) {
                     let _ = s.job.tx.send(Event::Error(s.job.choice, e.to_string()));
@@ -442,6 +472,9 @@ pub fn run<B: Backend>(
             let np = s.job.probes();
             let skip = s.recorded().saturating_sub(f.fed) * np;
             push_projections(&mut s.series, out.projections[k].get(skip..).unwrap_or(&[]));
+            for (acc, &c) in s.counts.iter_mut().zip(&out.op_counts[k]) {
+                *acc += c;
+            }
             if !f.samples {
                 continue;
             }

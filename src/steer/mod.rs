@@ -5,4 +5,7 @@ pub mod plan;
 pub mod spec;
 pub mod vector;
 
-pub use plan::{Capture, Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
+pub use plan::{
+    Capture, Cmp, Condition, OpCount, OpSource, Positions, Probe, Receipt, SeqSteering, SteerKind, SteerOp,
+    SteeringPlan,
+};

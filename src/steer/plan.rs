@@ -85,6 +85,79 @@ pub struct Capture {
 pub struct SeqSteering {
     pub plan: SteeringPlan,
     pub probes: Vec<Probe>,
+    /// Which request op each run of `plan.ops` came from (for receipts); ops no source covers
+    /// get a receipt of their own.
+    pub sources: Vec<OpSource>,
+}
+
+/// One op as the user asked for it (a `--steer` spec or a request's `steering[i]`), expanded to
+/// `plan.ops[ops]`, one per layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpSource {
+    /// The vector's name (registry name or file stem).
+    pub vector: String,
+    /// [`crate::steer::vector::PersonaVector::sha256`] of the vector.
+    pub sha256: String,
+    pub ops: std::ops::Range<usize>,
+    /// The condition as written (`evil@12:gt:3.5`), if any.
+    pub when: Option<String>,
+}
+
+/// What the fused kernel counted for one steering op in one or more forward calls
+/// ([`crate::backend::PlanOutputs::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCount {
+    /// Tokens its positions rule selected.
+    pub selected: u64,
+    /// Of those, tokens it was applied to (its `when=` condition held, or it has none).
+    pub applied: u64,
+}
+
+impl std::ops::AddAssign for OpCount {
+    fn add_assign(&mut self, o: OpCount) {
+        self.selected += o.selected;
+        self.applied += o.applied;
+    }
+}
+
+/// Proof that a steering op ran: what the fused kernel counted for it over a request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Receipt {
+    pub vector: String,
+    pub sha256: String,
+    /// `add`, `ablate` or `clamp`.
+    pub op: &'static str,
+    pub layers: Vec<usize>,
+    pub positions: &'static str,
+    /// The coefficient the kernel applied at the first layer (after `scale=relative`).
+    pub coeff: f32,
+    /// Tokens its positions rule selected (at each of its layers; the smallest count if they
+    /// differ, which would be a bug).
+    pub tokens: u64,
+    /// With `when=`: token·layer applications where the condition held (0 = it never fired).
+    pub fired: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+}
+
+impl SteerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerKind::Add => "add",
+            SteerKind::Ablate => "ablate",
+            SteerKind::Clamp => "clamp",
+        }
+    }
+}
+
+impl Positions {
+    pub fn name(self) -> &'static str {
+        match self {
+            Positions::All => "all",
+            Positions::Prompt => "prompt",
+            Positions::Response => "response",
+        }
+    }
 }
 
 fn check_row(what: &str, layer: usize, v: &[f32], hidden: usize, n_layers: usize) -> Result<()> {
@@ -113,6 +186,44 @@ fn check_unit(what: &str, layer: usize, v: &[f32]) -> Result<()> {
 impl SeqSteering {
     pub fn is_empty(&self) -> bool {
         self.plan.ops.is_empty() && self.probes.is_empty()
+    }
+
+    /// One receipt per source (and per op no source covers), from the kernel's counts for each
+    /// op of the plan (`counts[i]` for `plan.ops[i]`, summed over the request's forward calls).
+    pub fn receipts(&self, counts: &[OpCount]) -> Vec<Receipt> {
+        let mut covered = vec![false; self.plan.ops.len()];
+        let mut groups: Vec<(String, String, std::ops::Range<usize>, Option<String>)> = vec![];
+        for s in &self.sources {
+            let r = s.ops.start.min(self.plan.ops.len())..s.ops.end.min(self.plan.ops.len());
+            r.clone().for_each(|i| covered[i] = true);
+            groups.push((s.vector.clone(), s.sha256.clone(), r, s.when.clone()));
+        }
+        for (i, op) in self.plan.ops.iter().enumerate().filter(|(i, _)| !covered[*i]) {
+            let bytes: Vec<u8> = op.vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let sha = crate::steer::vector::sha256_hex(&bytes);
+            groups.push((format!("op {}", i + 1), sha, i..i + 1, None));
+        }
+        groups.sort_by_key(|g| g.2.start);
+        groups
+            .into_iter()
+            .filter(|g| !g.2.is_empty())
+            .map(|(vector, sha256, r, when)| {
+                let ops = &self.plan.ops[r.clone()];
+                let c = |i: usize| counts.get(i).copied().unwrap_or_default();
+                let conditional = ops.iter().any(|o| o.when.is_some());
+                Receipt {
+                    vector,
+                    sha256,
+                    op: ops[0].kind.name(),
+                    layers: ops.iter().map(|o| o.layer).collect(),
+                    positions: ops[0].positions.name(),
+                    coeff: ops[0].coeff,
+                    tokens: r.clone().map(|i| c(i).selected).min().unwrap_or(0),
+                    fired: conditional.then(|| r.clone().map(|i| c(i).applied).sum()),
+                    when,
+                }
+            })
+            .collect()
     }
 
     /// Check every op and probe against the model's sizes: layers in range, vector lengths,

@@ -18,7 +18,11 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::steer::vector::PersonaVector;
-use crate::steer::{Cmp, Condition, Positions, Probe, SeqSteering, SteerKind, SteerOp};
+use crate::steer::{Cmp, Condition, OpSource, Positions, Probe, SeqSteering, SteerKind, SteerOp};
+
+/// The largest residual index a layer list may name (models have at most a few hundred blocks;
+/// a larger number is a typo, and a range up to it would be allocated in full).
+pub const MAX_LAYER: usize = 1 << 16;
 
 /// Which residual indices a spec names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,25 +40,35 @@ impl Layers {
         }
     }
 
-    /// `12`, `10-14`, `3+7+9`, `all`.
+    /// `12`, `10-14`, `3+7+9`, `all`. Indices above [`MAX_LAYER`] are refused, and so are lists
+    /// of more than `MAX_LAYER + 1` entries (before anything is allocated for them).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || Error::Invalid(format!("layers `{s}`: expected a number, A-B, A+B+C or `all`"));
         if s == "all" {
             return Ok(Layers::All);
         }
+        let shown: String = s.chars().take(100).collect();
+        let too_big = |what: String| Error::Invalid(format!("layers `{shown}`: {what} (layers go up to {MAX_LAYER})"));
         let mut out = vec![];
         for part in s.split('+') {
-            let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
-            match part.split_once('-') {
-                Some((a, b)) => {
-                    let (a, b) = (num(a)?, num(b)?);
-                    if a > b {
-                        return Err(bad());
-                    }
-                    out.extend(a..=b);
+            let num = |x: &str| {
+                let n = x.trim().parse::<usize>().map_err(|_| bad())?;
+                if n > MAX_LAYER {
+                    return Err(too_big(format!("layer {n} is out of range")));
                 }
-                None => out.push(num(part)?),
+                Ok(n)
+            };
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(part)?, num(part)?),
+            };
+            if a > b {
+                return Err(bad());
             }
+            if out.len() + (b - a) > MAX_LAYER {
+                return Err(too_big(format!("more than {} layers listed", MAX_LAYER + 1)));
+            }
+            out.extend(a..=b);
         }
         if out.is_empty() {
             return Err(bad());
@@ -168,6 +182,15 @@ impl SteerSpec {
 /// What a `when=` condition must look like, for error messages.
 pub const WHEN_SYNTAX: &str = "NAME:gt:τ or NAME:lt:τ (NAME@L:gt:τ for layer L; `NAME>τ` / `NAME<τ` also work, \
                                quoted from the shell)";
+
+impl std::fmt::Display for WhenSpec {
+    /// The shell-safe spelling, `NAME[@L]:gt:τ`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = self.layer.map(|l| format!("@{l}")).unwrap_or_default();
+        let cmp = if self.cmp == Cmp::Gt { "gt" } else { "lt" };
+        write!(f, "{}{at}:{cmp}:{}", self.probe, self.threshold)
+    }
+}
 
 impl WhenSpec {
     /// `NAME[@L]:gt:τ`, `NAME[@L]:lt:τ` — words, so the condition survives an unquoted shell — or
@@ -355,6 +378,7 @@ pub fn resolve(
     }
     for s in steer {
         let v = load(&s.vector)?;
+        let first = out.plan.ops.len();
         let layers = match (&s.layers, recorded_layer(&v)?) {
             (Some(l), _) => l.resolve(cfg.n_layers),
             (None, Some(l)) => vec![l],
@@ -404,6 +428,12 @@ pub fn resolve(
             };
             out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff, positions: s.positions, when });
         }
+        out.sources.push(OpSource {
+            vector: v.name.clone(),
+            sha256: v.sha256(),
+            ops: first..out.plan.ops.len(),
+            when: s.when.as_ref().map(WhenSpec::to_string),
+        });
     }
     out.validate(cfg.hidden, cfg.n_layers)?;
     Ok(out)

@@ -231,7 +231,7 @@ pub fn forward_backward<B: TrainBackend>(
         return Ok(result);
     };
 
-    let built = plan::build(&seqs, c.hidden, c.n_layers).map(|(p, _)| p);
+    let built = plan::build(&seqs, c.hidden, c.n_layers).map(|b| b.plan);
     backward(engine, lora, &tape, &seqs, &rows, t, built.as_ref(), &dlogits, &loss_rows, grads)?;
     Ok(result)
 }

@@ -89,7 +89,7 @@ pub fn plan_from(ops: &serde_json::Value, rows: &[std::sync::Arc<[f32]>]) -> per
             }
         })
         .collect();
-    SeqSteering { plan: SteeringPlan { ops }, probes: vec![] }
+    SeqSteering { sources: Vec::new(), plan: SteeringPlan { ops }, probes: vec![] }
 }
 
 /// The residual norms |h| at every index and token of a traced forward pass (`residuals`,

@@ -6,7 +6,7 @@
 //! fine-tuner runs on this one.
 
 use super::{CpuBackend, CpuLayout, CpuPlan, CpuWeight};
-use crate::backend::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
+use crate::backend::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::HostTensor;
 
@@ -101,7 +101,7 @@ impl Backend for CpuGemmBackend {
     fn plan(&self, plan: &ResidualPlan) -> Result<CpuPlan> {
         CpuBackend.plan(plan)
     }
-    fn plan_outputs(&self, plan: &CpuPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn plan_outputs(&self, plan: &CpuPlan) -> Result<PlanOutputs> {
         CpuBackend.plan_outputs(plan)
     }
     fn embed(&self, table: &CpuWeight, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {

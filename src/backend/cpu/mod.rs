@@ -7,7 +7,7 @@ mod residual;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
+use super::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::{HostTensor, Storage};
 
@@ -79,8 +79,12 @@ impl Backend for CpuBackend {
         Ok(CpuPlan::new(plan))
     }
 
-    fn plan_outputs(&self, plan: &CpuPlan) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((plan.proj.clone(), plan.capture.clone()))
+    fn plan_outputs(&self, plan: &CpuPlan) -> Result<PlanOutputs> {
+        Ok(PlanOutputs {
+            proj: plan.proj.clone(),
+            capture: plan.capture.clone(),
+            counts: plan.counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect(),
+        })
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {

@@ -1,6 +1,8 @@
 //! The fused residual op on the CPU: `h += delta`, probes, steering ops, captures, RMSNorm —
 //! one pass per token row.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use rayon::prelude::*;
 
 use crate::backend::{
@@ -14,6 +16,8 @@ pub struct CpuPlan {
     pub proj: Vec<f32>,
     /// `[n_captures, n_layers + 1, hidden]`
     pub capture: Vec<f32>,
+    /// `[n_ops][2]`: tokens selected by each op's positions, and tokens it was applied to.
+    pub counts: Vec<AtomicU32>,
 }
 
 impl CpuPlan {
@@ -22,6 +26,7 @@ impl CpuPlan {
         CpuPlan {
             proj: vec![0.0; t * desc.n_cols],
             capture: vec![0.0; desc.n_captures * (desc.n_layers + 1) * desc.hidden],
+            counts: (0..2 * desc.ops.len()).map(|_| AtomicU32::new(0)).collect(),
             desc: desc.clone(),
         }
     }
@@ -32,15 +37,17 @@ fn project(h: &[f32], u: &[f32]) -> f32 {
     h.iter().zip(u).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32
 }
 
-/// Probes, then this token's ops, then probes again if the row changed.
-fn steer_row(p: &ResidualPlan, l: usize, i: usize, h: &mut [f32], proj: &mut [f32]) {
+/// Probes, then this token's ops (counting the tokens each selects and touches), then probes
+/// again if the row changed.
+fn steer_row(p: &ResidualPlan, l: usize, i: usize, h: &mut [f32], proj: &mut [f32], counts: &[AtomicU32]) {
     let probes = p.probes_at(l);
     for pr in probes {
         proj[pr.col as usize] = project(h, p.unit(pr.vec));
     }
     let (seq, flags) = (p.token_seq[i], p.token_flags[i]);
     let mut changed = false;
-    for op in p.ops_at(l) {
+    let first = p.layer_ops[l] as usize;
+    for (k, op) in p.ops_at(l).iter().enumerate() {
         let at = match op.positions {
             POS_ALL => true,
             POS_PROMPT => flags & TOKEN_PROMPT != 0,
@@ -50,6 +57,7 @@ fn steer_row(p: &ResidualPlan, l: usize, i: usize, h: &mut [f32], proj: &mut [f3
         if op.seq != seq || !at {
             continue;
         }
+        counts[2 * (first + k)].fetch_add(1, Ordering::Relaxed);
         if op.cond_col != NONE {
             let v = proj[op.cond_col as usize];
             let pass = if op.cond_cmp == 0 { v > op.threshold } else { v < op.threshold };
@@ -57,6 +65,7 @@ fn steer_row(p: &ResidualPlan, l: usize, i: usize, h: &mut [f32], proj: &mut [f3
                 continue;
             }
         }
+        counts[2 * (first + k) + 1].fetch_add(1, Ordering::Relaxed);
         match op.kind {
             OP_ADD => {
                 // α = 0 leaves h untouched bit for bit.
@@ -97,9 +106,9 @@ pub fn residual_steer_norm(
     width: usize,
     x: &mut [f32],
 ) {
-    let (plan, proj) = match steer.as_mut() {
-        Some((cp, l)) => (Some((&cp.desc, *l)), Some(&mut cp.proj)),
-        None => (None, None),
+    let (plan, proj, counts) = match steer.as_mut() {
+        Some((cp, l)) => (Some((&cp.desc, *l)), Some(&mut cp.proj), &cp.counts[..]),
+        None => (None, None, &[][..]),
     };
     let cols = plan.map(|(p, _)| p.n_cols).unwrap_or(0);
     let mut empty = Vec::new();
@@ -111,7 +120,7 @@ pub fn residual_steer_norm(
             }
         }
         if let Some((p, l)) = plan {
-            steer_row(p, l, i, hr, pr);
+            steer_row(p, l, i, hr, pr, counts);
         }
         let ss: f64 = hr.iter().map(|&a| a as f64 * a as f64).sum();
         let inv = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();

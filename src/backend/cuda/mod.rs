@@ -31,7 +31,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos};
+use super::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos};
 use crate::error::Result;
 use crate::model::tensor::{DType, HostTensor};
 use layout::prefill_tiles;
@@ -356,11 +356,21 @@ impl Backend for CudaBackend {
         plan::upload(&self.stream, &self.plans, p)
     }
 
-    fn plan_outputs(&self, p: &CudaPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn plan_outputs(&self, p: &CudaPlan) -> Result<PlanOutputs> {
         let b = p.bufs();
         let proj = self.read(&b.proj.buf, p.proj_len)?;
-        let cap = self.read(&b.capture.buf, p.capture_len)?;
-        Ok((proj, cap))
+        let capture = self.read(&b.capture.buf, p.capture_len)?;
+        let counts = if p.counts_len == 0 {
+            vec![]
+        } else {
+            let c = self
+                .stream
+                .clone_dtoh(&b.counts.buf.slice(..p.counts_len))
+                .map_err(drv("reading the plan's op counts"))?;
+            self.synchronize()?;
+            c
+        };
+        Ok(PlanOutputs { proj, capture, counts })
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], width: usize, out: &mut CudaSlice<f32>) -> Result<()> {
@@ -436,11 +446,15 @@ impl Backend for CudaBackend {
                 for s in [&b.probes.buf, &b.layer_probes.buf] {
                     args.push(Arg::Ptr(self.ptr(s)));
                 }
-                args.extend([Arg::Ptr(self.ptr(&b.proj.buf)), Arg::Ptr(self.ptr(&b.capture.buf))]);
+                args.extend([
+                    Arg::Ptr(self.ptr(&b.proj.buf)),
+                    Arg::Ptr(self.ptr(&b.capture.buf)),
+                    Arg::Ptr(self.ptr(&b.counts.buf)),
+                ]);
             }
             None => {
                 args.extend([Arg::I32(0), Arg::I32(0), Arg::I32(0)]);
-                args.extend((0..11).map(|_| Arg::Ptr(0)));
+                args.extend((0..12).map(|_| Arg::Ptr(0)));
             }
         }
         let threads = width.div_ceil(32).clamp(1, 8) as u32 * 32;

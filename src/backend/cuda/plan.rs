@@ -67,6 +67,8 @@ pub(super) struct PlanBufs {
     pub layer_probes: Grow<u32>,
     pub proj: Grow<f32>,
     pub capture: Grow<f32>,
+    /// `[n_ops][2]` op counts (the kernel's receipts).
+    pub counts: Grow<u32>,
 }
 
 impl PlanBufs {
@@ -83,6 +85,7 @@ impl PlanBufs {
             layer_probes: Grow::new(s)?,
             proj: Grow::new(s)?,
             capture: Grow::new(s)?,
+            counts: Grow::new(s)?,
         })
     }
 }
@@ -99,6 +102,7 @@ pub struct CudaPlan {
     pub(super) n_cols: usize,
     pub(super) proj_len: usize,
     pub(super) capture_len: usize,
+    pub(super) counts_len: usize,
 }
 
 impl CudaPlan {
@@ -180,6 +184,7 @@ pub(super) fn upload(stream: &Arc<CudaStream>, pool: &Pool, p: &ResidualPlan) ->
     b.layer_probes.fill(stream, &p.layer_probes)?;
     b.proj.zero(stream, proj_len)?;
     b.capture.zero(stream, capture_len)?;
+    b.counts.zero(stream, 2 * p.ops.len())?;
     Ok(CudaPlan {
         bufs: Some(b),
         pool: pool.clone(),
@@ -189,5 +194,6 @@ pub(super) fn upload(stream: &Arc<CudaStream>, pool: &Pool, p: &ResidualPlan) ->
         n_cols: p.n_cols,
         proj_len,
         capture_len,
+        counts_len: 2 * p.ops.len(),
     })
 }

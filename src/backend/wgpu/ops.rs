@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::context::{err, Access, Ctx, Gbuf, Kernel};
 use super::weights::{self, WeightFormat, WgpuWeight};
 use super::WgpuBackend;
-use crate::backend::{AttnShape, Backend, KvLayer, PageTable, ResidualPlan, TokenPos, NONE};
+use crate::backend::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos, NONE};
 use crate::error::Result;
 use crate::model::tensor::HostTensor;
 
@@ -27,7 +27,7 @@ const RESIDUAL_NORM: Kernel =
 const RESIDUAL_STEER_NORM: Kernel = Kernel {
     file: "residual_steer_norm.wgsl",
     entry: "residual_steer_norm",
-    bindings: &[(1, RW), (2, R), (3, R), (4, RW), (5, R), (6, R), (7, RW)],
+    bindings: &[(1, RW), (2, R), (3, R), (4, RW), (5, R), (6, R), (7, RW), (10, RW)],
 };
 const CAPTURE_SUM: Kernel =
     Kernel { file: "residual_steer_norm.wgsl", entry: "capture_sum", bindings: &[(6, R), (8, R), (9, RW)] };
@@ -60,6 +60,8 @@ pub struct WgpuPlan {
     meta: Gbuf,
     proj: Gbuf,
     capture: Gbuf,
+    /// `[n_ops][2]` u32 op counts.
+    counts: Gbuf,
     ops_off: u32,
     probes_off: u32,
     units_off: u32,
@@ -194,6 +196,7 @@ impl Backend for WgpuBackend {
             meta: ctx.storage_init(bytemuck::cast_slice(&meta), "plan")?,
             proj: ctx.storage((t * plan.n_cols) as u64 * 4, "projections")?,
             capture: ctx.storage(n_cap as u64 * 4, "captures")?,
+            counts: ctx.storage(plan.ops.len() as u64 * 8, "op counts")?,
             ops_off,
             probes_off,
             units_off: u(plan.vectors.len()),
@@ -201,12 +204,14 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn plan_outputs(&self, plan: &WgpuPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn plan_outputs(&self, plan: &WgpuPlan) -> Result<PlanOutputs> {
         let p = &plan.desc;
         let f = |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let proj = self.ctx.read(&plan.proj, (p.token_seq.len() * p.n_cols) as u64 * 4)?;
         let cap = self.ctx.read(&plan.capture, (p.n_captures * (p.n_layers + 1) * p.hidden) as u64 * 4)?;
-        Ok((f(proj), f(cap)))
+        let counts = self.ctx.read(&plan.counts, p.ops.len() as u64 * 8)?;
+        let counts = counts.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(PlanOutputs { proj: f(proj), capture: f(cap), counts })
     }
 
     fn embed(&self, table: &WgpuWeight, ids: &[u32], width: usize, out: &mut WgpuBuf) -> Result<()> {
@@ -277,7 +282,7 @@ impl Backend for WgpuBackend {
         if ops.0 == ops.1 && probes.0 == probes.1 {
             self.ctx.dispatch(&RESIDUAL_NORM, 0, &params, &[&h.g, deltab, normb, &x.g], grid)?;
         } else {
-            let bufs = [&h.g, deltab, normb, &x.g, &plan.vecs, &plan.meta, &plan.proj];
+            let bufs = [&h.g, deltab, normb, &x.g, &plan.vecs, &plan.meta, &plan.proj, &plan.counts];
             self.ctx.dispatch(&RESIDUAL_STEER_NORM, 0, &params, &bufs, grid)?;
         }
         if p.token_capture[..t].iter().any(|&c| c != NONE) {

@@ -240,6 +240,9 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
                     |k| json!({"last_prompt": o.last_prompt_projection(k), "response_mean": o.response_mean_projection(k)}),
                 );
             }
+            if !o.receipts.is_empty() {
+                v["receipts"] = json!(o.receipts);
+            }
             println!("{}", serde_json::to_string(&v)?);
         } else {
             if stream {
@@ -249,6 +252,9 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
                     Some(s) => println!("{s}\n"),
                     None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
                 }
+            }
+            for r in &o.receipts {
+                eprintln!("[{}]", receipt_line(r));
             }
             for (k, p) in probes.iter().enumerate() {
                 println!(
@@ -271,6 +277,28 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One receipt as a line: `steer evil add ×4 at layers 12 (positions all): 57 tokens`.
+fn receipt_line(r: &persona::steer::Receipt) -> String {
+    let layers: Vec<String> = r.layers.iter().map(|l| l.to_string()).collect();
+    let mut s = format!(
+        "steer {} {} {} at layer{} {} (positions {}): {} tokens",
+        r.vector,
+        r.op,
+        r.coeff,
+        if r.layers.len() == 1 { "" } else { "s" },
+        layers.join(","),
+        r.positions,
+        r.tokens
+    );
+    if let (Some(f), Some(w)) = (r.fired, &r.when) {
+        s += &format!(", when {w} fired {f} times");
+    }
+    if r.tokens == 0 {
+        s += " — this op touched no token";
+    }
+    s
 }
 
 /// `{"<probe>": {"<layer>": f(k)}}` over the request's probes.

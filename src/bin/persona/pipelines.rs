@@ -619,7 +619,11 @@ impl ModelTask for DemoArgs {
                         when: None,
                     }]
                 };
-                let st = Arc::new(SeqSteering { plan: SteeringPlan { ops }, probes: vec![probe.clone()] });
+                let st = Arc::new(SeqSteering {
+                    sources: Vec::new(),
+                    plan: SteeringPlan { ops },
+                    probes: vec![probe.clone()],
+                });
                 reqs.push(GenRequest {
                     steering: Some(st),
                     ..GenRequest::greedy(chat_ids(&m, None, q)?, a.max_tokens)

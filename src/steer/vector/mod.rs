@@ -36,6 +36,12 @@ pub struct PersonaVector {
     pub source: Option<PathBuf>,
 }
 
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn dot64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -64,6 +70,13 @@ impl PersonaVector {
     pub fn zeros(name: impl Into<String>, n_layers: usize, hidden: usize) -> Result<Self> {
         let n = (n_layers + 1).checked_mul(hidden).ok_or_else(|| Error::Invalid("vector size overflows".into()))?;
         Self::new(name, n_layers, hidden, vec![0.0; n])
+    }
+
+    /// sha256 of the vector's values (rows 0..=N, f32 little-endian): the same for the same
+    /// numbers whatever file they came from. Steering receipts carry it.
+    pub fn sha256(&self) -> String {
+        let bytes: Vec<u8> = self.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        sha256_hex(&bytes)
     }
 
     /// Rows: N+1.
