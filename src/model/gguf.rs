@@ -78,6 +78,18 @@ impl GgufFile {
         Self::from_map(path, map)
     }
 
+    /// Parse an in-memory GGUF image (copied into an anonymous map, so tensors are handed out
+    /// exactly as from [`Self::open`]); `path` names it in errors and [`Self::path`].
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
+        if bytes.len() < HEADER_LEN {
+            return Err(too_short(path, bytes.len() as u64));
+        }
+        let mut m = memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(path, e))?;
+        m.copy_from_slice(bytes);
+        let map = m.make_read_only().map_err(|e| Error::io(path, e))?;
+        Self::from_map(path, map)
+    }
+
     fn from_map(path: &Path, map: Mmap) -> Result<GgufFile> {
         let (version, metadata, tensors, alignment, data_start) = parse(path, &map)?;
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -482,17 +494,9 @@ pub(super) mod tests {
     use super::*;
     use crate::model::gguf_write::{encode, put_str, put_value, RawTensor};
 
-    /// Open an in-memory GGUF image through an anonymous map (same code path as `open` after
-    /// the file is mapped).
+    /// Open an in-memory GGUF image named `mem.gguf`.
     pub(in crate::model) fn open_bytes(bytes: &[u8]) -> Result<GgufFile> {
-        let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
-        m[..bytes.len()].copy_from_slice(bytes);
-        let map = m.make_read_only().unwrap();
-        // map_anon cannot be empty: parse a slice of the right length instead.
-        if bytes.is_empty() {
-            return parse(Path::new("mem.gguf"), bytes).map(|_| unreachable!());
-        }
-        GgufFile::from_map(Path::new("mem.gguf"), map)
+        GgufFile::from_bytes(Path::new("mem.gguf"), bytes)
     }
 
     fn err_of(bytes: &[u8]) -> Error {

@@ -126,8 +126,14 @@ fn gguf_name(hf: &str) -> Option<String> {
 }
 
 pub(crate) fn open_gguf(path: &Path) -> Result<ModelFiles> {
-    let g = GgufFile::open(path)?;
-    let config = config_from_gguf(&g)?;
+    model_from_gguf(&GgufFile::open(path)?)
+}
+
+/// Everything [`ModelFiles::open`] reads from a GGUF file, from an opened one (config, tensors
+/// in HF naming, tokenizer, chat template).
+pub fn model_from_gguf(g: &GgufFile) -> Result<ModelFiles> {
+    let path = g.path();
+    let config = config_from_gguf(g)?;
     let get = |hf: &str| -> Result<Option<HostTensor>> {
         let Some(name) = gguf_name(hf) else {
             return Ok(None);
@@ -148,8 +154,8 @@ pub(crate) fn open_gguf(path: &Path) -> Result<ModelFiles> {
     };
     let tensors = collect_tensors(&config, path, &get)?;
     let listing = g.tensors().iter().map(|t| (t.name.clone(), t.shape(), t.ggml_type.name().to_string())).collect();
-    let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() { Some(tokenizer_from_gguf(&g)?) } else { None };
-    let chat_template = match gguf_chat_template(&g) {
+    let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() { Some(tokenizer_from_gguf(g)?) } else { None };
+    let chat_template = match gguf_chat_template(g) {
         Some(src) => {
             let tok = |id: Option<u32>| -> String {
                 match (id, &tokenizer) {

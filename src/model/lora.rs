@@ -192,12 +192,20 @@ impl LoraAdapter {
     pub fn load(dir: &Path, model: &ModelConfig) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
-        let config = parse_config(&cfg_path, &v)?;
         let st_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&st_path).map_err(|e| Error::io(&st_path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
+        Self::from_parts(&text, &bytes, dir, model)
+    }
+
+    /// [`Self::load`] of a folder `dir` whose `adapter_config.json` holds `config_json` and whose
+    /// `adapter_model.safetensors` holds `weights` (`dir` only names the files in errors).
+    pub fn from_parts(config_json: &str, weights: &[u8], dir: &Path, model: &ModelConfig) -> Result<Self> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let v: Value =
+            serde_json::from_str(config_json).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+        let config = parse_config(&cfg_path, &v)?;
+        let st_path = dir.join(WEIGHTS_FILE);
+        let st = SafeTensors::deserialize(weights)
             .map_err(|e| Error::format(&st_path, format!("not a valid safetensors file: {e:?}")))?;
         read_pairs(&st_path, &st, config, model)
     }

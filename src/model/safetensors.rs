@@ -87,32 +87,52 @@ impl SafetensorsSet {
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut set = SafetensorsSet { files: vec![], entries: BTreeMap::new() };
         for path in paths {
-            let map = map_file(path)?;
-            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, describe(&e)))?;
-            let base = 8 + n;
-            let fi = set.files.len();
-            for (name, info) in meta.tensors() {
-                let dtype = match info.dtype {
-                    Dtype::F32 => DType::F32,
-                    Dtype::F16 => DType::F16,
-                    Dtype::BF16 => DType::BF16,
-                    other => {
-                        return Err(Error::Unsupported(format!(
-                            "{}: tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)",
-                            path.display()
-                        )))
-                    }
-                };
-                let (s, e) = info.data_offsets;
-                if set.entries.contains_key(&name) {
-                    return Err(Error::format(path, format!("tensor `{name}` appears in more than one shard")));
-                }
-                set.entries
-                    .insert(name, Entry { file: fi, dtype, shape: info.shape.clone(), offset: base + s, len: e - s });
-            }
-            set.files.push((path.clone(), map));
+            set.add(path, map_file(path)?)?;
         }
         Ok(set)
+    }
+
+    /// One in-memory safetensors image (copied into an anonymous map, so tensors are handed out
+    /// exactly as from a file); `path` names it in errors and [`Self::origin`].
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        // (An anonymous map cannot be empty; an image that short has no header anyway.)
+        if bytes.len() < 8 {
+            return Err(Error::format(path, describe(&SafeTensorError::HeaderTooSmall)));
+        }
+        let mut m = memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(path, e))?;
+        m.copy_from_slice(bytes);
+        let map = m.make_read_only().map_err(|e| Error::io(path, e))?;
+        let mut set = SafetensorsSet { files: vec![], entries: BTreeMap::new() };
+        set.add(path, Arc::new(map))?;
+        Ok(set)
+    }
+
+    /// Add the tensors of one mapped file; a name already present is an error.
+    fn add(&mut self, path: &Path, map: Arc<Mmap>) -> Result<()> {
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::format(path, describe(&e)))?;
+        let base = 8 + n;
+        let fi = self.files.len();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "{}: tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)",
+                        path.display()
+                    )))
+                }
+            };
+            let (s, e) = info.data_offsets;
+            if self.entries.contains_key(&name) {
+                return Err(Error::format(path, format!("tensor `{name}` appears in more than one shard")));
+            }
+            self.entries
+                .insert(name, Entry { file: fi, dtype, shape: info.shape.clone(), offset: base + s, len: e - s });
+        }
+        self.files.push((path.to_path_buf(), map));
+        Ok(())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -363,6 +363,11 @@ pub fn generate_rows<B: Backend>(
 /// write) is ignored; any other bad line is an error naming it. Returns (line number, row) pairs.
 pub fn read_rows(path: &Path) -> Result<Vec<(usize, Row)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    rows_from_str(&text, path)
+}
+
+/// [`read_rows`] of a dataset file's text; `path` names it in errors.
+pub fn rows_from_str(text: &str, path: &Path) -> Result<Vec<(usize, Row)>> {
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut out = vec![];
     for (i, line) in lines.iter().enumerate() {

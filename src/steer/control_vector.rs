@@ -96,7 +96,14 @@ pub fn import_control_vector(path: impl AsRef<Path>, cfg: &ModelConfig) -> Resul
     if !is_gguf(path)? {
         return Err(bad("not a GGUF file (no `GGUF` magic): llama.cpp control vectors are GGUF".into()));
     }
-    let g = GgufFile::open(path)?;
+    control_vector_from_gguf(&GgufFile::open(path)?, cfg)
+}
+
+/// [`import_control_vector`] of an opened GGUF file (e.g. [`GgufFile::from_bytes`] of an upload);
+/// the name defaults to the stem of [`GgufFile::path`].
+pub fn control_vector_from_gguf(g: &GgufFile, cfg: &ModelConfig) -> Result<PersonaVector> {
+    let path = g.path();
+    let bad = |m: String| Error::format(path, m);
     match g.get_str("general.architecture") {
         Some(ARCHITECTURE) => {}
         Some(other) => {
