@@ -143,6 +143,31 @@ fn token_str(v: Option<&serde_json::Value>) -> String {
     }
 }
 
+/// Read a `tokenizer.json`. The tokenizers crate (0.21) panics on some malformed files instead of
+/// returning an error (`expect`s in its decoder and normalizer deserializers: a syntax error inside
+/// `"decoder"`, an invalid `Precompiled` charsmap); the JSON syntax is checked first, and a panic
+/// that still happens is caught and reported as an error naming the file.
+fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| Error::Tokenizer(format!("{}: not valid JSON: {e}", path.display())))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::Tokenizer(format!("{}: {e}", path.display()))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown reason");
+            Err(Error::Tokenizer(format!(
+                "{}: not a valid tokenizer file (the tokenizers crate failed on it: {why})",
+                path.display()
+            )))
+        }
+    }
+}
+
 fn open_hf(dir: &Path) -> Result<ModelFiles> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
     let set = SafetensorsSet::open_dir(dir)?;
@@ -154,14 +179,7 @@ fn open_hf(dir: &Path) -> Result<ModelFiles> {
         .collect();
 
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.exists() {
-        Some(
-            tokenizers::Tokenizer::from_file(&tok_path)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?,
-        )
-    } else {
-        None
-    };
+    let tokenizer = if tok_path.exists() { Some(read_tokenizer(&tok_path)?) } else { None };
     let tc_path = dir.join("tokenizer_config.json");
     let tc = read_json(&tc_path)?;
     let jinja = dir.join("chat_template.jinja");
