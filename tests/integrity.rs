@@ -9,7 +9,6 @@ use std::sync::Arc;
 use persona::backend::cpu::CpuBackend;
 use persona::engine::generate::GenRequest;
 use persona::engine::SeqInput;
-use persona::model::gguf::{GgmlType, GgufFile};
 use persona::steer::spec::{resolve, MonitorSpec, SteerSpec};
 use persona::LoadedModel;
 
@@ -112,21 +111,6 @@ fn receipts_count_the_tokens_each_op_touched() {
     assert!(ok && err.contains("[steer evil add 4 at layer 12 (positions all): "), "{err}");
 }
 
-/// Overwrite the first scale of `tensor` with NaN (the first value for float tensors).
-fn poison(src: &std::path::Path, dst: &std::path::Path, tensor: &str) {
-    let g = GgufFile::open(src).unwrap();
-    let info = g.tensor_info(tensor).unwrap().clone();
-    let at = (g.data_offset() + info.offset) as usize;
-    let mut bytes = std::fs::read(src).unwrap();
-    let nan: &[u8] = match info.ggml_type {
-        GgmlType::F32 => &[0x00, 0x00, 0xc0, 0x7f],
-        // f16 NaN: the block scale `d` of the Q formats, or the first value.
-        _ => &[0x00, 0x7e],
-    };
-    bytes[at..at + nan.len()].copy_from_slice(nan);
-    std::fs::write(dst, bytes).unwrap();
-}
-
 /// Corrupted weights (bytes overwritten inside a tensor's data) stop generation with an error
 /// naming the block, and a non-zero exit; so does a steering coefficient that overflows.
 #[test]
@@ -151,4 +135,52 @@ fn corrupt_weights_and_overflowing_steering_stop_with_the_block() {
         &format!("vector={},layer=12,coeff=3e38", vector("evil")),
     ]);
     assert!(!ok && err.contains("non-finite values") && err.contains("after block 11 (residual index 12)"), "{err}");
+}
+
+/// A copy of a shipped vector that says it was made from another model of the same shape.
+fn foreign_copy(dir: &std::path::Path, fingerprint: Option<&str>) -> std::path::PathBuf {
+    let mut v = persona::steer::vector::PersonaVector::load(vector("evil")).unwrap();
+    v.metadata.insert("persona.model".into(), "Other-Model-135M".into());
+    match fingerprint {
+        Some(f) => v.metadata.insert(persona::steer::vector::FINGERPRINT_KEY.into(), f.into()),
+        None => v.metadata.remove(persona::steer::vector::FINGERPRINT_KEY),
+    };
+    let p = dir.join(format!("evil-{}.safetensors", fingerprint.unwrap_or("none")));
+    v.save(&p).unwrap();
+    p
+}
+
+/// Model identity: the shipped vectors record the default model's fingerprint; a vector from
+/// another model of the same shape is refused naming both models (used with `--force`, with a
+/// warning), and one recording no fingerprint is used with a warning.
+#[test]
+fn vectors_from_another_model_are_refused() {
+    let Some(m) = smollm2() else { return };
+    let id = m.engine.config.identity.clone().expect("ModelFiles::open records the identity");
+    assert_eq!(id.name, "SmolLM2-135M-Instruct");
+    assert!(id.fingerprint.starts_with("llama-N30-H576-"), "{}", id.fingerprint);
+    for name in ["evil", "sycophantic", "hallucinating", "apathetic", "humorous", "impolite", "optimistic"] {
+        let v = persona::steer::vector::PersonaVector::load_for_model(vector(name), &m.engine.config).unwrap();
+        assert_eq!(v.check_identity(&m.engine.config).unwrap(), None, "{name} records this model");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = foreign_copy(dir.path(), Some("llama-N30-H576-00000000deadbeef"));
+    let spec = format!("vector={},layer=12,coeff=2", foreign.display());
+    let args = ["generate", "--prompt", "Hi", "--max-tokens", "2", "--steer", &spec];
+    let (ok, _, err) = persona_cli(&args);
+    assert!(!ok, "a foreign vector must be refused");
+    for part in ["Other-Model-135M", "SmolLM2-135M-Instruct", "00000000deadbeef", &id.fingerprint, "--force"] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    let (ok, _, err) = persona_cli(&[&args[..], &["--force"]].concat());
+    assert!(ok && err.contains("warning:") && err.contains("used anyway (--force)"), "{err}");
+    // Monitoring with it is refused too (every path loads vectors through load_for_model).
+    let mon = format!("vector={},layer=12", foreign.display());
+    let (ok, _, err) = persona_cli(&["generate", "--prompt", "Hi", "--max-tokens", "2", "--monitor", &mon]);
+    assert!(!ok && err.contains("Other-Model-135M"), "{err}");
+
+    let unrecorded = foreign_copy(dir.path(), None);
+    let spec = format!("vector={},layer=12,coeff=2", unrecorded.display());
+    let (ok, _, err) = persona_cli(&["generate", "--prompt", "Hi", "--max-tokens", "2", "--steer", &spec]);
+    assert!(ok && err.contains("records no model fingerprint"), "{err}");
 }

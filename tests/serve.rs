@@ -1481,3 +1481,78 @@ fn request_work_is_capped() {
     assert_eq!(code, 400, "{e}");
     assert!(msg(&e).contains("= 8938, over this server's limit of 8192 (--max-request-work)"), "{e}");
 }
+
+// ---- integrity (issue 16 items 3, 4, 5): model identity on upload, receipts in responses,
+// non-finite values as 500s.
+
+fn upload_query(base: &str, query: &str, path: &Path) -> (u16, Value) {
+    let r = ureq::post(&format!("{base}/v1/vectors?{query}")).set("Content-Type", "application/octet-stream");
+    let (code, resp) = match r.send_bytes(&std::fs::read(path).unwrap()) {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(c, r)) => (c, r),
+        Err(e) => panic!("upload: {e}"),
+    };
+    (code, serde_json::from_str(&resp.into_string().unwrap()).unwrap())
+}
+
+#[test]
+fn foreign_vectors_receipts_and_non_finite_values() {
+    let Some(model) = required_default_model() else { return };
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct/evil.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = PersonaVector::load(&shipped).unwrap();
+    v.metadata.insert("persona.model".into(), "Other-Model-135M".into());
+    v.metadata.insert(persona::steer::vector::FINGERPRINT_KEY.into(), "llama-N30-H576-00000000deadbeef".into());
+    let foreign = dir.path().join("foreign.safetensors");
+    v.save(&foreign).unwrap();
+    let base = start(&model, ServeConfig::default());
+
+    // Identity: refused naming both models, accepted with ?force=true (with a warning).
+    let (code, r) = upload_query(&base, "name=foreign", &foreign);
+    assert_eq!((code, r["error"]["code"].as_str()), (400, Some("model_mismatch")), "{r}");
+    for part in ["Other-Model-135M", "SmolLM2-135M-Instruct", "?force=true"] {
+        assert!(msg(&r).contains(part), "`{part}` missing: {r}");
+    }
+    let (code, r) = upload_query(&base, "name=foreign&force=true", &foreign);
+    assert!(code == 201 && r["warning"].as_str().unwrap().contains("used anyway"), "{code} {r}");
+    let (code, r) = upload_query(&base, "name=evil", &shipped);
+    assert!(code == 201 && r.get("warning").is_none(), "{r}");
+
+    // Receipts: with a monitor every kept token is fed, so an op at all positions touched
+    // prompt + completion tokens; a condition that can never hold fired 0 times.
+    let body = json!({
+        "model": "persona", "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 8, "temperature": 0,
+        "steering": [{"vector": "evil", "layers": 12, "coeff": 2},
+                     {"vector": "evil", "layers": "10-11", "op": "ablate", "when": "evil:gt:1e9"}],
+        "monitor": [{"vector": "evil", "layers": 8, "name": "evil"}],
+    });
+    let (code, r) = post(&format!("{base}/v1/chat/completions"), &body);
+    assert_eq!(code, 200, "{r}");
+    let fed = r["usage"]["prompt_tokens"].as_u64().unwrap() + r["usage"]["completion_tokens"].as_u64().unwrap();
+    let rec = &r["persona"]["receipts"];
+    assert_eq!(rec.as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        (rec[0]["op"].as_str(), rec[0]["tokens"].as_u64(), &rec[0]["fired"]),
+        (Some("add"), Some(fed), &Value::Null)
+    );
+    assert_eq!(rec[0]["sha256"].as_str().unwrap(), PersonaVector::load(&shipped).unwrap().sha256());
+    assert_eq!((rec[1]["layers"].clone(), rec[1]["fired"].as_u64()), (json!([10, 11]), Some(0)), "{rec}");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let chunks = stream(&format!("{base}/v1/chat/completions"), &sbody);
+    let last = chunks.iter().rev().find(|c| c.get("persona").is_some_and(|p| p.get("receipts").is_some())).unwrap();
+    assert_eq!(last["persona"]["receipts"], *rec, "the final SSE chunk carries the same receipts");
+
+    // Corrupted weights: 500 naming the block, not text.
+    let bad = dir.path().join("corrupt.gguf");
+    poison(&model, &bad, "blk.5.ffn_down.weight");
+    let base = start(&bad, ServeConfig::default());
+    let (code, r) = post(
+        &format!("{base}/v1/chat/completions"),
+        &json!({
+        "model": "persona", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(code, 500, "{r}");
+    assert!(msg(&r).contains("after block 5 (residual index 6)"), "{r}");
+}

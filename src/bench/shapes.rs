@@ -55,6 +55,7 @@ impl Shape {
                 qkv_bias: arch == Arch::Qwen2,
                 bos_id: None,
                 eos_ids: vec![],
+                identity: None,
             }
         }
         let plain = |theta| RopeConfig { theta, llama3: None };

@@ -81,6 +81,18 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
+    /// Which model this is (set by [`crate::model::ModelFiles::open`]): persona vectors record it
+    /// at extraction and are refused on another model of the same shape.
+    pub identity: Option<ModelIdentity>,
+}
+
+/// A model's name and fingerprint ([`crate::model::load::fingerprint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub fingerprint: String,
+    /// Use vectors recorded for another model anyway (the CLI's `--force`), with a warning.
+    pub allow_foreign: bool,
 }
 
 impl ModelConfig {
@@ -227,6 +239,7 @@ impl ModelConfig {
             },
             bos_id: ids("bos_token_id").first().copied(),
             eos_ids: ids("eos_token_id"),
+            identity: None,
         };
         cfg.validate(path)?;
         Ok(cfg)

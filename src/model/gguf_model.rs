@@ -70,6 +70,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         qkv_bias: arch == Arch::Qwen2,
         bos_id: id("tokenizer.ggml.bos_token_id"),
         eos_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        identity: None,
     };
     cfg.validate(path)?;
     Ok(cfg)

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::model::chat::ChatTemplate;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, ModelIdentity};
 use crate::model::safetensors::SafetensorsSet;
 use crate::model::tensor::HostTensor;
 
@@ -55,16 +55,87 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// Open a HF folder (config.json + safetensors) or a `.gguf` file.
+    /// Open a HF folder (config.json + safetensors) or a `.gguf` file; the config carries the
+    /// model's [`ModelIdentity`] (name and fingerprint).
     pub fn open(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            open_hf(path)
+        let mut f = if path.is_dir() {
+            open_hf(path)?
         } else if path.is_file() {
-            crate::model::gguf_model::open_gguf(path)
+            crate::model::gguf_model::open_gguf(path)?
         } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder")))
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
+            ));
+        };
+        f.config.identity = Some(ModelIdentity {
+            name: model_name(path),
+            fingerprint: fingerprint(&f.config, &f.tensors),
+            allow_foreign: false,
+        });
+        Ok(f)
+    }
+}
+
+/// A model's fingerprint, `ARCH-N<layers>-H<hidden>-<16 hex>`: the hex is the start of a sha256
+/// over the architecture's sizes and the values of three norm weights (the final norm, the first
+/// block's attention norm, the last block's MLP norm), each rounded to bf16 — so the same model
+/// stored as BF16 safetensors, F32 or a quantised GGUF (whose norms stay F32) has one fingerprint,
+/// a LoRA fine-tune of it (norms untouched) keeps it, and another model of the same shape does not.
+pub fn fingerprint(cfg: &ModelConfig, t: &ModelTensors) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(cfg.arch.name().as_bytes());
+    for x in [cfg.n_layers, cfg.hidden, cfg.intermediate, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab] {
+        h.update((x as u64).to_le_bytes());
+    }
+    let norms = [Some(&t.final_norm), t.layers.first().map(|l| &l.attn_norm), t.layers.last().map(|l| &l.mlp_norm)];
+    for n in norms.into_iter().flatten() {
+        for v in n.to_f32() {
+            h.update(half::bf16::from_f32(v).to_bits().to_le_bytes());
         }
     }
+    let hex: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{}-N{}-H{}-{hex}", cfg.arch.name(), cfg.n_layers, cfg.hidden)
+}
+
+/// A model's name: an HF folder's name (the repository's, for a hub cache snapshot), or a file's
+/// name without its extension and quantisation tag (`SmolLM2-135M-Instruct.Q4_1.gguf` →
+/// `SmolLM2-135M-Instruct`).
+pub fn model_name(path: &Path) -> String {
+    let file = |p: &Path| p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    if path.is_dir() {
+        // ~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH
+        let parent = path.parent();
+        if parent.is_some_and(|p| p.ends_with("snapshots")) {
+            if let Some(repo) = parent.and_then(Path::parent).map(file) {
+                if let Some(name) = repo.rsplit("--").next().filter(|_| repo.starts_with("models--")) {
+                    return name.to_string();
+                }
+            }
+        }
+        return file(path);
+    }
+    let mut name = file(path);
+    for ext in [".gguf", ".safetensors", ".bin"] {
+        if let Some(s) = name.strip_suffix(ext) {
+            name = s.to_string();
+            break;
+        }
+    }
+    // A trailing quantisation tag after `.` or `-`: Q4_1, Q4_K_M, IQ3_XS, F16, BF16, F32, ...
+    let is_quant = |t: &str| {
+        let u = t.to_ascii_uppercase();
+        matches!(u.as_str(), "F16" | "F32" | "BF16")
+            || ((u.starts_with('Q') || u.starts_with("IQ"))
+                && u.trim_start_matches('I').trim_start_matches('Q').starts_with(|c: char| c.is_ascii_digit()))
+    };
+    if let Some(i) = name.rfind(['.', '-']) {
+        if i > 0 && is_quant(&name[i + 1..]) {
+            name.truncate(i);
+        }
+    }
+    name
 }
 
 fn check_shape(origin: &Path, t: &HostTensor, want: &[usize]) -> Result<()> {

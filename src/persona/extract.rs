@@ -307,10 +307,7 @@ pub fn vector_from_responses<B: Backend>(
     v.metadata.insert("persona.pos_count".into(), n_pos.to_string());
     v.metadata.insert("persona.neg_count".into(), n_neg.to_string());
     v.metadata.insert("persona.mean_norms".into(), serde_json::to_string(&norms).unwrap_or_default());
-    v.metadata.insert(
-        "persona.model".into(),
-        m.path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
-    );
+    v.record_model(&m.engine.config);
     Ok(v)
 }
 

@@ -38,12 +38,20 @@ pub(super) async fn upload_vector(
                 return Err(ApiError::param("name", "vector names may not contain `/` (at most 200 bytes)"));
             }
         }
-        let replace = match q.get("replace").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(x) => return Err(ApiError::param("replace", format!("`replace` must be true or false, got `{x}`"))),
+        let flag = |k: &str| match q.get(k).map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(x) => Err(ApiError::param(k, format!("`{k}` must be true or false, got `{x}`"))),
         };
+        let (replace, force) = (flag("replace")?, flag("force")?);
         let v = registry::parse_upload(&bytes, name, &st.model)?;
+        // A vector made from another model of the same shape is refused unless `?force=true`.
+        let mut model = st.model.clone();
+        if let Some(id) = model.identity.as_mut() {
+            id.allow_foreign |= force;
+        }
+        let warning =
+            v.check_identity(&model).map_err(|e| ApiError::bad(None, e.to_string()).with_code("model_mismatch"))?;
         if !replace && st.registry.get(&v.name).is_some() {
             return Err(ApiError::status(
                 StatusCode::CONFLICT,
@@ -52,7 +60,10 @@ pub(super) async fn upload_vector(
             )
             .with_code("vector_exists"));
         }
-        let body = registry::vector_json(&v);
+        let mut body = registry::vector_json(&v);
+        if let Some(w) = warning {
+            body["warning"] = Value::String(w);
+        }
         st.registry.insert(v);
         Ok((StatusCode::CREATED, Json(body)).into_response())
     })())

@@ -348,11 +348,13 @@ pub fn resolve(
     warnings: &mut Vec<String>,
 ) -> Result<SeqSteering> {
     let mut files: HashMap<PathBuf, PersonaVector> = HashMap::new();
+    let mut identity_warnings = vec![];
     let mut load = |p: &PathBuf| -> Result<PersonaVector> {
         if let Some(v) = files.get(p) {
             return Ok(v.clone());
         }
         let v = PersonaVector::load_for_model(p, cfg)?;
+        identity_warnings.extend(v.check_identity(cfg)?);
         files.insert(p.clone(), v.clone());
         Ok(v)
     };
@@ -435,6 +437,7 @@ pub fn resolve(
             when: s.when.as_ref().map(WhenSpec::to_string),
         });
     }
+    warnings.extend(identity_warnings);
     out.validate(cfg.hidden, cfg.n_layers)?;
     Ok(out)
 }

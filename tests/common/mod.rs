@@ -170,3 +170,19 @@ pub fn required_default_model() -> Option<PathBuf> {
     }
     p
 }
+
+/// Copy GGUF `src` to `dst` with the first scale of `tensor` overwritten by NaN (the first
+/// value for float tensors): weights corrupted inside a tensor's data.
+pub fn poison(src: &std::path::Path, dst: &std::path::Path, tensor: &str) {
+    let g = persona::model::gguf::GgufFile::open(src).unwrap();
+    let info = g.tensor_info(tensor).unwrap().clone();
+    let at = (g.data_offset() + info.offset) as usize;
+    let mut bytes = std::fs::read(src).unwrap();
+    let nan: &[u8] = match info.ggml_type {
+        persona::model::gguf::GgmlType::F32 => &[0x00, 0x00, 0xc0, 0x7f],
+        // f16 NaN: the block scale `d` of the Q formats, or the first value.
+        _ => &[0x00, 0x7e],
+    };
+    bytes[at..at + nan.len()].copy_from_slice(nan);
+    std::fs::write(dst, bytes).unwrap();
+}

@@ -66,6 +66,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "tied_embeddings": c.tie_embeddings, "qkv_bias": c.qkv_bias, "parameters": params,
             "dtypes": dtypes, "tokenizer": f.tokenizer.is_some(), "chat_template": f.chat_template.is_some(),
             "context_length": c.max_positions, "size_bytes": bytes,
+            "name": c.identity.as_ref().map(|i| &i.name),
+            "fingerprint": c.identity.as_ref().map(|i| &i.fingerprint),
             "eos": eos.iter().map(|(id, t)| serde_json::json!({"id": id, "token": t})).collect::<Vec<_>>(),
             "tensors": if a.tensors { serde_json::to_value(&f.listing)? } else { serde_json::Value::Null },
         });
@@ -75,6 +77,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("{} ({:?})", path.display(), f.format);
     println!("size          {} ({bytes} bytes on disk)", human_bytes(bytes));
     println!("architecture  {}", c.arch.name());
+    if let Some(id) = &c.identity {
+        println!("model         {}  (fingerprint {}: persona vectors record it)", id.name, id.fingerprint);
+    }
     println!("parameters    {:.1} M", params as f64 / 1e6);
     println!("layers        {}", c.n_layers);
     println!("hidden        {}  (intermediate {})", c.hidden, c.intermediate);

@@ -1,6 +1,7 @@
 //! The `persona` command: parses flags and calls the library.
 
 mod bench;
+mod chat;
 mod check;
 mod dataset;
 mod finetune;
@@ -36,8 +37,8 @@ struct Cli {
 enum Cmd {
     /// Generate a reply (or continue raw text / token ids), optionally steered and monitored.
     Generate(generate::GenerateArgs),
-    /// Interactive chat with streaming output.
-    Chat(generate::ChatArgs),
+    /// Interactive chat, streamed, steered and monitored; slash commands change the steering (/help).
+    Chat(chat::ChatArgs),
     /// Describe a model: architecture, sizes, dtypes, tensors.
     Info(info::InfoArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
@@ -97,46 +98,13 @@ pub struct ModelArgs {
     /// merged into the weights at load.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Use persona vectors recorded for another model (a different `persona.model_fingerprint`)
+    /// anyway, with a warning; without it they are refused.
+    #[arg(long)]
+    pub force: bool,
 }
 
-/// A model's name: an HF folder's name (the repository's, for a hub cache snapshot), or a file's
-/// name without its extension and quantisation tag (`SmolLM2-135M-Instruct.Q4_1.gguf` →
-/// `SmolLM2-135M-Instruct`).
-pub fn model_name(path: &Path) -> String {
-    let file = |p: &Path| p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
-    if path.is_dir() {
-        // ~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH
-        let parent = path.parent();
-        if parent.is_some_and(|p| p.ends_with("snapshots")) {
-            if let Some(repo) = parent.and_then(Path::parent).map(file) {
-                if let Some(name) = repo.rsplit("--").next().filter(|_| repo.starts_with("models--")) {
-                    return name.to_string();
-                }
-            }
-        }
-        return file(path);
-    }
-    let mut name = file(path);
-    for ext in [".gguf", ".safetensors", ".bin"] {
-        if let Some(s) = name.strip_suffix(ext) {
-            name = s.to_string();
-            break;
-        }
-    }
-    // A trailing quantisation tag after `.` or `-`: Q4_1, Q4_K_M, IQ3_XS, F16, BF16, F32, ...
-    let is_quant = |t: &str| {
-        let u = t.to_ascii_uppercase();
-        matches!(u.as_str(), "F16" | "F32" | "BF16")
-            || ((u.starts_with('Q') || u.starts_with("IQ"))
-                && u.trim_start_matches('I').trim_start_matches('Q').starts_with(|c: char| c.is_ascii_digit()))
-    };
-    if let Some(i) = name.rfind(['.', '-']) {
-        if i > 0 && is_quant(&name[i + 1..]) {
-            name.truncate(i);
-        }
-    }
-    name
-}
+pub use persona::model::load::model_name;
 
 /// Where `vector=NAME` is looked for: `--vectors DIR` first, then the model's own folder of
 /// vectors, `vectors/<model name, lower case>/`, in the working directory and beside persona's
@@ -163,8 +131,12 @@ pub trait ModelTask {
 }
 
 /// Open a model, merge an optional PEFT LoRA adapter into its weights and upload it to `b`.
-fn load_model<B: Backend>(path: &Path, adapter: Option<&Path>, b: B, context: usize) -> Result<LoadedModel<B>> {
+fn load_model<B: Backend>(path: &Path, adapter: Option<&Path>, b: B, a: &ModelArgs) -> Result<LoadedModel<B>> {
     let mut files = ModelFiles::open(path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(id) = files.config.identity.as_mut() {
+        id.allow_foreign = a.force;
+    }
+    let context = a.context;
     if let Some(dir) = adapter {
         LoraAdapter::load(dir, &files.config)
             .and_then(|a| a.merge_into(&mut files.tensors))
@@ -180,27 +152,27 @@ impl ModelArgs {
         if self.context == 0 {
             bail!("--context must be at least 1");
         }
-        let (adapter, context) = (self.adapter.as_deref(), self.context);
+        let adapter = self.adapter.as_deref();
         match self.backend {
-            BackendKind::Cpu => task.run(load_model(&path, adapter, CpuBackend, context)?),
-            BackendKind::Cuda => task.run(load_model(&path, adapter, CudaBackend::new(0)?, context)?),
-            BackendKind::Wgpu => task.run(load_model(&path, adapter, WgpuBackend::new()?, context)?),
+            BackendKind::Cpu => task.run(load_model(&path, adapter, CpuBackend, self)?),
+            BackendKind::Cuda => task.run(load_model(&path, adapter, CudaBackend::new(0)?, self)?),
+            BackendKind::Wgpu => task.run(load_model(&path, adapter, WgpuBackend::new()?, self)?),
             // CUDA when usable, else the CPU; say which on stderr.
             BackendKind::Auto => match CudaBackend::new(0) {
                 Ok(b) => {
                     eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
-                    task.run(load_model(&path, adapter, b, context)?)
+                    task.run(load_model(&path, adapter, b, self)?)
                 }
                 // Then a wgpu GPU adapter (not a CPU one such as lavapipe), then the CPU.
                 Err(e) => match WgpuBackend::new_gpu() {
                     Ok(b) => {
                         eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
-                        task.run(load_model(&path, adapter, b, context)?)
+                        task.run(load_model(&path, adapter, b, self)?)
                     }
                     Err(_) => {
                         let _ = e;
                         eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
-                        task.run(load_model(&path, adapter, CpuBackend, context)?)
+                        task.run(load_model(&path, adapter, CpuBackend, self)?)
                     }
                 },
             },

@@ -74,10 +74,6 @@ fn ensure_parent(out: &Path) -> Result<()> {
     }
 }
 
-fn model_name(m: &Path) -> String {
-    m.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()
-}
-
 fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
@@ -166,7 +162,7 @@ impl ModelTask for ExtractArgs {
         write_atomic(&jsonl, text.as_bytes())?;
         let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, !a.quiet)
             .with_context(|| format!("the answers and their scores are in {}", jsonl.display()))?;
-        v.metadata.insert("persona.model".into(), model_name(&m.path));
+        v.record_model(&m.engine.config);
         v.metadata.insert("persona.seed".into(), a.seed.to_string());
         v.metadata.insert("persona.temperature".into(), a.temperature.to_string());
         v.metadata.insert("persona.judge".into(), a.judge.judge.clone());

@@ -91,7 +91,7 @@ impl PersonaVector {
     }
 
     /// Read a persona vector for a given model: persona safetensors (checked against the model's
-    /// N and H) or a llama.cpp control-vector GGUF (imported with
+    /// N and H, and its recorded model fingerprint: [`PersonaVector::check_identity`]) or a llama.cpp control-vector GGUF (imported with
     /// [`crate::steer::control_vector::import_control_vector`]).
     pub fn load_for_model(path: impl AsRef<Path>, cfg: &ModelConfig) -> Result<Self> {
         let path = path.as_ref();
@@ -100,6 +100,7 @@ impl PersonaVector {
         }
         let v = Self::load(path)?;
         v.check_model(cfg.hidden, cfg.n_layers)?;
+        v.check_identity(cfg)?;
         Ok(v)
     }
 

@@ -19,6 +19,10 @@ mod file;
 
 pub use file::{is_gguf, GGUF_MAGIC, NAME_KEY, VECTOR_TENSOR};
 
+/// Metadata key of the fingerprint of the model a vector was made from
+/// ([`crate::model::load::fingerprint`]).
+pub const FINGERPRINT_KEY: &str = "persona.model_fingerprint";
+
 /// A persona vector: `n_layers + 1` rows of `hidden` f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PersonaVector {
@@ -153,6 +157,47 @@ impl PersonaVector {
                 self.hidden
             ),
         ))
+    }
+
+    /// Check that this vector was made from the model `cfg` describes: an error when it records a
+    /// fingerprint (`persona.model_fingerprint`) that differs from the model's, unless the model
+    /// allows foreign vectors (`--force`), when the mismatch is a warning. `Ok(Some(warning))` also
+    /// when the vector records no fingerprint (made elsewhere or by an older persona) — it fits
+    /// the shape, but nothing says it comes from this model.
+    pub fn check_identity(&self, cfg: &crate::model::ModelConfig) -> Result<Option<String>> {
+        let Some(id) = &cfg.identity else { return Ok(None) };
+        let made_from = self.metadata.get("persona.model").map(String::as_str).unwrap_or("an unnamed model");
+        match self.metadata.get(FINGERPRINT_KEY) {
+            None => Ok(Some(format!(
+                "vector `{}` records no model fingerprint: it fits {}'s shape, but persona cannot tell whether it was \
+                 made from this model (its metadata names {made_from})",
+                self.name, id.name
+            ))),
+            Some(fp) if *fp == id.fingerprint => Ok(None),
+            Some(fp) => {
+                let msg = format!(
+                    "vector `{}` was made from model `{made_from}` (fingerprint {fp}), but this model is `{}` \
+                     (fingerprint {}): the shapes match, yet its directions belong to the other model's residual stream",
+                    self.name, id.name, id.fingerprint
+                );
+                if id.allow_foreign {
+                    Ok(Some(format!("{msg}; used anyway (--force)")))
+                } else {
+                    Err(Error::format(
+                        self.origin(),
+                        format!("{msg}. Use --force (HTTP: `?force=true` on upload) to use it anyway"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Record `cfg`'s model (name and fingerprint) as the one this vector was made from.
+    pub fn record_model(&mut self, cfg: &crate::model::ModelConfig) {
+        if let Some(id) = &cfg.identity {
+            self.metadata.insert("persona.model".into(), id.name.clone());
+            self.metadata.insert(FINGERPRINT_KEY.into(), id.fingerprint.clone());
+        }
     }
 
     /// Check that layer `l` can be used to steer or monitor: in 0..=N, finite, not all zero.
