@@ -41,6 +41,30 @@ fn huge_layer_ranges_are_refused_before_allocating() {
     }
 }
 
+/// Found while writing the `gguf` target: a GGUF model without `tokenizer.ggml.tokens` takes
+/// its vocabulary size from `token_embd.weight`'s shape, which was indexed without a check: a
+/// 0-dimensional `token_embd.weight` panicked. Now it is an error naming the tensor and shape.
+#[test]
+fn gguf_model_with_scalar_token_embedding_is_an_error() {
+    use persona::model::gguf::{write_gguf, GgufValue};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("m.gguf");
+    let u = |k: &str, v: u32| (format!("llama.{k}"), GgufValue::U32(v));
+    let md = vec![
+        ("general.architecture".to_string(), GgufValue::Str("llama".into())),
+        u("embedding_length", 8),
+        u("attention.head_count", 2),
+        u("feed_forward_length", 16),
+        u("block_count", 1),
+    ];
+    write_gguf(&p, &md, &[("token_embd.weight".into(), vec![], &[1.0f32][..])]).unwrap();
+    let e = match ModelFiles::open(&p) {
+        Ok(_) => panic!("opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("token_embd.weight") && e.contains("shape []") && e.contains("m.gguf"), "{e}");
+}
+
 /// A HF model folder (the tiny-llama fixture) with `tokenizer` as its tokenizer.json.
 fn open_with_tokenizer(tokenizer: &[u8]) -> persona::Result<ModelFiles> {
     let d = tempfile::tempdir().unwrap();

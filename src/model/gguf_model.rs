@@ -42,10 +42,20 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let head_dim = g.get_u64(&key("attention.key_length")).map(|x| x as usize).unwrap_or(hidden / n_heads);
     let vocab = match g.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()) {
         Some(a) => a.len(),
-        None => g
-            .tensor_info("token_embd.weight")
-            .map(|t| t.shape()[0])
-            .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: "token_embd.weight".into() })?,
+        None => {
+            let t = g
+                .tensor_info("token_embd.weight")
+                .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: "token_embd.weight".into() })?;
+            match t.shape()[..] {
+                [vocab, _] => vocab,
+                ref other => {
+                    return Err(Error::format(
+                        path,
+                        format!("tensor `token_embd.weight` has shape {other:?}, expected [vocab, hidden]"),
+                    ))
+                }
+            }
+        }
     };
     if g.tensor_info("rope_freqs.weight").is_some() {
         return Err(Error::Unsupported(format!(
