@@ -23,3 +23,10 @@ PIP=(python3 -m pip install --quiet --disable-pip-version-check --root-user-acti
 export PERSONA_REQUIRE=1
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc
+# Every fuzz target (fuzz/, issue 16 item 1) briefly, from its committed seeds: a crash fails the
+# run and leaves the input in fuzz/artifacts/. cargo-fuzz needs nightly; the build instruments
+# every dependency (about 15 min on 2 cores, once; later runs rebuild only what changed).
+if command -v rustup >/dev/null 2>&1 && ! cargo +nightly --version >/dev/null 2>&1; then
+    rustup toolchain install nightly --profile minimal
+fi
+scripts/fuzz.sh 10
