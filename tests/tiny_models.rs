@@ -127,3 +127,34 @@ fn paged_cache_interleaves_sequences_exactly() {
     let err = e.new_paged_cache(2, 8, 16, 0).err().unwrap().to_string();
     assert!(err.contains("page size"), "{err}");
 }
+
+/// `GenRequest::stop`: a request whose flag is set (here by the streaming callback at its third
+/// token) ends after that token as `Finish::Stopped`, with the ids it would have produced so far;
+/// the other request of the batch runs on to its `max_tokens`.
+#[test]
+fn stop_flag_ends_one_request_early() {
+    use persona::engine::generate::Finish;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (e, r) = load("tiny-llama");
+    let ids = u32s(&r["ids"]);
+    let req =
+        |stop: Option<Arc<AtomicBool>>| GenRequest { ignore_eos: true, stop, ..GenRequest::greedy(ids.clone(), 12) };
+    let full = e.generate(&[req(None)], &mut |_, _| {}).unwrap().remove(0);
+    assert_eq!((full.steps.len(), full.finish), (12, Finish::Length));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut seen = 0;
+    let outs = e
+        .generate(&[req(Some(stop.clone())), req(None)], &mut |i, _| {
+            if i == 0 {
+                seen += 1;
+                if seen == 3 {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(outs[0].finish, Finish::Stopped);
+    assert_eq!(outs[0].ids(), full.ids()[..3]);
+    assert_eq!((outs[1].finish, outs[1].ids()), (Finish::Length, full.ids()));
+}

@@ -2,6 +2,7 @@
 //! ragged forward call, then all unfinished sequences decode together, one token per step.
 //! Each request may carry its own steering plan, probes and a capture of its generated tokens.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::sampler::{sample, top_k, Rng, SamplingParams};
@@ -24,6 +25,10 @@ pub struct GenRequest {
     pub steering: Option<Arc<SeqSteering>>,
     /// Mean residual at every index over the generated tokens.
     pub capture_response: bool,
+    /// Stop early once this flag is set (e.g. by a Ctrl-C handler): it is read after each token
+    /// of this request is produced; the token just produced is kept and the output's finish is
+    /// [`Finish::Stopped`]. The flag is only read, never cleared. None: run to EOS or `max_tokens`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl GenRequest {
@@ -36,6 +41,7 @@ impl GenRequest {
             top_logits: 0,
             steering: None,
             capture_response: false,
+            stop: None,
         }
     }
 
@@ -59,6 +65,8 @@ pub enum Finish {
     Eos,
     /// Reached `max_tokens`.
     Length,
+    /// Its [`GenRequest::stop`] flag was set.
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +202,8 @@ impl<B: Backend> Engine<B> {
                     finish[i] = Some(Finish::Eos);
                 } else if steps[i].len() >= r.max_tokens {
                     finish[i] = Some(Finish::Length);
+                } else if r.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                    finish[i] = Some(Finish::Stopped);
                 } else {
                     next.push(i);
                 }
