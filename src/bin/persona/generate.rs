@@ -1,7 +1,7 @@
-//! `persona generate` and `persona chat`.
+//! `persona generate`, and the sampling and steering flags and output lines `persona chat` shares.
 
-use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -56,6 +56,31 @@ impl SamplingArgs {
     }
 }
 
+/// `--steer`, `--monitor` and `--vectors`, shared by `persona generate` and `persona chat`.
+#[derive(Args, Clone, Debug)]
+pub struct SteeringArgs {
+    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME:gt:3.5]`
+    /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer; `when=NAME[@L]:gt:τ` or
+    /// `:lt:τ` steers only tokens whose projection onto monitor NAME, or `self`, passes); repeat for several ops.
+    #[arg(long = "steer", value_name = "SPEC")]
+    pub steer: Vec<String>,
+    /// Monitor: `vector=PATH|NAME[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector
+    /// (layers default to the vector's persona.layer, else all).
+    #[arg(long = "monitor", value_name = "SPEC")]
+    pub monitor: Vec<String>,
+    /// Folder searched first for `vector=NAME` (then vectors/<model name>/, e.g. the shipped
+    /// vectors/smollm2-135m-instruct/ for the default model).
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
+}
+
+impl SteeringArgs {
+    /// The folders `vector=NAME` is looked up in for the model at `model`.
+    pub fn dirs(&self, model: &Path) -> Vec<PathBuf> {
+        vector_dirs(self.vectors.as_deref(), model)
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Examples (default model, shipped vectors):
   persona generate -p \"How should I treat people who annoy me?\" --steer vector=evil,coeff=-2 --monitor vector=evil
@@ -81,19 +106,8 @@ pub struct GenerateArgs {
     /// Report the K highest logits behind every generated token (with --json).
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
-    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME:gt:3.5]`
-    /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer; `when=NAME[@L]:gt:τ` or
-    /// `:lt:τ` steers only tokens whose projection onto monitor NAME, or `self`, passes); repeat for several ops.
-    #[arg(long = "steer", value_name = "SPEC")]
-    pub steer: Vec<String>,
-    /// Monitor: `vector=PATH|NAME[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector
-    /// (layers default to the vector's persona.layer, else all).
-    #[arg(long = "monitor", value_name = "SPEC")]
-    pub monitor: Vec<String>,
-    /// Folder searched first for `vector=NAME` (then vectors/<model name>/, e.g. the shipped
-    /// vectors/smollm2-135m-instruct/ for the default model).
-    #[arg(long, value_name = "DIR")]
-    pub vectors: Option<PathBuf>,
+    #[command(flatten)]
+    pub steering: SteeringArgs,
     /// Print one JSON object per prompt instead of text.
     #[arg(long)]
     pub json: bool,
@@ -174,7 +188,7 @@ impl ModelTask for GenerateArgs {
 
 fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let prompts = prompt_ids(&m, &a)?;
-    let (steer, monitor) = parse_specs(&a.steer, &a.monitor, &vector_dirs(a.vectors.as_deref(), &m.path))?;
+    let (steer, monitor) = parse_specs(&a.steering.steer, &a.steering.monitor, &a.steering.dirs(&m.path))?;
     let steering = if steer.is_empty() && monitor.is_empty() {
         None
     } else {
@@ -229,7 +243,7 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
                 .collect();
             let mut v = json!({
                 "prompt_ids": o.prompt_ids, "ids": ids, "text": text, "steps": steps,
-                "finish": match o.finish { Finish::Eos => "eos", Finish::Length => "length" },
+                "finish": match o.finish { Finish::Eos => "eos", Finish::Length => "length", Finish::Stopped => "stopped" },
                 "timing": t,
             });
             if !probes.is_empty() {
@@ -257,13 +271,7 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
                 eprintln!("[{}]", receipt_line(r));
             }
             for (k, p) in probes.iter().enumerate() {
-                println!(
-                    "[monitor {} layer {}: last prompt token {:+.3}, response mean {:+.3}]",
-                    p.name,
-                    p.layer,
-                    o.last_prompt_projection(k),
-                    o.response_mean_projection(k)
-                );
+                println!("[{}]", monitor_line(p, o, k));
             }
         }
     }
@@ -279,19 +287,34 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     Ok(())
 }
 
-/// One receipt as a line: `steer evil add ×4 at layers 12 (positions all): 57 tokens`.
-fn receipt_line(r: &persona::steer::Receipt) -> String {
+/// Probe `k`'s scores in `o`: `monitor evil layer 18: last prompt token +1.234, response mean -0.567`.
+pub fn monitor_line(p: &Probe, o: &GenOutput, k: usize) -> String {
+    format!(
+        "monitor {} layer {}: last prompt token {:+.3}, response mean {:+.3}",
+        p.name,
+        p.layer,
+        o.last_prompt_projection(k),
+        o.response_mean_projection(k)
+    )
+}
+
+/// What a steering op does, without its counts: `steer evil add 4 at layer 12 (positions all)`.
+pub fn op_description(r: &persona::steer::Receipt) -> String {
     let layers: Vec<String> = r.layers.iter().map(|l| l.to_string()).collect();
-    let mut s = format!(
-        "steer {} {} {} at layer{} {} (positions {}): {} tokens",
+    format!(
+        "steer {} {} {} at layer{} {} (positions {})",
         r.vector,
         r.op,
         r.coeff,
         if r.layers.len() == 1 { "" } else { "s" },
         layers.join(","),
         r.positions,
-        r.tokens
-    );
+    )
+}
+
+/// One receipt as a line: `steer evil add 4 at layer 12 (positions all): 57 tokens`.
+pub fn receipt_line(r: &persona::steer::Receipt) -> String {
+    let mut s = format!("{}: {} tokens", op_description(r), r.tokens);
     if let (Some(f), Some(w)) = (r.fired, &r.when) {
         s += &format!(", when {w} fired {f} times");
     }
@@ -309,60 +332,4 @@ fn projections_json(probes: &[Probe], _o: &GenOutput, f: impl Fn(usize) -> serde
         e[p.layer.to_string()] = f(k);
     }
     serde_json::Value::Object(out)
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ChatArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[arg(long)]
-    pub system: Option<String>,
-    #[command(flatten)]
-    pub sampling: SamplingArgs,
-}
-
-impl ModelTask for ChatArgs {
-    fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
-        chat(self, m)
-    }
-}
-
-/// Read a line per user turn; `/reset` clears the history, EOF or `/exit` ends.
-fn chat<B: Backend>(a: ChatArgs, m: LoadedModel<B>) -> Result<()> {
-    let tok = m.tokenizer.as_ref().context("this model has no tokenizer; use `persona generate --prompt-ids`")?;
-    let mut history: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
-    let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
-    eprintln!("persona chat: type a message; /reset clears the history, /exit or Ctrl-D ends.");
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim();
-        match line {
-            "" => continue,
-            "/exit" | "/quit" => break,
-            "/reset" => {
-                history.retain(|m| m.role == "system");
-                continue;
-            }
-            _ => {}
-        }
-        history.push(Message::user(line));
-        let ids = m.chat_prompt_ids(&history)?;
-        let req = a.sampling.request(ids, 0)?;
-        let mut ts = TextStream::default();
-        let out = m.engine.generate(&[req], &mut |_, step| {
-            if !m.engine.config.eos_ids.contains(&step.id) {
-                let _ = write!(stdout, "{}", ts.push(tok, step.id));
-                let _ = stdout.flush();
-            }
-        })?;
-        println!();
-        let ids: Vec<u32> = out[0].ids().into_iter().filter(|i| !m.engine.config.eos_ids.contains(i)).collect();
-        history.push(Message::assistant(m.decode(&ids)?));
-    }
-    Ok(())
 }
