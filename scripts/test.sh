@@ -21,6 +21,17 @@ PIP=(python3 -m pip install --quiet --disable-pip-version-check --root-user-acti
 # Tests whose resource (default model, lavapipe, NVRTC, openai) is missing fail instead of
 # printing SKIPPED: everything above installed it. (A CUDA GPU is never required.)
 export PERSONA_REQUIRE=1
+# Tests that could not run (a CUDA GPU is absent here) log `SKIPPED: reason` (tests/common); the
+# closing line counts them, whether the run passes or fails.
+SKIPLOG=target/tmp/persona-skipped.log
+mkdir -p target/tmp && : >"$SKIPLOG"
+closing() {
+    local n
+    n=$(wc -l <"$SKIPLOG" 2>/dev/null || echo 0)
+    echo "test.sh: $n test(s) SKIPPED (each could not run here: a resource is missing; see $SKIPLOG)"
+    [ "$n" = 0 ] || sed 's/^/  SKIPPED: /' "$SKIPLOG"
+}
+trap closing EXIT
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc
 # Every fuzz target (fuzz/, issue 16 item 1) briefly, from its committed seeds: a crash fails the

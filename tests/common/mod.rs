@@ -154,12 +154,25 @@ pub fn missing(what: &str, how: &str) {
     if std::env::var_os("PERSONA_REQUIRE").is_some() {
         panic!("{what} is missing, and PERSONA_REQUIRE is set ({how})");
     }
-    eprintln!("SKIPPED: {what} is missing ({how})");
+    skipped(&format!("{what} is missing ({how})"));
 }
 
 /// No CUDA GPU here: the test prints SKIPPED (a GPU is not required anywhere CI runs).
 pub fn no_gpu(test: &str, why: &dyn std::fmt::Display) {
-    eprintln!("SKIPPED: {test}: no usable CUDA GPU ({why})");
+    skipped(&format!("{test}: no usable CUDA GPU ({why})"));
+}
+
+/// Print `SKIPPED: reason` and append it to `target/tmp/persona-skipped.log`, which
+/// scripts/test.sh counts in its closing line (cargo test hides a passing test's output).
+fn skipped(reason: &str) {
+    eprintln!("SKIPPED: {reason}");
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("persona-skipped.log");
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let line = format!("{} {test}: {reason}\n", env!("CARGO_CRATE_NAME"));
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 /// The default model, or None after [`missing`] (SKIPPED, or a failure under PERSONA_REQUIRE).
