@@ -39,7 +39,8 @@ enum Kind {
     Text,
 }
 
-fn parse_messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {
+/// A chat request's `messages` (public for the `request_body` fuzz target).
+pub fn parse_messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {
     let a = match v {
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) => return Err(ApiError::param("messages", "`messages` is empty")),

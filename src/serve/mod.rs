@@ -37,6 +37,8 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
+pub use self::completions::parse_messages;
+
 use self::api::{ApiError, ApiResult};
 use self::metrics::Metrics;
 use self::registry::Registry;
