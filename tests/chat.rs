@@ -251,3 +251,14 @@ fn ctrl_c_stops_the_reply_not_the_chat() {
     t.send("\x03");
     assert_eq!(t.exit_code(), 130);
 }
+
+/// `persona chat --help` lists the slash commands and has examples.
+#[test]
+fn chat_help_has_commands_and_examples() {
+    let (ok, out, err) = persona_cli(&["chat", "--help"]);
+    assert!(ok, "{err}");
+    for want in ["--steer <SPEC>", "--monitor <SPEC>", "--vectors <DIR>", "/coeff NAME X", "Ctrl-C", "Examples"] {
+        assert!(out.contains(want), "no {want}:\n{out}");
+    }
+    assert!(out.contains("persona chat --steer vector=evil,coeff=4 --monitor vector=evil"), "{out}");
+}
