@@ -422,10 +422,10 @@ impl<B: Backend> Engine<B> {
         cache: &mut KvCache<B>,
         seqs: &[SeqInput],
         trace: bool,
-        hook: Option<&mut dyn ForwardHook<B>>,
+        mut hook: Option<&mut dyn ForwardHook<B>>,
     ) -> Result<ForwardOutput> {
         let starts: Vec<usize> = seqs.iter().map(|s| cache.lens.get(s.slot).copied().unwrap_or(0)).collect();
-        let out = self.run(cache, seqs, trace, hook)?;
+        let out = self.run(cache, seqs, trace, hook.as_deref_mut())?;
         let Some(bad_row) = out.logits.chunks(out.vocab.max(1)).position(|r| r.iter().any(|x| !x.is_finite())) else {
             return Ok(out);
         };
@@ -433,7 +433,9 @@ impl<B: Backend> Engine<B> {
         for (s, &start) in seqs.iter().zip(&starts) {
             cache.truncate(s.slot, start);
         }
-        let traced = self.run(cache, seqs, true, None)?;
+        // With the same hook (an adapter adds to the projections; a training tape sees the
+        // activations again, but the caller gets an error and drops it).
+        let traced = self.run(cache, seqs, true, hook)?;
         let h = self.config.hidden;
         let first = traced
             .residuals
@@ -461,12 +463,12 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    fn run(
+    fn run<'h>(
         &self,
         cache: &mut KvCache<B>,
         seqs: &[SeqInput],
         trace: bool,
-        mut hook: Option<&mut dyn ForwardHook<B>>,
+        mut hook: Option<&mut (dyn ForwardHook<B> + 'h)>,
     ) -> Result<ForwardOutput> {
         let c = &self.config;
         let mut ids = Vec::new();
