@@ -151,6 +151,7 @@ pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> ResidualPl
 }
 
 /// The fused op written unfused, with plain loops: add, probes, ops, probes, capture, norm.
+#[allow(clippy::too_many_arguments)]
 fn unfused_residual(
     p: &ResidualPlan,
     l: usize,
