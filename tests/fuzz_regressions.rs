@@ -784,3 +784,15 @@ mod seeds {
         println!("request_body: {} seeds", o.1);
     }
 }
+
+/// Found by the `chat_template` fuzzer (minimised): a `for` without its loop variable made
+/// minijinja 2.24 panic while printing the syntax error's source context; now an error.
+#[test]
+fn chat_template_syntax_error_is_an_error_not_a_panic() {
+    use persona::model::{ChatTemplate, Message};
+    let msgs = [Message::user("Hello")];
+    let err = ChatTemplate::new("{%for in messages%}{%endfor%}", "<s>", "</s>")
+        .and_then(|t| t.render(&msgs, true))
+        .unwrap_err();
+    assert!(err.to_string().starts_with("chat template: "), "{err}");
+}

@@ -42,6 +42,13 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// A template error with its source context (`{e:#}`). minijinja 2.24 can panic while printing
+/// that context for some templates (an index out of range in its debug info, found by the
+/// `chat_template` fuzzer): then the plain message.
+fn describe(e: &minijinja::Error) -> String {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| format!("{e:#}"))).unwrap_or_else(|_| e.to_string())
+}
+
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
@@ -53,19 +60,23 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(format!("{e:#}")))?;
+        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
         Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// Render `messages`; with `add_generation_prompt` the assistant header is appended.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
-        t.render(minijinja::context! {
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::Template(format!("{e:#}")))
+        };
+        // A template comes from a stranger's model file: a panic inside the engine is an error.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.render(ctx))) {
+            Ok(r) => r.map_err(|e| Error::Template(describe(&e))),
+            Err(_) => Err(Error::Template("rendering the chat template failed inside minijinja".into())),
+        }
     }
 }
