@@ -67,6 +67,8 @@ max_len() {
 }
 
 mkdir -p fuzz/logs
+# A panic's backtrace goes to the log.
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 failed=0
 total=0
 rows=()

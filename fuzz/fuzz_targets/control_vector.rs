@@ -11,6 +11,7 @@ use persona::serve::registry::parse_upload;
 use persona::steer::control_vector::{control_vector_from_gguf, export_control_vector, import_control_vector};
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let cfg = persona_fuzz::tiny_config();
     let _ = parse_upload(data, Some("cv"), cfg);
     let Ok(g) = GgufFile::from_bytes(Path::new("fuzz.gguf"), data) else { return };

@@ -17,6 +17,7 @@ fn evil() -> &'static TraitDef {
 }
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(text) = std::str::from_utf8(data) else { return };
     let path = Path::new("fuzz.jsonl");
     if let Ok(rows) = rows_from_str(text, path) {

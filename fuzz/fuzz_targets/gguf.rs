@@ -11,6 +11,7 @@ use persona::model::gguf::{dequantize, GgufFile};
 use persona::model::gguf_model::{config_from_gguf, model_from_gguf};
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(g) = GgufFile::from_bytes(Path::new("fuzz.gguf"), data) else { return };
     let _ = (g.version(), g.alignment(), g.data_offset(), g.file_size(), format!("{g:?}"));
     for (k, v) in g.metadata() {

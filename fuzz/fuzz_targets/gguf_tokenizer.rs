@@ -10,6 +10,7 @@ use persona::model::gguf_tokenizer::{gguf_chat_template, tokenizer_from_gguf};
 use persona::model::ChatTemplate;
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(g) = GgufFile::from_bytes(Path::new("fuzz.gguf"), data) else { return };
     let tok = tokenizer_from_gguf(&g);
     if let Ok(tok) = &tok {

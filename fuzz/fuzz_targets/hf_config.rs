@@ -20,12 +20,7 @@ const FILES: [&str; 6] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    // `ModelFiles::open` catches the tokenizers crate's panics on malformed tokenizer.json files
-    // (and returns an error); libfuzzer-sys's panic hook would abort on them all the same. With
-    // the default hook, a panic that escapes the library still aborts (libfuzzer-sys catches it
-    // around each input) and is reported as a crash.
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| drop(std::panic::take_hook()));
+    persona_fuzz::init();
     let parts = persona_fuzz::parts(data, FILES.len());
     if let Ok(text) = std::str::from_utf8(parts[0]) {
         if let Ok(cfg) = ModelConfig::from_hf_str(text, Path::new("config.json")) {

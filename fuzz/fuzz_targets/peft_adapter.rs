@@ -9,6 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use persona::model::lora::{LoraAdapter, Target};
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let parts = persona_fuzz::parts(data, 2);
     let Ok(config) = std::str::from_utf8(parts[0]) else { return };
     let m = persona_fuzz::tiny_model();

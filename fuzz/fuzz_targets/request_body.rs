@@ -26,6 +26,7 @@ fn registry() -> &'static Registry {
 }
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let m = match parse_body(data) {
         Ok(m) => m,
         Err(e) => {

@@ -8,6 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use persona::model::safetensors::SafetensorsSet;
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(set) = SafetensorsSet::from_bytes(Path::new("fuzz.safetensors"), data) else { return };
     let _ = set.origin();
     let names: Vec<String> = set.names().map(str::to_string).collect();

@@ -20,6 +20,7 @@ fn vector_file() -> &'static PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(s) = std::str::from_utf8(data) else { return };
     let cfg = persona_fuzz::tiny_config();
     if let Ok(l) = Layers::parse(s) {

@@ -8,6 +8,7 @@ use persona::persona::monitor::ladder;
 use persona::persona::traits::TraitDef;
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(t) = TraitDef::from_json(text, "fuzz.json") else { return };
     let _ = (t.render_judge("Q {answer}", "A {question}"), t.render_coherence("", "{"), t.summary());

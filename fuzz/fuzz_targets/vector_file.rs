@@ -13,6 +13,7 @@ use persona::steer::spec::{mean_norms, recorded_layer};
 use persona::steer::vector::{cosine_table, PersonaVector};
 
 fuzz_target!(|data: &[u8]| {
+    persona_fuzz::init();
     let cfg = persona_fuzz::tiny_config();
     let _ = parse_upload(data, Some("upload"), cfg);
     let _ = parse_upload(data, None, cfg);

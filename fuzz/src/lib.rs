@@ -9,6 +9,16 @@ use persona::model::gguf::GgufFile;
 use persona::model::{Message, ModelConfig, ModelFiles};
 use persona::steer::vector::PersonaVector;
 
+/// Call first in every target. persona catches the panics of a few third-party crates and turns
+/// them into errors (the tokenizers crate on a malformed tokenizer.json, minijinja on some
+/// templates); libfuzzer-sys's panic hook aborts on every panic, caught or not, so it is replaced
+/// by the default hook. A panic that escapes the library still aborts (libfuzzer-sys catches it
+/// around each input) and is reported as a crash, with the default hook's message and backtrace.
+pub fn init() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| drop(std::panic::take_hook()));
+}
+
 /// Separates the files of a multi-file input (NUL bytes: never inside the JSON or text parts).
 pub const SEP: &[u8] = b"\x00PART\x00";
 
