@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce the shipped vectors: vectors/smollm2-135m-instruct/<trait>.safetensors for the whole
 # catalog, on the default model, on the CPU. Each vector's metadata records the exact command
-# (persona.command), the seed, and the layer chosen by `persona eval` (persona.layer).
+# (persona.command), the seed, the trait definition, the baseline projection, and the layer
+# chosen by `persona eval --write` (persona.layer; the rule is in persona.layer_rule).
+# EVAL_ONLY=1 re-runs only the eval step on the existing vectors (e.g. to record a new rule's
+# layer, the baseline and the trait definition in vectors made before they existed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=./target/release/persona
@@ -17,9 +20,9 @@ for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallu
   temperature=1
   [ "$t" = humorous ] && method=prompt_last
   [ "$t" = evil ] && temperature=0
-  $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
+  [ -n "${EVAL_ONLY:-}" ] || $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
     --method "$method" --temperature "$temperature"
   $bin eval --backend cpu --vector "$out/$t.safetensors" --layers 12+15+18+21 --coeffs=-3,0,3 --questions 8 \
-    --out-dir "$out/eval"
+    --out-dir "$out/eval" --write
   echo "$t: $(( $(date +%s) - start ))s"
 done

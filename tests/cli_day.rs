@@ -481,3 +481,233 @@ fn progress_bars_on_a_terminal_and_quiet_otherwise() {
         assert!(ok && !err.contains("ETA"), "{args:?}, stderr not a terminal:\n{err}");
     }
 }
+
+/// `persona ...` on the default model from `cwd`, with extra environment.
+fn on_default(model: &std::path::Path, cwd: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+        .current_dir(cwd)
+        .args(&args[..1])
+        .args(["--backend", "cpu", "--model", s(model)])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Items 5 and 6: a custom trait the catalog does not know works end to end (its definition and
+/// a baseline are stored in the vector at extraction; monitor, eval and `demo --trait PATH` use
+/// them), and eval never modifies its input without --write, choosing the layer by a stated rule
+/// over steering and monitoring with the table behind it.
+#[test]
+fn custom_traits_and_eval_that_writes_only_when_asked() {
+    let Some(model) = required_default_model() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let mut j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traits/evil.json")).unwrap(),
+    )
+    .unwrap();
+    j["name"] = "pirate".into();
+    j["description"] = "A custom trait, unknown to the catalog (evil's prompts under another name).".into();
+    let tfile = dir.join("pirate.json");
+    std::fs::write(&tfile, serde_json::to_string(&j).unwrap()).unwrap();
+    let vfile = dir.join("pirate.safetensors");
+    let (ok, _, err) = on_default(
+        &model,
+        dir,
+        &["extract", "--trait", s(&tfile), "--out", s(&vfile), "--questions", "2", "--max-tokens", "8", "-q"],
+    );
+    assert!(ok, "{err}");
+    let v = persona::steer::vector::PersonaVector::load(&vfile).unwrap();
+    let t = persona::persona::traits::recorded_trait(&v).unwrap().expect("the trait definition is stored");
+    assert_eq!(t.name, "pirate");
+    let baseline: Vec<f32> = serde_json::from_str(&v.metadata["persona.baseline"]).unwrap();
+    assert_eq!(baseline.len(), v.n_layers + 1);
+    assert!(baseline.iter().all(|x| x.is_finite()) && baseline[18] != 0.0, "{baseline:?}");
+
+    // The trait file can go: the vector carries it. An empty catalog proves it is not looked up.
+    std::fs::remove_file(&tfile).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let with_catalog = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+            .current_dir(dir)
+            .env("PERSONA_TRAITS", empty.path())
+            .args(&args[..1])
+            .args(["--backend", "cpu", "--model", s(&model)])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, table, err) = with_catalog(&[
+        "monitor",
+        "--vector",
+        "pirate",
+        "--vectors",
+        s(dir),
+        "--questions",
+        "2",
+        "--layers",
+        "18",
+        "--random",
+        "0",
+        "-q",
+    ]);
+    assert!(ok, "{err}");
+    assert!(table.contains("`pirate`"), "{table}");
+
+    // Eval: the vector file is untouched without --write.
+    let before = std::fs::read(&vfile).unwrap();
+    let eval = |extra: &[&str]| {
+        with_catalog(
+            &[
+                &["eval", "--vector", s(&vfile), "--layers", "12+18", "--coeffs=-2,2", "--questions", "2"][..],
+                &["--max-tokens", "8", "--random-eval", "0", "-q"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let (ok, table, err) = eval(&[]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&vfile).unwrap(), before, "eval modified its input without --write");
+    assert!(err.contains("was not modified") && err.contains("--write"), "{err}");
+    assert!(
+        table.contains(
+            "layer choice: the largest steering span among the layers whose monitoring AUROC is at least 0.80"
+        ),
+        "{table}"
+    );
+    let report = json(&dir.join("pirate.eval.json"));
+    let chosen = report["best_layer"].as_u64().unwrap();
+    let row = table.lines().find(|l| l.contains("← chosen")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().next(), Some(chosen.to_string().as_str()), "{table}");
+    // The rule holds over the numbers reported.
+    let au: Vec<(u64, f64)> =
+        report["auroc"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
+    let span: Vec<(u64, f64)> =
+        report["effect"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
+    let ok_layers: Vec<u64> = au.iter().filter(|a| a.1 >= 0.8).map(|a| a.0).collect();
+    let pool: Vec<&(u64, f64)> = span.iter().filter(|s| ok_layers.is_empty() || ok_layers.contains(&s.0)).collect();
+    let want = pool.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_eq!(chosen, want, "auroc {au:?} span {span:?}");
+    assert_eq!(report["no_layer_qualified"].as_bool(), Some(ok_layers.is_empty()));
+
+    // --write records the choice and its rule (the baseline and trait were recorded at extraction).
+    let (ok, _, err) = eval(&["--write"]);
+    assert!(ok, "{err}");
+    let v = persona::steer::vector::PersonaVector::load(&vfile).unwrap();
+    assert_eq!(v.metadata["persona.layer"], chosen.to_string());
+    assert!(v.metadata["persona.layer_rule"].contains("AUROC is at least 0.80"));
+    assert_eq!(v.metadata["persona.baseline"], serde_json::to_string(&baseline).unwrap());
+
+    // demo --trait PATH: the file's questions, and the vector named after it in --vectors.
+    std::fs::write(&tfile, serde_json::to_string(&j).unwrap()).unwrap();
+    let (ok, out, err) = with_catalog(&[
+        "demo",
+        "--trait",
+        s(&tfile),
+        "--vectors",
+        s(dir),
+        "--questions",
+        "1",
+        "--max-tokens",
+        "4",
+        "--coeff",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("`pirate` vector") && out.contains(&format!("Q: {}", j["eval_questions"][0].as_str().unwrap())),
+        "{out}"
+    );
+    // A trait with no vector says how to make one.
+    let mut other = j.clone();
+    other["name"] = "parrot".into();
+    let ofile = dir.join("parrot.json");
+    std::fs::write(&ofile, serde_json::to_string(&other).unwrap()).unwrap();
+    let (ok, _, err) = with_catalog(&["demo", "--trait", s(&ofile), "--vectors", s(dir)]);
+    assert!(!ok && err.contains("no vector for the trait `parrot`") && err.contains("persona extract"), "{err}");
+}
+
+/// Item 7: the shipped vectors record their baseline; `op=center` moves the projection there and
+/// `op=ablate` to 0 — which, with evil's negative baseline, is a push *toward* evil downstream.
+#[test]
+fn center_moves_to_the_baseline_and_ablate_to_zero() {
+    let Some(model) = required_default_model() else { return };
+    let v = persona::steer::vector::PersonaVector::load(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct/evil.safetensors"),
+    )
+    .unwrap();
+    let layer: usize = v.metadata["persona.layer"].parse().unwrap();
+    let baseline: Vec<f32> =
+        serde_json::from_str(&v.metadata["persona.baseline"]).expect("shipped evil records a baseline");
+    let b = baseline[layer];
+    assert!(b < -1.0, "evil's ordinary projection at {layer} is {b}");
+    let cwd = tempfile::tempdir().unwrap();
+    let run = |op: &str| {
+        let mon = format!("vector=evil,layers={layer}+{},name=evil", layer + 3);
+        let mut args =
+            vec!["generate", "-p", "How should I treat people who annoy me?", "--max-tokens", "12", "--json"];
+        args.extend(["--monitor", &mon]);
+        let steer = format!("vector=evil,{op}");
+        if !op.is_empty() {
+            args.extend(["--steer", &steer]);
+        }
+        let (ok, out, err) = on_default(&model, cwd.path(), &args);
+        assert!(ok, "{op}: {err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let at = |o: &serde_json::Value, l: usize| f32s(&o["projections"]["evil"][l.to_string()]);
+    let center = run("op=center");
+    let ablate = run("op=ablate");
+    let plain = run("");
+    // The monitor at the op's layer reads after the op: every position sits at the target.
+    assert!(at(&center, layer).iter().all(|x| (x - b).abs() < 1e-2 * b.abs()), "{:?} vs {b}", at(&center, layer));
+    assert!(at(&ablate, layer).iter().all(|x| x.abs() < 1e-2), "{:?}", at(&ablate, layer));
+    // Downstream, ablation leaves the answers more evil than centring does.
+    let resp = |o: &serde_json::Value| o["scores"]["evil"][(layer + 3).to_string()]["response_mean"].as_f64().unwrap();
+    eprintln!(
+        "response mean at layer {}: plain {:.2}, center {:.2}, ablate {:.2}",
+        layer + 3,
+        resp(&plain),
+        resp(&center),
+        resp(&ablate)
+    );
+    assert!(resp(&ablate) > resp(&center), "ablate {} vs center {}", resp(&ablate), resp(&center));
+    // Receipts name the op as it ran: a clamp to the baseline.
+    assert!(center["receipts"][0]["op"] == "clamp", "{}", center["receipts"]);
+}
+
+/// Item 12: `prompt_mean` leaves out position 0 (the attention sink, BOS), and `projections` is
+/// indexed by position (prompt tokens, then generated tokens).
+#[test]
+fn prompt_means_leave_out_the_first_position() {
+    let Some(model) = required_default_model() else { return };
+    let cwd = tempfile::tempdir().unwrap();
+    let (ok, out, err) = on_default(
+        &model,
+        cwd.path(),
+        &["generate", "-p", "Tell me about cats.", "--max-tokens", "4", "--json", "--monitor", "vector=evil,layers=18"],
+    );
+    assert!(ok, "{err}");
+    let o: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let p = o["prompt_ids"].as_array().unwrap().len();
+    let series = f32s(&o["projections"]["evil"]["18"]);
+    assert_eq!(series.len(), p + o["ids"].as_array().unwrap().len());
+    let sc = &o["scores"]["evil"]["18"];
+    let want = series[1..p].iter().map(|&x| x as f64).sum::<f64>() / (p - 1) as f64;
+    assert!((sc["prompt_mean"].as_f64().unwrap() - want).abs() < 1e-3, "{sc} vs {want}");
+    assert_eq!(sc["last_prompt"].as_f64().unwrap() as f32, series[p - 1]);
+    // Position 0 is the outlier the mean must not be dominated by.
+    let rest_max = series[1..p].iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(series[0].abs() > 5.0 * rest_max, "position 0: {} vs max |rest| {rest_max}", series[0]);
+}

@@ -262,6 +262,7 @@ fn eval_sweeps_several_random_directions() {
         batch: 16,
         seed: 0,
         random: 2,
+        min_auroc: 0.8,
         show_progress: false,
     };
     let r = sweep(&m, &t, &v, None, &o).unwrap();

@@ -616,8 +616,33 @@ fn streaming_chunks_carry_projections_and_flags() {
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["persona"]["flagged"], true);
     assert!(last["persona"]["reason"].as_str().unwrap().contains("t@3"));
-    let mean = last["persona"]["probes"][0]["response_mean"].as_f64().unwrap() as f32;
+    let probe = &last["persona"]["probes"][0];
+    let mean = probe["response_mean"].as_f64().unwrap() as f32;
     assert!((mean - want.response_mean_projection(0)).abs() < 1e-4);
+    // Positions (issue 20 item 12): a streamed value is labelled with the position it was read at,
+    // and the final object holds the same value at that position: `last_prompt` at p − 1, then
+    // `projections[i]` at `projections_start + i` (each generated token's own position).
+    let p = want.prompt_ids.len();
+    assert_eq!(probe["projections_start"].as_u64(), Some(p as u64));
+    assert_eq!(probe["last_prompt_position"].as_u64(), Some(p as u64 - 1));
+    let series = f32s(&probe["projections"]);
+    assert_eq!(series.len(), 10);
+    for (i, c) in token_chunks.iter().enumerate() {
+        let pos = c["persona"]["position"].as_u64().unwrap() as usize;
+        assert_eq!(pos, p + i - 1, "chunk {i}");
+        let streamed = c["persona"]["projections"]["t@3"].as_f64().unwrap() as f32;
+        let fin = if pos == p - 1 {
+            probe["last_prompt"].as_f64().unwrap() as f32
+        } else {
+            series[pos - probe["projections_start"].as_u64().unwrap() as usize]
+        };
+        assert!((streamed - fin).abs() < 1e-4, "position {pos}: streamed {streamed}, final {fin}");
+    }
+    // The prompt mean leaves out position 0 (BOS: the attention sink).
+    let pm = probe["prompt_mean"].as_f64().unwrap() as f32;
+    let own: Vec<f32> = want.projections[0][1..p].to_vec();
+    assert!((pm - own.iter().sum::<f32>() / own.len() as f32).abs() < 1e-3, "{pm} vs {own:?}");
+    assert!((pm - want.prompt_mean_projection(0)).abs() < 1e-4);
     let usage = chunks.iter().find(|c| c["usage"].is_object()).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 10);
 }

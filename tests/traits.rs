@@ -284,3 +284,41 @@ fn cli_fails_on_a_bad_file() {
     let (ok, _, err) = cli(&["traits", "no-such-trait"]);
     assert!(!ok && err.contains("unknown trait `no-such-trait`") && err.contains("sycophantic"), "{err}");
 }
+
+/// A vector carries the trait definition it was extracted with (issue 20 item 5): a custom trait
+/// the catalog does not know is found in the vector; a name that matches uses the stored copy; a
+/// path wins; an edited stored definition is refused by its sha256.
+#[test]
+fn vectors_carry_their_trait_definition() {
+    use persona::steer::vector::PersonaVector;
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = evil_json();
+    j["name"] = json!("pirate");
+    j["description"] = json!("Talks like a pirate.");
+    let file = dir.path().join("pirate.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&j).unwrap()).unwrap();
+    let t = TraitDef::load(&file).unwrap();
+    let mut v = PersonaVector::new("pirate", 2, 3, vec![1.0; 9]).unwrap();
+    v.metadata.insert("persona.trait".into(), "pirate".into());
+    // Before: the catalog has no `pirate`.
+    let e = traits::trait_for_vector(None, &v).unwrap_err().to_string();
+    assert!(e.contains("pirate") && e.contains("--trait PATH.json"), "{e}");
+    traits::record_trait(&mut v, &t);
+    let path = dir.path().join("pirate.safetensors");
+    v.save(&path).unwrap();
+    let v = PersonaVector::load(&path).unwrap();
+    assert_eq!(v.metadata[traits::TRAIT_PATH_KEY], std::fs::canonicalize(&file).unwrap().display().to_string());
+    let got = traits::trait_for_vector(None, &v).unwrap();
+    assert_eq!((got.name.as_str(), &got.questions, &got.eval_prompt), ("pirate", &t.questions, &t.eval_prompt));
+    assert_eq!(traits::trait_for_vector(Some("pirate"), &v).unwrap().description, "Talks like a pirate.");
+    // Another name goes to the catalog; a path is read as given.
+    assert_eq!(traits::trait_for_vector(Some("evil"), &v).unwrap().name, "evil");
+    let other = shipped_dir().join("impolite.json");
+    assert_eq!(traits::trait_for_vector(Some(other.to_str().unwrap()), &v).unwrap().name, "impolite");
+    // Edited by hand: the sha256 no longer matches.
+    let mut bad = v.clone();
+    let def = bad.metadata[traits::TRAIT_DEF_KEY].replace("Talks like a pirate.", "Talks like a parrot.");
+    bad.metadata.insert(traits::TRAIT_DEF_KEY.into(), def);
+    let e = traits::trait_for_vector(None, &bad).unwrap_err().to_string();
+    assert!(e.contains("persona.trait_sha256") && e.contains("changed"), "{e}");
+}

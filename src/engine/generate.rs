@@ -96,6 +96,13 @@ impl GenOutput {
     pub fn last_prompt_projection(&self, k: usize) -> f32 {
         self.projections[k][self.prompt_ids.len() - 1]
     }
+    /// Mean projection of probe `k` over the prompt positions 1..p: position 0 (BOS, or the chat
+    /// template's first token) is the attention sink, whose residual — and projection — is orders
+    /// of magnitude larger than any other's, so it is left out. NaN for a one-token prompt.
+    pub fn prompt_mean_projection(&self, k: usize) -> f32 {
+        let r = &self.projections[k][1.min(self.prompt_ids.len())..self.prompt_ids.len()];
+        (r.iter().map(|&x| x as f64).sum::<f64>() / r.len() as f64) as f32
+    }
     /// Mean projection of probe `k` over the generated tokens (the paper's response score).
     pub fn response_mean_projection(&self, k: usize) -> f32 {
         let r = &self.projections[k][self.prompt_ids.len()..];

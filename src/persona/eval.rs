@@ -6,6 +6,9 @@
 //! random directions at the best layer (`random`, default 3): each costs as much as one layer of
 //! the sweep (one teacher-forced pass per coefficient, plus generation with `generate` or a judge),
 //! so R stays small; the report gives their spans' mean and largest |span| and the vector's rank.
+//! A layer is chosen over both uses of the vector: the largest steering span among the layers
+//! whose monitoring AUROC (last prompt token, eliciting vs suppressing system prompts) reaches a
+//! threshold ([`LAYER_RULE`]); the report's layer table shows the numbers behind the choice.
 
 use std::sync::Arc;
 
@@ -13,8 +16,9 @@ use serde::Serialize;
 
 pub use super::common::random_like;
 use super::common::{progress, random_directions, teacher_force, CaptureRange, Forced, RandomControl};
-use super::extract::chat_ids;
+use super::extract::{baseline_projection, chat_ids, recorded_baseline};
 use super::judge::Judge;
+use super::monitor::{ladder, MonitorOptions};
 use super::traits::TraitDef;
 use crate::backend::Backend;
 use crate::engine::generate::GenRequest;
@@ -36,8 +40,13 @@ pub struct EvalOptions {
     pub seed: u64,
     /// Random directions at the best layer (the control).
     pub random: usize,
+    /// A layer qualifies for the choice when its monitoring AUROC reaches this ([`LAYER_RULE`]).
+    pub min_auroc: f64,
     pub show_progress: bool,
 }
+
+/// How `sweep` chooses the layer, in words (`{}` is the AUROC threshold).
+pub const LAYER_RULE: &str = "the largest steering span among the layers whose monitoring AUROC is at least {}";
 
 /// One (layer, coefficient) cell of the sweep.
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +75,18 @@ pub struct EvalReport {
     /// Per layer: log_odds(max coeff) − log_odds(min coeff).
     pub effect: Vec<(usize, f64)>,
     pub best_layer: usize,
+    /// Per swept layer: the monitoring AUROC of the last prompt token's projection, eliciting vs
+    /// suppressing system prompts of the trait's ladder on the same evaluation questions.
+    pub auroc: Vec<(usize, f64)>,
+    /// The rule `best_layer` was chosen by, with its threshold.
+    pub rule: String,
+    /// No swept layer reached the AUROC threshold: the choice fell back to the largest span.
+    pub no_layer_qualified: bool,
+    /// The model's ordinary projection onto the vector at every residual index 0..=N (the
+    /// vector's recorded `persona.baseline`, else measured by this sweep).
+    pub baseline: Vec<f32>,
+    /// Whether `baseline` was measured here (it was not recorded in the vector).
+    pub baseline_measured: bool,
     /// The mean over the random directions at the best layer of the same span.
     pub random_effect: f64,
     /// The log-odds span of each random direction at the best layer against the vector's there
@@ -205,8 +226,11 @@ fn span(points: &[EvalPoint], of: (usize, Option<usize>)) -> f64 {
     }
 }
 
-/// Run the sweep; the best layer is the one whose log-odds span over the coefficients is largest
-/// (or, with a judge, whose trait-score span is).
+/// Run the sweep and choose a layer by [`LAYER_RULE`]: steering span is the log-odds span over
+/// the coefficients (with a judge, the trait-score span); monitoring AUROC comes from one prompt
+/// pass over the trait's ladder at the swept layers. When no layer reaches `min_auroc`, the
+/// largest span is chosen and `no_layer_qualified` says so. Also measures the vector's baseline
+/// when it has none recorded.
 pub fn sweep<B: Backend>(
     m: &LoadedModel<B>,
     t: &TraitDef,
@@ -242,8 +266,29 @@ pub fn sweep<B: Backend>(
         }
     };
     let effect: Vec<(usize, f64)> = o.layers.iter().map(|&l| (l, span(&points, (l, None)))).collect();
+    // Monitoring at the same layers: one prompt pass over the trait's ladder gives every layer.
+    let mo = MonitorOptions {
+        questions: o.questions,
+        layers: o.layers.clone(),
+        layer: None,
+        generate: false,
+        max_tokens: o.max_tokens,
+        batch: o.batch,
+        seed: o.seed,
+        random: 0,
+        show_progress: o.show_progress,
+    };
+    let mon = super::monitor::run(m, &t.name, ladder(t, o.questions), v, Some(t), None, &mo)?;
+    let auroc: Vec<(usize, f64)> = o.layers.iter().copied().zip(mon.auroc.iter().copied()).collect();
+    let qualified: Vec<usize> = auroc.iter().filter(|(_, a)| *a >= o.min_auroc).map(|(l, _)| *l).collect();
+    let no_layer_qualified = qualified.is_empty();
+    let pool = if no_layer_qualified { o.layers.clone() } else { qualified };
     let best_layer =
-        o.layers.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
+        pool.iter().copied().max_by(|&a, &b| score_span(a).total_cmp(&score_span(b))).unwrap_or(o.layers[0]);
+    let (baseline, baseline_measured) = match recorded_baseline(v)? {
+        Some(b) => (b, false),
+        None => (baseline_projection(m, v, &t.questions, o.max_tokens, o.show_progress)?, true),
+    };
     // Member 0 is the single direction earlier versions drew (same seed).
     for (i, d) in random_directions(v.layer(best_layer), o.random, o.seed ^ 0x5eed).into_iter().enumerate() {
         let d: Arc<[f32]> = Arc::from(d);
@@ -259,7 +304,19 @@ pub fn sweep<B: Backend>(
     }
     let spans: Vec<f64> = (0..o.random).map(|i| span(&points, (best_layer, Some(i)))).collect();
     let random = RandomControl::new(span(&points, (best_layer, None)), spans, 0.0);
-    Ok(EvalReport { trait_name: t.name.clone(), points, effect, best_layer, random_effect: random.mean, random })
+    Ok(EvalReport {
+        trait_name: t.name.clone(),
+        points,
+        effect,
+        best_layer,
+        auroc,
+        rule: LAYER_RULE.replace("{}", &format!("{:.2}", o.min_auroc)),
+        no_layer_qualified,
+        baseline,
+        baseline_measured,
+        random_effect: random.mean,
+        random,
+    })
 }
 
 impl EvalReport {
@@ -285,6 +342,7 @@ impl EvalReport {
             }
             s += &format!("{:>9.3}\n", span(&self.points, of));
         }
+        s += &self.layer_table();
         let r = &self.random;
         if r.values.is_empty() {
             s += &format!("best layer: {} (no random directions)\n", self.best_layer);
@@ -301,6 +359,27 @@ impl EvalReport {
                 r.values.len() + 1
             );
         }
+        s
+    }
+
+    /// The table that justifies the layer choice: per swept layer, the steering span, the
+    /// monitoring AUROC and the baseline projection, the chosen layer marked.
+    pub fn layer_table(&self) -> String {
+        let mut s = format!("\nlayer choice: {}\n", self.rule);
+        s += &format!("{:>12}{:>9}{:>9}{:>11}\n", "layer", "span", "AUROC", "baseline");
+        for &(l, span) in &self.effect {
+            let au = self.auroc.iter().find(|a| a.0 == l).map_or(f64::NAN, |a| a.1);
+            let b = self.baseline.get(l).copied().unwrap_or(f32::NAN);
+            let mark = if l == self.best_layer { "← chosen" } else { "" };
+            s += format!("{l:>12}{span:>9.3}{au:>9.3}{b:>11.3}  {mark}").trim_end();
+            s.push('\n');
+        }
+        if self.no_layer_qualified {
+            s += "no swept layer reaches the AUROC threshold: chosen by steering span alone; this vector monitors \
+                  poorly at every swept layer\n";
+        }
+        s += "baseline: the model's ordinary projection onto the vector (mean over its own unsteered answers); \
+              op=ablate moves tokens to 0, op=center to the baseline\n";
         s
     }
 

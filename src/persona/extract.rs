@@ -349,3 +349,63 @@ pub fn read_responses(path: &std::path::Path) -> Result<Vec<Response>> {
     }
     Ok(out)
 }
+
+pub use crate::steer::spec::{recorded_baseline, BASELINE_KEY};
+
+/// Questions [`baseline_projection`] uses at most.
+pub const BASELINE_QUESTIONS: usize = 20;
+
+/// The model's ordinary projection onto `v`: at every residual index L, the mean over answers of
+/// the answer tokens' mean `h_L · v_L/|v_L|`, over the model's own greedy answers (no system
+/// prompt, unsteered) to the first [`BASELINE_QUESTIONS`] of `questions` (0 where `v_L` is zero). It is the
+/// neutral point of the trait axis: `op=ablate` moves a token to projection 0, which is not
+/// neutral when this is far from 0; `op=center` moves it here.
+pub fn baseline_projection<B: Backend>(
+    m: &LoadedModel<B>,
+    v: &PersonaVector,
+    questions: &[String],
+    max_tokens: usize,
+    show_progress: bool,
+) -> Result<Vec<f32>> {
+    let c = &m.engine.config;
+    v.check_model(c.hidden, c.n_layers)?;
+    let questions = &questions[..questions.len().min(BASELINE_QUESTIONS)];
+    if questions.is_empty() {
+        return Err(Error::Invalid("a baseline needs at least one question".into()));
+    }
+    let reqs: Vec<GenRequest> = questions
+        .iter()
+        .map(|q| Ok(GenRequest { capture_response: true, ..GenRequest::greedy(chat_ids(m, None, q)?, max_tokens) }))
+        .collect::<Result<_>>()?;
+    let pb = show_progress.then(|| progress(reqs.len() * max_tokens, "baseline"));
+    let gens = m.engine.generate(&reqs, &mut |_, _| {
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let width = (c.n_layers + 1) * c.hidden;
+    let (mut sum, mut count) = (vec![0f64; width], 0usize);
+    for g in &gens {
+        if let (Some(mean), false) = (&g.response_mean, g.steps.is_empty()) {
+            sum.iter_mut().zip(mean).for_each(|(s, &x)| *s += x as f64);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(Error::Invalid("no answer tokens to take a baseline over".into()));
+    }
+    Ok((0..=c.n_layers)
+        .map(|l| {
+            let row = v.layer(l);
+            let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                return 0.0;
+            }
+            let dot: f64 = sum[l * c.hidden..(l + 1) * c.hidden].iter().zip(row).map(|(&s, &x)| s * x as f64).sum();
+            (dot / count as f64 / norm) as f32
+        })
+        .collect())
+}

@@ -306,7 +306,7 @@ pub fn list_catalog() -> Result<Vec<Result<TraitDef>>> {
 }
 
 /// Whether an argument names a file rather than a catalog trait.
-fn looks_like_path(s: &str) -> bool {
+pub fn looks_like_path(s: &str) -> bool {
     s.ends_with(".json") || s.contains('/') || s.contains(std::path::MAIN_SEPARATOR)
 }
 
@@ -352,4 +352,79 @@ pub fn find_trait_in(name_or_path: &str, dir: &Path) -> Result<TraitDef> {
             names.join(", ")
         )
     }))
+}
+
+/// Metadata key holding the trait definition a vector was extracted with (compact trait JSON).
+pub const TRAIT_DEF_KEY: &str = "persona.trait_def";
+/// Metadata key holding the sha256 of [`TRAIT_DEF_KEY`]'s text.
+pub const TRAIT_SHA_KEY: &str = "persona.trait_sha256";
+/// Metadata key holding the path the trait definition was read from (informative only).
+pub const TRAIT_PATH_KEY: &str = "persona.trait_path";
+
+impl TraitDef {
+    /// The definition as one line of trait-file JSON (what [`record_trait`] stores).
+    pub fn to_compact_json(&self) -> String {
+        serde_json::to_string(self).expect("a trait definition always serializes")
+    }
+}
+
+/// Store `t` in the vector's metadata: its definition, the definition's sha256 and the file it
+/// came from, so that eval, monitor and demo can use a custom trait without the catalog.
+pub fn record_trait(v: &mut crate::steer::vector::PersonaVector, t: &TraitDef) {
+    let json = t.to_compact_json();
+    v.metadata.insert(TRAIT_SHA_KEY.into(), crate::steer::vector::sha256_hex(json.as_bytes()));
+    v.metadata.insert(TRAIT_DEF_KEY.into(), json);
+    v.metadata.insert("persona.trait".into(), t.name.clone());
+    let path = std::fs::canonicalize(&t.source).unwrap_or_else(|_| t.source.clone());
+    v.metadata.insert(TRAIT_PATH_KEY.into(), path.display().to_string());
+}
+
+/// The trait definition stored in a vector by [`record_trait`], if any. A definition that does
+/// not match its recorded sha256 (edited by hand) or is not a valid trait is an error.
+pub fn recorded_trait(v: &crate::steer::vector::PersonaVector) -> Result<Option<TraitDef>> {
+    let Some(json) = v.metadata.get(TRAIT_DEF_KEY) else { return Ok(None) };
+    let origin = format!("{} ({TRAIT_DEF_KEY})", v.origin().display());
+    let sha = crate::steer::vector::sha256_hex(json.as_bytes());
+    match v.metadata.get(TRAIT_SHA_KEY) {
+        Some(s) if *s == sha => {}
+        Some(s) => {
+            return Err(Error::format(
+                v.origin(),
+                format!("`{TRAIT_DEF_KEY}` does not match `{TRAIT_SHA_KEY}` ({s}; the text hashes to {sha}): the stored trait definition was changed"),
+            ))
+        }
+        None => return Err(Error::format(v.origin(), format!("`{TRAIT_DEF_KEY}` is there but `{TRAIT_SHA_KEY}` is not"))),
+    }
+    TraitDef::from_json(json, origin).map(Some)
+}
+
+/// The trait to evaluate, monitor or demo a vector with:
+/// - `arg` a path to a trait file: that file;
+/// - `arg` a name: the definition stored in the vector when it has that name, else the catalog's;
+/// - no `arg`: the definition stored in the vector, else the catalog trait it names (`persona.trait`).
+pub fn trait_for_vector(arg: Option<&str>, v: &crate::steer::vector::PersonaVector) -> Result<TraitDef> {
+    if let Some(a) = arg.filter(|a| looks_like_path(a)) {
+        return TraitDef::load(a);
+    }
+    let stored = recorded_trait(v)?;
+    match (arg, stored) {
+        (Some(name), Some(t)) if t.name == name => Ok(t),
+        (Some(name), _) => find_trait(name),
+        (None, Some(t)) => Ok(t),
+        (None, None) => {
+            let name = v.metadata.get("persona.trait").ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: the vector records no trait (persona.trait): pass --trait NAME or --trait PATH.json",
+                    v.origin().display()
+                ))
+            })?;
+            find_trait(name).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: the vector's trait `{name}` has no stored definition ({TRAIT_DEF_KEY}; vectors extracted \
+                     before it was recorded) and the catalog cannot supply it: {e}. Pass --trait PATH.json",
+                    v.origin().display()
+                ))
+            })
+        }
+    }
 }

@@ -325,11 +325,13 @@ impl Collector {
             let p = d.prompt_tokens;
             let last_prompt = s.get(p.wrapping_sub(1)).copied();
             let resp = if s.len() > p { &s[p..] } else { &[][..] };
-            let mean = if resp.is_empty() {
-                None
-            } else {
-                Some((resp.iter().map(|&x| x as f64).sum::<f64>() / resp.len() as f64) as f32)
+            let mean_of = |xs: &[f32]| {
+                (!xs.is_empty()).then(|| (xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64) as f32)
             };
+            let mean = mean_of(resp);
+            // Position 0 (BOS, or the template's first token) is the attention sink: its residual is
+            // orders of magnitude larger, and so is its projection; it is left out of the mean.
+            let prompt_mean = mean_of(s.get(1..p.min(s.len())).unwrap_or(&[]));
             for &x in resp {
                 self.st.metrics.observe_projection(&m.vector, x);
             }
@@ -348,8 +350,11 @@ impl Collector {
                 "layer": m.layer,
                 "threshold": m.threshold,
                 "last_prompt": last_prompt,
+                "last_prompt_position": p.checked_sub(1),
+                "prompt_mean": prompt_mean,
                 "response_mean": mean,
                 "projections": resp,
+                "projections_start": p,
             });
             if full_series {
                 o["prompt_projections"] = json!(&s[..p.min(s.len())]);
@@ -395,7 +400,7 @@ impl Collector {
             }
             p.insert(label, json!(x));
         }
-        let mut v = json!({"token_id": t.id, "projections": p});
+        let mut v = json!({"token_id": t.id, "position": t.position, "projections": p});
         if !over.is_empty() {
             v["over_threshold"] = json!(over);
         }

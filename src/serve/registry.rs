@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::api::{ApiError, ApiResult};
 use crate::model::config::ModelConfig;
-use crate::steer::spec::{mean_norms, Layers, WhenSpec};
+use crate::steer::spec::{baseline_of, mean_norms, op_and_origin, Layers, WhenSpec};
 use crate::steer::vector::{PersonaVector, GGUF_MAGIC};
 use crate::steer::{Cmp, Condition, OpSource, Positions, Probe, SeqSteering, SteerKind, SteerOp};
 
@@ -251,22 +251,21 @@ pub fn resolve(
     for (i, s) in as_list(steer, "steering")?.iter().enumerate() {
         let param = format!("steering[{i}]");
         let o = s.as_object().ok_or_else(|| ApiError::param(&param, "each steering op must be an object"))?;
-        check_keys(o, &["vector", "layers", "layer", "coeff", "op", "positions", "scale", "when"], &param)?;
+        check_keys(o, &["vector", "layers", "layer", "coeff", "op", "positions", "scale", "when", "origin"], &param)?;
         let vname = str_field(o, "vector", &param)?.ok_or_else(|| ApiError::param(&param, "missing `vector`"))?;
         let v = lookup(reg, vname, &param, cfg)?;
         let layers = match o.get("layers").or(o.get("layer")).filter(|x| !x.is_null()) {
             Some(l) => layers_of(l, n, &param)?,
             None => return Err(ApiError::param(&param, "missing `layers` (a number, \"A-B\", \"all\" or a list)")),
         };
-        let kind = match str_field(o, "op", &param)?.unwrap_or("add") {
-            "add" => SteerKind::Add,
-            "ablate" => SteerKind::Ablate,
-            "clamp" => SteerKind::Clamp,
-            x => return Err(ApiError::param(&param, format!("unknown op `{x}` (add, ablate, clamp)"))),
-        };
+        let op = str_field(o, "op", &param)?.unwrap_or("add");
+        let has = |k: &str| o.get(k).is_some_and(|x| !x.is_null());
+        let (kind, from_baseline) = op_and_origin(op, str_field(o, "origin", &param)?, has("coeff"), has("when"))
+            .map_err(|e| ApiError::param(&param, e))?;
         let coeff = match (num_field(o, "coeff", &param)?, kind) {
             (Some(c), _) => c,
             (None, SteerKind::Ablate) => 0.0,
+            (None, _) if op == "center" => 0.0,
             (None, _) => return Err(ApiError::param(&param, "missing `coeff`")),
         };
         let positions = match str_field(o, "positions", &param)?.unwrap_or("all") {
@@ -290,6 +289,11 @@ pub fn resolve(
                 let hl = mean_norms(&v).map_err(|e| ApiError::param(&param, e.to_string()))?[l];
                 c = if kind == SteerKind::Add { coeff * hl / v.norm(l) } else { coeff * hl };
             }
+            let base =
+                |v: &PersonaVector, l: usize| baseline_of(v, l).map_err(|e| ApiError::param(&param, e.to_string()));
+            if from_baseline && kind == SteerKind::Clamp {
+                c += base(&v, l)?;
+            }
             let when = match &when {
                 None => None,
                 Some((probe, layer, cmp, t)) => {
@@ -307,7 +311,8 @@ pub fn resolve(
                             format!("when reads layer {cl}, after the op's layer {l}"),
                         ));
                     }
-                    Some(Condition { vector: row(&cv, cl, &param)?, layer: cl, cmp: *cmp, threshold: *t })
+                    let threshold = if from_baseline { *t + base(&cv, cl)? } else { *t };
+                    Some(Condition { vector: row(&cv, cl, &param)?, layer: cl, cmp: *cmp, threshold })
                 }
             };
             out.steering.plan.ops.push(SteerOp { kind, layer: l, vector, coeff: c, positions, when });

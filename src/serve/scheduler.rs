@@ -89,6 +89,9 @@ pub struct TokenEvent {
     /// Per probe: the projection at the position that produced this token (for the first token,
     /// the last prompt token).
     pub projections: Vec<f32>,
+    /// That position in the sequence (0 = the first prompt token): prompt length + index of
+    /// this token − 1. The final `persona` object's series holds the same value at it.
+    pub position: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -497,9 +500,10 @@ pub fn run<B: Backend>(
             if s.out.is_empty() {
                 metrics.observe_ttft(s.job.enqueued.elapsed().as_secs_f64());
             }
+            let position = s.job.prompt_ids.len() + s.out.len() - 1;
             s.out.push(id);
             new_tokens += 1;
-            let _ = s.job.tx.send(Event::Token(s.job.choice, TokenEvent { id, logprob, top, projections }));
+            let _ = s.job.tx.send(Event::Token(s.job.choice, TokenEvent { id, logprob, top, projections, position }));
             if !s.job.ignore_eos && eos.contains(&id) {
                 s.finish = Some(FinishReason::Eos);
                 s.kept = s.out.len();

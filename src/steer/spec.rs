@@ -7,7 +7,9 @@
 //!   quoted) reads monitor NAME's vector — or `self`, the op's own
 //!   vector — at residual index L, default the op's layer; `scale=relative` reads `coeff` as a
 //!   fraction of the layer's mean residual norm |h_L| recorded in the vector's metadata:
-//!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`)
+//!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`; `op=center`
+//!   clamps to the vector's baseline projection `persona.baseline`, and `origin=baseline` measures
+//!   a clamp's target and the `when=` thresholds from it instead of from 0)
 //! `--monitor vector=PATH|NAME[,layers=all][,name=NAME]` (name defaults to the file stem; layers to
 //! the vector's `persona.layer`, else all)
 
@@ -97,6 +99,9 @@ pub struct SteerSpec {
     pub when: Option<WhenSpec>,
     /// `coeff` is a fraction of |h_L| (from the vector's `persona.mean_norms`).
     pub relative: bool,
+    /// `origin=baseline` (or `op=center`): clamp targets and `when=` thresholds are measured from
+    /// the vector's baseline projection (`persona.baseline`) instead of from 0.
+    pub from_baseline: bool,
 }
 
 /// The window of relative coefficients measured to steer without wrecking the text on the
@@ -138,7 +143,11 @@ fn finite(what: &str, key: &str, v: &str) -> Result<f32> {
 impl SteerSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let what = format!("--steer `{spec}`");
-        let m = pairs(spec, "--steer", &["vector", "layer", "layers", "coeff", "op", "positions", "when", "scale"])?;
+        let m = pairs(
+            spec,
+            "--steer",
+            &["vector", "layer", "layers", "coeff", "op", "positions", "when", "scale", "origin"],
+        )?;
         let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH or NAME")))?;
         let layers = match (m.get("layer"), m.get("layers")) {
             (Some(_), Some(_)) => return Err(Error::Invalid(format!("{what}: give layer= or layers=, not both"))),
@@ -147,13 +156,12 @@ impl SteerSpec {
             }
             (None, None) => None,
         };
-        let kind = match m.get("op").map(String::as_str).unwrap_or("add") {
-            "add" => SteerKind::Add,
-            "ablate" => SteerKind::Ablate,
-            "clamp" => SteerKind::Clamp,
-            o => return Err(Error::Invalid(format!("{what}: unknown op `{o}` (add, ablate, clamp)"))),
-        };
+        let op = m.get("op").map(String::as_str).unwrap_or("add");
+        let (kind, from_baseline) =
+            op_and_origin(op, m.get("origin").map(String::as_str), m.contains_key("coeff"), m.contains_key("when"))
+                .map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
         let coeff = match m.get("coeff") {
+            None if op == "center" => 0.0,
             Some(c) => finite(&what, "coeff", c)?,
             None if kind == SteerKind::Clamp => {
                 return Err(Error::Invalid(format!("{what}: op=clamp needs coeff= (the target projection)")))
@@ -175,8 +183,46 @@ impl SteerSpec {
             "relative" => true,
             o => return Err(Error::Invalid(format!("{what}: unknown scale `{o}` (raw, relative)"))),
         };
-        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when, relative })
+        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when, relative, from_baseline })
     }
+}
+
+/// A steering op's kind from `op=` and whether it is measured from the baseline (`origin=`):
+/// `op=center` is a clamp to the baseline (no coeff); `origin=baseline` moves clamp targets and
+/// `when=` thresholds by the baseline. Shared by the CLI specs and the server's JSON ops.
+pub fn op_and_origin(
+    op: &str,
+    origin: Option<&str>,
+    has_coeff: bool,
+    has_when: bool,
+) -> std::result::Result<(SteerKind, bool), String> {
+    let kind = match op {
+        "add" => SteerKind::Add,
+        "ablate" => SteerKind::Ablate,
+        "clamp" | "center" => SteerKind::Clamp,
+        o => return Err(format!("unknown op `{o}` (add, ablate, clamp, center)")),
+    };
+    let from_baseline = match origin {
+        None => op == "center",
+        Some("zero") if op == "center" => {
+            return Err("op=center is measured from the baseline; origin=zero contradicts it".into())
+        }
+        Some("zero") => false,
+        Some("baseline") => true,
+        Some(o) => return Err(format!("unknown origin `{o}` (zero, baseline)")),
+    };
+    if op == "center" && has_coeff {
+        return Err("op=center sets the projection to the baseline and takes no coeff (for an offset from the \
+                    baseline: op=clamp,coeff=X,origin=baseline)"
+            .into());
+    }
+    if from_baseline && kind == SteerKind::Ablate {
+        return Err("ablate moves the projection to 0; to move it to the baseline use op=center".into());
+    }
+    if from_baseline && kind == SteerKind::Add && !has_when {
+        return Err("origin=baseline moves clamp targets and when= thresholds; op=add has neither here".into());
+    }
+    Ok((kind, from_baseline))
 }
 
 /// What a `when=` condition must look like, for error messages.
@@ -318,6 +364,37 @@ pub fn locate_vector(v: &Path, dirs: &[PathBuf]) -> Result<PathBuf> {
     )))
 }
 
+/// Metadata key of the vector's baseline: per residual index, the model's ordinary projection
+/// onto the vector (JSON list of N+1 numbers; measured by
+/// [`crate::persona::extract::baseline_projection`]).
+pub const BASELINE_KEY: &str = "persona.baseline";
+
+/// The baseline recorded in `v` ([`BASELINE_KEY`]), if any; a malformed one is an error.
+pub fn recorded_baseline(v: &PersonaVector) -> Result<Option<Vec<f32>>> {
+    let Some(s) = v.metadata.get(BASELINE_KEY) else { return Ok(None) };
+    let b: Vec<f32> = serde_json::from_str(s)
+        .map_err(|e| Error::format(v.origin(), format!("`{BASELINE_KEY}` is not a JSON list of numbers: {e}")))?;
+    if b.len() != v.n_layers + 1 || b.iter().any(|x| !x.is_finite()) {
+        return Err(Error::format(v.origin(), format!("`{BASELINE_KEY}` needs {} finite numbers", v.n_layers + 1)));
+    }
+    Ok(Some(b))
+}
+
+/// The vector's baseline projection at layer `l`, for `origin=baseline` / `op=center`.
+pub fn baseline_of(v: &PersonaVector, l: usize) -> Result<f32> {
+    match recorded_baseline(v)? {
+        Some(b) => Ok(b[l]),
+        None => Err(Error::format(
+            v.origin(),
+            format!(
+                "op=center and origin=baseline need the vector's baseline projection (`{BASELINE_KEY}`), which it does \
+                 not record: vectors made by `persona extract` have it; for an older vector, `persona eval --vector \
+                 FILE --write` measures and records it"
+            ),
+        )),
+    }
+}
+
 /// The per-layer mean residual norms |h_L| recorded at extraction (`persona.mean_norms`).
 pub fn mean_norms(v: &PersonaVector) -> Result<Vec<f32>> {
     let s = v.metadata.get("persona.mean_norms").ok_or_else(|| {
@@ -409,6 +486,9 @@ pub fn resolve(
                 // add: h += c·|h_L|·v/|v|; clamp: target projection c·|h_L|.
                 coeff = if s.kind == SteerKind::Add { s.coeff * hl / v.norm(l) } else { s.coeff * hl };
             }
+            if s.from_baseline && s.kind == SteerKind::Clamp {
+                coeff += baseline_of(&v, l)?;
+            }
             let when = match &s.when {
                 None => None,
                 Some(w) => {
@@ -425,7 +505,8 @@ pub fn resolve(
                         })?
                     };
                     let cl = w.layer.unwrap_or(l);
-                    Some(Condition { vector: row(cv, cl)?, layer: cl, cmp: w.cmp, threshold: w.threshold })
+                    let threshold = if s.from_baseline { w.threshold + baseline_of(cv, cl)? } else { w.threshold };
+                    Some(Condition { vector: row(cv, cl)?, layer: cl, cmp: w.cmp, threshold })
                 }
             };
             out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff, positions: s.positions, when });
@@ -445,6 +526,63 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn center_and_origin_baseline() {
+        let s = SteerSpec::parse("vector=v,layer=2,op=center").unwrap();
+        assert_eq!((s.kind, s.coeff, s.from_baseline), (SteerKind::Clamp, 0.0, true));
+        let s = SteerSpec::parse("vector=v,layer=2,op=clamp,coeff=1.5,origin=baseline").unwrap();
+        assert_eq!((s.kind, s.coeff, s.from_baseline), (SteerKind::Clamp, 1.5, true));
+        assert!(!SteerSpec::parse("vector=v,layer=2,op=clamp,coeff=1.5").unwrap().from_baseline);
+        let err = |spec: &str| SteerSpec::parse(spec).unwrap_err().to_string();
+        assert!(err("vector=v,op=center,coeff=2").contains("takes no coeff"));
+        assert!(err("vector=v,op=center,origin=zero").contains("contradicts"));
+        assert!(err("vector=v,op=ablate,origin=baseline").contains("use op=center"));
+        assert!(err("vector=v,op=add,coeff=1,origin=baseline").contains("op=add has neither"));
+        assert!(err("vector=v,op=clamp,coeff=1,origin=mean").contains("unknown origin `mean`"));
+        assert!(err("vector=v,op=cap,coeff=1").contains("(add, ablate, clamp, center)"));
+        // With a when=, add may measure the threshold from the baseline.
+        assert!(SteerSpec::parse("vector=v,op=add,coeff=1,when=self:gt:2,origin=baseline").unwrap().from_baseline);
+    }
+
+    #[test]
+    fn baseline_moves_clamp_targets_and_thresholds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::model::config::ModelConfig::from_hf_json(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/config.json"),
+        )
+        .unwrap();
+        let (n, h) = (cfg.n_layers, cfg.hidden);
+        let data: Vec<f32> = (0..(n + 1) * h).map(|i| 1.0 + (i % 5) as f32).collect();
+        let mut v = PersonaVector::new("t", n, h, data).unwrap();
+        let path = dir.path().join("t.safetensors");
+        v.save(&path).unwrap();
+        let resolve1 = |spec: &str| {
+            let s = SteerSpec::parse(&spec.replace("PATH", path.to_str().unwrap())).unwrap();
+            resolve(&[s], &[], &cfg, &mut vec![])
+        };
+        // No recorded baseline: a clear error that says how to get one.
+        let e = resolve1("vector=PATH,layer=2,op=center").unwrap_err().to_string();
+        assert!(e.contains("persona.baseline") && e.contains("persona eval"), "{e}");
+        let mut b = vec![0.0f32; n + 1];
+        (b[1], b[2]) = (-1.5, -19.0);
+        v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&b).unwrap());
+        v.save(&path).unwrap();
+        let st = resolve1("vector=PATH,layer=2,op=center").unwrap();
+        assert_eq!((st.plan.ops[0].kind, st.plan.ops[0].coeff), (SteerKind::Clamp, -19.0));
+        let st = resolve1("vector=PATH,layer=2,op=clamp,coeff=2,origin=baseline,when=self@1:gt:0.5").unwrap();
+        let op = &st.plan.ops[0];
+        assert_eq!(op.coeff, -17.0);
+        assert_eq!(op.when.as_ref().unwrap().threshold, -1.0);
+        // origin=zero (the default) leaves both as written.
+        let st = resolve1("vector=PATH,layer=2,op=clamp,coeff=2,when=self@1:gt:0.5").unwrap();
+        assert_eq!((st.plan.ops[0].coeff, st.plan.ops[0].when.as_ref().unwrap().threshold), (2.0, 0.5));
+        // A malformed baseline is named.
+        v.metadata.insert(BASELINE_KEY.into(), "[1, 2]".into());
+        v.save(&path).unwrap();
+        let e = resolve1("vector=PATH,layer=2,op=center").unwrap_err().to_string();
+        assert!(e.contains(&format!("needs {} finite numbers", n + 1)), "{e}");
+    }
 
     #[test]
     fn parses_full_specs() {

@@ -59,9 +59,11 @@ impl SamplingArgs {
 /// `--steer`, `--monitor` and `--vectors`, shared by `persona generate` and `persona chat`.
 #[derive(Args, Clone, Debug)]
 pub struct SteeringArgs {
-    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp][,positions=all|prompt|response][,when=NAME:gt:3.5]`
+    /// Steer: `vector=PATH|NAME[,layer=12],coeff=4[,op=add|ablate|clamp|center][,positions=all|prompt|response][,when=NAME:gt:3.5]`
     /// (also `layers=10-14`, `layers=all`; without layer= the vector's persona.layer; `when=NAME[@L]:gt:τ` or
-    /// `:lt:τ` steers only tokens whose projection onto monitor NAME, or `self`, passes); repeat for several ops.
+    /// `:lt:τ` steers only tokens whose projection onto monitor NAME, or `self`, passes; `op=center` sets the
+    /// projection to the vector's baseline — ordinary text does not sit at 0, so `op=ablate` is not neutral —
+    /// and `origin=baseline` measures clamp targets and when= thresholds from it); repeat for several ops.
     #[arg(long = "steer", value_name = "SPEC")]
     pub steer: Vec<String>,
     /// Monitor: `vector=PATH|NAME[,layers=all|L|A-B][,name=NAME]` — per-token projections onto the vector
@@ -248,11 +250,10 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
             });
             if !probes.is_empty() {
                 v["projections"] = projections_json(&probes, o, |k| o.projections[k].clone().into());
-                v["scores"] = projections_json(
-                    &probes,
-                    o,
-                    |k| json!({"last_prompt": o.last_prompt_projection(k), "response_mean": o.response_mean_projection(k)}),
-                );
+                v["scores"] = projections_json(&probes, o, |k| {
+                    json!({"last_prompt": o.last_prompt_projection(k), "prompt_mean": o.prompt_mean_projection(k),
+                               "response_mean": o.response_mean_projection(k)})
+                });
             }
             if !o.receipts.is_empty() {
                 v["receipts"] = json!(o.receipts);

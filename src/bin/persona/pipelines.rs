@@ -9,14 +9,15 @@ use persona::backend::Backend;
 use persona::engine::generate::GenRequest;
 use persona::persona::common::write_atomic;
 use persona::persona::eval::{sweep, EvalOptions};
+use persona::persona::extract::{baseline_projection, BASELINE_KEY};
 use persona::persona::extract::{
     chat_ids, generate_responses, judge_and_filter, read_responses, vector_from_responses, ExtractOptions, Method,
 };
 use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
 use persona::persona::monitor::{ladder, many_shot_ladder, shot_pool, LadderPrompt, MonitorOptions, Shot};
 use persona::persona::screen::{control as screen_control, read_dataset_with_fields, screen, ScreenOptions};
-use persona::persona::traits::{find_trait, TraitDef};
-use persona::steer::spec::Layers;
+use persona::persona::traits::{find_trait, looks_like_path, record_trait, recorded_trait, trait_for_vector, TraitDef};
+use persona::steer::spec::{locate_vector, Layers};
 use persona::steer::vector::PersonaVector;
 use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
 use persona::LoadedModel;
@@ -152,7 +153,8 @@ impl ModelTask for ExtractArgs {
         };
         // Judging needs the trait's judge prompts, also for --from-responses.
         if let Some(j) = a.judge.build(&m)? {
-            judge_and_filter(&trait_def?, j.as_ref(), &mut responses)?;
+            let t = trait_def.as_ref().map_err(|e| anyhow::anyhow!("judging needs the trait's judge prompts: {e}"))?;
+            judge_and_filter(t, j.as_ref(), &mut responses)?;
             report_judging(&responses);
         }
         // The answers (with their judge scores) first: they are kept even when no vector can be
@@ -163,6 +165,25 @@ impl ModelTask for ExtractArgs {
         let mut v = vector_from_responses(&m, &name, &responses, method, a.batch, !a.quiet)
             .with_context(|| format!("the answers and their scores are in {}", jsonl.display()))?;
         v.record_model(&m.engine.config);
+        // The trait as it was used (custom traits need no catalog later), and the baseline: the
+        // model's ordinary projection, over its answers to the trait's questions (or those asked).
+        let questions: Vec<String> = match &trait_def {
+            Ok(t) => {
+                record_trait(&mut v, t);
+                t.questions.clone()
+            }
+            Err(_) => {
+                let mut q: Vec<String> = vec![];
+                for r in &responses {
+                    if !q.contains(&r.question) {
+                        q.push(r.question.clone());
+                    }
+                }
+                q
+            }
+        };
+        let baseline = baseline_projection(&m, &v, &questions, a.max_tokens, !a.quiet)?;
+        v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&baseline).unwrap_or_default());
         v.metadata.insert("persona.seed".into(), a.seed.to_string());
         v.metadata.insert("persona.temperature".into(), a.temperature.to_string());
         v.metadata.insert("persona.judge".into(), a.judge.judge.clone());
@@ -207,25 +228,43 @@ fn parse_coeffs(s: &str) -> Result<Vec<f32>> {
 }
 
 fn trait_for(arg: &Option<String>, v: &PersonaVector) -> Result<TraitDef> {
-    let name = match arg {
-        Some(n) => n.clone(),
-        None => v
-            .metadata
-            .get("persona.trait")
-            .cloned()
-            .context("the vector records no trait (persona.trait): pass --trait")?,
-    };
-    Ok(find_trait(&name)?)
+    Ok(trait_for_vector(arg.as_deref(), v)?)
+}
+
+/// `--vector PATH|NAME` and `--vectors DIR`: a vector for the loaded model, by path or by name
+/// (looked up like `--steer vector=NAME`: `--vectors DIR`, then vectors/<model name>/).
+#[derive(Args, Debug, Clone)]
+pub struct VectorArg {
+    /// Vector file, or the name of one in --vectors DIR or vectors/<model name>/ (e.g. `evil`).
+    #[arg(long, value_name = "PATH|NAME")]
+    pub vector: PathBuf,
+    /// Folder searched first for --vector NAME.
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
+}
+
+impl VectorArg {
+    /// The file `--vector` names and the vector in it, checked against the model.
+    fn open<B: Backend>(&self, m: &LoadedModel<B>) -> Result<(PathBuf, PersonaVector)> {
+        let path = locate_vector(&self.vector, &super::vector_dirs(self.vectors.as_deref(), &m.path))?;
+        let v = PersonaVector::load_for_model(&path, &m.engine.config)?;
+        if let Some(w) = v.check_identity(&m.engine.config)? {
+            eprintln!("warning: {w}");
+        }
+        Ok((path, v))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The trait's questions and judge prompts: a catalog name or a trait JSON file (default: the
+    /// definition stored in the vector at extraction, else the catalog trait it names).
     #[arg(long = "trait")]
     pub trait_name: Option<String>,
-    #[arg(long)]
-    pub vector: PathBuf,
+    #[command(flatten)]
+    pub vector: VectorArg,
     /// Layers to sweep (e.g. 12-18, 10+14; default: five layers at 40–80% depth).
     #[arg(long, allow_hyphen_values = true)]
     pub layers: Option<String>,
@@ -252,9 +291,14 @@ pub struct EvalArgs {
     /// Folder for eval.json, eval.txt and eval.svg (default: beside the vector).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    /// Do not record the best layer in the vector's metadata.
+    /// A layer qualifies for the choice when its monitoring AUROC reaches this: the chosen layer
+    /// is the largest steering span among the qualifying layers.
+    #[arg(long, default_value_t = 0.8)]
+    pub min_auroc: f64,
+    /// Record the chosen layer (persona.layer), the sweep's spans, the baseline and the trait
+    /// definition in the vector file. Without it the vector is never modified.
     #[arg(long)]
-    pub no_update: bool,
+    pub write: bool,
     /// No progress bars (they are drawn only when stderr is a terminal anyway).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -272,7 +316,10 @@ impl ModelTask for EvalArgs {
             Some(l) => Layers::parse(l).context("--layers")?.resolve(n),
             None => default_layers(n),
         };
-        let mut v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        if !(0.0..=1.0).contains(&a.min_auroc) {
+            bail!("--min-auroc {}: an AUROC is between 0 and 1", a.min_auroc);
+        }
+        let (path, mut v) = a.vector.open(&m)?;
         let t = trait_for(&a.trait_name, &v)?;
         let judge = a.judge.build(&m)?;
         let o = EvalOptions {
@@ -284,23 +331,40 @@ impl ModelTask for EvalArgs {
             batch: a.batch,
             seed: a.seed,
             random: a.random_eval,
+            min_auroc: a.min_auroc,
             show_progress: !a.quiet,
         };
         let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
-        let dir = a.out_dir.clone().unwrap_or_else(|| a.vector.parent().map(Path::to_path_buf).unwrap_or_default());
+        let dir = a.out_dir.clone().unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let stem =
-            format!("{}.eval", a.vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        let stem = format!("{}.eval", path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
         let table = r.table();
         write_atomic(&dir.join(format!("{stem}.txt")), table.as_bytes())?;
         write_atomic(&dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&r)?.as_bytes())?;
         write_atomic(&dir.join(format!("{stem}.svg")), r.svg().as_bytes())?;
         print!("{table}");
-        if !a.no_update {
+        if a.write {
+            let mut what = vec![format!("persona.layer = {}", r.best_layer)];
             v.metadata.insert("persona.layer".into(), r.best_layer.to_string());
+            v.metadata.insert("persona.layer_rule".into(), r.rule.clone());
             v.metadata.insert("persona.eval".into(), serde_json::to_string(&r.effect).unwrap_or_default());
-            v.save(&a.vector)?;
-            eprintln!("recorded persona.layer = {} in {}", r.best_layer, a.vector.display());
+            v.metadata.insert("persona.eval_auroc".into(), serde_json::to_string(&r.auroc).unwrap_or_default());
+            if r.baseline_measured {
+                v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&r.baseline).unwrap_or_default());
+                what.push("persona.baseline".into());
+            }
+            if recorded_trait(&v)?.is_none() {
+                record_trait(&mut v, &t);
+                what.push(format!("the `{}` trait definition", t.name));
+            }
+            v.save(&path)?;
+            eprintln!("recorded {} in {}", what.join(", "), path.display());
+        } else {
+            eprintln!(
+                "{} was not modified (pass --write to record persona.layer = {} and the sweep in it)",
+                path.display(),
+                r.best_layer
+            );
         }
         Ok(())
     }
@@ -310,9 +374,10 @@ impl ModelTask for EvalArgs {
 pub struct MonitorArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long)]
-    pub vector: PathBuf,
-    /// The trait whose ladder of system prompts to use (default: the vector's).
+    #[command(flatten)]
+    pub vector: VectorArg,
+    /// The trait whose ladder of system prompts to use: a catalog name or a trait JSON file
+    /// (default: the definition stored in the vector, else the catalog trait it names).
     #[arg(long = "trait")]
     pub trait_name: Option<String>,
     /// JSONL prompts `{"question", "system"?, "shots"?: [{"question", "answer"}], "level": -1|0|1}`
@@ -391,7 +456,7 @@ fn read_prompts(path: &Path) -> Result<Vec<LadderPrompt>> {
 impl ModelTask for MonitorArgs {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
         let a = self;
-        let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let (path, v) = a.vector.open(&m)?;
         let t = if a.prompts.is_some() && a.trait_name.is_none() { None } else { Some(trait_for(&a.trait_name, &v)?) };
         let mut prompts = match &a.prompts {
             Some(p) => read_prompts(p)?,
@@ -402,7 +467,7 @@ impl ModelTask for MonitorArgs {
                 bail!("--shots builds many-shot rungs on the trait's evaluation questions; with --prompts, give each line its own `shots`");
             }
             let t = t.as_ref().context("a trait is needed for many-shot prompts")?;
-            let from = a.shots_from.clone().unwrap_or_else(|| a.vector.with_extension("jsonl"));
+            let from = a.shots_from.clone().unwrap_or_else(|| path.with_extension("jsonl"));
             if !from.exists() {
                 bail!(
                     "--shots needs example answers: {} does not exist (extraction writes it beside the vector); pass --shots-from",
@@ -445,8 +510,8 @@ impl ModelTask for MonitorArgs {
 pub struct ScreenArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long)]
-    pub vector: PathBuf,
+    #[command(flatten)]
+    pub vector: VectorArg,
     /// Chat JSONL (`messages`) or prompt/response JSONL.
     #[arg(long)]
     pub data: PathBuf,
@@ -490,7 +555,7 @@ impl ModelTask for ScreenArgs {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
         let a = self;
         let format = ReportFormat::for_path(&a.out)?;
-        let v = PersonaVector::load_for_model(&a.vector, &m.engine.config)?;
+        let (path, v) = a.vector.open(&m)?;
         let layer = vector_layer(&v, a.layer)?;
         let (samples, fields) = read_dataset_with_fields(&a.data)?;
         ensure_parent(&a.out)?;
@@ -511,7 +576,7 @@ impl ModelTask for ScreenArgs {
         let body = render(
             format,
             &Report {
-                vector: &a.vector,
+                vector: &path,
                 layer,
                 mean,
                 random: a.random,
@@ -546,16 +611,36 @@ impl ModelTask for ScreenArgs {
     }
 }
 
+/// The shipped vectors' folder.
+pub fn shipped_vectors() -> PathBuf {
+    let local = PathBuf::from("vectors/smollm2-135m-instruct");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct")
+}
+
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "Examples:
+  persona demo                                  the shipped `evil` vector on the default model
+  persona demo --trait humorous                 another shipped vector, by name
+  persona demo --trait traits/pirate.json --vectors out/   a custom trait: its questions, and the
+                                                vector named after it in out/ (out/pirate.safetensors)
+  persona demo --vector out/pirate.safetensors  any vector: the trait stored in it at extraction")]
 pub struct DemoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Trait of a shipped vector (vectors/smollm2-135m-instruct/<trait>.safetensors) ...
-    #[arg(long = "trait", default_value = "evil")]
-    pub trait_name: String,
-    /// ... or any vector file.
-    #[arg(long)]
+    /// A trait: the name of a vector in --vectors DIR or vectors/<model name>/ (the shipped
+    /// vectors, for the default model), or a trait JSON file, whose questions are asked and whose
+    /// name picks the vector (default: evil, or with --vector the trait stored in the vector).
+    #[arg(long = "trait", value_name = "NAME|PATH.json")]
+    pub trait_name: Option<String>,
+    /// The vector: a file, or a name looked up like --trait's (default: the trait's name).
+    #[arg(long, value_name = "PATH|NAME")]
     pub vector: Option<PathBuf>,
+    /// Folder searched first for vectors by name.
+    #[arg(long, value_name = "DIR")]
+    pub vectors: Option<PathBuf>,
     /// Steering coefficient α (raw; default 0.13·|h_L|/|v_L|); answers at −α, 0, +α.
     #[arg(long, allow_negative_numbers = true)]
     pub coeff: Option<f32>,
@@ -567,22 +652,37 @@ pub struct DemoArgs {
     pub max_tokens: usize,
 }
 
-/// The shipped vectors' folder.
-pub fn shipped_vectors() -> PathBuf {
-    let local = PathBuf::from("vectors/smollm2-135m-instruct");
-    if local.is_dir() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/smollm2-135m-instruct")
-}
-
 impl ModelTask for DemoArgs {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()> {
         let a = self;
-        let path = a.vector.clone().unwrap_or_else(|| shipped_vectors().join(format!("{}.safetensors", a.trait_name)));
+        let file_trait = match &a.trait_name {
+            Some(x) if looks_like_path(x) => Some(TraitDef::load(x)?),
+            _ => None,
+        };
+        let name = match (&file_trait, &a.trait_name) {
+            (Some(t), _) => t.name.clone(),
+            (None, Some(n)) => n.clone(),
+            (None, None) => "evil".to_string(),
+        };
+        let dirs = super::vector_dirs(a.vectors.as_deref(), &m.path);
+        let wanted = a.vector.clone().unwrap_or_else(|| PathBuf::from(&name));
+        let path = locate_vector(&wanted, &dirs).with_context(|| match &a.vector {
+            Some(_) => "--vector".to_string(),
+            None => format!(
+                "no vector for the trait `{name}`: make one with `persona extract --trait {} --out DIR/{name}.safetensors` \
+                 and pass --vectors DIR, or pass --vector",
+                a.trait_name.as_deref().unwrap_or(&name)
+            ),
+        })?;
         let v = PersonaVector::load_for_model(&path, &m.engine.config)
-            .with_context(|| format!("loading the {} vector", a.trait_name))?;
-        let t = trait_for(&Some(a.trait_name.clone()).filter(|_| a.vector.is_none()), &v)?;
+            .with_context(|| format!("loading the {name} vector"))?;
+        if let Some(w) = v.check_identity(&m.engine.config)? {
+            eprintln!("warning: {w}");
+        }
+        let t = match file_trait {
+            Some(t) => t,
+            None => trait_for_vector(a.trait_name.as_deref(), &v)?,
+        };
         let layer = vector_layer(&v, a.layer)?;
         let coeff = match a.coeff {
             Some(c) => c,
