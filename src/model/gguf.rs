@@ -804,8 +804,15 @@ pub(super) mod tests {
 
     #[test]
     fn unknown_and_unsupported_types_fail_only_when_read() {
-        let b =
-            with_tensors(&[("odd", &[8, 2], 99, 0), ("k4", &[256], GgmlType::Q4_K.id(), 0), ("ok", &[2], 0, 160)], 192);
+        let b = with_tensors(
+            &[
+                ("odd", &[8, 2], 99, 0),
+                ("iq2", &[256], GgmlType::IQ2_XXS.id(), 0),
+                ("ok", &[2], 0, 160),
+                ("k4", &[256], GgmlType::Q4_K.id(), 0),
+            ],
+            192,
+        );
         let g = open_bytes(&b).unwrap();
         let odd = g.tensor_info("odd").unwrap();
         assert_eq!(odd.ggml_type, GgmlType::Other(99));
@@ -814,13 +821,24 @@ pub(super) mod tests {
         assert_eq!(odd.n_bytes(), None);
         let e = g.tensor("odd").unwrap_err();
         assert!(matches!(&e, Error::Unsupported(m) if m.contains("`odd`") && m.contains("99")), "{e}");
-        let e = g.tensor("k4").unwrap_err();
-        assert!(matches!(&e, Error::Unsupported(m) if m.contains("`k4`") && m.contains("Q4_K")), "{e}");
+        let e = g.tensor("iq2").unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("`iq2`") && m.contains("IQ2_XXS") && m.contains("Q6_K")),
+            "{e}"
+        );
         assert_eq!(g.tensor("ok").unwrap().to_f32(), [0.0, 0.0]);
+        // K-quants read (all-zero bytes: d = 0, every element 0).
+        assert_eq!(g.tensor("k4").unwrap().to_f32(), vec![0.0; 256]);
         // Rows that are not whole blocks.
         let g = open_bytes(&with_tensors(&[("part", &[16], GgmlType::Q8_0.id(), 0)], 64)).unwrap();
         let e = g.tensor("part").unwrap_err().to_string();
         assert!(e.contains("`part`") && e.contains("not a multiple of the Q8_0 block size 32"), "{e}");
+        let g = open_bytes(&with_tensors(&[("kpart", &[128, 2], GgmlType::Q6_K.id(), 0)], 448)).unwrap();
+        let e = g.tensor("kpart").unwrap_err().to_string();
+        assert!(
+            e.contains("`kpart`") && e.contains("128 elements per row, not a multiple of the Q6_K block size 256"),
+            "{e}"
+        );
     }
 
     #[test]

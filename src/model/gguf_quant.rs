@@ -1,5 +1,20 @@
-//! Dequantization of ggml block-quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) to f32, bit for
-//! bit as ggml's `dequantize_row_*` and gguf-py's `dequantize` do; F32/F16/BF16 are widened.
+//! Dequantization of ggml block-quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
+//! Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K) to f32, bit for bit as ggml's `dequantize_row_*`
+//! (ggml/src/ggml-quants.c) and gguf-py's `dequantize` (gguf-py/gguf/quants.py) do; F32/F16/BF16
+//! are widened. Every product and difference is one f32 operation in ggml's order (no fused
+//! multiply-add), so the results equal numpy's float32 arithmetic in gguf-py exactly.
+//!
+//! K-quant super-blocks hold 256 elements (`QK_K`), in ggml's structs (`block_q*_K`, ggml-common.h):
+//! - Q2_K (84 bytes): `scales[16]` (low nibble: scale, high nibble: min, per 16 elements), `qs[64]`
+//!   (2-bit), f16 `d`, f16 `dmin`; y = d·sc·q − dmin·m.
+//! - Q3_K (110): `hmask[32]` (the third bit, cleared = −4), `qs[64]` (low 2 bits), `scales[12]`
+//!   (sixteen 6-bit scales, biased by 32), f16 `d`; y = d·(sc − 32)·(q − 4·!h).
+//! - Q4_K (144): f16 `d`, f16 `dmin`, `scales[12]` (eight 6-bit scales and eight 6-bit mins, per 32
+//!   elements: `get_scale_min_k4`), `qs[128]` (nibbles); y = d·sc·q − dmin·m.
+//! - Q5_K (176): as Q4_K plus `qh[32]`, the fifth bit.
+//! - Q6_K (210): `ql[128]` (low nibbles), `qh[64]` (high 2 bits), `scales[16]` (i8, per 16 elements),
+//!   f16 `d`; y = d·sc·(q − 32).
+//! - Q8_K (292): f32 `d`, `qs[256]` (i8), `bsums[16]` (i16, unused here); y = d·q.
 //! Large tensors are decoded in parallel chunks of blocks. Used by
 //! [`GgufFile::tensor`](crate::model::gguf::GgufFile::tensor); public as
 //! [`crate::model::gguf::dequantize`].
@@ -17,7 +32,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         Some((b, s)) if ty.is_readable() => (b as usize, s as usize),
         _ => {
             return Err(Error::Unsupported(format!(
-                "ggml type {ty} cannot be read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
+                "ggml type {ty} cannot be read (supported: {})",
+                GgmlType::READABLE.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
             )))
         }
     };
@@ -37,6 +53,12 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         GgmlType::Q4_1 => block_q4_1,
         GgmlType::Q5_0 => block_q5_0,
         GgmlType::Q5_1 => block_q5_1,
+        GgmlType::Q2_K => block_q2_k,
+        GgmlType::Q3_K => block_q3_k,
+        GgmlType::Q4_K => block_q4_k,
+        GgmlType::Q5_K => block_q5_k,
+        GgmlType::Q6_K => block_q6_k,
+        GgmlType::Q8_K => block_q8_k,
         _ => unreachable!("is_readable covers exactly these types"),
     };
     let mut out = vec![0f32; n];
@@ -108,6 +130,142 @@ fn block_q5_1(b: &[u8], y: &mut [f32]) {
         let h1 = (qh >> (j + 12)) & 0x10;
         y[j] = ((q as u32 & 0x0F) | h0) as f32 * d + m;
         y[j + 16] = ((q as u32 >> 4) | h1) as f32 * d + m;
+    }
+}
+
+/// Q2_K (`dequantize_row_q2_K`): for each half (128 elements, 32 bytes of `qs`), four 2-bit
+/// planes (shift 0, 2, 4, 6), each two runs of 16 elements with their own scale byte.
+fn block_q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let d = half_at(b, 80);
+    let min = half_at(b, 82);
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            let shift = 2 * j;
+            for part in 0..2 {
+                let sc = scales[8 * half + 2 * j + part];
+                let dl = d * (sc & 0xF) as f32;
+                let ml = min * (sc >> 4) as f32;
+                let out = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                for (l, yl) in out.iter_mut().enumerate() {
+                    *yl = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K (`dequantize_row_q3_K`): the sixteen 6-bit scales, unpacked as ggml's kmask code does:
+/// low 4 bits from bytes 0..8 (low nibbles for scales 0..8, high for 8..16), high 2 bits from
+/// byte 8 + s % 4 at bit 2·(s / 4).
+fn block_q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, sb) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = half_at(b, 108);
+    let scale = |s: usize| -> i32 {
+        let low = if s < 8 { sb[s] & 0xF } else { sb[s - 8] >> 4 };
+        let high = (sb[8 + s % 4] >> (2 * (s / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    };
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            let shift = 2 * j;
+            let m = 1u8 << (4 * half + j);
+            for part in 0..2 {
+                let dl = d * scale(8 * half + 2 * j + part) as f32;
+                let out = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                for (l, yl) in out.iter_mut().enumerate() {
+                    let i = 16 * part + l;
+                    let v = ((q[i] >> shift) & 3) as i32 - if hmask[i] & m != 0 { 0 } else { 4 };
+                    *yl = dl * v as f32;
+                }
+            }
+        }
+    }
+}
+
+/// ggml's `get_scale_min_k4`: scale and min `j` (0..8) of a Q4_K/Q5_K super-block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Q4_K (`dequantize_row_q4_K`): four runs of 64 elements, 32 bytes of `qs` each: the low
+/// nibbles with scale/min 2i, then the high nibbles with 2i + 1.
+fn block_q4_k(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let min = half_at(b, 2);
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    for i in 0..4 {
+        let q = &qs[32 * i..32 * i + 32];
+        let (s1, m1) = scale_min_k4(2 * i, scales);
+        let (s2, m2) = scale_min_k4(2 * i + 1, scales);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let out = &mut y[64 * i..64 * i + 64];
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0xF) as f32 - m1;
+            out[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Q5_K (`dequantize_row_q5_K`): Q4_K's layout plus `qh`, whose bits 2i and 2i + 1 add 16 to the
+/// low and high nibbles of run i.
+fn block_q5_k(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let min = half_at(b, 2);
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for i in 0..4 {
+        let ql = &qs[32 * i..32 * i + 32];
+        let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
+        let (s1, m1) = scale_min_k4(2 * i, scales);
+        let (s2, m2) = scale_min_k4(2 * i + 1, scales);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let out = &mut y[64 * i..64 * i + 64];
+        for l in 0..32 {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            out[l] = d1 * ((ql[l] & 0xF) + h1) as f32 - m1;
+            out[l + 32] = d2 * ((ql[l] >> 4) + h2) as f32 - m2;
+        }
+    }
+}
+
+/// Q6_K (`dequantize_row_q6_K`): per half (128 elements: 64 bytes of `ql`, 32 of `qh`, 8 scales),
+/// four runs of 32 built from a nibble of `ql` and two bits of `qh`; y = (d·sc)·(q − 32).
+fn block_q6_k(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 208);
+    for half in 0..2 {
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+        let out = &mut y[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            let s = |k: usize| d * (sc[is + k] as i8) as f32;
+            out[l] = s(0) * q1 as f32;
+            out[l + 32] = s(2) * q2 as f32;
+            out[l + 64] = s(4) * q3 as f32;
+            out[l + 96] = s(6) * q4 as f32;
+        }
+    }
+}
+
+/// Q8_K (`dequantize_row_q8_K`): f32 d, 256 × i8, then 16 i16 block sums (not needed); y = d·q.
+fn block_q8_k(b: &[u8], y: &mut [f32]) {
+    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (yi, &q) in y.iter_mut().zip(&b[4..260]) {
+        *yi = d * (q as i8) as f32;
     }
 }
 
@@ -223,6 +381,45 @@ mod tests {
             assert_eq!(got, bits, "{ty}");
             let s: f64 = y.iter().map(|&v| v as f64).sum();
             assert!((s - sum).abs() < 1e-12, "{ty}: sum {s} vs {sum}");
+        }
+    }
+
+    /// Every K-quant against gguf-py 0.19.0's `dequantize` of the same super-blocks (ordinary
+    /// scales, zero scales, the largest f16 scale with a negative min), bit for bit: the
+    /// blocks and values are in tests/data/kquant_goldens.json, written by
+    /// scripts/kquant_goldens.py.
+    #[test]
+    fn k_quants_match_gguf_py_bit_for_bit() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        };
+        let g: serde_json::Value = serde_json::from_str(include_str!("../../tests/data/kquant_goldens.json")).unwrap();
+        let cases = g["cases"].as_object().unwrap();
+        assert_eq!(cases.len(), 6);
+        for (name, c) in cases {
+            let ty = GgmlType::READABLE.iter().copied().find(|t| t.name() == *name).unwrap();
+            let blocks = hex(c["blocks"].as_str().unwrap());
+            let want: Vec<u32> = hex(c["expected_f32_le"].as_str().unwrap())
+                .chunks(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(want.len(), 3 * 256, "{name}");
+            let y = dequantize(ty, &blocks, 3 * 256).unwrap();
+            for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    got.to_bits(),
+                    *want,
+                    "{name} element {i} (block {}): {got} vs {}",
+                    i / 256,
+                    f32::from_bits(*want)
+                );
+            }
+            // The zero-scale block is all zeros (signed zero aside), the largest-scale one is finite.
+            assert!(y[256..512].iter().all(|&v| v == 0.0), "{name}");
+            assert!(y[512..].iter().all(|v| v.is_finite()) && y[512..].iter().any(|&v| v.abs() > 1000.0), "{name}");
+            // Wrong sizes are errors.
+            assert!(dequantize(ty, &blocks[1..], 3 * 256).is_err());
+            assert!(dequantize(ty, &blocks, 3 * 256 - 32).is_err());
         }
     }
 

@@ -238,10 +238,15 @@ impl GgmlType {
         GGML_TYPES.iter().find(|e| e.0 == self).map(|e| (e.2, e.3))
     }
 
+    /// The types [`GgufFile::tensor`](crate::model::gguf::GgufFile::tensor) can read.
+    pub const READABLE: [GgmlType; 14] = {
+        use GgmlType::*;
+        [F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K]
+    };
+
     /// Whether [`GgufFile::tensor`](crate::model::gguf::GgufFile::tensor) can read tensors of this type.
     pub fn is_readable(self) -> bool {
-        use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1)
+        Self::READABLE.contains(&self)
     }
 }
 

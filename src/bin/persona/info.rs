@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use persona::model::gguf::{GgufFile, GgufValue};
 use persona::model::ModelFiles;
 
 #[derive(Args)]
@@ -44,9 +45,83 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// A GGUF value as short text (arrays by length).
+fn value_text(v: &GgufValue) -> String {
+    match v {
+        GgufValue::Str(s) => {
+            let short: String = s.chars().take(80).collect();
+            if short.len() < s.len() {
+                format!("{short:?}… ({} chars)", s.chars().count())
+            } else {
+                format!("{s:?}")
+            }
+        }
+        GgufValue::Array(a) => format!("[{} values]", a.len()),
+        GgufValue::Bool(b) => b.to_string(),
+        GgufValue::F32(x) => x.to_string(),
+        GgufValue::F64(x) => x.to_string(),
+        other => other.as_u64().map(|x| x.to_string()).unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// What any GGUF file holds, read from its header alone: for files persona cannot run (an
+/// architecture or tensor type it does not read), with the reason.
+fn gguf_header_info(path: &Path, why: &anyhow::Error, a: &InfoArgs) -> Result<()> {
+    let g = GgufFile::open(path)?;
+    let mut types: std::collections::BTreeMap<String, (usize, bool)> = Default::default();
+    for t in g.tensors() {
+        let e = types.entry(t.ggml_type.name()).or_insert((0, t.ggml_type.is_readable()));
+        e.0 += 1;
+    }
+    let unreadable: Vec<String> = types.iter().filter(|(_, (_, ok))| !ok).map(|(t, _)| t.clone()).collect();
+    let reason = format!("{why:#}");
+    if a.json {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            g.metadata().iter().map(|(k, v)| (k.clone(), serde_json::Value::String(value_text(v)))).collect();
+        let v = serde_json::json!({
+            "path": path, "format": "Gguf", "runnable": false, "reason": reason,
+            "gguf_version": g.version(), "size_bytes": g.file_size(),
+            "architecture": g.get_str("general.architecture"),
+            "dtypes": types.iter().map(|(t, (n, _))| (t.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+            "unreadable_dtypes": unreadable, "metadata": meta,
+            "tensors": if a.tensors {
+                g.tensors().iter().map(|t| serde_json::json!([t.name, t.shape(), t.ggml_type.name()])).collect::<Vec<_>>()
+            } else { vec![] },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{} (GGUF v{}, header only)", path.display(), g.version());
+    println!("size          {} ({} bytes on disk)", human_bytes(g.file_size()), g.file_size());
+    println!("runnable      no: {reason}");
+    let dt: Vec<String> = types
+        .iter()
+        .map(|(t, (n, ok))| format!("{t}×{n}{}", if *ok { "" } else { " (persona cannot read)" }))
+        .collect();
+    println!("dtypes        {}", dt.join(", "));
+    println!("metadata:");
+    for (k, v) in g.metadata() {
+        println!("  {k:<44} {}", value_text(v));
+    }
+    if a.tensors {
+        for t in g.tensors() {
+            println!("  {:<48} {:<8} {:?}", t.name, t.ggml_type.name(), t.shape());
+        }
+    } else {
+        println!("tensors       {} (list them with --tensors)", g.tensors().len());
+    }
+    Ok(())
+}
+
 pub fn run(a: InfoArgs) -> Result<()> {
     let path = super::resolve_model(&a.model)?;
-    let f = ModelFiles::open(&path)?;
+    let f = match ModelFiles::open(&path) {
+        Ok(f) => f,
+        Err(e) if path.is_file() && persona::steer::vector::is_gguf(&path).unwrap_or(false) => {
+            return gguf_header_info(&path, &anyhow::Error::from(e), &a);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let bytes = size_on_disk(&path)?;
     // End-of-sequence ids with their tokens, where the model has a tokenizer.
     let eos: Vec<(u32, Option<String>)> =

@@ -41,8 +41,8 @@ enum Cmd {
     Chat(chat::ChatArgs),
     /// Describe a model: architecture, sizes, dtypes, tensors.
     Info(info::InfoArgs),
-    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
-    Fetch,
+    /// Download a model into the cache: the default (SmolLM2-135M-Instruct Q4_1), or one by name.
+    Fetch(FetchArgs),
     /// Check a backend op by op against the CPU reference.
     Check(check::CheckArgs),
     /// Inspect persona vector files: metadata, per-layer norms, cosine similarities; convert formats.
@@ -118,8 +118,67 @@ pub fn vector_dirs(extra: Option<&Path>, model: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  persona fetch                        the default model, SmolLM2-135M-Instruct (Q4_1 GGUF)
+  persona fetch qwen2.5-coder-0.5b     Qwen2.5-Coder-0.5B-Instruct, official Q4_K_M (491 MB)
+  persona fetch --list                 the models persona can fetch by name")]
+pub struct FetchArgs {
+    /// A model by name (see --list); without one, the default model.
+    pub name: Option<String>,
+    /// List the models persona can fetch by name, with their sizes, licences and cache state.
+    #[arg(long)]
+    pub list: bool,
+}
+
+fn fetch(a: FetchArgs) -> Result<()> {
+    if a.list {
+        println!("{:<22} {:>9}  {:<10} {:<7} upstream", "name", "size", "licence", "cached");
+        println!(
+            "{:<22} {:>9}  {:<10} {:<7} HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF; the default)",
+            "smollm2-135m",
+            "98.4 MB",
+            "Apache-2.0",
+            if persona::fetch::cached_default_model().is_some() { "yes" } else { "no" }
+        );
+        for m in &persona::fetch::MODELS {
+            let cached = persona::fetch::cached_named_model(m.name).is_some();
+            println!(
+                "{:<22} {:>9}  {:<10} {:<7} {}",
+                m.name,
+                format!("{:.1} MB", m.size as f64 / 1e6),
+                m.licence,
+                if cached { "yes" } else { "no" },
+                m.upstream
+            );
+        }
+        return Ok(());
+    }
+    let log = &mut |l: &str| eprintln!("{l}");
+    let path = match a.name.as_deref() {
+        None | Some("smollm2-135m") => persona::fetch::default_model(log)?,
+        Some(n) => match persona::fetch::named_model(n) {
+            Some(m) => persona::fetch::fetch_named(m, log)?,
+            None => anyhow::bail!("unknown model `{n}`; `persona fetch --list` names the models persona can fetch"),
+        },
+    };
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// A `--model` argument: a path as given; a name from `persona fetch --list` that is not a path
+/// here is that model, fetched into the cache on first use; none, the default model.
 pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
     match m {
+        Some(p) if !p.exists() && p.components().count() == 1 => {
+            match persona::fetch::named_model(&p.to_string_lossy()) {
+                Some(named) => Ok(persona::fetch::fetch_named(named, &mut |l| eprintln!("{l}"))?),
+                None if p.to_string_lossy() == "smollm2-135m" => {
+                    Ok(persona::fetch::default_model(&mut |l| eprintln!("{l}"))?)
+                }
+                None => Ok(p.clone()),
+            }
+        }
         Some(p) => Ok(p.clone()),
         None => Ok(persona::fetch::default_model(&mut |l| eprintln!("{l}"))?),
     }
@@ -204,9 +263,7 @@ fn main() {
         Cmd::Finetune(a) => finetune::run(a),
         Cmd::Dataset(a) => dataset::run(a),
         Cmd::Vaccine(a) => vaccine::run(a),
-        Cmd::Fetch => persona::fetch::default_model(&mut |l| eprintln!("{l}"))
-            .map(|p| println!("{}", p.display()))
-            .map_err(Into::into),
+        Cmd::Fetch(a) => fetch(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
