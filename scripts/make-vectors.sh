@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped vectors: vectors/smollm2-135m-instruct/<trait>.safetensors for the whole
-# catalog, on the default model, on the CPU. Each vector's metadata records the exact command
+# catalog, on the default model, on the CPU. MODEL=qwen2.5-coder-0.5b makes those of the second
+# model (vectors/qwen2.5-coder-0.5b-instruct/; LAYERS overrides the swept layers). Each vector's metadata records the exact command
 # (persona.command), the seed, the trait definition, the baseline projection, and the layer
 # chosen by `persona eval --write` (persona.layer; the rule is in persona.layer_rule).
 # EVAL_ONLY=1 re-runs only the eval step on the existing vectors (e.g. to record a new rule's
@@ -8,7 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=./target/release/persona
-out=vectors/smollm2-135m-instruct
+model=${MODEL:-}
+if [ -n "$model" ]; then
+  out=vectors/$($bin info "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["name"].lower())')
+  layers=${LAYERS:-10+12+14+16}
+  margs=(--model "$model")
+else
+  out=vectors/smollm2-135m-instruct
+  layers=${LAYERS:-12+15+18+21}
+  margs=()
+fi
 mkdir -p "$out"
 for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallucinating}; do
   start=$(date +%s)
@@ -20,9 +30,9 @@ for t in ${TRAITS:-evil impolite humorous optimistic sycophantic apathetic hallu
   temperature=1
   [ "$t" = humorous ] && method=prompt_last
   [ "$t" = evil ] && temperature=0
-  [ -n "${EVAL_ONLY:-}" ] || $bin extract --backend cpu --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
+  [ -n "${EVAL_ONLY:-}" ] || $bin extract --backend cpu "${margs[@]}" --trait "$t" --out "$out/$t.safetensors" --questions 10 --max-tokens 48 --seed 0 \
     --method "$method" --temperature "$temperature"
-  $bin eval --backend cpu --vector "$out/$t.safetensors" --layers 12+15+18+21 --coeffs=-3,0,3 --questions 8 \
+  $bin eval --backend cpu "${margs[@]}" --vector "$out/$t.safetensors" --layers "$layers" --coeffs=-3,0,3 --questions 8 \
     --out-dir "$out/eval" --write
   echo "$t: $(( $(date +%s) - start ))s"
 done

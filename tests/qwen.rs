@@ -116,3 +116,27 @@ fn wgpu_matches_transformers_on_a_short_run() {
     assert_greedy_prefix(&got, &u32s(&p["greedy_24_no_eos"])[..2], &margins[..2], 5e-3, "wgpu");
     eprintln!("qwen on wgpu: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+/// `persona demo --model qwen2.5-coder-0.5b`: the default trait's vector is found by the model's
+/// name (vectors/qwen2.5-coder-0.5b-instruct/evil.safetensors), at its recorded layer, with the
+/// trait stored in it.
+#[test]
+fn demo_runs_on_the_second_model_by_name() {
+    let Some(_) = model_path() else { return };
+    let cwd = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+        .current_dir(cwd.path())
+        .args(["demo", "--backend", "cpu", "--model", NAME, "--questions", "1", "--max-tokens", "6"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let v = persona::steer::vector::PersonaVector::load(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("vectors/qwen2.5-coder-0.5b-instruct/evil.safetensors"),
+    )
+    .unwrap();
+    let layer = &v.metadata["persona.layer"];
+    assert!(stdout.contains(&format!("`evil` vector, layer {layer}")), "{stdout}");
+    assert_eq!(stdout.matches("[score").count(), 3, "{stdout}");
+}
