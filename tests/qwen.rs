@@ -140,3 +140,27 @@ fn demo_runs_on_the_second_model_by_name() {
     assert!(stdout.contains(&format!("`evil` vector, layer {layer}")), "{stdout}");
     assert_eq!(stdout.matches("[score").count(), 3, "{stdout}");
 }
+
+/// The 1.5B (`persona fetch qwen2.5-coder-1.5b`, 1.1 GB; ~7 GB of f32 weights in memory): loads,
+/// and greedy generation batched equals each prompt alone. Ignored by default (slow on 2 cores):
+/// `cargo test --release --test qwen -- --ignored`.
+#[test]
+#[ignore]
+fn the_1_5b_model_loads_and_batches_like_single_runs() {
+    let Some(path) = persona::fetch::cached_named_model("qwen2.5-coder-1.5b") else {
+        missing("the model qwen2.5-coder-1.5b", "run `persona fetch qwen2.5-coder-1.5b`");
+        return;
+    };
+    let m = LoadedModel::load(&path, CpuBackend, 256).unwrap();
+    assert_eq!((m.engine.config.n_layers, m.engine.config.hidden), (28, 1536));
+    let prompts = ["Write a haiku about Rust.", "What is 2 + 2?"];
+    let reqs: Vec<GenRequest> =
+        prompts.iter().map(|p| GenRequest::greedy(m.chat_prompt_ids(&[Message::user(*p)]).unwrap(), 8)).collect();
+    let batched = m.engine.generate(&reqs, &mut |_, _| {}).unwrap();
+    for (r, b) in reqs.iter().zip(&batched) {
+        let alone = m.engine.generate(std::slice::from_ref(r), &mut |_, _| {}).unwrap();
+        assert_eq!(alone[0].ids(), b.ids());
+    }
+    let text = m.answer_text(&batched[1]).unwrap();
+    assert!(text.contains('4'), "{text}");
+}

@@ -375,8 +375,7 @@ pub fn record_trait(v: &mut crate::steer::vector::PersonaVector, t: &TraitDef) {
     v.metadata.insert(TRAIT_SHA_KEY.into(), crate::steer::vector::sha256_hex(json.as_bytes()));
     v.metadata.insert(TRAIT_DEF_KEY.into(), json);
     v.metadata.insert("persona.trait".into(), t.name.clone());
-    let path = std::fs::canonicalize(&t.source).unwrap_or_else(|_| t.source.clone());
-    v.metadata.insert(TRAIT_PATH_KEY.into(), path.display().to_string());
+    v.metadata.insert(TRAIT_PATH_KEY.into(), t.source.display().to_string());
 }
 
 /// The trait definition stored in a vector by [`record_trait`], if any. A definition that does
@@ -399,14 +398,25 @@ pub fn recorded_trait(v: &crate::steer::vector::PersonaVector) -> Result<Option<
 }
 
 /// The trait to evaluate, monitor or demo a vector with:
-/// - `arg` a path to a trait file: that file;
-/// - `arg` a name: the definition stored in the vector when it has that name, else the catalog's;
+/// - `arg` a path to a trait file: that file (the way to override a stored definition);
+/// - `arg` a name: the definition stored in the vector when it has that name (the trait as it was
+///   extracted), else the catalog's;
 /// - no `arg`: the definition stored in the vector, else the catalog trait it names (`persona.trait`).
+///
+/// A stored definition that fails its sha256 check is an error without `arg`; with one, a warning
+/// (on stderr) and the argument's trait.
 pub fn trait_for_vector(arg: Option<&str>, v: &crate::steer::vector::PersonaVector) -> Result<TraitDef> {
     if let Some(a) = arg.filter(|a| looks_like_path(a)) {
         return TraitDef::load(a);
     }
-    let stored = recorded_trait(v)?;
+    let stored = match (recorded_trait(v), arg) {
+        (Ok(t), _) => t,
+        (Err(e), Some(_)) => {
+            eprintln!("warning: ignoring the vector's stored trait definition: {e}");
+            None
+        }
+        (Err(e), None) => return Err(e),
+    };
     match (arg, stored) {
         (Some(name), Some(t)) if t.name == name => Ok(t),
         (Some(name), _) => find_trait(name),

@@ -382,6 +382,7 @@ pub fn recorded_baseline(v: &PersonaVector) -> Result<Option<Vec<f32>>> {
 
 /// The vector's baseline projection at layer `l`, for `origin=baseline` / `op=center`.
 pub fn baseline_of(v: &PersonaVector, l: usize) -> Result<f32> {
+    v.check_layer(l)?;
     match recorded_baseline(v)? {
         Some(b) => Ok(b[l]),
         None => Err(Error::format(
@@ -472,7 +473,7 @@ pub fn resolve(
         for l in layers {
             let vector = row(&v, l)?;
             let mut coeff = s.coeff;
-            if s.relative && s.kind != SteerKind::Ablate {
+            if s.relative && s.kind != SteerKind::Ablate && s.coeff != 0.0 {
                 let hl = mean_norms(&v)?[l];
                 let (lo, hi) = RELATIVE_WINDOW;
                 if s.kind == SteerKind::Add && (s.coeff.abs() < lo || s.coeff.abs() > hi) {
@@ -505,8 +506,9 @@ pub fn resolve(
                         })?
                     };
                     let cl = w.layer.unwrap_or(l);
+                    let vector = row(cv, cl)?;
                     let threshold = if s.from_baseline { w.threshold + baseline_of(cv, cl)? } else { w.threshold };
-                    Some(Condition { vector: row(cv, cl)?, layer: cl, cmp: w.cmp, threshold })
+                    Some(Condition { vector, layer: cl, cmp: w.cmp, threshold })
                 }
             };
             out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff, positions: s.positions, when });
@@ -574,6 +576,9 @@ mod tests {
         let op = &st.plan.ops[0];
         assert_eq!(op.coeff, -17.0);
         assert_eq!(op.when.as_ref().unwrap().threshold, -1.0);
+        // A condition layer out of range is an error, not a panic.
+        let e = resolve1("vector=PATH,layer=2,op=center,when=self@99:gt:0").unwrap_err().to_string();
+        assert!(e.contains("99"), "{e}");
         // origin=zero (the default) leaves both as written.
         let st = resolve1("vector=PATH,layer=2,op=clamp,coeff=2,when=self@1:gt:0.5").unwrap();
         assert_eq!((st.plan.ops[0].coeff, st.plan.ops[0].when.as_ref().unwrap().threshold), (2.0, 0.5));

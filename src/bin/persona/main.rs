@@ -156,7 +156,8 @@ fn fetch(a: FetchArgs) -> Result<()> {
     }
     let log = &mut |l: &str| eprintln!("{l}");
     let path = match a.name.as_deref() {
-        None | Some("smollm2-135m") => persona::fetch::default_model(log)?,
+        None => persona::fetch::default_model(log)?,
+        Some(n) if n.eq_ignore_ascii_case("smollm2-135m") => persona::fetch::default_model(log)?,
         Some(n) => match persona::fetch::named_model(n) {
             Some(m) => persona::fetch::fetch_named(m, log)?,
             None => anyhow::bail!("unknown model `{n}`; `persona fetch --list` names the models persona can fetch"),
@@ -173,9 +174,13 @@ pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
         Some(p) if !p.exists() && p.components().count() == 1 => {
             match persona::fetch::named_model(&p.to_string_lossy()) {
                 Some(named) => Ok(persona::fetch::fetch_named(named, &mut |l| eprintln!("{l}"))?),
-                None if p.to_string_lossy() == "smollm2-135m" => {
+                None if p.to_string_lossy().eq_ignore_ascii_case("smollm2-135m") => {
                     Ok(persona::fetch::default_model(&mut |l| eprintln!("{l}"))?)
                 }
+                None if p.extension().is_none() => anyhow::bail!(
+                    "--model {}: no such file or folder, and not a model persona can fetch by name (`persona fetch --list`)",
+                    p.display()
+                ),
                 None => Ok(p.clone()),
             }
         }

@@ -182,8 +182,16 @@ impl ModelTask for ExtractArgs {
                 q
             }
         };
-        let baseline = baseline_projection(&m, &v, &questions, a.max_tokens, !a.quiet)?;
-        v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&baseline).unwrap_or_default());
+        // The vector is worth keeping without its baseline (`persona eval --write` adds one later).
+        match baseline_projection(&m, &v, &questions, a.max_tokens.max(1), !a.quiet) {
+            Ok(b) => {
+                v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&b).unwrap_or_default());
+            }
+            Err(e) => eprintln!(
+                "warning: no baseline recorded ({e}); op=center needs one: `persona eval --vector {} --write` adds it",
+                a.out.display()
+            ),
+        }
         v.metadata.insert("persona.seed".into(), a.seed.to_string());
         v.metadata.insert("persona.temperature".into(), a.temperature.to_string());
         v.metadata.insert("persona.judge".into(), a.judge.judge.clone());
@@ -295,8 +303,9 @@ pub struct EvalArgs {
     /// is the largest steering span among the qualifying layers.
     #[arg(long, default_value_t = 0.8)]
     pub min_auroc: f64,
-    /// Record the chosen layer (persona.layer), the sweep's spans, the baseline and the trait
-    /// definition in the vector file. Without it the vector is never modified.
+    /// Record the chosen layer (persona.layer), the rule and the sweep's spans and AUROCs in the
+    /// vector file, and its baseline and trait definition where it has none. Without it the vector
+    /// is never modified.
     #[arg(long)]
     pub write: bool,
     /// No progress bars (they are drawn only when stderr is a terminal anyway).
@@ -334,15 +343,18 @@ impl ModelTask for EvalArgs {
             min_auroc: a.min_auroc,
             show_progress: !a.quiet,
         };
-        let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
+        // Everything that could fail after the sweep is checked before it: the output folder, and
+        // (with --write) the stored trait definition.
         let dir = a.out_dir.clone().unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let has_trait = if a.write { recorded_trait(&v).map(|t| t.is_some()).unwrap_or(false) } else { true };
+        let r = sweep(&m, &t, &v, judge.as_deref(), &o)?;
         let stem = format!("{}.eval", path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
         let table = r.table();
+        print!("{table}");
         write_atomic(&dir.join(format!("{stem}.txt")), table.as_bytes())?;
         write_atomic(&dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&r)?.as_bytes())?;
         write_atomic(&dir.join(format!("{stem}.svg")), r.svg().as_bytes())?;
-        print!("{table}");
         if a.write {
             let mut what = vec![format!("persona.layer = {}", r.best_layer)];
             v.metadata.insert("persona.layer".into(), r.best_layer.to_string());
@@ -353,7 +365,7 @@ impl ModelTask for EvalArgs {
                 v.metadata.insert(BASELINE_KEY.into(), serde_json::to_string(&r.baseline).unwrap_or_default());
                 what.push("persona.baseline".into());
             }
-            if recorded_trait(&v)?.is_none() {
+            if !has_trait {
                 record_trait(&mut v, &t);
                 what.push(format!("the `{}` trait definition", t.name));
             }
@@ -659,10 +671,11 @@ impl ModelTask for DemoArgs {
             Some(x) if looks_like_path(x) => Some(TraitDef::load(x)?),
             _ => None,
         };
-        let name = match (&file_trait, &a.trait_name) {
-            (Some(t), _) => t.name.clone(),
-            (None, Some(n)) => n.clone(),
-            (None, None) => "evil".to_string(),
+        let name = match (&file_trait, &a.trait_name, &a.vector) {
+            (Some(t), _, _) => t.name.clone(),
+            (None, Some(n), _) => n.clone(),
+            (None, None, Some(v)) => v.file_stem().map_or("the".into(), |s| s.to_string_lossy().to_string()),
+            (None, None, None) => "evil".to_string(),
         };
         let dirs = super::vector_dirs(a.vectors.as_deref(), &m.path);
         let wanted = a.vector.clone().unwrap_or_else(|| PathBuf::from(&name));
