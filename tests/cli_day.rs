@@ -482,10 +482,21 @@ fn progress_bars_on_a_terminal_and_quiet_otherwise() {
     }
 }
 
-/// `persona ...` on the default model from `cwd`, with extra environment.
+/// `persona CMD --backend cpu --model MODEL ARGS...` from `cwd`.
 fn on_default(model: &std::path::Path, cwd: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    on_default_with(model, cwd, &[], args)
+}
+
+/// [`on_default`] with extra environment variables.
+fn on_default_with(
+    model: &std::path::Path,
+    cwd: &std::path::Path,
+    env: &[(&str, &std::path::Path)],
+    args: &[&str],
+) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
         .current_dir(cwd)
+        .envs(env.iter().copied())
         .args(&args[..1])
         .args(["--backend", "cpu", "--model", s(model)])
         .args(&args[1..])
@@ -532,21 +543,7 @@ fn custom_traits_and_eval_that_writes_only_when_asked() {
     // The trait file can go: the vector carries it. An empty catalog proves it is not looked up.
     std::fs::remove_file(&tfile).unwrap();
     let empty = tempfile::tempdir().unwrap();
-    let with_catalog = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
-            .current_dir(dir)
-            .env("PERSONA_TRAITS", empty.path())
-            .args(&args[..1])
-            .args(["--backend", "cpu", "--model", s(&model)])
-            .args(&args[1..])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let with_catalog = |args: &[&str]| on_default_with(&model, dir, &[("PERSONA_TRAITS", empty.path())], args);
     let (ok, table, err) = with_catalog(&[
         "monitor",
         "--vector",

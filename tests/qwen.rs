@@ -29,15 +29,6 @@ fn reference() -> serde_json::Value {
     json(&fixtures().join("qwen2.5-coder-0.5b_reference.json"))
 }
 
-fn messages(p: &serde_json::Value) -> Vec<Message> {
-    p["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-        .collect()
-}
-
 /// The largest |logit − reference| over the reference's top 20 at the last prompt position.
 fn top20_error<B: Backend>(m: &LoadedModel<B>, p: &serde_json::Value) -> f32 {
     let ids = u32s(&p["ids"]);

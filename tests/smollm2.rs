@@ -9,21 +9,12 @@ use common::*;
 use persona::backend::cpu::CpuBackend;
 use persona::engine::generate::GenRequest;
 use persona::engine::SeqInput;
-use persona::model::{Message, ModelFiles};
+use persona::model::ModelFiles;
 use persona::LoadedModel;
 
 fn model() -> Option<LoadedModel<CpuBackend>> {
     let path = required_default_model()?;
     Some(LoadedModel::load(&path, CpuBackend, 512).unwrap())
-}
-
-fn messages(p: &serde_json::Value) -> Vec<Message> {
-    p["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-        .collect()
 }
 
 #[test]

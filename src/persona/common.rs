@@ -146,6 +146,27 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
+/// Generate `reqs` (up to `max_tokens` each) with a progress bar named `what`, advanced per
+/// token, when `show` (an answer that ends early leaves its share unfilled).
+pub fn generate_with_progress<B: Backend>(
+    e: &Engine<B>,
+    reqs: &[crate::engine::generate::GenRequest],
+    max_tokens: usize,
+    what: &str,
+    show: bool,
+) -> Result<Vec<crate::engine::generate::GenOutput>> {
+    let pb = show.then(|| progress(reqs.len() * max_tokens, what));
+    let gens = e.generate(reqs, &mut |_, _| {
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(gens)
+}
+
 /// Area under the ROC curve of `pos` scored above `neg` (ties count half).
 pub fn auroc(pos: &[f64], neg: &[f64]) -> f64 {
     if pos.is_empty() || neg.is_empty() {

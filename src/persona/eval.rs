@@ -15,7 +15,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use super::common::random_like;
-use super::common::{progress, random_directions, teacher_force, CaptureRange, Forced, RandomControl};
+use super::common::{
+    generate_with_progress, progress, random_directions, teacher_force, CaptureRange, Forced, RandomControl,
+};
 use super::extract::{baseline_projection, chat_ids, recorded_baseline};
 use super::judge::Judge;
 use super::monitor::{ladder, MonitorOptions};
@@ -110,16 +112,7 @@ fn reference_answers<B: Backend>(
             reqs.push(GenRequest::greedy(chat_ids(m, Some(sys), q)?, max_tokens));
         }
     }
-    // Token by token (an answer that ends early leaves its share unfilled).
-    let pb = show_progress.then(|| progress(reqs.len() * max_tokens, "references"));
-    let gens = m.engine.generate(&reqs, &mut |_, _| {
-        if let Some(pb) = &pb {
-            pb.inc(1);
-        }
-    })?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    let gens = generate_with_progress(&m.engine, &reqs, max_tokens, "references", show_progress)?;
     let mut out = vec![];
     for (qi, q) in questions.iter().enumerate() {
         let base = chat_ids(m, None, q)?;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{progress, teacher_force, CaptureRange, Forced};
+use super::common::{generate_with_progress, progress, teacher_force, CaptureRange, Forced};
 use super::judge::Judge;
 use super::traits::TraitDef;
 use crate::backend::Backend;
@@ -377,15 +377,7 @@ pub fn baseline_projection<B: Backend>(
         .iter()
         .map(|q| Ok(GenRequest { capture_response: true, ..GenRequest::greedy(chat_ids(m, None, q)?, max_tokens) }))
         .collect::<Result<_>>()?;
-    let pb = show_progress.then(|| progress(reqs.len() * max_tokens, "baseline"));
-    let gens = m.engine.generate(&reqs, &mut |_, _| {
-        if let Some(pb) = &pb {
-            pb.inc(1);
-        }
-    })?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    let gens = generate_with_progress(&m.engine, &reqs, max_tokens, "baseline", show_progress)?;
     let width = (c.n_layers + 1) * c.hidden;
     let (mut sum, mut count) = (vec![0f64; width], 0usize);
     for g in &gens {

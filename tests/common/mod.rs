@@ -199,3 +199,13 @@ pub fn poison(src: &std::path::Path, dst: &std::path::Path, tensor: &str) {
     bytes[at..at + nan.len()].copy_from_slice(nan);
     std::fs::write(dst, bytes).unwrap();
 }
+
+/// A fixture prompt's `messages` (`[{"role", "content"}]`) as chat messages.
+pub fn messages(p: &serde_json::Value) -> Vec<persona::model::Message> {
+    p["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| persona::model::Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect()
+}
