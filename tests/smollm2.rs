@@ -157,3 +157,78 @@ fn gguf_and_safetensors_folder_give_identical_logits() {
     let (a, b) = (run(&files), run(&st));
     assert!(a == b, "logits differ between GGUF and safetensors");
 }
+
+/// The quantized weights kept packed (the CPU decodes a block of rows at a time as it multiplies)
+/// give exactly the logits of the same weights widened to f32 at load: the packed kernels are a
+/// memory layout, not an approximation.
+#[test]
+fn packed_weights_equal_widened_weights_bit_for_bit() {
+    let Some(path) = required_default_model() else { return };
+    let files = ModelFiles::open(&path).unwrap();
+    assert!(files.tensors.layers[0].wq.quantized().is_some(), "the Q4_1 file's weights load packed");
+    let mut wide = files.tensors.clone();
+    let widen = |t: &mut persona::model::tensor::HostTensor| *t = t.widened().into_owned();
+    widen(&mut wide.embed);
+    for l in &mut wide.layers {
+        for t in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+            widen(t);
+        }
+    }
+    let packed = persona::Engine::new(CpuBackend, files.config.clone(), &files.tensors, 64).unwrap();
+    let widened = persona::Engine::new(CpuBackend, files.config.clone(), &wide, 64).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 997 + 13) % files.config.vocab as u32).collect();
+    let run = |e: &persona::Engine<CpuBackend>| {
+        let mut cache = e.new_cache(1, ids.len()).unwrap();
+        let mut logits = e
+            .forward(&mut cache, &[SeqInput { slot: 0, tokens: &ids[..20], ..Default::default() }], false)
+            .unwrap()
+            .logits;
+        for &id in &ids[20..] {
+            logits.extend(
+                e.forward(&mut cache, &[SeqInput { slot: 0, tokens: &[id], ..Default::default() }], false)
+                    .unwrap()
+                    .logits,
+            );
+        }
+        logits
+    };
+    let (a, b) = (run(&packed), run(&widened));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "packed and widened logits differ");
+}
+
+/// Every SIMD level (PERSONA_CPU_SIMD forces the lower ones) gives the same greedy tokens and
+/// logits bit for bit: the kernels share one order of arithmetic.
+#[test]
+fn every_simd_level_gives_identical_output() {
+    let Some(path) = required_default_model() else { return };
+    let run = |level: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_persona"))
+            .args(["generate", "--backend", "cpu", "--model"])
+            .arg(&path)
+            .args([
+                "-p",
+                "Name three colours.",
+                "--max-tokens",
+                "8",
+                "--temperature",
+                "0",
+                "--top-logits",
+                "5",
+                "--json",
+            ])
+            .env("PERSONA_CPU_SIMD", level)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{level}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Timings differ run to run; everything else must not.
+        for k in ["timing", "timings", "prefill_tok_s", "decode_tok_s", "elapsed_s"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    let best = run("");
+    let portable = run("portable");
+    assert_eq!(best, portable, "PERSONA_CPU_SIMD=portable changes the output");
+}

@@ -431,6 +431,67 @@ pub fn run_weight_format_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow>
     tab.0
 }
 
+/// The CPU's packed-weight kernels against the widened-f32 reference: for every readable ggml
+/// type (and f16/bf16 rows), matmul at t = 1, 7, 33, 129 (decode-sized and prefill-sized row
+/// blocks) with k not a multiple of the SIMD width where the format allows (f16/bf16: 201;
+/// 32-element blocks: 96; K-quants: 512), at every SIMD level this CPU has, and the embedding
+/// rows. The reference is the same matmul on the dequantized f32 values at the portable level;
+/// the kernels are exact by construction, so any NMSE above 0 fails. Rows are labelled
+/// `matmul[Q4_K/avx2]`, `embed[Q6_K/portable]`, ...
+pub fn run_cpu_kernel_checks(quick: bool) -> Vec<CheckRow> {
+    use super::cpu::simd::Simd;
+    use super::cpu::{matmul_with, Rows};
+    use crate::model::gguf::{decode_into, dequantize, random_blocks, GgmlType};
+    let mut tab = Table(vec![]);
+    let tokens: &[usize] = if quick { &[1, 33] } else { &[1, 7, 33, 129] };
+    for ty in GgmlType::READABLE {
+        if ty == GgmlType::F32 {
+            continue;
+        }
+        let block = ty.block_layout().map_or(1, |b| b.0 as usize);
+        let k = match block {
+            1 => 201,
+            32 => 96,
+            _ => 512,
+        };
+        let n = 37;
+        let data = random_blocks(ty, n * k / block, 41);
+        let row_bytes = data.len() / n;
+        let wide = match dequantize(ty, &data, n * k) {
+            Ok(w) => w,
+            Err(e) => {
+                tab.error(&format!("matmul[{ty}]"), format!("k={k}"), e);
+                continue;
+            }
+        };
+        let bias = rand(n, 42, 0.5);
+        for simd in Simd::available() {
+            let tag = format!("{ty}/{}", simd.name());
+            for &t in tokens {
+                let x = rand(t * k, 43 + t as u64, 1.0);
+                let mut want = vec![0f32; t * n];
+                matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
+                let mut got = vec![f32::NAN; t * n];
+                matmul_with(simd, &x, Rows::Packed { ty, data: &data, row_bytes }, Some(&bias), t, n, k, &mut got);
+                tab.push(&format!("matmul[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, &want, 0.0);
+            }
+            let ids: Vec<usize> = (0..n).step_by(5).collect();
+            let mut got = vec![f32::NAN; ids.len() * k];
+            for (i, &r) in ids.iter().enumerate() {
+                decode_into(
+                    ty,
+                    &data[r * row_bytes..(r + 1) * row_bytes],
+                    &mut got[i * k..(i + 1) * k],
+                    simd >= Simd::Avx2,
+                );
+            }
+            let want: Vec<f32> = ids.iter().flat_map(|&r| wide[r * k..(r + 1) * k].iter().copied()).collect();
+            tab.push(&format!("embed[{tag}]"), format!("{} rows k={k}", ids.len()), &got, &want, 0.0);
+        }
+    }
+    tab.0
+}
+
 /// A ragged batch: `t` new tokens in 3 sequences whose caches already hold 0, 5 and 17 tokens.
 fn ragged(t: usize) -> Vec<TokenPos> {
     let starts = [0u32, 5, 17];

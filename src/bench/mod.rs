@@ -102,6 +102,42 @@ pub struct BenchRow {
     pub sd_ts: f64,
     /// Mean wall time per token of one sequence: pp, the call ÷ P; tg, one decode step.
     pub ms_per_token: f64,
+    /// Weight bytes (as stored) read per second: one read of every matmul weight per forward
+    /// call (pp: per prompt; tg: per decode step of the whole batch). 0 until [`fill_rates`].
+    pub gb_s: f64,
+    /// Arithmetic rate: matmuls (2 FLOP per weight per token) plus attention (4 FLOP per head
+    /// dimension per attended position per layer). 0 until [`fill_rates`].
+    pub gflop_s: f64,
+}
+
+/// Bytes and elements of the matmul weights a forward call reads (q, k, v, o, gate, up, down of
+/// every layer and the output projection, tied or not), as stored.
+pub fn matmul_weights(t: &crate::model::load::ModelTensors) -> (u64, u64) {
+    let mut all: Vec<&crate::model::tensor::HostTensor> = vec![t.lm_head.as_ref().unwrap_or(&t.embed)];
+    for l in &t.layers {
+        all.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+    }
+    all.iter().fold((0, 0), |(b, n), w| (b + w.bytes().len() as u64, n + w.numel() as u64))
+}
+
+/// Fill [`BenchRow::gb_s`] and [`BenchRow::gflop_s`] from the weights and shape in `info`.
+pub fn fill_rates(info: &BenchInfo, rows: &mut [BenchRow]) {
+    let attn_per_pos = 4.0 * (info.n_layers * info.n_heads * info.head_dim) as f64;
+    for r in rows {
+        let n = r.n_tokens as f64;
+        let (calls_per_s, flop_per_token) = if r.test.starts_with("pp") {
+            // Position p attends to p + 1 positions: n(n+1)/2 in all.
+            (r.mean_ts / n, 2.0 * info.matmul_params as f64 + attn_per_pos * (n + 1.0) / 2.0)
+        } else {
+            // Decode steps attend to TG_PROMPT + 1 .. TG_PROMPT + n positions.
+            (
+                r.mean_ts / r.batch as f64,
+                2.0 * info.matmul_params as f64 + attn_per_pos * (TG_PROMPT as f64 + (n + 1.0) / 2.0),
+            )
+        };
+        r.gb_s = info.weight_bytes as f64 * calls_per_s / 1e9;
+        r.gflop_s = flop_per_token * r.mean_ts / 1e9;
+    }
 }
 
 /// Mean and sample standard deviation.
@@ -117,7 +153,8 @@ fn row(test: String, n_tokens: usize, batch: usize, steer: SteerMode, secs: &[f6
     let samples_ts: Vec<f64> = secs.iter().map(|s| tokens / s.max(1e-12)).collect();
     let (mean_ts, sd_ts) = mean_sd(&samples_ts);
     let mean_s = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
-    BenchRow { test, n_tokens, batch, steer, samples_ts, mean_ts, sd_ts, ms_per_token: 1e3 * mean_s / n_tokens as f64 }
+    let ms_per_token = 1e3 * mean_s / n_tokens as f64;
+    BenchRow { test, n_tokens, batch, steer, samples_ts, mean_ts, sd_ts, ms_per_token, gb_s: 0.0, gflop_s: 0.0 }
 }
 
 fn random_ids(rng: &mut Rng, vocab: usize, n: usize) -> Vec<u32> {

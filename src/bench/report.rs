@@ -28,6 +28,10 @@ pub struct BenchInfo {
     pub vocab: usize,
     pub params: usize,
     pub threads: usize,
+    /// Bytes and elements of the matmul weights read per forward call, as stored
+    /// ([`super::matmul_weights`]); 0 when not given.
+    pub weight_bytes: u64,
+    pub matmul_params: u64,
 }
 
 impl BenchInfo {
@@ -49,7 +53,16 @@ impl BenchInfo {
             vocab: c.vocab,
             params: param_count(c),
             threads: rayon::current_num_threads(),
+            weight_bytes: 0,
+            matmul_params: 0,
         }
+    }
+
+    /// With the matmul weights' size ([`super::matmul_weights`]), for the GB/s and GFLOP/s columns.
+    pub fn with_weights(mut self, (bytes, params): (u64, u64)) -> Self {
+        self.weight_bytes = bytes;
+        self.matmul_params = params;
+        self
     }
 }
 
@@ -105,7 +118,7 @@ pub fn cpu_name() -> String {
 pub fn format_markdown(info: &BenchInfo, rows: &[BenchRow]) -> String {
     let mut s = format!(
         "persona {} · {} · backend {} · {}\nmodel {} · {} · {} layers, H {}, heads {}/{}, head_dim {}, FFN {}, \
-         vocab {} · {:.1} M params · {} threads\n\n",
+         vocab {} · {:.1} M params · {} threads · matmul weights {:.1} MB\n\n",
         info.persona_commit,
         info.date,
         info.backend,
@@ -120,18 +133,21 @@ pub fn format_markdown(info: &BenchInfo, rows: &[BenchRow]) -> String {
         info.ffn,
         info.vocab,
         info.params as f64 / 1e6,
-        info.threads
+        info.threads,
+        info.weight_bytes as f64 / 1e6
     );
-    s += "| test | batch | steer | t/s | ms/token |\n|---|--:|---|--:|--:|\n";
+    s += "| test | batch | steer | t/s | ms/token | weights GB/s | GFLOP/s |\n|---|--:|---|--:|--:|--:|--:|\n";
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {:.2} ± {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {:.2} ± {:.2} | {:.2} | {:.2} | {:.1} |\n",
             r.test,
             r.batch,
             r.steer.name(),
             r.mean_ts,
             r.sd_ts,
-            r.ms_per_token
+            r.ms_per_token,
+            r.gb_s,
+            r.gflop_s
         );
     }
     let o = overheads(rows);

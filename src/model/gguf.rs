@@ -2,8 +2,9 @@
 //! dequantizer ([`dequantize`], in `gguf_quant.rs`) are re-exported here.
 //!
 //! The file is memory-mapped once; F32/F16/BF16 tensors are handed out zero-copy as
-//! [`Storage::Mapped`], block-quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are dequantized to
-//! f32 exactly as ggml does. Parsing never trusts a count or a length from the file: each one is
+//! [`Storage::Mapped`], block-quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants) as
+//! [`Storage::Quant`], packed as stored; [`HostTensor::to_f32`] dequantizes them exactly as ggml
+//! does. Parsing never trusts a count or a length from the file: each one is
 //! checked against the bytes that are left before anything is allocated, so a damaged or hostile
 //! file gives an [`Error`] that names the file and the problem, never a panic or a huge allocation.
 //!
@@ -11,7 +12,7 @@
 //! use persona::model::gguf::GgufFile;
 //! let g = GgufFile::open(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
 //! assert_eq!(g.get_str("general.architecture"), Some("llama"));
-//! let emb = g.tensor("token_embd.weight")?; // shape [vocab, hidden], dequantized to f32
+//! let emb = g.tensor("token_embd.weight")?.to_f32(); // [vocab × hidden] values, dequantized
 //! # Ok::<(), persona::Error>(())
 //! ```
 
@@ -26,9 +27,9 @@ use crate::error::{Error, Result};
 use crate::model::gguf_types::{
     T_ARRAY, T_BOOL, T_F32, T_F64, T_I16, T_I32, T_I64, T_I8, T_STR, T_U16, T_U32, T_U64, T_U8,
 };
-use crate::model::tensor::{DType, HostTensor, Storage};
+use crate::model::tensor::{Bytes, DType, HostTensor, Storage};
 
-pub use crate::model::gguf_quant::dequantize;
+pub use crate::model::gguf_quant::{decode_into, dequantize, random_blocks};
 pub use crate::model::gguf_types::{GgmlType, GgufTensorInfo, GgufValue};
 pub use crate::model::gguf_write::write_gguf;
 
@@ -158,7 +159,8 @@ impl GgufFile {
         Ok(&self.map[start..end])
     }
 
-    /// Read a tensor: F32/F16/BF16 zero-copy from the map, quantized types dequantized to f32.
+    /// Read a tensor zero-copy from the map: F32/F16/BF16 as [`Storage::Mapped`], quantized blocks as
+    /// [`Storage::Quant`] (widen with [`HostTensor::to_f32`]).
     /// The shape is in PyTorch order (outermost first).
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
         let info = self
@@ -177,6 +179,12 @@ impl GgufFile {
             return Ok(HostTensor { name: info.name.clone(), shape, storage });
         }
         let n = info.n_elements() as usize;
+        if info.ggml_type.is_readable() {
+            // Kept packed (data_range checked whole blocks per row): the CPU backend multiplies
+            // the blocks as stored; other consumers widen (`HostTensor::widened`).
+            let bytes = Bytes::Mapped { map: self.map.clone(), offset: start, len: end - start };
+            return HostTensor::quant(info.name.clone(), shape, info.ggml_type, bytes);
+        }
         let data = dequantize(info.ggml_type, &self.map[start..end], n).map_err(|e| match e {
             Error::Unsupported(msg) => {
                 Error::Unsupported(format!("{}: tensor `{}`: {msg}", self.path.display(), info.name))

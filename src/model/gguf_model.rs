@@ -9,7 +9,7 @@ use crate::model::config::{Arch, ModelConfig, RopeConfig};
 use crate::model::gguf::GgufFile;
 use crate::model::gguf_tokenizer::{gguf_chat_template, tokenizer_from_gguf};
 use crate::model::load::{collect_tensors, ModelFiles, SourceFormat};
-use crate::model::tensor::HostTensor;
+use crate::model::tensor::{Bytes, HostTensor};
 
 /// Model hyper-parameters from GGUF metadata (`{arch}.*` keys as llama.cpp writes them).
 pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
@@ -89,20 +89,32 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
 /// llama.cpp's converter stores Llama q/k rows permuted for its interleaved RoPE:
 /// GGUF row `h·hd + 2i + j` holds HF row `h·hd + j·hd/2 + i`. Undo it.
 pub fn unpermute_rows(t: &HostTensor, n_heads: usize) -> Result<HostTensor> {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let rows = t.shape[0];
     let hd = rows / n_heads;
-    let src = t.to_f32();
-    let mut dst = vec![0f32; src.len()];
+    // Rows move whole, so quantized rows move as their packed blocks and stay quantized.
+    let (src, quant) = match t.quantized() {
+        Some((ty, b)) => (std::borrow::Cow::Borrowed(b), Some(ty)),
+        None => (std::borrow::Cow::Owned(bytemuck::cast_slice::<f32, u8>(&t.to_f32()).to_vec()), None),
+    };
+    let rb = src.len() / rows;
+    let mut dst = vec![0u8; src.len()];
     for h in 0..n_heads {
         for i in 0..hd / 2 {
             for j in 0..2 {
                 let from = h * hd + 2 * i + j;
                 let to = h * hd + j * (hd / 2) + i;
-                dst[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                dst[to * rb..(to + 1) * rb].copy_from_slice(&src[from * rb..(from + 1) * rb]);
             }
         }
     }
-    Ok(HostTensor::from_f32(t.name.clone(), t.shape.clone(), dst))
+    match quant {
+        Some(ty) => HostTensor::quant(t.name.clone(), t.shape.clone(), ty, Bytes::Owned(std::sync::Arc::new(dst))),
+        None => Ok(HostTensor::from_f32(
+            t.name.clone(),
+            t.shape.clone(),
+            dst.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        )),
+    }
 }
 
 /// GGUF tensor name for a HF tensor name.

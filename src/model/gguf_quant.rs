@@ -77,11 +77,276 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+#[inline(always)]
+/// Decode whole blocks of `ty` (rows of a weight, as the CPU matmul reads them) into `out`,
+/// serially and without allocating: the same values as [`dequantize`], bit for bit. `simd`
+/// runs a copy compiled for AVX2/F16C (the block code auto-vectorizes there; still no fused
+/// multiply-add, so the values do not change). `out.len()` elements; `data` must hold exactly
+/// their blocks (checked when the tensor was read).
+pub fn decode_into(ty: GgmlType, data: &[u8], out: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller passes simd only when AVX2, FMA and F16C were detected.
+        return unsafe { decode_avx2(ty, data, out) };
+    }
+    let _ = simd;
+    decode_plain(ty, data, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_avx2(ty: GgmlType, data: &[u8], out: &mut [f32]) {
+    use avx2::*;
+    match ty {
+        GgmlType::Q4_0 => each_block!(32, 18, data, out, q4_0),
+        GgmlType::Q4_1 => each_block!(32, 20, data, out, q4_1),
+        GgmlType::Q8_0 => each_block!(32, 34, data, out, q8_0),
+        GgmlType::Q4_K => each_block!(256, 144, data, out, q4_k),
+        GgmlType::Q6_K => each_block!(256, 210, data, out, q6_k),
+        // The other types: the plain code, auto-vectorized for AVX2.
+        _ => decode_plain(ty, data, out),
+    }
+}
+
+/// Hand-written AVX2 block decoders for the common types. Each value is computed with the same
+/// f32 operations in the same order as the plain block code (a multiply, then an add or
+/// subtract; never fused), so the results are identical.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Run a block decoder over whole blocks (`B` elements in `S` bytes each).
+    macro_rules! each_block {
+        ($b:literal, $s:literal, $data:expr, $out:expr, $f:ident) => {{
+            let (data, out): (&[u8], &mut [f32]) = ($data, $out);
+            let n = (out.len() / $b).min(data.len() / $s);
+            for i in 0..n {
+                $f(data.as_ptr().add(i * $s), out.as_mut_ptr().add(i * $b));
+            }
+        }};
+    }
+    pub(super) use each_block;
+
+    #[inline(always)]
+    unsafe fn h(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32)))
+    }
+
+    /// The low 8 bytes of `v` (u8) as 8 f32.
+    #[inline(always)]
+    unsafe fn bytes8(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    /// Store `q · d + m` (as two roundings) of 16 u8 values at `y`.
+    #[inline(always)]
+    unsafe fn store16_mul_add(q: __m128i, d: __m256, m: __m256, y: *mut f32) {
+        let a = bytes8(q);
+        let b = bytes8(_mm_srli_si128(q, 8));
+        _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(a, d), m));
+        _mm256_storeu_ps(y.add(8), _mm256_add_ps(_mm256_mul_ps(b, d), m));
+    }
+
+    /// Store `d · q − m` of 16 u8 values at `y`.
+    #[inline(always)]
+    unsafe fn store16_dmul_sub(q: __m128i, d: __m256, m: __m256, y: *mut f32) {
+        let a = bytes8(q);
+        let b = bytes8(_mm_srli_si128(q, 8));
+        _mm256_storeu_ps(y, _mm256_sub_ps(_mm256_mul_ps(d, a), m));
+        _mm256_storeu_ps(y.add(8), _mm256_sub_ps(_mm256_mul_ps(d, b), m));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_1(b: *const u8, y: *mut f32) {
+        let d = _mm256_set1_ps(h(b));
+        let m = _mm256_set1_ps(h(b.add(2)));
+        let q = _mm_loadu_si128(b.add(4) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        store16_mul_add(_mm_and_si128(q, mask), d, m, y);
+        store16_mul_add(_mm_and_si128(_mm_srli_epi16(q, 4), mask), d, m, y.add(16));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_0(b: *const u8, y: *mut f32) {
+        let d = _mm256_set1_ps(h(b));
+        let q = _mm_loadu_si128(b.add(2) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let eight = _mm256_set1_epi32(8);
+        for (half, v) in [_mm_and_si128(q, mask), _mm_and_si128(_mm_srli_epi16(q, 4), mask)].into_iter().enumerate() {
+            for (part, w) in [v, _mm_srli_si128(v, 8)].into_iter().enumerate() {
+                let x = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(w), eight));
+                _mm256_storeu_ps(y.add(16 * half + 8 * part), _mm256_mul_ps(x, d));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0(b: *const u8, y: *mut f32) {
+        let d = _mm256_set1_ps(h(b));
+        for i in 0..4 {
+            let w = _mm_loadl_epi64(b.add(2 + 8 * i) as *const __m128i);
+            let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
+            _mm256_storeu_ps(y.add(8 * i), _mm256_mul_ps(x, d));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_k(b: *const u8, y: *mut f32) {
+        let d = h(b);
+        let min = h(b.add(2));
+        let scales = std::slice::from_raw_parts(b.add(4), 12);
+        let mask = _mm_set1_epi8(0x0F);
+        for i in 0..4 {
+            let (s1, m1) = super::scale_min_k4(2 * i, scales);
+            let (s2, m2) = super::scale_min_k4(2 * i + 1, scales);
+            let (d1, m1) = (_mm256_set1_ps(d * s1 as f32), _mm256_set1_ps(min * m1 as f32));
+            let (d2, m2) = (_mm256_set1_ps(d * s2 as f32), _mm256_set1_ps(min * m2 as f32));
+            let out = y.add(64 * i);
+            for half in 0..2 {
+                let q = _mm_loadu_si128(b.add(16 + 32 * i + 16 * half) as *const __m128i);
+                store16_dmul_sub(_mm_and_si128(q, mask), d1, m1, out.add(16 * half));
+                store16_dmul_sub(_mm_and_si128(_mm_srli_epi16(q, 4), mask), d2, m2, out.add(32 + 16 * half));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6_k(b: *const u8, y: *mut f32) {
+        let d = h(b.add(208));
+        let m4 = _mm_set1_epi8(0x0F);
+        let m3 = _mm_set1_epi8(3);
+        let bias = _mm256_set1_epi32(32);
+        for half in 0..2 {
+            let ql = b.add(64 * half);
+            let qh = b.add(128 + 32 * half);
+            let sc = b.add(192 + 8 * half);
+            let out = y.add(128 * half);
+            // 16 elements at a time: l in [16·is, 16·is + 16) share scale sc[is + 2k].
+            for is in 0..2 {
+                let l0 = 16 * is;
+                let a = _mm_loadu_si128(ql.add(l0) as *const __m128i);
+                let c = _mm_loadu_si128(ql.add(l0 + 32) as *const __m128i);
+                let hb = _mm_loadu_si128(qh.add(l0) as *const __m128i);
+                let q = [
+                    _mm_or_si128(_mm_and_si128(a, m4), _mm_slli_epi16(_mm_and_si128(hb, m3), 4)),
+                    _mm_or_si128(_mm_and_si128(c, m4), _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(hb, 2), m3), 4)),
+                    _mm_or_si128(
+                        _mm_and_si128(_mm_srli_epi16(a, 4), m4),
+                        _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(hb, 4), m3), 4),
+                    ),
+                    _mm_or_si128(
+                        _mm_and_si128(_mm_srli_epi16(c, 4), m4),
+                        _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(hb, 6), m3), 4),
+                    ),
+                ];
+                for (k, v) in q.into_iter().enumerate() {
+                    let s = _mm256_set1_ps(d * (*sc.add(is + 2 * k) as i8) as f32);
+                    for part in 0..2 {
+                        let w = if part == 0 { v } else { _mm_srli_si128(v, 8) };
+                        let x = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(w), bias));
+                        _mm256_storeu_ps(out.add(32 * k + l0 + 8 * part), _mm256_mul_ps(s, x));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn decode_plain(ty: GgmlType, data: &[u8], out: &mut [f32]) {
+    #[inline(always)]
+    fn each<const B: usize, const S: usize>(data: &[u8], out: &mut [f32], f: impl Fn(&[u8], &mut [f32])) {
+        for (yb, bb) in out.chunks_exact_mut(B).zip(data.chunks_exact(S)) {
+            f(bb, yb);
+        }
+    }
+    match ty {
+        GgmlType::F32 => {
+            for (y, c) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *y = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => match bytemuck::try_cast_slice::<u8, f16>(data) {
+            Ok(h) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&h[..out.len()], out),
+            Err(_) => {
+                for (y, c) in out.iter_mut().zip(data.chunks_exact(2)) {
+                    *y = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        },
+        GgmlType::BF16 => {
+            for (y, c) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *y = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        GgmlType::Q8_0 => each::<32, 34>(data, out, block_q8_0),
+        GgmlType::Q4_0 => each::<32, 18>(data, out, block_q4_0),
+        GgmlType::Q4_1 => each::<32, 20>(data, out, block_q4_1),
+        GgmlType::Q5_0 => each::<32, 22>(data, out, block_q5_0),
+        GgmlType::Q5_1 => each::<32, 24>(data, out, block_q5_1),
+        GgmlType::Q2_K => each::<256, 84>(data, out, block_q2_k),
+        GgmlType::Q3_K => each::<256, 110>(data, out, block_q3_k),
+        GgmlType::Q4_K => each::<256, 144>(data, out, block_q4_k),
+        GgmlType::Q5_K => each::<256, 176>(data, out, block_q5_k),
+        GgmlType::Q6_K => each::<256, 210>(data, out, block_q6_k),
+        GgmlType::Q8_K => each::<256, 292>(data, out, block_q8_k),
+        // Unreadable types never become packed tensors (HostTensor::quant refuses them).
+        _ => out.fill(f32::NAN),
+    }
+}
+
+/// `n_blocks` blocks of `ty` with random quants and small finite scales (f16 `d`/`dmin` in
+/// ±[0.001, 0.05)): test data for the kernels that read packed weights (`persona check`).
+pub fn random_blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
+    let (_, size) = ty.block_layout().map_or((1, 4), |(b, s)| (b as usize, s as usize));
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out: Vec<u8> = (0..n_blocks * size).map(|_| next() as u8).collect();
+    // Byte offsets of each type's f16 scale fields (ggml-common.h).
+    let f16_at: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q2_K => &[80, 82],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q6_K => &[208],
+        _ => &[],
+    };
+    for blk in out.chunks_exact_mut(size) {
+        let mut small = || {
+            let r = next();
+            let v = 0.001 + (r % 49_000) as f32 * 1e-6;
+            if r & (1 << 40) != 0 {
+                -v
+            } else {
+                v
+            }
+        };
+        for &o in f16_at {
+            blk[o..o + 2].copy_from_slice(&f16::from_f32(small()).to_le_bytes());
+        }
+        match ty {
+            GgmlType::Q8_K => blk[0..4].copy_from_slice(&small().to_le_bytes()),
+            GgmlType::F32 => blk.copy_from_slice(&small().to_le_bytes()),
+            GgmlType::F16 => blk.copy_from_slice(&f16::from_f32(small() * 20.0).to_le_bytes()),
+            GgmlType::BF16 => blk.copy_from_slice(&half::bf16::from_f32(small() * 20.0).to_le_bytes()),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[inline(always)]
 fn half_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Q8_0: f16 d, 32 × i8; y = d·q.
+#[inline(always)]
 fn block_q8_0(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     for (yi, &q) in y.iter_mut().zip(&b[2..34]) {
@@ -90,6 +355,7 @@ fn block_q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q4_0: f16 d, 16 bytes of nibbles (low nibbles are elements 0..16, high 16..32); y = d·(q−8).
+#[inline(always)]
 fn block_q4_0(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     for (j, &q) in b[2..18].iter().enumerate() {
@@ -99,6 +365,7 @@ fn block_q4_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q4_1: f16 d, f16 m, 16 bytes of nibbles; y = d·q + m.
+#[inline(always)]
 fn block_q4_1(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     let m = half_at(b, 2);
@@ -109,6 +376,7 @@ fn block_q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_0: f16 d, u32 high bits, 16 bytes of nibbles; y = d·(q−16) with q 5 bits.
+#[inline(always)]
 fn block_q5_0(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -121,6 +389,7 @@ fn block_q5_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_1: f16 d, f16 m, u32 high bits, 16 bytes of nibbles; y = d·q + m with q 5 bits.
+#[inline(always)]
 fn block_q5_1(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     let m = half_at(b, 2);
@@ -135,6 +404,7 @@ fn block_q5_1(b: &[u8], y: &mut [f32]) {
 
 /// Q2_K (`dequantize_row_q2_K`): for each half (128 elements, 32 bytes of `qs`), four 2-bit
 /// planes (shift 0, 2, 4, 6), each two runs of 16 elements with their own scale byte.
+#[inline(always)]
 fn block_q2_k(b: &[u8], y: &mut [f32]) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let d = half_at(b, 80);
@@ -159,6 +429,7 @@ fn block_q2_k(b: &[u8], y: &mut [f32]) {
 /// Q3_K (`dequantize_row_q3_K`): the sixteen 6-bit scales, unpacked as ggml's kmask code does:
 /// low 4 bits from bytes 0..8 (low nibbles for scales 0..8, high for 8..16), high 2 bits from
 /// byte 8 + s % 4 at bit 2·(s / 4).
+#[inline(always)]
 fn block_q3_k(b: &[u8], y: &mut [f32]) {
     let (hmask, qs, sb) = (&b[0..32], &b[32..96], &b[96..108]);
     let d = half_at(b, 108);
@@ -186,6 +457,7 @@ fn block_q3_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// ggml's `get_scale_min_k4`: scale and min `j` (0..8) of a Q4_K/Q5_K super-block.
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -196,6 +468,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// Q4_K (`dequantize_row_q4_K`): four runs of 64 elements, 32 bytes of `qs` each: the low
 /// nibbles with scale/min 2i, then the high nibbles with 2i + 1.
+#[inline(always)]
 fn block_q4_k(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     let min = half_at(b, 2);
@@ -216,6 +489,7 @@ fn block_q4_k(b: &[u8], y: &mut [f32]) {
 
 /// Q5_K (`dequantize_row_q5_K`): Q4_K's layout plus `qh`, whose bits 2i and 2i + 1 add 16 to the
 /// low and high nibbles of run i.
+#[inline(always)]
 fn block_q5_k(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     let min = half_at(b, 2);
@@ -239,6 +513,7 @@ fn block_q5_k(b: &[u8], y: &mut [f32]) {
 
 /// Q6_K (`dequantize_row_q6_K`): per half (128 elements: 64 bytes of `ql`, 32 of `qh`, 8 scales),
 /// four runs of 32 built from a nibble of `ql` and two bits of `qh`; y = (d·sc)·(q − 32).
+#[inline(always)]
 fn block_q6_k(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 208);
     for half in 0..2 {
@@ -262,6 +537,7 @@ fn block_q6_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q8_K (`dequantize_row_q8_K`): f32 d, 256 × i8, then 16 i16 block sums (not needed); y = d·q.
+#[inline(always)]
 fn block_q8_k(b: &[u8], y: &mut [f32]) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     for (yi, &q) in y.iter_mut().zip(&b[4..260]) {
@@ -276,6 +552,31 @@ mod tests {
     use crate::model::gguf_write::encode;
     use crate::model::tensor::{HostTensor, Storage};
 
+    /// The row decoder (plain and AVX2) gives exactly `dequantize`'s values for every type.
+    #[test]
+    fn decode_into_matches_dequantize_at_every_simd_level() {
+        for ty in GgmlType::READABLE {
+            let (block, _) = ty.block_layout().unwrap();
+            let n = 3 * 256usize.max(block as usize);
+            let data = random_blocks(ty, n / block as usize, 7);
+            let want = dequantize(ty, &data, n).unwrap();
+            assert!(want.iter().all(|v| v.is_finite()), "{ty}: random blocks decode to finite values");
+            for simd in [false, true] {
+                if simd
+                    && !crate::backend::cpu::simd::Simd::available().contains(&crate::backend::cpu::simd::Simd::Avx2)
+                {
+                    eprintln!("SKIPPED: {ty} AVX2 decode (this CPU has no AVX2)");
+                    continue;
+                }
+                let mut got = vec![f32::NAN; n];
+                decode_into(ty, &data, &mut got, simd);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{ty} simd={simd} element {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     /// Nibble pattern used by the Q4/Q5 tests: low nibble j, high nibble 15 − j.
     fn nibbles() -> Vec<u8> {
         (0..16u8).map(|j| j | ((15 - j) << 4)).collect()
@@ -284,7 +585,7 @@ mod tests {
     fn read_one(ty: GgmlType, dims: &[u64], data: Vec<u8>) -> HostTensor {
         let g = open_bytes(&encode(&[], &[raw("q", dims, ty, data)]).unwrap()).unwrap();
         let t = g.tensor("q").unwrap();
-        assert!(matches!(t.storage, Storage::F32(_)));
+        assert!(matches!(t.storage, Storage::Quant { ty: t2, .. } if t2 == ty), "kept packed");
         t
     }
 

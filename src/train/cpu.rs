@@ -221,8 +221,9 @@ macro_rules! cpu_train_backend {
                 for (what, len) in [("h", h.len()), ("dy", dy.len()), ("dh", dh.len())] {
                     need(&format!("rmsnorm_backward {what}"), len, t * width)?;
                 }
-                need("rmsnorm_backward weight", w.data.len(), width)?;
-                rmsnorm_backward(&h[..t * width], &w.data[..width], eps, &dy[..t * width], width, &mut dh[..t * width]);
+                let w = w.values()?;
+                need("rmsnorm_backward weight", w.len(), width)?;
+                rmsnorm_backward(&h[..t * width], &w[..width], eps, &dy[..t * width], width, &mut dh[..t * width]);
                 Ok(())
             }
 
@@ -237,7 +238,9 @@ macro_rules! cpu_train_backend {
                 let (n, k) = (w.shape[0], w.shape[1]);
                 need("matmul_backward_x dy", dy.len(), t * n)?;
                 need("matmul_backward_x dx", dx.len(), t * k)?;
-                matmul_backward_x(dy, &w.data, t, n, k, dx, accumulate);
+                let wv = w.values()?;
+                need("matmul_backward_x weight", wv.len(), n * k)?;
+                matmul_backward_x(dy, wv, t, n, k, dx, accumulate);
                 Ok(())
             }
 

@@ -84,7 +84,8 @@ impl Backend for CpuGemmBackend {
         "cpu-gemm"
     }
     fn upload(&self, t: &HostTensor) -> Result<CpuWeight> {
-        CpuBackend.upload(t)
+        // Training reads every weight as f32 (the backward GEMMs), so widen them all.
+        Ok(CpuWeight::f32(t))
     }
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         CpuBackend.alloc(len)
@@ -132,17 +133,18 @@ impl Backend for CpuGemmBackend {
             return CpuBackend.matmul(x, w, bias, t, out);
         }
         let (n, k) = (w.shape[0], w.shape[1]);
-        if x.len() < t * k || out.len() < t * n || w.data.len() < n * k || bias.is_some_and(|b| b.data.len() < n) {
+        let (wv, bias) = (w.values()?, bias.map(|b| b.values()).transpose()?);
+        if x.len() < t * k || out.len() < t * n || wv.len() < n * k || bias.is_some_and(|b| b.len() < n) {
             return Err(Error::Backend {
                 backend: "cpu-gemm",
                 msg: format!("matmul buffers too small for [{t}, {k}] × [{n}, {k}]ᵀ"),
             });
         }
         // out = x · Wᵀ: W is [n, k] row-major, so Wᵀ has row stride 1 and column stride k.
-        gemm_f32(t, n, k, out, false, (&x[..t * k], k as isize, 1), (&w.data[..n * k], 1, k as isize), 1.0);
+        gemm_f32(t, n, k, out, false, (&x[..t * k], k as isize, 1), (&wv[..n * k], 1, k as isize), 1.0);
         if let Some(b) = bias {
             for row in out[..t * n].chunks_mut(n) {
-                for (o, &bv) in row.iter_mut().zip(&b.data[..n]) {
+                for (o, &bv) in row.iter_mut().zip(&b[..n]) {
                     *o += bv;
                 }
             }

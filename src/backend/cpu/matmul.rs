@@ -1,14 +1,15 @@
 //! CPU matmul `out[t, n] = x[t, :] · w[n, :] + b[n]`, W in PyTorch `[out, in]` layout.
 //! Parallel over blocks of W rows: each block of W is read from memory once and reused for
-//! every token while it sits in cache, which is what decode (t = 1) is bound by. Inside a block,
+//! every token while it sits in cache, which is what decode (t = 1) is bound by. W may be f32 or
+//! stored packed (ggml quantized blocks, f16, bf16: [`Rows::Packed`]); a packed block of rows is
+//! decoded into a per-thread f32 scratch right before its tiles run, so only the packed bytes
+//! come from memory, and the results equal those of the widened f32 weight bit for bit. Inside a block,
 //! tiles of up to 4 tokens × 3 rows share their loads (12 accumulators + 3 x + 1 w = 16 AVX2
 //! registers), so prefill is bound by arithmetic.
 //!
 //! Every output is one 8-lane FMA chain over the row in order, reduced the same way, whatever
 //! tile it falls in and whether AVX2 is used: a token's result does not depend on its position
 //! in the batch, so a batch equals its sequences run alone, bit for bit.
-
-use rayon::prelude::*;
 
 /// Scalar tile with the exact arithmetic of the AVX2 one (lane-wise FMA, same reduction).
 #[inline(always)]
@@ -76,15 +77,16 @@ unsafe fn tile_avx2<const NT: usize, const NR: usize>(x: [&[f32]; NT], w: [&[f32
     out
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+use super::simd::{active, Simd};
+use crate::model::gguf::GgmlType;
+
+/// The rows of W as the matmul reads them.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    /// `[n, k]` f32, row-major.
+    F32(&'a [f32]),
+    /// `n` rows of `k` elements of `ty` (a ggml quantized type, F16 or BF16), `row_bytes` each.
+    Packed { ty: GgmlType, data: &'a [u8], row_bytes: usize },
 }
 
 #[inline(always)]
@@ -101,7 +103,47 @@ fn tile<const NT: usize, const NR: usize>(avx2: bool, x: [&[f32]; NT], w: [&[f32
 /// Dot product, with the same arithmetic as every matmul output.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    tile::<1, 1>(has_avx2(), [&a[..n]], [&b[..n]])[0][0]
+    tile::<1, 1>(active() >= Simd::Avx2, [&a[..n]], [&b[..n]])[0][0]
+}
+
+/// Every dot product of `xs[i]` with `ws[j]` (rows of equal length), each with exactly the
+/// arithmetic of [`dot`], computed in tiles that share their loads; `put(i, j, value)`.
+pub fn dot_tiles(xs: &[&[f32]], ws: &[&[f32]], mut put: impl FnMut(usize, usize, f32)) {
+    let avx2 = active() >= Simd::Avx2;
+    for i0 in (0..xs.len()).step_by(4) {
+        let nt = (xs.len() - i0).min(4);
+        for j0 in (0..ws.len()).step_by(3) {
+            let nr = (ws.len() - j0).min(3);
+            macro_rules! go {
+                ($nt:literal, $nr:literal) => {{
+                    let v = tile::<$nt, $nr>(
+                        avx2,
+                        std::array::from_fn(|i| xs[i0 + i]),
+                        std::array::from_fn(|j| ws[j0 + j]),
+                    );
+                    for (i, vi) in v.iter().enumerate() {
+                        for (j, &vij) in vi.iter().enumerate() {
+                            put(i0 + i, j0 + j, vij);
+                        }
+                    }
+                }};
+            }
+            match (nt, nr) {
+                (4, 3) => go!(4, 3),
+                (4, 2) => go!(4, 2),
+                (4, 1) => go!(4, 1),
+                (3, 3) => go!(3, 3),
+                (3, 2) => go!(3, 2),
+                (3, 1) => go!(3, 1),
+                (2, 3) => go!(2, 3),
+                (2, 2) => go!(2, 2),
+                (2, 1) => go!(2, 1),
+                (1, 3) => go!(1, 3),
+                (1, 2) => go!(1, 2),
+                _ => go!(1, 1),
+            }
+        }
+    }
 }
 
 struct OutPtr(*mut f32);
@@ -110,6 +152,7 @@ unsafe impl Sync for OutPtr {}
 
 /// Up to 4 tokens starting at `ti` × up to 3 rows starting at `r`, dispatched to a fixed-size tile.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn run_tile(
     avx2: bool,
     x: &[f32],
@@ -119,7 +162,7 @@ fn run_tile(
     nt: usize,
     r: usize,
     nr: usize,
-    put: &dyn Fn(usize, usize, f32),
+    put: &impl Fn(usize, usize, f32),
 ) {
     let xr = |i: usize| &x[(ti + i) * k..(ti + i + 1) * k];
     let wr = |j: usize| &wb[(r + j) * k..(r + j + 1) * k];
@@ -149,15 +192,39 @@ fn run_tile(
     }
 }
 
-pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
-    assert!(x.len() >= t * k && w.len() >= n * k && out.len() >= t * n);
-    const ROWS: usize = 12;
-    let avx2 = has_avx2();
+pub fn matmul(x: &[f32], w: Rows<'_>, bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
+    matmul_with(active(), x, w, bias, t, n, k, out)
+}
+
+thread_local! {
+    /// Decoded rows of one block of a packed W (at most 12 × k values).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`matmul`] at a given SIMD level (tests force the lower ones).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    simd: Simd,
+    x: &[f32],
+    w: Rows<'_>,
+    bias: Option<&[f32]>,
+    t: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    assert!(x.len() >= t * k && out.len() >= t * n);
+    match w {
+        Rows::F32(w) => assert!(w.len() >= n * k),
+        Rows::Packed { data, row_bytes, .. } => assert!(data.len() >= n * row_bytes),
+    }
+    let rows_per_task: usize = if t <= 4 { 3 } else { 12 };
+    let avx2 = simd >= Simd::Avx2;
     let o = OutPtr(out.as_mut_ptr());
     let o = &o;
-    w[..n * k].par_chunks(ROWS * k).enumerate().for_each(|(blk, wb)| {
-        let n0 = blk * ROWS;
-        let rows = wb.len() / k;
+    let block = |blk: usize, wb: &[f32]| {
+        let n0 = blk * rows_per_task;
+        let rows = wb.len() / k.max(1);
         let put = |ti: usize, r: usize, mut v: f32| {
             if let Some(b) = bias {
                 v += b[n0 + r];
@@ -170,12 +237,72 @@ pub fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, t: usize, n: usize, k:
                 run_tile(avx2, x, wb, k, ti, (t - ti).min(4), r, (rows - r).min(3), &put);
             }
         }
-    });
+    };
+    if k == 0 {
+        for ti in 0..t {
+            for r in 0..n {
+                out[ti * n + r] = bias.map_or(0.0, |b| b[r]);
+            }
+        }
+        return;
+    }
+    use rayon::prelude::*;
+    match w {
+        Rows::F32(w) => w[..n * k].par_chunks(rows_per_task * k).enumerate().for_each(|(blk, wb)| block(blk, wb)),
+        Rows::Packed { ty, data, row_bytes } => {
+            data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
+                let rows = bytes.len() / row_bytes;
+                SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    if s.len() < rows * k {
+                        s.resize(rows * k, 0.0);
+                    }
+                    let wb = &mut s[..rows * k];
+                    crate::model::gguf::decode_into(ty, bytes, wb, avx2);
+                    block(blk, wb);
+                })
+            })
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A packed weight gives exactly the results of its widened f32 copy, at every SIMD level
+    /// and batch size (decode-sized and prefill-sized row blocks), for every readable type.
+    #[test]
+    fn packed_matmul_equals_widened_reference() {
+        use crate::model::gguf::{dequantize, random_blocks};
+        for ty in GgmlType::READABLE {
+            let block = ty.block_layout().unwrap().0 as usize;
+            let k = match block {
+                1 => 201,
+                32 => 96,
+                _ => 512,
+            };
+            let n = 29;
+            let data = random_blocks(ty, n * k / block, 3);
+            let row_bytes = data.len() / n;
+            let wide = dequantize(ty, &data, n * k).unwrap();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            for t in [1, 7, 33, 129] {
+                let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+                let mut want = vec![0f32; t * n];
+                matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
+                for simd in Simd::available() {
+                    let mut got = vec![f32::NAN; t * n];
+                    matmul_with(simd, &x, Rows::Packed { ty, data: &data, row_bytes }, Some(&bias), t, n, k, &mut got);
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{ty} t={t} {simd:?}: packed differs from widened");
+                    let mut f = vec![f32::NAN; t * n];
+                    matmul_with(simd, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut f);
+                    assert_eq!(f, want, "{ty} t={t} {simd:?}: f32 path differs across SIMD levels");
+                }
+            }
+        }
+    }
 
     /// Every tile shape against a plain f64 reference, on awkward sizes; and each token's result
     /// is the same whatever its position in the batch.
@@ -186,7 +313,7 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 17) as f32 * 0.05 - 0.4).collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
             let mut out = vec![f32::NAN; t * n];
-            matmul(&x, &w, Some(&b), t, n, k, &mut out);
+            matmul(&x, Rows::F32(&w), Some(&b), t, n, k, &mut out);
             for ti in 0..t {
                 for r in 0..n {
                     let want: f64 =
@@ -198,7 +325,7 @@ mod tests {
                     );
                 }
                 let mut one = vec![0f32; n];
-                matmul(&x[ti * k..(ti + 1) * k], &w, Some(&b), 1, n, k, &mut one);
+                matmul(&x[ti * k..(ti + 1) * k], Rows::F32(&w), Some(&b), 1, n, k, &mut one);
                 assert_eq!(one, out[ti * n..(ti + 1) * n], "token {ti} alone differs from its batch row");
             }
             assert_eq!(tile_plain::<1, 1>([&x[..k]], [&w[..k]])[0][0].to_bits(), dot(&x[..k], &w[..k]).to_bits());

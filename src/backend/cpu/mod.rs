@@ -1,28 +1,98 @@
-//! The CPU reference backend: plain loops, f32 storage, f64 accumulation where it is cheap
-//! (norms, softmax sums). Parallel over rows with rayon; SIMD dot product when the CPU has AVX2+FMA.
+//! The CPU reference backend: plain loops, f32 activations, f64 accumulation where it is cheap
+//! (norms, softmax sums). Parallel over rows with rayon; SIMD kernels when the CPU has AVX2+FMA
+//! (`simd.rs`). Matmul weights stay as the file stores them (ggml quantized blocks, f16, bf16,
+//! memory-mapped where the loader did not have to reorder them) and are decoded a block of rows
+//! at a time as the matmul reads them; vectors (norms, biases) are widened at upload.
 
 mod gemm;
 mod matmul;
 mod residual;
+pub mod simd;
 
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
-use crate::model::tensor::{HostTensor, Storage};
+use crate::model::gguf::GgmlType;
+use crate::model::tensor::{DType, HostTensor, Storage};
 
 pub use gemm::{gemm_f32, CpuGemmBackend};
-pub use matmul::dot;
+pub use matmul::{dot, matmul_with, Rows};
 pub use residual::CpuPlan;
+
+/// Run `f` on a worker of rayon's global pool, so that the CPU backend's parallel ops start on
+/// the calling worker and the others join in, instead of every op handing its work to the pool
+/// and putting the caller to sleep until it is done (on 2 cores that handoff cost a quarter of a
+/// decode step). The CLI runs every command this way; embedders should wrap their generation
+/// loop in it. With fewer than 2 workers `f` runs here (a lone worker blocked in `f` could not
+/// serve another thread's parallel work).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() < 2 {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
 
 /// The CPU backend. Stateless; cheap to create.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
-/// A weight widened to f32 (shared when the loader already produced f32).
+/// A weight on the CPU: f32, or rows stored packed as the file has them.
 pub struct CpuWeight {
-    pub data: std::sync::Arc<Vec<f32>>,
     pub shape: Vec<usize>,
+    pub data: WeightData,
+}
+
+pub enum WeightData {
+    /// f32 values (shared when the loader already produced f32).
+    F32(std::sync::Arc<Vec<f32>>),
+    /// Rows of `ty` (ggml quantized blocks, F16 or BF16), `row_bytes` each, in the tensor's
+    /// storage (a range of the file's memory map, or bytes the loader reordered).
+    Packed { ty: GgmlType, row_bytes: usize, tensor: HostTensor },
+}
+
+impl CpuWeight {
+    /// A weight widened to f32 (what the reference kernels of training read).
+    pub fn f32(t: &HostTensor) -> CpuWeight {
+        let data = match &t.storage {
+            Storage::F32(v) => v.clone(),
+            _ => std::sync::Arc::new(t.to_f32()),
+        };
+        CpuWeight { data: WeightData::F32(data), shape: t.shape.clone() }
+    }
+
+    /// The weight's rows as the matmul reads them.
+    pub fn rows(&self) -> Rows<'_> {
+        match &self.data {
+            WeightData::F32(v) => Rows::F32(v),
+            WeightData::Packed { ty, row_bytes, tensor } => {
+                Rows::Packed { ty: *ty, data: tensor.bytes(), row_bytes: *row_bytes }
+            }
+        }
+    }
+
+    /// The f32 values; an error for a packed weight (an op that needs them got one).
+    pub fn values(&self) -> Result<&[f32]> {
+        match &self.data {
+            WeightData::F32(v) => Ok(v),
+            WeightData::Packed { ty, tensor, .. } => {
+                Err(invalid(format!("weight `{}` is stored as {ty}; this op needs it widened to f32", tensor.name)))
+            }
+        }
+    }
+
+    /// Bytes the weight holds (packed or f32).
+    pub fn stored_bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Packed { tensor, .. } => tensor.bytes().len(),
+        }
+    }
+
+    /// Elements per row (the last dimension).
+    fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
 }
 
 /// A batch's tokens with the KV page table, and the number of pages the table uses.
@@ -47,11 +117,25 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CpuWeight> {
-        let data = match &t.storage {
-            Storage::F32(v) => v.clone(),
-            Storage::Mapped { .. } => std::sync::Arc::new(t.to_f32()),
+        // Vectors (norms, biases) are small and read by f32 code: widen them.
+        if t.shape.len() < 2 || t.numel() == 0 {
+            return Ok(CpuWeight::f32(t));
+        }
+        let ty = match &t.storage {
+            Storage::F32(_) | Storage::Mapped { dtype: DType::F32, .. } => return Ok(CpuWeight::f32(t)),
+            Storage::Mapped { dtype: DType::F16, .. } => GgmlType::F16,
+            Storage::Mapped { dtype: DType::BF16, .. } => GgmlType::BF16,
+            Storage::Quant { ty, .. } => *ty,
         };
-        Ok(CpuWeight { data, shape: t.shape.clone() })
+        let rows = t.shape[0];
+        let bytes = t.bytes().len();
+        if bytes % rows != 0 {
+            return Err(invalid(format!("tensor `{}` {:?}: {bytes} bytes are not {rows} equal rows", t.name, t.shape)));
+        }
+        Ok(CpuWeight {
+            shape: t.shape.clone(),
+            data: WeightData::Packed { ty, row_bytes: bytes / rows, tensor: t.clone() },
+        })
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
@@ -88,13 +172,25 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], width: usize, out: &mut Vec<f32>) -> Result<()> {
-        let rows = table.data.len() / width;
+        if table.cols() != width || out.len() < ids.len() * width {
+            return Err(invalid(format!("embedding table {:?} read as rows of {width}", table.shape)));
+        }
+        let rows = table.shape[0];
         for (i, &id) in ids.iter().enumerate() {
             let id = id as usize;
             if id >= rows {
                 return Err(invalid(format!("token id {id} is outside the embedding table ({rows} rows)")));
             }
-            out[i * width..(i + 1) * width].copy_from_slice(&table.data[id * width..(id + 1) * width]);
+            let dst = &mut out[i * width..(i + 1) * width];
+            match table.rows() {
+                Rows::F32(v) => dst.copy_from_slice(&v[id * width..(id + 1) * width]),
+                Rows::Packed { ty, data, row_bytes } => crate::model::gguf::decode_into(
+                    ty,
+                    &data[id * row_bytes..(id + 1) * row_bytes],
+                    dst,
+                    simd::active() >= simd::Simd::Avx2,
+                ),
+            }
         }
         Ok(())
     }
@@ -115,7 +211,11 @@ impl Backend for CpuBackend {
                 return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
             }
         }
-        residual::residual_steer_norm(h, delta.map(|d| d.as_slice()), steer, &norm.data[..width], eps, t, width, x);
+        let norm = norm.values()?;
+        if norm.len() < width {
+            return Err(invalid(format!("norm weight of {} values for width {width}", norm.len())));
+        }
+        residual::residual_steer_norm(h, delta.map(|d| d.as_slice()), steer, &norm[..width], eps, t, width, x);
         Ok(())
     }
 
@@ -127,8 +227,12 @@ impl Backend for CpuBackend {
         t: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let (n, k) = (w.shape[0], w.shape[1]);
-        matmul::matmul(&x[..t * k], &w.data, bias.map(|b| b.data.as_slice()), t, n, k, &mut out[..t * n]);
+        let (n, k) = (w.shape[0], w.cols());
+        let bias = bias.map(|b| b.values()).transpose()?;
+        if x.len() < t * k || out.len() < t * n || bias.is_some_and(|b| b.len() < n) {
+            return Err(invalid(format!("matmul buffers too small for [{t}, {k}] × {:?}ᵀ", w.shape)));
+        }
+        matmul::matmul(&x[..t * k], w.rows(), bias, t, n, k, &mut out[..t * n]);
         Ok(())
     }
 
@@ -195,29 +299,44 @@ impl Backend for CpuBackend {
         let hd = s.head_dim;
         let scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&cache.k, &cache.v);
-        // One task per (token, head): scores over the slot's positions 0..=pos, softmax, weighted sum of v.
-        out[..t * s.n_heads * hd].par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-            let (i, head) = (idx / s.n_heads, idx % s.n_heads);
+        // One task per (token, group of query heads sharing a KV head): the scores of the
+        // group's heads against each key row in tiles that load the row once, softmax, then
+        // each value row read once for the whole group. Every score and output has the same
+        // arithmetic as one head alone (a `dot` per score, values summed in key order), so
+        // results do not depend on the grouping. Small batches (decode) split groups into single
+        // heads so both cores have work.
+        let per_task = if t * s.n_kv_heads >= 4 * rayon::current_num_threads() { group } else { 1 };
+        let tasks_per_token = s.n_heads / per_task;
+        out[..t * s.n_heads * hd].par_chunks_mut(per_task * hd).enumerate().for_each(|(idx, o)| {
+            let (i, task) = (idx / tasks_per_token, idx % tasks_per_token);
+            let head0 = task * per_task;
             let tp = layout[i];
-            let kvh = head / group;
-            let qv = &q[(i * s.n_heads + head) * hd..][..hd];
+            let kvh = head0 / group;
             let slot = tp.slot as usize;
             let n = tp.pos as usize + 1;
             let rows: Vec<usize> = (0..n).map(|j| (pt.row(slot, j) * s.n_kv_heads + kvh) * hd).collect();
-            let mut scores: Vec<f32> = rows.iter().map(|&r| dot(qv, &kc[r..][..hd]) * scale).collect();
-            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - m).exp();
-                sum += *sc as f64;
+            let qs: Vec<&[f32]> = (0..per_task).map(|h| &q[(i * s.n_heads + head0 + h) * hd..][..hd]).collect();
+            let ks: Vec<&[f32]> = rows.iter().map(|&r| &kc[r..][..hd]).collect();
+            let mut scores = vec![0f32; per_task * n];
+            matmul::dot_tiles(&qs, &ks, |h, j, v| scores[h * n + j] = v * scale);
+            let mut inv = vec![0f32; per_task];
+            for (h, sc) in scores.chunks_mut(n).enumerate() {
+                let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for x in sc.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x as f64;
+                }
+                inv[h] = (1.0 / sum) as f32;
             }
-            let inv = (1.0 / sum) as f32;
             o.fill(0.0);
-            for (&r, &p) in rows.iter().zip(&scores) {
+            for (j, &r) in rows.iter().enumerate() {
                 let vr = &vc[r..][..hd];
-                let p = p * inv;
-                for (a, &b) in o.iter_mut().zip(vr) {
-                    *a += p * b;
+                for (h, oh) in o.chunks_mut(hd).enumerate() {
+                    let p = scores[h * n + j] * inv[h];
+                    for (a, &b) in oh.iter_mut().zip(vr) {
+                        *a += p * b;
+                    }
                 }
             }
         });

@@ -274,6 +274,8 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaWeight> {
+        // Quantized blocks are widened here, one tensor at a time, and stored as bf16.
+        let t = &*t.widened();
         let n = t.numel();
         let keep_f32 = t.shape.len() <= 1;
         let what = format!("tensor `{}` {:?}", t.name, t.shape);

@@ -115,6 +115,8 @@ fn chunk_bytes<'a>(
 }
 
 pub(crate) fn upload(ctx: &Arc<Ctx>, t: &HostTensor) -> Result<WgpuWeight> {
+    // Quantized blocks are widened to f32 here, one tensor at a time.
+    let t = &*t.widened();
     let numel = t.numel();
     if t.bytes().len() != numel * t.dtype().size() {
         return Err(err(format!(

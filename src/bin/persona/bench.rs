@@ -44,7 +44,7 @@ impl ShapeName {
 pub enum DtypeArg {
     /// f32 (values still bf16-representable).
     F32,
-    /// bf16 as a model file would hold it: GPU backends keep it, the CPU widens it to f32.
+    /// bf16 as a model file would hold it: every backend keeps it as stored.
     Bf16,
 }
 
@@ -227,18 +227,17 @@ impl BackendTask for Task<'_> {
     fn run<B: Backend>(self, b: B, device: String) -> Result<()> {
         let a = self.args;
         let ctx = context_needed(a);
-        let (engine, model, dtype) = match self.source {
+        let (engine, model, dtype, weights) = match self.source {
             Source::Shape(shape) => {
                 let (dtype, label) = match a.dtype {
                     DtypeArg::F32 => (DType::F32, "f32 (bf16-representable random)"),
                     DtypeArg::Bf16 => (DType::BF16, "bf16 (random)"),
                 };
-                // The CPU widens 16-bit weights to f32 on upload: both copies are on the host.
-                check_shape_memory(&shape, dtype, b.name() == "cpu").context("--shape")?;
+                check_shape_memory(&shape, dtype, false).context("--shape")?;
                 eprintln!("generating random {label} weights for {} (seed {})", shape.name, a.seed);
                 let (cfg, tensors) = bench::random_model(&shape, a.seed, dtype)?;
                 let e = Engine::new(b, cfg, &tensors, ctx)?;
-                (e, format!("shape:{}", shape.name), label.to_string())
+                (e, format!("shape:{}", shape.name), label.to_string(), bench::matmul_weights(&tensors))
             }
             Source::File(path) => {
                 let mut files = ModelFiles::open(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -257,7 +256,7 @@ impl BackendTask for Task<'_> {
                     model += &format!(" + adapter {}", dir.display());
                 }
                 let e = Engine::new(b, files.config.clone(), &files.tensors, ctx)?;
-                (e, model, format!("stored {dtype}"))
+                (e, model, format!("stored {dtype}"), bench::matmul_weights(&files.tensors))
             }
         };
         if engine.max_context < ctx {
@@ -267,8 +266,9 @@ impl BackendTask for Task<'_> {
                 engine.max_context
             );
         }
-        let info = BenchInfo::new(&engine.config, engine.backend.name(), device, model, dtype);
-        let rows = run_all(&engine, a)?;
+        let info = BenchInfo::new(&engine.config, engine.backend.name(), device, model, dtype).with_weights(weights);
+        let mut rows = run_all(&engine, a)?;
+        bench::fill_rates(&info, &mut rows);
         if a.json {
             println!("{}", serde_json::to_string_pretty(&bench::to_json(&info, &rows))?);
         } else {

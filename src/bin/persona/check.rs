@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use persona::backend::check::{format_table, run_checks, run_weight_format_checks};
+use persona::backend::check::{format_table, run_checks, run_cpu_kernel_checks, run_weight_format_checks};
 use persona::backend::cpu::CpuBackend;
 use persona::backend::cuda::{compile, CudaBackend};
 use persona::backend::wgpu::WgpuBackend;
@@ -32,7 +32,11 @@ pub fn run(a: CheckArgs) -> Result<()> {
         return compile_only(&a);
     }
     let (name, rows) = match a.backend {
-        BackendKind::Auto | BackendKind::Cpu => ("cpu", run_checks(&CpuBackend, a.quick)),
+        BackendKind::Auto | BackendKind::Cpu => {
+            let mut rows = run_checks(&CpuBackend, a.quick);
+            rows.extend(run_cpu_kernel_checks(a.quick));
+            ("cpu", rows)
+        }
         BackendKind::Cuda => {
             let b = CudaBackend::new(0)?;
             eprintln!("checking cuda on {} ({})", b.device_name(), b.arch());

@@ -251,7 +251,7 @@ fn main() {
         std::env::set_var("NODEVICE_SELECT", "1");
     }
     let cli = Cli::parse();
-    let r = match cli.cmd {
+    let r = persona::backend::cpu::on_pool(move || match cli.cmd {
         Cmd::Generate(a) => a.model.clone().run(a),
         Cmd::Chat(a) => a.model.clone().run(a),
         Cmd::Extract(a) => a.model.clone().run(a),
@@ -269,7 +269,7 @@ fn main() {
         Cmd::Dataset(a) => dataset::run(a),
         Cmd::Vaccine(a) => vaccine::run(a),
         Cmd::Fetch(a) => fetch(a),
-    };
+    });
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);

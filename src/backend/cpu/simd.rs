@@ -1,0 +1,71 @@
+//! Which SIMD code the CPU kernels run, chosen once per process: the best the CPU has, capped by
+//! `PERSONA_CPU_SIMD` (`portable` or `avx2`) so the lower paths can be run and tested on a
+//! machine that has the higher ones. Every level gives the same results bit for bit (the
+//! kernels share one order of arithmetic); only speed differs.
+
+use std::sync::OnceLock;
+
+/// A SIMD level, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Plain Rust (whatever the compiler makes of it for the build target).
+    Portable,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Simd {
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            Simd::Avx2 => "avx2",
+        }
+    }
+
+    /// The levels this CPU can run, lowest first.
+    pub fn available() -> Vec<Simd> {
+        let mut v = vec![Simd::Portable];
+        if detected() >= Simd::Avx2 {
+            v.push(Simd::Avx2);
+        }
+        v
+    }
+}
+
+/// The best level this CPU supports.
+pub fn detected() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Portable
+}
+
+/// The level the kernels use: [`detected`], capped by `PERSONA_CPU_SIMD`. An unknown value is
+/// reported once on stderr and ignored.
+pub fn active() -> Simd {
+    static ACTIVE: OnceLock<Simd> = OnceLock::new();
+    *ACTIVE.get_or_init(|| {
+        let best = detected();
+        match std::env::var("PERSONA_CPU_SIMD") {
+            Err(_) => best,
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" => best,
+                "portable" | "scalar" | "none" => Simd::Portable,
+                "avx2" => best.min(Simd::Avx2),
+                other => {
+                    eprintln!(
+                        "warning: PERSONA_CPU_SIMD={other:?} is not one of portable, avx2; using {}",
+                        best.name()
+                    );
+                    best
+                }
+            },
+        }
+    })
+}
