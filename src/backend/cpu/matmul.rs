@@ -252,6 +252,21 @@ pub fn matmul_with(
         Rows::Packed { ty, data, row_bytes } => {
             data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
                 let rows = bytes.len() / row_bytes;
+                if t == 1 && rows <= 3 {
+                    // Decode fused into the dot products (same lanes as the tile on decoded rows).
+                    let mut lanes = [[0f32; 8]; 3];
+                    if crate::model::gguf::dot_rows(ty, &x[..k], bytes, row_bytes, &mut lanes[..rows], avx2) {
+                        for (r, l) in lanes[..rows].iter().enumerate() {
+                            let mut v = finish(l, &x[..k], &x[..k], k);
+                            if let Some(b) = bias {
+                                v += b[blk * rows_per_task + r];
+                            }
+                            // SAFETY: column blk·rows_per_task + r belongs to this block only (t = 1).
+                            unsafe { *o.0.add(blk * rows_per_task + r) = v };
+                        }
+                        return;
+                    }
+                }
                 SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
                     if s.len() < rows * k {
