@@ -111,67 +111,30 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_tiles(xs: &[&[f32]], ws: &[&[f32]], mut put: impl FnMut(usize, usize, f32)) {
     let avx2 = active() >= Simd::Avx2;
     for i0 in (0..xs.len()).step_by(4) {
-        let nt = (xs.len() - i0).min(4);
         for j0 in (0..ws.len()).step_by(3) {
-            let nr = (ws.len() - j0).min(3);
-            macro_rules! go {
-                ($nt:literal, $nr:literal) => {{
-                    let v = tile::<$nt, $nr>(
-                        avx2,
-                        std::array::from_fn(|i| xs[i0 + i]),
-                        std::array::from_fn(|j| ws[j0 + j]),
-                    );
-                    for (i, vi) in v.iter().enumerate() {
-                        for (j, &vij) in vi.iter().enumerate() {
-                            put(i0 + i, j0 + j, vij);
-                        }
-                    }
-                }};
-            }
-            match (nt, nr) {
-                (4, 3) => go!(4, 3),
-                (4, 2) => go!(4, 2),
-                (4, 1) => go!(4, 1),
-                (3, 3) => go!(3, 3),
-                (3, 2) => go!(3, 2),
-                (3, 1) => go!(3, 1),
-                (2, 3) => go!(2, 3),
-                (2, 2) => go!(2, 2),
-                (2, 1) => go!(2, 1),
-                (1, 3) => go!(1, 3),
-                (1, 2) => go!(1, 2),
-                _ => go!(1, 1),
-            }
+            let (nt, nr) = ((xs.len() - i0).min(4), (ws.len() - j0).min(3));
+            tile_at(avx2, nt, nr, |i| xs[i0 + i], |j| ws[j0 + j], |i, j, v| put(i0 + i, j0 + j, v));
         }
     }
 }
 
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-/// Up to 4 tokens starting at `ti` × up to 3 rows starting at `r`, dispatched to a fixed-size tile.
-#[allow(clippy::too_many_arguments)]
+/// One tile of `nt` ≤ 4 rows `xr(i)` × `nr` ≤ 3 rows `wr(j)`, dispatched to a fixed-size tile;
+/// `put(i, j, value)` with tile-local indices.
 #[inline(always)]
-fn run_tile(
+fn tile_at<'a>(
     avx2: bool,
-    x: &[f32],
-    wb: &[f32],
-    k: usize,
-    ti: usize,
     nt: usize,
-    r: usize,
     nr: usize,
-    put: &impl Fn(usize, usize, f32),
+    xr: impl Fn(usize) -> &'a [f32],
+    wr: impl Fn(usize) -> &'a [f32],
+    mut put: impl FnMut(usize, usize, f32),
 ) {
-    let xr = |i: usize| &x[(ti + i) * k..(ti + i + 1) * k];
-    let wr = |j: usize| &wb[(r + j) * k..(r + j + 1) * k];
     macro_rules! go {
         ($nt:literal, $nr:literal) => {{
-            let v = tile::<$nt, $nr>(avx2, std::array::from_fn(xr), std::array::from_fn(wr));
+            let v = tile::<$nt, $nr>(avx2, std::array::from_fn(&xr), std::array::from_fn(&wr));
             for (i, vi) in v.iter().enumerate() {
                 for (j, &vij) in vi.iter().enumerate() {
-                    put(ti + i, r + j, vij);
+                    put(i, j, vij);
                 }
             }
         }};
@@ -191,6 +154,10 @@ fn run_tile(
         _ => go!(1, 1),
     }
 }
+
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 pub fn matmul(x: &[f32], w: Rows<'_>, bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
     matmul_with(active(), x, w, bias, t, n, k, out)
@@ -234,7 +201,8 @@ pub fn matmul_with(
         };
         for ti in (0..t).step_by(4) {
             for r in (0..rows).step_by(3) {
-                run_tile(avx2, x, wb, k, ti, (t - ti).min(4), r, (rows - r).min(3), &put);
+                let (xr, wr) = (|i: usize| &x[(ti + i) * k..][..k], |j: usize| &wb[(r + j) * k..][..k]);
+                tile_at(avx2, (t - ti).min(4), (rows - r).min(3), xr, wr, |i, j, v| put(ti + i, r + j, v));
             }
         }
     };
