@@ -2,9 +2,11 @@
 //! default model when it is cached (`persona fetch`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use persona::backend::cpu::CpuBackend;
+use persona::backend::cpu::simd::Simd;
+use persona::backend::cpu::{matmul_with, CpuBackend, Rows};
 use persona::backend::{AttnShape, Backend, KvLayer, PageTable, TokenPos};
 use persona::engine::SeqInput;
+use persona::model::gguf::{random_blocks, GgmlType};
 use persona::model::tensor::HostTensor;
 use persona::steer::{Positions, Probe, SeqSteering, SteerKind, SteerOp, SteeringPlan};
 use persona::LoadedModel;
@@ -32,6 +34,20 @@ fn ops(c: &mut Criterion) {
         g.bench_function(format!("residual_norm_{t}x{h}"), |bn| {
             bn.iter(|| b.residual_steer_norm(&mut hh, Some(&d), None, &norm, 1e-5, t, h, &mut xo).unwrap())
         });
+    }
+    // The same matmul with packed weights (decoded as read), at each SIMD level this CPU has.
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q8_0] {
+        let data = random_blocks(ty, f * h / ty.block_layout().unwrap().0 as usize, 11);
+        let rows = Rows::Packed { ty, data: &data, row_bytes: data.len() / f };
+        for t in [1usize, 64] {
+            let x = rand_vec(t * h, 1);
+            let mut out = vec![0f32; t * f];
+            g.throughput(Throughput::Bytes(data.len() as u64));
+            for simd in Simd::available() {
+                let name = format!("matmul_{ty}_{}_{t}x{h}x{f}", simd.name());
+                g.bench_function(name, |bn| bn.iter(|| matmul_with(simd, &x, rows, None, t, f, h, &mut out)));
+            }
+        }
     }
     // Decode attention over 512 cached positions, SmolLM2 geometry (9 q heads, 3 kv heads, d 64).
     let s = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
