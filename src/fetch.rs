@@ -37,6 +37,30 @@ fn how_to_provide(dest: &Path) -> String {
     )
 }
 
+/// Hold an exclusive lock on `<dir>/<file>.lock` for one fetch, so that a second persona
+/// fetching the same file (a parallel test run, two terminals) waits, then finds the file in
+/// place, instead of both writing the same `.partial`. Released when dropped.
+fn fetch_lock(dir: &Path, file: &str, log: &mut dyn FnMut(&str)) -> Result<std::fs::File> {
+    let path = dir.join(format!("{file}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            log(&format!("another persona is fetching {file}; waiting for it ({})", path.display()));
+            f.lock().map_err(|e| Error::Fetch(format!("locking {}: {e}", path.display())))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::Fetch(format!("locking {}: {e}", path.display())));
+        }
+    }
+    Ok(f)
+}
+
 /// Path of the default model, fetching it into the cache when it is not there yet.
 /// `log` receives progress lines.
 pub fn default_model(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
@@ -47,6 +71,10 @@ pub fn default_model(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let dest = dir.join(DEFAULT_MODEL_FILE);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Fetch(format!("creating {}: {e}; {}", dir.display(), how_to_provide(&dest))))?;
+    let _lock = fetch_lock(&dir, DEFAULT_MODEL_FILE, log)?;
+    if dest.is_file() {
+        return Ok(dest);
+    }
     let tmp = dir.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = fetch_into(&tmp, &dest, log);
@@ -186,6 +214,11 @@ pub fn cached_named_model(name: &str) -> Option<PathBuf> {
 pub fn fetch_named(m: &NamedModel, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let dir = cache_dir().ok_or_else(|| Error::Fetch("neither XDG_CACHE_HOME nor HOME is set".into()))?;
     let dest = dir.join(m.file);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Fetch(format!("creating {}: {e}", dir.display())))?;
+    let _lock = fetch_lock(&dir, m.file, log)?;
     if dest.is_file() {
         return Ok(dest);
     }
@@ -341,6 +374,25 @@ pub fn join_parts(parts: &[PathBuf], dest: &Path, size: u64, sha256: &str) -> st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second fetch of the same file waits for the first one's lock (and says so).
+    #[test]
+    fn a_second_fetch_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = fetch_lock(dir.path(), "m.gguf", &mut |_| {}).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let mut said = vec![];
+            let _second = fetch_lock(&d, "m.gguf", &mut |l| said.push(l.to_string())).unwrap();
+            tx.send(said).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "the second lock did not wait");
+        drop(first);
+        let said = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the second lock was never granted");
+        assert!(said.iter().any(|l| l.contains("another persona is fetching m.gguf")), "{said:?}");
+        waiter.join().unwrap();
+    }
 
     #[test]
     fn registry_names_parts_and_members() {
