@@ -431,6 +431,17 @@ pub fn run_weight_format_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow>
     tab.0
 }
 
+/// A row length for kernel tests of `ty` that is not a multiple of the SIMD width where the format
+/// allows: 201 for f16/bf16 (one element per block), 96 for 32-element blocks (3 blocks, not a
+/// multiple of 256), 512 for the K-quants (2 super-blocks).
+pub fn kernel_case_k(ty: crate::model::gguf::GgmlType) -> usize {
+    match ty.block_layout().map_or(1, |b| b.0) {
+        1 => 201,
+        32 => 96,
+        _ => 512,
+    }
+}
+
 /// The CPU's packed-weight kernels against the widened-f32 reference: for every readable ggml
 /// type (and f16/bf16 rows), matmul at t = 1, 7, 33, 129 (decode-sized and prefill-sized row
 /// blocks) with k not a multiple of the SIMD width where the format allows (f16/bf16: 201;
@@ -449,11 +460,7 @@ pub fn run_cpu_kernel_checks(quick: bool) -> Vec<CheckRow> {
             continue;
         }
         let block = ty.block_layout().map_or(1, |b| b.0 as usize);
-        let k = match block {
-            1 => 201,
-            32 => 96,
-            _ => 512,
-        };
+        let k = kernel_case_k(ty);
         let n = 37;
         let data = random_blocks(ty, n * k / block, 41);
         let row_bytes = data.len() / n;

@@ -117,14 +117,6 @@ impl HostTensor {
         }
     }
 
-    /// The type as stored, for messages ("F32", "BF16", "Q4_K").
-    pub fn stored_type(&self) -> String {
-        match &self.storage {
-            Storage::Quant { ty, .. } => ty.name().to_string(),
-            _ => format!("{:?}", self.dtype()).to_uppercase(),
-        }
-    }
-
     /// This tensor with quantized blocks widened to f32 (a copy); plain tensors are borrowed.
     /// For consumers that take only f32/f16/bf16 (the GPU uploads, tensor edits).
     pub fn widened(&self) -> std::borrow::Cow<'_, HostTensor> {

@@ -260,11 +260,7 @@ mod tests {
         use crate::model::gguf::{dequantize, random_blocks};
         for ty in GgmlType::READABLE {
             let block = ty.block_layout().unwrap().0 as usize;
-            let k = match block {
-                1 => 201,
-                32 => 96,
-                _ => 512,
-            };
+            let k = crate::backend::check::kernel_case_k(ty);
             let n = 29;
             let data = random_blocks(ty, n * k / block, 3);
             let row_bytes = data.len() / n;

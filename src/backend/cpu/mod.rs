@@ -81,14 +81,6 @@ impl CpuWeight {
         }
     }
 
-    /// Bytes the weight holds (packed or f32).
-    pub fn stored_bytes(&self) -> usize {
-        match &self.data {
-            WeightData::F32(v) => v.len() * 4,
-            WeightData::Packed { tensor, .. } => tensor.bytes().len(),
-        }
-    }
-
     /// Elements per row (the last dimension).
     fn cols(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
