@@ -125,15 +125,14 @@ fn corrupt_weights_and_overflowing_steering_stop_with_the_block() {
     assert!(err.contains("non-finite values") && err.contains("after block 5 (residual index 6)"), "{err}");
     assert!(out.trim().is_empty(), "no text from NaN logits: {out}");
 
-    let (ok, _, err) = persona_cli(&[
-        "generate",
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "4",
-        "--steer",
-        &format!("vector={},layer=12,coeff=3e38", vector("evil")),
-    ]);
+    let steer = |spec: String| persona_cli(&["generate", "--prompt", "Hello", "--max-tokens", "4", "--steer", &spec]);
+    // A coefficient beyond 1e4 is refused before anything runs (the same limit as the server's).
+    let (ok, _, err) = steer(format!("vector={},layer=12,coeff=3e38", vector("evil")));
+    assert!(!ok && err.contains("`coeff` must be a finite number with magnitude at most 10000"), "{err}");
+    // A vector of huge values times an accepted coefficient overflows inside the forward pass.
+    let huge = dir.path().join("huge.safetensors");
+    persona::steer::vector::PersonaVector::load(vector("evil")).unwrap().scaled(1e35).save(&huge).unwrap();
+    let (ok, _, err) = steer(format!("vector={},layer=12,coeff=1e4", huge.display()));
     assert!(!ok && err.contains("non-finite values") && err.contains("after block 11 (residual index 12)"), "{err}");
 }
 

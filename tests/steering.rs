@@ -285,12 +285,12 @@ fn cli_steer_and_monitor() {
     let (ok, _, err) = bad(&format!("vector={v},layer=7,coeff=1"), "--steer");
     assert!(!ok && err.contains("layer 7"), "{err}");
     let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=NaN"), "--steer");
-    assert!(!ok && err.contains("coeff `NaN`"), "{err}");
+    assert!(!ok && err.contains("`coeff` must be a finite number") && err.contains("got `NaN`"), "{err}");
     let other = fixtures().join("tiny-qwen2/test_vector.safetensors");
     let (ok, _, err) = bad(&format!("vector={},layers=all", other.display()), "--monitor");
     assert!(!ok && err.contains("the model has N=3, H=64"), "{err}");
     let (ok, _, err) = bad(&format!("vector={v},layer=2,coeff=1,when=nobody>1"), "--steer");
-    assert!(!ok && err.contains("no --monitor named `nobody`"), "{err}");
+    assert!(!ok && err.contains("no monitor named `nobody`"), "{err}");
 }
 
 /// Answer-token mean residuals captured inside the forward pass reproduce the fixture's extracted

@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     if steer.is_empty() && monitor.is_empty() {
         return;
     }
-    let p = vector_file();
+    let p = persona::steer::spec::VectorRef::Name(vector_file().to_string_lossy().to_string());
     let steer: Vec<SteerSpec> = steer.into_iter().map(|x| SteerSpec { vector: p.clone(), ..x }).collect();
     let monitor: Vec<MonitorSpec> = monitor.into_iter().map(|x| MonitorSpec { vector: p.clone(), ..x }).collect();
     let mut warnings = vec![];

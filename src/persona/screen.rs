@@ -41,6 +41,29 @@ pub fn read_dataset(path: &Path) -> Result<Vec<Sample>> {
 /// A sample's own fields besides those screened (`messages`, `prompt`, `response`): ids, labels, ...
 pub type SampleFields = serde_json::Map<String, serde_json::Value>;
 
+/// One sample from its JSON object: `{"messages": [..., {"role": "assistant", ...}]}` or
+/// `{"prompt": ..., "response": ...}` (a dataset line, or a row a Python caller passed).
+pub fn sample_from_json(v: &serde_json::Value) -> std::result::Result<Sample, String> {
+    if let Some(msgs) = v.get("messages") {
+        let mut msgs: Vec<Message> = serde_json::from_value(msgs.clone()).map_err(|e| format!("`messages`: {e}"))?;
+        let last = msgs.pop().ok_or("`messages` is empty")?;
+        if last.role != "assistant" {
+            return Err("the last message must be the assistant's response".into());
+        }
+        if msgs.is_empty() {
+            return Err("no prompt before the assistant's response".into());
+        }
+        return Ok(Sample { messages: msgs, response: last.content });
+    }
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("missing string `{k}` (or `messages`)"))
+    };
+    Ok(Sample { messages: vec![Message::user(get("prompt")?)], response: get("response")? })
+}
+
 /// [`read_dataset`], and beside each sample the line's other fields, for the report.
 pub fn read_dataset_with_fields(path: &Path) -> Result<(Vec<Sample>, Vec<SampleFields>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -57,26 +80,7 @@ pub fn read_dataset_with_fields(path: &Path) -> Result<(Vec<Sample>, Vec<SampleF
             own.remove(k);
         }
         fields.push(own);
-        if let Some(msgs) = v.get("messages") {
-            let mut msgs: Vec<Message> =
-                serde_json::from_value(msgs.clone()).map_err(|e| bad(&format!("`messages`: {e}")))?;
-            let last = msgs.pop().ok_or_else(|| bad("`messages` is empty"))?;
-            if last.role != "assistant" {
-                return Err(bad("the last message must be the assistant's response"));
-            }
-            if msgs.is_empty() {
-                return Err(bad("no prompt before the assistant's response"));
-            }
-            out.push(Sample { messages: msgs, response: last.content });
-        } else {
-            let get = |k: &str| {
-                v.get(k)
-                    .and_then(|x| x.as_str())
-                    .map(str::to_string)
-                    .ok_or_else(|| bad(&format!("missing string `{k}` (or `messages`)")))
-            };
-            out.push(Sample { messages: vec![Message::user(get("prompt")?)], response: get("response")? });
-        }
+        out.push(sample_from_json(&v).map_err(|e| bad(&e))?);
     }
     if out.is_empty() {
         return Err(Error::format(path, "the dataset has no samples"));

@@ -184,6 +184,8 @@ struct Collector {
     logprobs: bool,
     monitors: Vec<MonitorInfo>,
     steering_ops: usize,
+    /// The plan's warnings ([`Resolved::warnings`]), reported in the `persona` summary.
+    warnings: Vec<String>,
     choices: Vec<ChoiceState>,
     prompt_tokens: usize,
 }
@@ -372,14 +374,18 @@ impl Collector {
                            "response_mean": p["response_mean"]})).collect::<Vec<_>>()})
             );
         }
-        json!({
+        let mut out = json!({
             "probes": probes,
             "steering_ops": self.steering_ops,
             "receipts": d.receipts,
             "flagged": flagged,
             "reason": if flagged { Value::String(reasons.join("; ")) } else { Value::Null },
             "reasons": reasons,
-        })
+        });
+        if !self.warnings.is_empty() {
+            out["warnings"] = json!(self.warnings);
+        }
+        out
     }
 
     fn usage(&self) -> Value {
@@ -561,6 +567,7 @@ async fn generate(st: S, kind: Kind, ids: Vec<u32>, c: Common, ext: Resolved) ->
         logprobs: c.logprobs,
         monitors: ext.monitors.clone(),
         steering_ops: ext.steering.plan.ops.len(),
+        warnings: ext.warnings.clone(),
         choices: (0..c.n).map(|_| ChoiceState::default()).collect(),
         prompt_tokens: ids.len(),
         st: st.clone(),

@@ -2,6 +2,7 @@
 
 pub mod control_vector;
 pub mod plan;
+pub mod request;
 pub mod spec;
 pub mod vector;
 

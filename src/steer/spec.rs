@@ -10,17 +10,20 @@
 //!   h += c·|h_L|·v/|v| — the paper's raw coefficients stay the default, `scale=raw`; `op=center`
 //!   clamps to the vector's baseline projection `persona.baseline`, and `origin=baseline` measures
 //!   a clamp's target and the `when=` thresholds from it instead of from 0)
-//! `--monitor vector=PATH|NAME[,layers=all][,name=NAME]` (name defaults to the file stem; layers to
+//! `--monitor vector=PATH|NAME[,layers=all][,name=NAME][,threshold=T]` (name defaults to the file stem; layers to
 //! the vector's `persona.layer`, else all)
+//!
+//! Both parse into the library's one request type ([`crate::steer::request`]), the same the
+//! server's JSON and the Python keywords parse into.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::steer::request::{self, FileSource, Item};
+pub use crate::steer::request::{MonitorRequest, SteerRequest, VectorRef};
 use crate::steer::vector::PersonaVector;
-use crate::steer::{Cmp, Condition, OpSource, Positions, Probe, SeqSteering, SteerKind, SteerOp};
+use crate::steer::{Cmp, SeqSteering, SteerKind};
 
 /// The largest residual index a layer list may name (models have at most a few hundred blocks;
 /// a larger number is a typo, and a range up to it would be allocated in full).
@@ -88,103 +91,79 @@ pub struct WhenSpec {
     pub threshold: f32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct SteerSpec {
-    pub vector: PathBuf,
-    /// None: the vector's recorded `persona.layer`.
-    pub layers: Option<Layers>,
-    pub kind: SteerKind,
-    pub coeff: f32,
-    pub positions: Positions,
-    pub when: Option<WhenSpec>,
-    /// `coeff` is a fraction of |h_L| (from the vector's `persona.mean_norms`).
-    pub relative: bool,
-    /// `origin=baseline` (or `op=center`): clamp targets and `when=` thresholds are measured from
-    /// the vector's baseline projection (`persona.baseline`) instead of from 0.
-    pub from_baseline: bool,
-}
+/// A `--steer` spec: the library's one steering request type ([`SteerRequest`]).
+pub type SteerSpec = SteerRequest;
+/// A `--monitor` spec ([`MonitorRequest`]).
+pub type MonitorSpec = MonitorRequest;
 
 /// The window of relative coefficients measured to steer without wrecking the text on the
 /// default model (at 50–60% depth); beyond it `resolve` warns.
 pub const RELATIVE_WINDOW: (f32, f32) = (0.1, 0.3);
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct MonitorSpec {
-    pub vector: PathBuf,
-    /// None: the vector's recorded `persona.layer`, else every layer.
-    pub layers: Option<Layers>,
-    pub name: String,
-}
-
-fn pairs(spec: &str, what: &str, known: &[&str]) -> Result<HashMap<String, String>> {
-    let mut m = HashMap::new();
+/// `k=v,k=v` as a JSON object of strings (every value is read by the JSON parser, which
+/// accepts numbers written as strings).
+fn pairs(spec: &str, what: &str) -> Result<serde_json::Value> {
+    let mut m = serde_json::Map::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| Error::Invalid(format!("{what} `{spec}`: `{part}` is not key=value")))?;
         let k = k.trim();
-        if !known.contains(&k) {
-            return Err(Error::Invalid(format!("{what} `{spec}`: unknown key `{k}` (known: {})", known.join(", "))));
-        }
-        if m.insert(k.to_string(), v.trim().to_string()).is_some() {
+        if m.insert(k.to_string(), serde_json::Value::String(v.trim().to_string())).is_some() {
             return Err(Error::Invalid(format!("{what} `{spec}`: `{k}` given twice")));
         }
     }
-    Ok(m)
+    Ok(serde_json::Value::Object(m))
 }
 
-fn finite(what: &str, key: &str, v: &str) -> Result<f32> {
-    match v.parse::<f32>() {
-        Ok(x) if x.is_finite() => Ok(x),
-        _ => Err(Error::Invalid(format!("{what}: {key} `{v}` is not a finite number"))),
-    }
-}
-
-impl SteerSpec {
+impl SteerRequest {
+    /// Parse a `--steer` SPEC (`key=value,...`); the pairs mean what the same keys mean in JSON
+    /// ([`SteerRequest::from_json`]).
     pub fn parse(spec: &str) -> Result<Self> {
-        let what = format!("--steer `{spec}`");
-        let m = pairs(
-            spec,
-            "--steer",
-            &["vector", "layer", "layers", "coeff", "op", "positions", "when", "scale", "origin"],
-        )?;
-        let vector = m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH or NAME")))?;
-        let layers = match (m.get("layer"), m.get("layers")) {
-            (Some(_), Some(_)) => return Err(Error::Invalid(format!("{what}: give layer= or layers=, not both"))),
-            (Some(l), None) | (None, Some(l)) => {
-                Some(Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?)
-            }
-            (None, None) => None,
-        };
-        let op = m.get("op").map(String::as_str).unwrap_or("add");
-        let (kind, from_baseline) =
-            op_and_origin(op, m.get("origin").map(String::as_str), m.contains_key("coeff"), m.contains_key("when"))
-                .map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
-        let coeff = match m.get("coeff") {
-            None if op == "center" => 0.0,
-            Some(c) => finite(&what, "coeff", c)?,
-            None if kind == SteerKind::Clamp => {
-                return Err(Error::Invalid(format!("{what}: op=clamp needs coeff= (the target projection)")))
-            }
-            None if kind == SteerKind::Add => {
-                return Err(Error::Invalid(format!("{what}: op=add needs coeff= (the multiple of the vector)")))
-            }
-            None => 0.0,
-        };
-        let positions = match m.get("positions").map(String::as_str).unwrap_or("all") {
-            "all" => Positions::All,
-            "prompt" => Positions::Prompt,
-            "response" => Positions::Response,
-            p => return Err(Error::Invalid(format!("{what}: unknown positions `{p}` (all, prompt, response)"))),
-        };
-        let when = m.get("when").map(|w| WhenSpec::parse(w, &what)).transpose()?;
-        let relative = match m.get("scale").map(String::as_str).unwrap_or("raw") {
-            "raw" => false,
-            "relative" => true,
-            o => return Err(Error::Invalid(format!("{what}: unknown scale `{o}` (raw, relative)"))),
-        };
-        Ok(SteerSpec { vector: PathBuf::from(vector), layers, kind, coeff, positions, when, relative, from_baseline })
+        let m = pairs(spec, "--steer")?;
+        SteerRequest::from_json(&m).map_err(|e| Error::Invalid(format!("--steer `{spec}`: {e}")))
     }
+
+    /// The `--steer` SPEC that parses back to this op (inline values are shown as `inline`).
+    pub fn to_spec(&self) -> String {
+        spec_of(&self.to_json())
+    }
+}
+
+impl MonitorRequest {
+    /// Parse a `--monitor` SPEC (`vector=PATH|NAME[,layers=all][,name=NAME][,threshold=T]`).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let m = pairs(spec, "--monitor")?;
+        MonitorRequest::from_json(&m).map_err(|e| Error::Invalid(format!("--monitor `{spec}`: {e}")))
+    }
+
+    pub fn to_spec(&self) -> String {
+        spec_of(&self.to_json())
+    }
+}
+
+/// `k=v,...` of a request's JSON, `vector` first and the rest in the order written in the docs,
+/// leaving out what is the default.
+fn spec_of(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let Some(o) = v.as_object() else { return String::new() };
+    let order = ["vector", "layers", "op", "coeff", "positions", "when", "scale", "origin", "name", "threshold"];
+    let defaults = [("op", "add"), ("positions", "all"), ("scale", "raw")];
+    order
+        .iter()
+        .filter_map(|&k| {
+            let v = o.get(k)?;
+            let text = match v {
+                Value::String(s) if defaults.contains(&(k, s.as_str())) => return None,
+                Value::String(s) => s.clone(),
+                Value::Array(_) if k == "vector" => "inline".to_string(),
+                Value::Array(a) => a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("+"),
+                v => v.to_string(),
+            };
+            Some(format!("{k}={text}"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A steering op's kind from `op=` and whether it is measured from the baseline (`origin=`):
@@ -280,29 +259,6 @@ impl WhenSpec {
         }
         Ok(WhenSpec { probe, layer, cmp, threshold })
     }
-
-    fn parse(w: &str, what: &str) -> Result<Self> {
-        Self::parse_condition(w).map_err(|e| Error::Invalid(format!("{what}: {e}")))
-    }
-}
-
-impl MonitorSpec {
-    pub fn parse(spec: &str) -> Result<Self> {
-        let what = format!("--monitor `{spec}`");
-        let m = pairs(spec, "--monitor", &["vector", "layers", "layer", "name"])?;
-        let vector = PathBuf::from(
-            m.get("vector").ok_or_else(|| Error::Invalid(format!("{what}: missing vector=PATH or NAME")))?,
-        );
-        let layers = match m.get("layers").or(m.get("layer")) {
-            Some(l) => Some(Layers::parse(l).map_err(|e| Error::Invalid(format!("{what}: {e}")))?),
-            None => None,
-        };
-        let name = match m.get("name") {
-            Some(n) => n.clone(),
-            None => vector.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "probe".into()),
-        };
-        Ok(MonitorSpec { vector, layers, name })
-    }
 }
 
 /// The layer chosen for the vector (`persona.layer`, recorded by `persona eval`), if any.
@@ -314,6 +270,18 @@ pub fn recorded_layer(v: &PersonaVector) -> Result<Option<usize>> {
             _ => Err(Error::format(v.origin(), format!("`persona.layer` is `{s}`, not a layer 0..={}", v.n_layers))),
         },
     }
+}
+
+/// Where `vector=NAME` is looked for: `extra` (`--vectors DIR`) first, then the model's own
+/// folder of vectors, `vectors/<model name, lower case>/`, in the working directory and beside
+/// persona's sources (where the shipped vectors live).
+pub fn vector_dirs(extra: Option<&Path>, model: &Path) -> Vec<PathBuf> {
+    let own = Path::new("vectors").join(crate::model::load::model_name(model).to_lowercase());
+    let mut dirs: Vec<PathBuf> = extra.map(Path::to_path_buf).into_iter().collect();
+    dirs.push(own.clone());
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&own));
+    dirs.dedup();
+    dirs
 }
 
 /// The vector files (`*.safetensors`, `*.gguf`) in `dirs`, by name (file stem), sorted, once each.
@@ -416,118 +384,32 @@ pub fn mean_norms(v: &PersonaVector) -> Result<Vec<f32>> {
     Ok(norms)
 }
 
-/// Load the vectors that specs name (each file once) and build one sequence's steering.
-/// Every layer a spec uses is checked: in range, finite, not all zero. Relative coefficients
-/// outside [`RELATIVE_WINDOW`] add a warning (they are not refused).
+/// Resolve CLI specs against a model: vectors are files (a bare name is looked up in the
+/// vector folders first, by [`locate_vector`] in the caller), loaded once each. Warnings
+/// (relative coefficients outside [`RELATIVE_WINDOW`], a vector made from another model of the
+/// same shape) go to `warnings`. Errors name the spec.
 pub fn resolve(
     steer: &[SteerSpec],
     monitor: &[MonitorSpec],
     cfg: &ModelConfig,
     warnings: &mut Vec<String>,
 ) -> Result<SeqSteering> {
-    let mut files: HashMap<PathBuf, PersonaVector> = HashMap::new();
-    let mut identity_warnings = vec![];
-    let mut load = |p: &PathBuf| -> Result<PersonaVector> {
-        if let Some(v) = files.get(p) {
-            return Ok(v.clone());
-        }
-        let v = PersonaVector::load_for_model(p, cfg)?;
-        identity_warnings.extend(v.check_identity(cfg)?);
-        files.insert(p.clone(), v.clone());
-        Ok(v)
-    };
-    let row = |v: &PersonaVector, l: usize| -> Result<Arc<[f32]>> {
-        v.check_layer(l)?;
-        Ok(Arc::from(v.layer(l)))
-    };
-    let mut out = SeqSteering::default();
-    let mut by_name: HashMap<String, PersonaVector> = HashMap::new();
-    for m in monitor {
-        let v = load(&m.vector)?;
-        if by_name.insert(m.name.clone(), v.clone()).is_some() {
-            return Err(Error::Invalid(format!("two monitors are named `{}`: give one a name=", m.name)));
-        }
-        let layers = match (&m.layers, recorded_layer(&v)?) {
-            (Some(l), _) => l.resolve(cfg.n_layers),
-            (None, Some(l)) => vec![l],
-            (None, None) => Layers::All.resolve(cfg.n_layers),
-        };
-        for l in layers {
-            out.probes.push(Probe { name: m.name.clone(), layer: l, vector: row(&v, l)? });
-        }
-    }
-    for s in steer {
-        let v = load(&s.vector)?;
-        let first = out.plan.ops.len();
-        let layers = match (&s.layers, recorded_layer(&v)?) {
-            (Some(l), _) => l.resolve(cfg.n_layers),
-            (None, Some(l)) => vec![l],
-            (None, None) => {
-                return Err(Error::Invalid(format!(
-                    "--steer vector={}: no layer= given and the vector records no `persona.layer` (`persona eval` \
-                     chooses one): give layer=L",
-                    s.vector.display()
-                )))
-            }
-        };
-        for l in layers {
-            let vector = row(&v, l)?;
-            let mut coeff = s.coeff;
-            if s.relative && s.kind != SteerKind::Ablate && s.coeff != 0.0 {
-                let hl = mean_norms(&v)?[l];
-                let (lo, hi) = RELATIVE_WINDOW;
-                if s.kind == SteerKind::Add && (s.coeff.abs() < lo || s.coeff.abs() > hi) {
-                    warnings.push(format!(
-                        "{}: relative coefficient {} at layer {l} is outside the usable window {lo}–{hi} of |h_L| measured \
-                         on the default model",
-                        s.vector.display(),
-                        s.coeff
-                    ));
-                }
-                // add: h += c·|h_L|·v/|v|; clamp: target projection c·|h_L|.
-                coeff = if s.kind == SteerKind::Add { s.coeff * hl / v.norm(l) } else { s.coeff * hl };
-            }
-            if s.from_baseline && s.kind == SteerKind::Clamp {
-                coeff += baseline_of(&v, l)?;
-            }
-            let when = match &s.when {
-                None => None,
-                Some(w) => {
-                    let cv = if w.probe == "self" {
-                        &v
-                    } else {
-                        by_name.get(&w.probe).ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "when={}: no --monitor named `{}` (names: {}; or use `self`)",
-                                w.probe,
-                                w.probe,
-                                by_name.keys().cloned().collect::<Vec<_>>().join(", ")
-                            ))
-                        })?
-                    };
-                    let cl = w.layer.unwrap_or(l);
-                    let vector = row(cv, cl)?;
-                    let threshold = if s.from_baseline { w.threshold + baseline_of(cv, cl)? } else { w.threshold };
-                    Some(Condition { vector, layer: cl, cmp: w.cmp, threshold })
-                }
-            };
-            out.plan.ops.push(SteerOp { kind: s.kind, layer: l, vector, coeff, positions: s.positions, when });
-        }
-        out.sources.push(OpSource {
-            vector: v.name.clone(),
-            sha256: v.sha256(),
-            ops: first..out.plan.ops.len(),
-            when: s.when.as_ref().map(WhenSpec::to_string),
-        });
-    }
-    warnings.extend(identity_warnings);
-    out.validate(cfg.hidden, cfg.n_layers)?;
-    Ok(out)
+    let mut src = FileSource::new(vec![]);
+    let r = request::resolve(steer, monitor, &mut src, cfg).map_err(|(item, e)| {
+        Error::Invalid(match item {
+            Item::Steer(i) => format!("--steer `{}`: {e}", steer[i].to_spec()),
+            Item::Monitor(i) => format!("--monitor `{}`: {e}", monitor[i].to_spec()),
+            _ => e.to_string(),
+        })
+    })?;
+    warnings.extend(r.warnings);
+    Ok(r.steering)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::steer::Positions;
 
     #[test]
     fn center_and_origin_baseline() {
@@ -605,9 +487,12 @@ mod tests {
         assert_eq!(w("evil:LT:-2"), w("evil<-2"));
         assert_eq!(w("self@2:gt:1e9").threshold, 1e9);
         let m = MonitorSpec::parse("vector=/x/evil.safetensors").unwrap();
-        assert_eq!((m.name.as_str(), m.layers), ("evil", None));
+        assert_eq!((m.name().as_str(), m.layers), ("evil", None));
         let m = MonitorSpec::parse("vector=evil,layers=all").unwrap();
-        assert_eq!((m.name.as_str(), m.layers, m.vector), ("evil", Some(Layers::All), PathBuf::from("evil")));
+        assert_eq!(
+            (m.name().as_str(), m.layers, m.vector),
+            ("evil", Some(Layers::All), VectorRef::Name("evil".into()))
+        );
         assert_eq!(SteerSpec::parse("vector=evil,coeff=2").unwrap().layers, None);
         assert_eq!(Layers::parse("3+7+9").unwrap(), Layers::List(vec![3, 7, 9]));
     }
@@ -616,12 +501,13 @@ mod tests {
     fn malformed_specs_name_the_part() {
         let err = |s: &str| SteerSpec::parse(s).unwrap_err().to_string();
         assert!(err("vector=a,layer=3,coeff=1,op=boost").contains("unknown op `boost`"));
-        assert!(err("vector=a,layer=3,coeff=nan").contains("coeff `nan`"));
+        assert!(err("vector=a,layer=3,coeff=nan")
+            .contains("`coeff` must be a finite number with magnitude at most 10000, got `nan`"));
         assert!(err("vector=a,layer=x,coeff=1").contains("layers `x`"));
-        assert!(err("layer=3,coeff=1").contains("missing vector"));
+        assert!(err("layer=3,coeff=1").contains("missing `vector`"));
         assert!(err("vector=a,layer=3,coeff=1,colour=red").contains("unknown key `colour`"));
         assert!(err("vector=a,layer=3,coeff=1,positions=middle").contains("unknown positions"));
-        assert!(err("vector=a,layer=3,op=clamp").contains("needs coeff"));
+        assert!(err("vector=a,layer=3,op=clamp").contains("needs `coeff`"));
         assert!(err("vector=a,layer=3,coeff=1,when=evil=3").contains("NAME:gt:τ"));
         assert!(err("vector=a,layer=3,coeff=1,when=evil:ge:3").contains("unknown comparison `ge`"));
         assert!(err("vector=a,layer=3,coeff=1,when=evil:gt:x").contains("threshold `x`"));

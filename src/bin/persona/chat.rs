@@ -4,7 +4,7 @@
 //! each op touched, how often its condition fired). Ctrl-C during a reply stops that reply only.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -135,11 +135,6 @@ fn resolve_all<B: Backend>(
     Ok(Some(Arc::new(st)))
 }
 
-/// A vector file's name as `/coeff` and the listings know it: its file stem.
-fn stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
-}
-
 impl<B: Backend> Session<'_, B> {
     /// Take `steer` and `monitor` as the new state if they resolve; otherwise keep the old one.
     fn set(&mut self, steer: Vec<SteerSpec>, monitor: Vec<MonitorSpec>) -> Result<()> {
@@ -177,11 +172,12 @@ impl<B: Backend> Session<'_, B> {
         }
         let probes = self.steering.as_ref().map(|s| &s.probes[..]).unwrap_or_default();
         for (k, s) in self.monitor.iter().enumerate() {
-            let layers: Vec<String> = probes.iter().filter(|p| p.name == s.name).map(|p| p.layer.to_string()).collect();
+            let layers: Vec<String> =
+                probes.iter().filter(|p| p.name == s.name()).map(|p| p.layer.to_string()).collect();
             eprintln!(
                 "[{k}] monitor {} ({}) at layer{} {}",
-                s.name,
-                s.vector.display(),
+                s.name(),
+                s.vector,
                 if layers.len() == 1 { "" } else { "s" },
                 layers.join(",")
             );
@@ -205,13 +201,13 @@ impl<B: Backend> Session<'_, B> {
         };
         let hits: Vec<usize> = (0..self.steer.len())
             .filter(|&k| {
-                stem(&self.steer[k].vector) == name
+                self.steer[k].vector.label() == name
                     || names.get(k).is_some_and(|n| n == name)
                     || name.parse::<usize>().is_ok_and(|i| i == k)
             })
             .collect();
         if hits.is_empty() {
-            let have: Vec<String> = self.steer.iter().map(|s| stem(&s.vector)).collect();
+            let have: Vec<String> = self.steer.iter().map(|s| s.vector.label()).collect();
             bail!(
                 "/coeff: no steering op on vector `{name}` ({}); add one with /steer vector={name},coeff={x}",
                 if have.is_empty() {

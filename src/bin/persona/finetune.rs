@@ -212,7 +212,7 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
     let (steer, monitor) =
         super::generate::parse_specs(&a.steer, &a.monitor, &super::vector_dirs(a.vectors.as_deref(), &m.path))?;
     if let Some(s) = steer.iter().find(|s| s.when.is_some()) {
-        bail!("--steer {}: when= conditions are not differentiable and are refused for training", s.vector.display());
+        bail!("--steer {}: when= conditions are not differentiable and are refused for training", s.vector);
     }
     let mut warnings = vec![];
     let mut st = resolve(&steer, &monitor, &cfg, &mut warnings)?;
@@ -237,7 +237,10 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
         .collect();
     let steer_files: Vec<_> = steer
         .iter()
-        .map(|s| Ok(json!({"spec_vector": s.vector, "file_sha256": sha256_file(&s.vector)?})))
+        .map(|s| {
+            let path = s.vector.path().context("--steer: training takes vector files")?;
+            Ok(json!({"spec_vector": path, "file_sha256": sha256_file(path)?}))
+        })
         .collect::<Result<_>>()?;
     let steering = (!st.plan.ops.is_empty()).then_some(st);
 

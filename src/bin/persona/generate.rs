@@ -11,7 +11,7 @@ use persona::engine::generate::{Finish, GenOutput, GenRequest};
 use persona::engine::loaded::TextStream;
 use persona::engine::sampler::SamplingParams;
 use persona::model::Message;
-use persona::steer::spec::{locate_vector, resolve, MonitorSpec, SteerSpec};
+use persona::steer::spec::{locate_vector, resolve, MonitorSpec, SteerSpec, VectorRef};
 use persona::steer::Probe;
 use persona::LoadedModel;
 use serde_json::json;
@@ -148,6 +148,14 @@ fn prompt_ids<B: Backend>(m: &LoadedModel<B>, a: &GenerateArgs) -> Result<Vec<Ve
         .collect()
 }
 
+/// The file a spec's vector names (values given inline stay as they are).
+fn locate(v: &VectorRef, dirs: &[PathBuf]) -> persona::Result<VectorRef> {
+    Ok(match v.path() {
+        Some(p) => VectorRef::Name(locate_vector(p, dirs)?.to_string_lossy().to_string()),
+        None => v.clone(),
+    })
+}
+
 /// Parse `--steer` / `--monitor` specs and find the file each `vector=` names in `dirs`.
 pub fn parse_specs(
     steer: &[String],
@@ -157,13 +165,13 @@ pub fn parse_specs(
     let mut st = vec![];
     for s in steer {
         let mut p = SteerSpec::parse(s)?;
-        p.vector = locate_vector(&p.vector, dirs).with_context(|| format!("--steer `{s}`"))?;
+        p.vector = locate(&p.vector, dirs).with_context(|| format!("--steer `{s}`"))?;
         st.push(p);
     }
     let mut mo = vec![];
     for s in monitor {
         let mut p = MonitorSpec::parse(s)?;
-        p.vector = locate_vector(&p.vector, dirs).with_context(|| format!("--monitor `{s}`"))?;
+        p.vector = locate(&p.vector, dirs).with_context(|| format!("--monitor `{s}`"))?;
         mo.push(p);
     }
     Ok((st, mo))

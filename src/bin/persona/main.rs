@@ -106,17 +106,7 @@ pub struct ModelArgs {
 
 pub use persona::model::load::model_name;
 
-/// Where `vector=NAME` is looked for: `--vectors DIR` first, then the model's own folder of
-/// vectors, `vectors/<model name, lower case>/`, in the working directory and beside persona's
-/// sources (where the shipped vectors for the default model live).
-pub fn vector_dirs(extra: Option<&Path>, model: &Path) -> Vec<PathBuf> {
-    let own = Path::new("vectors").join(model_name(model).to_lowercase());
-    let mut dirs: Vec<PathBuf> = extra.map(Path::to_path_buf).into_iter().collect();
-    dirs.push(own.clone());
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&own));
-    dirs.dedup();
-    dirs
-}
+pub use persona::steer::spec::vector_dirs;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
