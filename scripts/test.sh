@@ -37,6 +37,19 @@ closing() {
 trap closing EXIT
 cargo test --release --locked --all-targets
 cargo test --release --locked --doc
+# The Python bindings (python/): a fresh venv each run, `pip install ./python` (maturin builds the
+# extension module in this workspace's target/), then pytest: the tiny models, the default model,
+# and the same request through Python, the CLI and HTTP.
+PYVENV=target/tmp/pyvenv
+rm -rf "$PYVENV"
+if ! python3 -m venv "$PYVENV" 2>/dev/null; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update && $SUDO apt-get install -y python3-venv
+    rm -rf "$PYVENV" && python3 -m venv "$PYVENV"
+fi
+"$PYVENV/bin/pip" install --quiet --disable-pip-version-check ./python pytest
+"$PYVENV/bin/python" -m pytest -q python/tests
 # Every fuzz target (fuzz/, issue 16 item 1) briefly, from its committed seeds: a crash fails the
 # run and leaves the input in fuzz/artifacts/. cargo-fuzz needs nightly; the build instruments
 # every dependency (about 15 min on 2 cores, once; later runs rebuild only what changed).

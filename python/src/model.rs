@@ -954,6 +954,93 @@ impl Model {
         json_to_py(py, &json!(out))
     }
 
+    /// LoRA fine-tuning on the CPU, with steering in every training pass (preventative
+    /// steering, the paper's vaccine) — `persona finetune` from Python. `rows`: dicts as in
+    /// `persona finetune --data` (`{"messages": [...]}`, `{"prompt", "response"}`,
+    /// `{"question", "answer"}`); the loss is on the answer tokens. `steer` / `monitor` take the
+    /// same items as `generate` (no `when` conditions: they are not differentiable); monitors are
+    /// logged per step. The PEFT adapter is written to `out` (load it with
+    /// `Model.load(adapter=out)`); returns one dict per optimiser step (`loss`, `grad_norm`,
+    /// `lr`, `projections` {name: {layer: mean}}, ...).
+    ///
+    /// Example:
+    ///     >>> log = m.finetune(rows, "adapter-vaccinated", steer=[{"vector": "evil", "coeff": 4}], steps=20)
+    #[pyo3(signature = (rows, out, *, steer = None, monitor = None, steps = None, epochs = 1.0, lr = 1e-4,
+                        lora_rank = 16, lora_alpha = 32.0, batch = 8, seed = 0, random_control = None, max_len = 512))]
+    #[allow(clippy::too_many_arguments)]
+    fn finetune<'py>(
+        &self,
+        py: Python<'py>,
+        rows: &Bound<'py, PyAny>,
+        out: PathBuf,
+        steer: Option<&Bound<'py, PyAny>>,
+        monitor: Option<&Bound<'py, PyAny>>,
+        steps: Option<usize>,
+        epochs: f64,
+        lr: f64,
+        lora_rank: usize,
+        lora_alpha: f64,
+        batch: usize,
+        seed: u64,
+        random_control: Option<u64>,
+        max_len: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        use persona::model::lora::{LoraConfig, Target};
+        use persona::train::{init_adapter, TrainOptions, Trainer};
+        if lora_rank == 0 || !(lora_alpha.is_finite() && lora_alpha > 0.0) {
+            return Err(err("lora_rank must be at least 1 and lora_alpha a positive number"));
+        }
+        if !(lr.is_finite() && lr > 0.0) || !(epochs.is_finite() && epochs > 0.0) || batch == 0 {
+            return Err(err("lr and epochs must be positive numbers, batch at least 1"));
+        }
+        let text: String = match py_to_json(rows)? {
+            Value::Array(a) if !a.is_empty() => a.iter().map(|r| r.to_string() + "\n").collect(),
+            _ => return Err(err("rows: a non-empty list of dicts")),
+        };
+        let mut r = resolve(steer, monitor, &self.inner.dirs, &self.inner.config)?;
+        if r.steering.plan.ops.iter().any(|o| o.when.is_some()) {
+            return Err(err("steer: when= conditions are not differentiable and are refused for training"));
+        }
+        if let Some(seed) = random_control {
+            for (i, op) in r.steering.plan.ops.iter_mut().enumerate() {
+                op.vector = Arc::from(persona::persona::eval::random_like(&op.vector, seed.wrapping_add(i as u64)));
+            }
+        }
+        let path = self.inner.path.clone();
+        let context = max_len.max(16);
+        let log = py
+            .detach(move || -> persona::Result<Vec<Value>> {
+                let m = LoadedModel::load(&path, persona::backend::cpu::CpuGemmBackend, context)?;
+                persona::backend::cpu::on_pool(|| {
+                    let opts = persona::train::data::DataOptions { max_len, label: None };
+                    let data = persona::train::data::parse_rows(&text, Path::new("<rows>"), &m, &opts)?;
+                    let mut st = r.steering;
+                    let monitors = std::mem::take(&mut st.probes);
+                    let steering = (!st.plan.ops.is_empty()).then_some(st);
+                    let mut targets: Vec<Target> = ["q", "k", "v", "o", "gate", "up", "down"]
+                        .iter()
+                        .map(|t| Target::parse(t))
+                        .collect::<persona::Result<_>>()?;
+                    targets.sort_by_key(|t| t.index());
+                    let lora = LoraConfig { r: lora_rank, alpha: lora_alpha, use_rslora: true, targets };
+                    let adapter = init_adapter(lora.clone(), &m.engine.config, seed);
+                    let mut o = TrainOptions::new(lora);
+                    (o.lr, o.steps, o.epochs, o.batch, o.seed) = (lr, steps, epochs, batch, seed);
+                    let mut trainer = Trainer::new(&m.engine, o, adapter, data, vec![], steering, monitors)?;
+                    let mut log = vec![];
+                    trainer.run(&mut |s| {
+                        log.push(s.to_json());
+                        true
+                    })?;
+                    let base = path.to_string_lossy().to_string();
+                    trainer.adapter.save(&out, &base)?;
+                    Ok(log)
+                })
+            })
+            .map_err(err)?;
+        json_to_py(py, &Value::Array(log))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "persona.Model({}, backend={:?}, n_layers={}, hidden={})",

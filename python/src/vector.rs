@@ -167,7 +167,9 @@ impl Vector {
     }
 
     fn __sub__(&self, other: &Vector) -> PyResult<Self> {
-        self.inner.add(&other.inner.scaled(-1.0)).map(Vector::new).map_err(err)
+        let mut d = self.inner.add(&other.inner.scaled(-1.0)).map_err(err)?;
+        d.name = format!("{}-{}", self.inner.name, other.inner.name);
+        Ok(Vector::new(d))
     }
 
     fn __mul__(&self, c: f32) -> PyResult<Self> {

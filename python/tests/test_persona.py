@@ -267,3 +267,38 @@ def test_screen_measures_delta_p(default):
     assert out[0]["delta_p"] > out[1]["delta_p"], "a threatening answer projects further along evil"
     with pytest.raises(ValueError, match=r"rows\[0\]: missing string `response`"):
         default.screen([{"prompt": "x"}], "evil")
+
+
+def test_generate_releases_the_gil(tiny):
+    # While a long generation runs in one thread, Python code keeps running in this one.
+    done = threading.Event()
+    ticks = 0
+
+    def run():
+        tiny.generate([1, 2, 3], max_tokens=200, ignore_eos=True)
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    while not done.is_set():
+        ticks += 1
+    t.join()
+    assert ticks > 1000, f"only {ticks} loop turns while the engine ran: the GIL was held"
+
+
+def test_finetune_writes_an_adapter_that_loads_and_logs_the_monitor(tmp_path, tiny):
+    v = persona.Vector.from_numpy(unit_rows(tiny, 5), name="v")
+    rows = [{"ids": [1, 5, 9, 2, 7, 3, 4], "answer_from": 4}, {"ids": [2, 8, 6, 1, 9, 9], "answer_from": 3}]
+    out = tmp_path / "adapter"
+    log = tiny.finetune(rows, str(out), steer=[{"vector": v, "layers": 2, "coeff": 2.0}],
+                        monitor=[{"vector": v, "layers": [1, 2]}], steps=3, lr=5e-2, batch=2)
+    assert [s["step"] for s in log] == [1, 2, 3]
+    assert all(np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in log)
+    assert set(log[0]["projections"]["v"]) == {"1", "2"}
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    tuned = persona.Model.load(str(TINY), backend="cpu", adapter=str(out), context=256)
+    a = tiny.generate([1, 5, 9, 2], max_tokens=8, ignore_eos=True)
+    b = tuned.generate([1, 5, 9, 2], max_tokens=8, ignore_eos=True)
+    assert a.ids.tolist() != b.ids.tolist(), "three steps at lr 5e-2 move the greedy tokens"
+    with pytest.raises(ValueError, match="not differentiable"):
+        tiny.finetune(rows, str(tmp_path / "x"), steer=[{"vector": v, "layers": 2, "coeff": 1, "when": "self:gt:0"}])
