@@ -48,8 +48,16 @@ if ! python3 -m venv "$PYVENV" 2>/dev/null; then
     $SUDO apt-get update && $SUDO apt-get install -y python3-venv
     rm -rf "$PYVENV" && python3 -m venv "$PYVENV"
 fi
-"$PYVENV/bin/pip" install --quiet --disable-pip-version-check ./python pytest
+"$PYVENV/bin/pip" install --quiet --disable-pip-version-check ./python pytest selenium
 "$PYVENV/bin/python" -m pytest -q python/tests
+# The playground (`persona serve` at /) end to end in headless Chromium: Debian's chromium and its
+# chromedriver, driven by Selenium; screenshots land in target/playground-screenshots/.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y chromium chromium-driver
+fi
+"$PYVENV/bin/python" -m pytest -q tests/e2e
 # Every fuzz target (fuzz/, issue 16 item 1) briefly, from its committed seeds: a crash fails the
 # run and leaves the input in fuzz/artifacts/. cargo-fuzz needs nightly; the build instruments
 # every dependency (about 15 min on 2 cores, once; later runs rebuild only what changed).

@@ -16,6 +16,7 @@ mod admin;
 pub mod api;
 mod completions;
 pub mod metrics;
+mod playground;
 mod policy;
 pub mod registry;
 pub mod scheduler;
@@ -270,6 +271,9 @@ fn router(state: S) -> Router {
         .route("/v1/vectors/{name}", get(admin::get_vector).delete(admin::delete_vector))
         .route("/v1/steering", get(admin::get_default).put(admin::set_default).post(admin::set_default))
         .route("/metrics", get(metrics_route))
+        .route("/", get(playground::index))
+        .route("/playground.js", get(playground::script))
+        .route("/playground.css", get(playground::style))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth_and_count))
         .layer(DefaultBodyLimit::max(max_body))
@@ -285,6 +289,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/vectors" => "/v1/vectors",
         "/v1/steering" => "/v1/steering",
         "/metrics" => "/metrics",
+        p if playground::ASSETS.contains(&p) => "/",
         p if p.starts_with("/v1/vectors/") => "/v1/vectors/{name}",
         _ => "other",
     }
