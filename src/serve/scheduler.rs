@@ -467,7 +467,6 @@ pub fn run<B: Backend>(
             }
         };
         metrics.steps.fetch_add(1, Ordering::Relaxed);
-        let mut new_tokens = 0;
         for (k, &i) in active.iter().enumerate() {
             let (s, f) = (&mut running[i], feeds[i].as_ref().expect("active"));
             // Projections of positions already recorded (a replay after preemption) are not
@@ -502,7 +501,8 @@ pub fn run<B: Backend>(
             }
             let position = s.job.prompt_ids.len() + s.out.len() - 1;
             s.out.push(id);
-            new_tokens += 1;
+            // Counted before the client can see the token (a reply read right after must find it).
+            metrics.tokens.fetch_add(1, Ordering::Relaxed);
             let _ = s.job.tx.send(Event::Token(s.job.choice, TokenEvent { id, logprob, top, projections, position }));
             if !s.job.ignore_eos && eos.contains(&id) {
                 s.finish = Some(FinishReason::Eos);
@@ -512,7 +512,6 @@ pub fn run<B: Backend>(
                 s.kept = s.out.len();
             }
         }
-        metrics.tokens.fetch_add(new_tokens, Ordering::Relaxed);
         metrics.add_decode_time(t0.elapsed().as_secs_f64());
         retire(&mut running, &mut slots, cache, metrics);
         metrics.kv_pages_used.store(cache.total_pages() - cache.free_pages(), Ordering::Relaxed);
