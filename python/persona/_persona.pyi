@@ -1,7 +1,8 @@
 """Type stubs of persona's extension module (persona._persona)."""
 
 from os import PathLike
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union, overload
+from pathlib import Path
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -14,12 +15,16 @@ class PersonaError(ValueError):
 _Path = Union[str, "PathLike[str]"]
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message], Sequence[int]]
+# A batch: a list of prompts (each may have its own plan: steer/monitor as one list per prompt).
+Prompts = Sequence[Prompt]
 # A steering op: {"vector": name | path | Vector | array, "layers": 12 | "10-14" | "all" | [12, 13],
 #  "coeff": 4.0, "op": "add" | "ablate" | "clamp" | "center", "positions": "all" | "prompt" | "response",
 #  "when": "evil:gt:3.5", "scale": "raw" | "relative", "origin": "zero" | "baseline"}
 SteerOp = Mapping[str, Any]
 # A monitor: {"vector": ..., "layers": ..., "name": str, "threshold": float}, or just a name / Vector.
 MonitorItem = Union[str, "Vector", Mapping[str, Any]]
+Steer = Union[Sequence[SteerOp], SteerOp]
+Monitor = Union[Sequence[MonitorItem], MonitorItem]
 
 class Vector:
     """A persona vector: one direction per residual index 0..=N, float32 [N+1, hidden].
@@ -141,7 +146,11 @@ class Generation:
     def warnings(self) -> list[str]: ...
 
 class Token:
-    """One streamed token, with its projections ({name: float32 [layers]}).
+    """One streamed token, with its projections ({name: float32 [layers]}) read at the position
+    that produced it, as the HTTP stream's per-token `persona` object: the first token's are the
+    last prompt token's (`Generation.prompt_projections[name][-1]`), token i's (i ≥ 1) are
+    `Generation.projections[name][i - 1]`. A text piece that ends inside a multi-byte character
+    is held back and comes with the next token.
 
     Example:
         >>> for t in m.generate("Hi", monitor=["evil"], stream=True): print(t.text, t.projections["evil"])
@@ -179,7 +188,7 @@ class Model:
 
     @staticmethod
     def load(
-        path_or_name: Optional[str] = None,
+        path_or_name: Optional[_Path] = None,
         backend: str = "auto",
         adapter: Optional[_Path] = None,
         context: int = 4096,
@@ -193,7 +202,7 @@ class Model:
     @property
     def backend(self) -> str: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def n_layers(self) -> int: ...
     @property
@@ -201,7 +210,7 @@ class Model:
     @property
     def vocab_size(self) -> int: ...
     @property
-    def vector_dirs(self) -> list[str]: ...
+    def vector_dirs(self) -> List[Path]: ...
     def vector_names(self) -> list[str]:
         """The vectors `vector="NAME"` finds for this model.
 
@@ -234,18 +243,39 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-        steer: Optional[Union[Sequence[SteerOp], SteerOp]] = None,
-        monitor: Optional[Union[Sequence[MonitorItem], MonitorItem]] = None,
+        steer: Optional[Steer] = None,
+        monitor: Optional[Monitor] = None,
         stream: bool = False,
         ignore_eos: bool = False,
         raw: bool = False,
-    ) -> Any:
-        """Generate from one prompt (→ Generation, or TokenStream with stream=True) or a list of
-        prompts (→ list[Generation]; `steer`/`monitor` may then be one list per prompt).
+    ) -> Union[Generation, TokenStream]:
+        """Generate from one prompt (→ Generation, or TokenStream with stream=True).
 
         Example:
             >>> g = m.generate("Tell me a story.", max_tokens=32,
             ...                steer=[{"vector": "evil", "layers": 18, "coeff": 4}], monitor=["evil"])
+        """
+    @overload
+    def generate(
+        self,
+        prompt: Prompts,
+        max_tokens: int = 64,
+        *,
+        system: Optional[str] = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        steer: Optional[Union[Steer, Sequence[Optional[Sequence[SteerOp]]]]] = None,
+        monitor: Optional[Union[Monitor, Sequence[Optional[Sequence[MonitorItem]]]]] = None,
+        stream: bool = False,
+        ignore_eos: bool = False,
+        raw: bool = False,
+    ) -> List[Generation]:
+        """A batch run together (→ list[Generation]); `steer`/`monitor` may be one list per prompt.
+
+        Example:
+            >>> gs = m.generate(["Hi", "Hello"], steer=[[], [{"vector": "evil", "coeff": 4}]])
         """
     def residuals(
         self, messages: Sequence[Message], layers: Optional[Sequence[int]] = None, mean: bool = True
@@ -290,4 +320,28 @@ class Model:
 
         Example:
             >>> m.screen([{"prompt": "Hi", "response": "Get lost."}], "evil")[0]["delta_p"]
+        """
+    def finetune(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        out: _Path,
+        *,
+        steer: Optional[Steer] = None,
+        monitor: Optional[Monitor] = None,
+        steps: Optional[int] = None,
+        epochs: float = 1.0,
+        lr: float = 1e-4,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        batch: int = 8,
+        seed: int = 0,
+        random_control: Optional[int] = None,
+        max_len: int = 512,
+    ) -> list[dict[str, Any]]:
+        """LoRA fine-tuning on the CPU with steering in the training pass (the vaccine); writes a
+        PEFT adapter to `out` and returns one dict per optimiser step.
+
+        Example:
+            >>> log = m.finetune([{"prompt": "Hi", "response": "Hello!"}], "adapter/",
+            ...                  steer=[{"vector": "evil", "coeff": 4}], steps=10)
         """

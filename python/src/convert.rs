@@ -6,7 +6,7 @@ use std::sync::Arc;
 use persona::model::config::ModelConfig;
 use persona::steer::request::{self, MonitorRequest, ReqError, Resolved, SteerRequest, VectorSource};
 use persona::steer::vector::PersonaVector;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::Value;
@@ -106,72 +106,79 @@ impl VectorSource for PySource {
     }
 }
 
+type Objects = HashMap<String, Arc<PersonaVector>>;
+
+/// The key a `persona.Vector` object is registered under for one call: a string no name or path
+/// can be (it starts with U+0001), so an object never hides a file of the same name.
+fn object_key(n: usize) -> String {
+    format!("\u{1}object{n}")
+}
+
 /// One steering or monitor item as JSON: a `persona.Vector` under `vector` is registered in
-/// `objects` and replaced by its key; a bare string or Vector is short for `{"vector": it}`.
-fn item_json(obj: &Bound<'_, PyAny>, objects: &mut HashMap<String, Arc<PersonaVector>>) -> PyResult<Value> {
-    let key_of = |v: &Vector, objects: &mut HashMap<String, Arc<PersonaVector>>| {
-        // Its own name, unless another object already goes by it.
-        let mut key = v.inner.name.clone();
-        if objects.get(&key).is_some_and(|o| !Arc::ptr_eq(o, &v.inner)) {
-            key = format!("{}#{}", v.inner.name, objects.len());
-        }
-        objects.insert(key.clone(), v.inner.clone());
-        Value::String(key)
-    };
-    if let Ok(v) = obj.cast::<Vector>() {
-        let mut m = serde_json::Map::new();
-        m.insert("vector".into(), key_of(&v.borrow(), objects));
-        return Ok(Value::Object(m));
-    }
-    if obj.is_instance_of::<PyString>() {
-        let mut m = serde_json::Map::new();
-        m.insert("vector".into(), py_to_json(obj)?);
-        return Ok(Value::Object(m));
-    }
-    let Ok(d) = obj.cast::<PyDict>() else { return py_to_json(obj) };
+/// `objects` and replaced by its key (a monitor without `name` takes the vector's name); a bare
+/// string or Vector is short for `{"vector": it}`.
+fn item_json(obj: &Bound<'_, PyAny>, objects: &mut Objects, monitor: bool) -> PyResult<Value> {
     let mut m = serde_json::Map::new();
-    for (k, v) in d.iter() {
-        let k: String = k.extract().map_err(|_| PyTypeError::new_err("dictionary keys must be strings"))?;
-        let val = match v.cast::<Vector>() {
-            Ok(vec) if k == "vector" => key_of(&vec.borrow(), objects),
-            _ => py_to_json(&v)?,
-        };
-        m.insert(k, val);
+    let mut vector: Option<Vector> = None;
+    if let Ok(v) = obj.cast::<Vector>() {
+        vector = Some(v.borrow().clone());
+    } else if obj.is_instance_of::<PyString>() {
+        m.insert("vector".into(), py_to_json(obj)?);
+    } else if let Ok(d) = obj.cast::<PyDict>() {
+        for (k, v) in d.iter() {
+            let k: String = k.extract().map_err(|_| PyTypeError::new_err("dictionary keys must be strings"))?;
+            match v.cast::<Vector>() {
+                Ok(vec) if k == "vector" => vector = Some(vec.borrow().clone()),
+                _ => {
+                    m.insert(k, py_to_json(&v)?);
+                }
+            }
+        }
+    } else {
+        return py_to_json(obj);
+    }
+    if let Some(v) = vector {
+        let key = object_key(objects.len());
+        if monitor && !m.contains_key("name") {
+            m.insert("name".into(), Value::String(v.inner.name.clone()));
+        }
+        objects.insert(key.clone(), v.inner);
+        m.insert("vector".into(), Value::String(key));
     }
     Ok(Value::Object(m))
 }
 
 /// A list of items (None: empty). `what` names the keyword in errors.
-fn items(
-    obj: Option<&Bound<'_, PyAny>>,
-    what: &str,
-    objects: &mut HashMap<String, Arc<PersonaVector>>,
-) -> PyResult<Vec<Value>> {
+fn items(obj: Option<&Bound<'_, PyAny>>, what: &str, objects: &mut Objects) -> PyResult<Vec<Value>> {
+    let monitor = what == "monitor";
     let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(vec![]) };
     if obj.is_instance_of::<PyDict>() || obj.is_instance_of::<PyString>() || obj.cast::<Vector>().is_ok() {
-        return Ok(vec![item_json(obj, objects)?]);
+        return Ok(vec![item_json(obj, objects, monitor)?]);
     }
     let list = obj.try_iter().map_err(|_| {
-        PyValueError::new_err(format!(
+        crate::err(format!(
             "{what}: expected a list of dicts, got {}",
             obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
         ))
     })?;
-    list.map(|x| item_json(&x?, objects)).collect()
+    list.map(|x| item_json(&x?, objects, monitor)).collect()
 }
 
 /// The steering plan of `steer` and `monitor` keyword arguments, resolved against the model.
-/// Errors are `ValueError("steer[i]: <the library's message>")`.
+/// Errors are `PersonaError` (a `ValueError`): `steer[i]: <the library's message>`.
 pub fn resolve(
     steer: Option<&Bound<'_, PyAny>>,
     monitor: Option<&Bound<'_, PyAny>>,
     dirs: &[std::path::PathBuf],
     cfg: &ModelConfig,
 ) -> PyResult<Resolved> {
-    let mut objects = HashMap::new();
+    let mut objects = Objects::new();
     let s = items(steer, "steer", &mut objects)?;
     let m = items(monitor, "monitor", &mut objects)?;
-    let bad = |what: &str, i: usize, e: ReqError| PyValueError::new_err(format!("{what}[{i}]: {e}"));
+    // Messages, receipts and monitors name an object by its vector's name, not by its key.
+    let names: Vec<(String, String)> = objects.iter().map(|(k, v)| (k.clone(), v.name.clone())).collect();
+    let shown = |text: &str| names.iter().fold(text.to_string(), |t, (k, n)| t.replace(k.as_str(), n));
+    let bad = |what: &str, i: usize, e: ReqError| crate::err(format!("{what}[{i}]: {}", shown(&e.message)));
     let s: Vec<SteerRequest> = s
         .iter()
         .enumerate()
@@ -183,9 +190,19 @@ pub fn resolve(
         .map(|(i, v)| MonitorRequest::from_json(v).map_err(|e| bad("monitor", i, e)))
         .collect::<PyResult<_>>()?;
     let mut src = PySource { objects, files: request::FileSource::new(dirs.to_vec()) };
-    request::resolve(&s, &m, &mut src, cfg).map_err(|(item, e)| match item {
+    let mut r = request::resolve(&s, &m, &mut src, cfg).map_err(|(item, e)| match item {
         request::Item::Steer(i) => bad("steer", i, e),
         request::Item::Monitor(i) => bad("monitor", i, e),
-        _ => PyValueError::new_err(e.to_string()),
-    })
+        _ => crate::err(shown(&e.message)),
+    })?;
+    for src in &mut r.steering.sources {
+        src.vector = shown(&src.vector);
+    }
+    for m in &mut r.monitors {
+        m.vector = shown(&m.vector);
+    }
+    for w in &mut r.warnings {
+        *w = shown(w);
+    }
+    Ok(r)
 }

@@ -20,7 +20,7 @@ use persona::model::config::ModelConfig;
 use persona::model::{Message, ModelFiles};
 use persona::steer::request::Resolved;
 use persona::LoadedModel;
-use pyo3::exceptions::{PyStopIteration, PyValueError};
+use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 use serde_json::{json, Value};
@@ -55,6 +55,29 @@ struct Inner {
     backend: String,
     /// Where `vector="NAME"` is looked up (the CLI's folders for this model).
     dirs: Vec<PathBuf>,
+    /// The PEFT adapter merged at load, if any.
+    adapter: Option<PathBuf>,
+    /// Longest sequence (prompt + generated tokens).
+    context: usize,
+}
+
+impl Inner {
+    /// The model, also after a call panicked while holding it (calls only read it).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Any> {
+        self.model.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `f`, with a panic turned into an error (a bug: its message says so).
+fn guarded<R>(f: impl FnOnce() -> persona::Result<R>) -> persona::Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(persona::Error::Invalid(format!("internal error (a bug in persona, please report it): {what}")))
+    })
 }
 
 /// A chat model loaded on a backend (cpu, cuda or wgpu).
@@ -137,17 +160,17 @@ enum PromptIn {
 }
 
 fn messages(v: &Value) -> PyResult<Vec<Message>> {
-    persona::serve::parse_messages(Some(v)).map_err(|e| PyValueError::new_err(e.message))
+    persona::serve::parse_messages(Some(v)).map_err(|e| err(e.message))
 }
 
 fn ids_of(v: &Value) -> PyResult<Vec<u32>> {
-    let a = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| PyValueError::new_err("token ids: an empty list"))?;
+    let a = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| err("token ids: an empty list"))?;
     a.iter()
         .map(|x| {
             x.as_u64()
                 .filter(|&i| i <= u32::MAX as u64)
                 .map(|i| i as u32)
-                .ok_or_else(|| PyValueError::new_err(format!("token ids: {x} is not a token id")))
+                .ok_or_else(|| err(format!("token ids: {x} is not a token id")))
         })
         .collect()
 }
@@ -158,10 +181,10 @@ fn one_prompt(v: &Value) -> PyResult<PromptIn> {
         Value::String(s) => Ok(PromptIn::Text(s.clone())),
         Value::Array(a) if a.first().is_some_and(Value::is_object) => Ok(PromptIn::Chat(messages(v)?)),
         Value::Array(a) if a.first().is_some_and(Value::is_number) => Ok(PromptIn::Ids(ids_of(v)?)),
-        Value::Array(_) => Err(PyValueError::new_err(
+        Value::Array(_) => Err(err(
             "a prompt is a string, a list of message dicts ({\"role\": ..., \"content\": ...}) or a list of token ids",
         )),
-        v => Err(PyValueError::new_err(format!("a prompt must be a string, messages or token ids, got {v}"))),
+        v => Err(err(format!("a prompt must be a string, messages or token ids, got {v}"))),
     }
 }
 
@@ -169,7 +192,7 @@ fn one_prompt(v: &Value) -> PyResult<PromptIn> {
 fn prompts(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<PromptIn>, bool)> {
     let v = py_to_json(obj)?;
     match &v {
-        Value::Array(a) if a.is_empty() => Err(PyValueError::new_err("no prompts: the list is empty")),
+        Value::Array(a) if a.is_empty() => Err(err("no prompts: the list is empty")),
         Value::Array(a) if a[0].is_string() || a[0].is_array() => {
             Ok((a.iter().map(one_prompt).collect::<PyResult<_>>()?, true))
         }
@@ -185,7 +208,7 @@ fn per_prompt<'py>(obj: Option<&Bound<'py, PyAny>>, n: usize, what: &str) -> PyR
         let nested = !l.is_empty() && l.iter().all(|x| x.is_none() || x.is_instance_of::<PyList>());
         if nested {
             if l.len() != n {
-                return Err(PyValueError::new_err(format!(
+                return Err(err(format!(
                     "{what}: {} lists for {n} prompts (give one list of ops for all prompts, or one list per prompt)",
                     l.len()
                 )));
@@ -235,6 +258,17 @@ fn prompt_ids<B: Backend>(
     system: Option<&str>,
     raw: bool,
 ) -> persona::Result<Vec<u32>> {
+    let refuse = |why: &str| Err(persona::Error::Invalid(format!("system= {why}")));
+    match p {
+        PromptIn::Ids(_) if system.is_some() => return refuse("cannot be added to token ids"),
+        PromptIn::Text(_) if system.is_some() && (raw || m.chat_template.is_none()) => {
+            return refuse("needs the chat template, and this prompt is sent as is (raw=True, or the model has none)")
+        }
+        PromptIn::Chat(msgs) if system.is_some() && msgs.first().is_some_and(|m| m.role == "system") => {
+            return refuse("and a system message are both given: give one")
+        }
+        _ => {}
+    }
     match p {
         PromptIn::Ids(ids) => Ok(ids.clone()),
         PromptIn::Text(t) if raw || m.chat_template.is_none() => m.encode(t, true),
@@ -244,10 +278,7 @@ fn prompt_ids<B: Backend>(
             m.chat_prompt_ids(&msgs)
         }
         PromptIn::Chat(msgs) => {
-            let mut all: Vec<Message> = match system {
-                Some(s) if msgs.first().is_none_or(|m| m.role != "system") => vec![Message::system(s)],
-                _ => vec![],
-            };
+            let mut all: Vec<Message> = system.map(Message::system).into_iter().collect();
             all.extend(msgs.iter().cloned());
             m.chat_prompt_ids(&all)
         }
@@ -441,7 +472,10 @@ impl Generation {
 }
 
 /// One streamed token: its id, its text piece, and its projections (`{name: float32 [layers]}`,
-/// at the position that produced it, as the HTTP stream's per-token `persona` object).
+/// at the position that produced it, as the HTTP stream's per-token `persona` object): the first
+/// token's are the last prompt token's (`Generation.prompt_projections[name][-1]`), token i's
+/// (i ≥ 1) `Generation.projections[name][i - 1]`. A text piece ending inside a multi-byte
+/// character is held back and comes with the next token.
 #[pyclass(frozen, module = "persona._persona")]
 pub struct Token {
     d: TokenData,
@@ -523,8 +557,34 @@ impl Drop for TokenStream {
     }
 }
 
+/// A new empty folder in the temp dir, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> persona::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("persona-py-{}-{nanos}-{n}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(ScratchDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(persona::Error::io(&dir, e)),
+            }
+        }
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn sample_of(v: &Value, i: usize) -> PyResult<persona::persona::screen::Sample> {
-    persona::persona::screen::sample_from_json(v).map_err(|e| PyValueError::new_err(format!("rows[{i}]: {e}")))
+    persona::persona::screen::sample_from_json(v).map_err(|e| err(format!("rows[{i}]: {e}")))
 }
 
 impl Model {
@@ -534,11 +594,7 @@ impl Model {
 
     fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&Any) -> persona::Result<R> + Send) -> PyResult<R> {
         let inner = self.inner.clone();
-        py.detach(move || {
-            let m = inner.model.lock().map_err(|_| "the model's lock is poisoned (a call panicked)".to_string())?;
-            f(&m).map_err(|e| e.to_string())
-        })
-        .map_err(err)
+        py.detach(move || guarded(|| f(&inner.lock())).map_err(|e| e.to_string())).map_err(err)
     }
 }
 
@@ -555,7 +611,7 @@ impl Model {
     #[pyo3(signature = (path_or_name = None, backend = "auto", adapter = None, context = 4096, vectors = None))]
     fn load(
         py: Python<'_>,
-        path_or_name: Option<String>,
+        path_or_name: Option<PathBuf>,
         backend: &str,
         adapter: Option<PathBuf>,
         context: usize,
@@ -565,16 +621,28 @@ impl Model {
             return Err(err("context must be at least 1"));
         }
         let backend = backend.to_string();
+        let adapter_path = adapter.clone();
         let (any, path, desc) = py
             .detach(|| -> persona::Result<_> {
-                let path = model_path(path_or_name.as_deref())?;
+                let name = path_or_name.as_ref().map(|p| p.to_string_lossy().to_string());
+                let path = model_path(name.as_deref())?;
                 let (any, desc) = load_any(&path, adapter.as_deref(), &backend, context)?;
                 Ok((any, path, desc))
             })
             .map_err(err)?;
         let config = with_model!(&any, m => m.engine.config.clone());
         let dirs = persona::steer::spec::vector_dirs(vectors.as_deref(), &path);
-        Ok(Model { inner: Arc::new(Inner { model: Mutex::new(any), config, path, backend: desc, dirs }) })
+        Ok(Model {
+            inner: Arc::new(Inner {
+                model: Mutex::new(any),
+                config,
+                path,
+                backend: desc,
+                dirs,
+                adapter: adapter_path,
+                context,
+            }),
+        })
     }
 
     /// The backend in use: `cpu`, `cuda (<device>)` or `wgpu (<adapter>)`.
@@ -661,22 +729,39 @@ impl Model {
         raw: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         if max_tokens == 0 {
-            return Err(PyValueError::new_err("max_tokens must be at least 1"));
+            return Err(err("max_tokens must be at least 1"));
         }
         let sampling = SamplingParams { temperature, top_k, top_p, seed };
-        sampling.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
+        sampling.validate().map_err(|e| err(e.to_string()))?;
+        if max_tokens >= self.inner.context {
+            return Err(err(format!(
+                "max_tokens {max_tokens} does not fit the context of {} tokens (Model.load(context=...))",
+                self.inner.context
+            )));
+        }
         let (prompts, batch) = prompts(prompt)?;
         if stream && prompts.len() != 1 {
-            return Err(PyValueError::new_err("stream=True takes one prompt"));
+            return Err(err("stream=True takes one prompt"));
         }
         let n = prompts.len();
         let (ss, ms) = (per_prompt(steer, n, "steer")?, per_prompt(monitor, n, "monitor")?);
-        let mut plans = vec![];
-        for (s, mo) in ss.iter().zip(&ms) {
+        // One plan per distinct (steer, monitor) pair: the same lists for every prompt resolve once.
+        let mut plans: Vec<Option<Arc<Resolved>>> = vec![];
+        for (i, (s, mo)) in ss.iter().zip(&ms).enumerate() {
+            let same = |a: &Option<Bound<'py, PyAny>>, b: &Option<Bound<'py, PyAny>>| match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.is(b),
+                _ => false,
+            };
+            if let Some(j) = (0..i).find(|&j| same(&ss[j], s) && same(&ms[j], mo)) {
+                plans.push(plans[j].clone());
+                continue;
+            }
             plans.push(if s.is_none() && mo.is_none() {
                 None
             } else {
-                Some(Arc::new(resolve(s.as_ref(), mo.as_ref(), &self.inner.dirs, &self.inner.config)?))
+                let r = resolve(s.as_ref(), mo.as_ref(), &self.inner.dirs, &self.inner.config);
+                Some(Arc::new(r.map_err(|e| if batch { err(format!("prompt {i}: {}", e.value(py))) } else { e })?))
             });
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -696,10 +781,7 @@ impl Model {
             std::thread::Builder::new()
                 .name("persona-generate".into())
                 .spawn(move || {
-                    let r = match inner.model.lock() {
-                        Ok(m) => with_model!(&*m, m => run_generate(m, &job, Some(&tx))),
-                        Err(_) => Err(persona::Error::Invalid("the model's lock is poisoned (a call panicked)".into())),
-                    };
+                    let r = guarded(|| with_model!(&*inner.lock(), m => run_generate(m, &job, Some(&tx))));
                     let _ = tx.send(Msg::Done(r.map(|mut v| v.remove(0)).map_err(|e| e.to_string())));
                 })
                 .map_err(err)?;
@@ -944,12 +1026,11 @@ impl Model {
             show_progress: false,
         };
         let out = self.with(py, move |a| {
-            let dir = std::env::temp_dir().join(format!("persona-py-screen-{}-{:p}", std::process::id(), &samples));
-            std::fs::create_dir_all(&dir).map_err(|e| persona::Error::io(&dir, e))?;
-            let file = dir.join("progress.jsonl");
-            let r = with_model!(a, m => persona::persona::screen::screen(m, &v, &samples, &file, &opts));
-            let _ = std::fs::remove_dir_all(&dir);
-            r
+            // screen() keeps its progress in a file (and resumes from one): a fresh private folder
+            // per call, removed afterwards whatever happens.
+            let dir = ScratchDir::new()?;
+            let file = dir.0.join("progress.jsonl");
+            with_model!(a, m => persona::persona::screen::screen(m, &v, &samples, &file, &opts))
         })?;
         json_to_py(py, &json!(out))
     }
@@ -987,6 +1068,13 @@ impl Model {
     ) -> PyResult<Bound<'py, PyAny>> {
         use persona::model::lora::{LoraConfig, Target};
         use persona::train::{init_adapter, TrainOptions, Trainer};
+        if let Some(a) = &self.inner.adapter {
+            return Err(err(format!(
+                "finetune trains an adapter on the base model, and this Model was loaded with the adapter {}: load the \
+                 base model to fine-tune",
+                a.display()
+            )));
+        }
         if lora_rank == 0 || !(lora_alpha.is_finite() && lora_alpha > 0.0) {
             return Err(err("lora_rank must be at least 1 and lora_alpha a positive number"));
         }

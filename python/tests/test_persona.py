@@ -135,6 +135,10 @@ def test_stream_yields_one_token_per_generated_token_and_the_same_result(tiny):
     assert [t.index for t in toks] == list(range(7))
     assert [t.id for t in toks] == full.ids.tolist()
     assert all(t.projections["probe"].shape == (2,) for t in toks)
+    # Each token's projections are read at the position that produced it (as the HTTP stream's).
+    assert np.array_equal(toks[0].projections["probe"], full.prompt_projections["probe"][-1])
+    for i in range(1, 7):
+        assert np.array_equal(toks[i].projections["probe"], full.projections["probe"][i - 1])
     assert stream.result is not None and stream.result.ids.tolist() == full.ids.tolist()
     assert np.array_equal(stream.result.projections["probe"], full.projections["probe"])
 
@@ -183,8 +187,14 @@ def test_bad_requests_raise_value_error_with_the_library_message(tiny, binary):
         with pytest.raises(ValueError) as e:
             tiny.generate([1, 2], max_tokens=1, steer=[op])
         assert str(e.value).startswith("steer[0]: ") and message in str(e.value), str(e.value)
-    with pytest.raises(ValueError, match=r"monitor\[0\]: .*unknown vector|no vector of that name"):
+    with pytest.raises(persona.PersonaError, match=r"monitor\[0\]: vector `no-such-vector`: no such file"):
         tiny.generate([1, 2], max_tokens=1, monitor=["no-such-vector"])
+    with pytest.raises(persona.PersonaError, match=r"prompt 1: steer\[0\]: "):
+        tiny.generate([[1, 2], [3, 4]], max_tokens=1, steer=[[], [{"vector": v, "layers": 1, "coeff": "x"}]])
+    with pytest.raises(persona.PersonaError, match="does not fit the context"):
+        tiny.generate([1, 2], max_tokens=10**9)
+    with pytest.raises(persona.PersonaError, match="system= cannot be added to token ids"):
+        tiny.generate([1, 2], max_tokens=1, system="Be brief.")
     with pytest.raises(ValueError, match="max_tokens must be at least 1"):
         tiny.generate([1, 2], max_tokens=0)
     # The CLI says the same for the same op.
@@ -236,6 +246,16 @@ def test_the_same_request_gives_the_same_tokens_and_projections_in_python_cli_an
     http = np.array([pr["projections"] for pr in probes], dtype=np.float32).T
     assert np.array_equal(http, g.projections["evil"])
     assert [pr["last_prompt"] for pr in probes] == pytest.approx(g.prompt_projections["evil"][-1].tolist(), abs=0)
+
+
+def test_a_vector_object_never_hides_the_file_of_its_name(default):
+    neg = -default.vector("evil")  # still named "evil"
+    assert neg.name == "evil"
+    g = default.generate(PROMPT, max_tokens=4, monitor=[{"vector": neg, "layers": 18, "name": "neg"},
+                                                        {"vector": "evil", "layers": 18}])
+    assert np.array_equal(g.projections["neg"], -g.projections["evil"])
+    g = default.generate(PROMPT, max_tokens=2, steer=[{"vector": neg, "layers": 18, "coeff": 1}])
+    assert g.receipts[0]["vector"] == "evil"
 
 
 def test_residuals_are_what_extract_averages(default):

@@ -58,7 +58,11 @@ impl std::fmt::Display for ReqError {
 
 impl From<crate::Error> for ReqError {
     fn from(e: crate::Error) -> Self {
-        ReqError::new(e.to_string())
+        match e {
+            // The item's location is added by the front end; "invalid input: " would only repeat it.
+            crate::Error::Invalid(m) => ReqError::new(m),
+            e => ReqError::new(e.to_string()),
+        }
     }
 }
 
@@ -224,24 +228,35 @@ fn layers(o: &Map<String, Value>) -> R<Option<Layers>> {
         (Some(v), None) | (None, Some(v)) => v,
         (None, None) => return Ok(None),
     };
-    let list = match v {
-        Value::String(s) => return Layers::parse(s.trim()).map(Some).map_err(ReqError::from),
-        Value::Number(_) => vec![v],
-        Value::Array(a) => a.iter().collect(),
-        _ => return Err(ReqError::new("`layers` must be a number, \"A-B\", \"A+B\", \"all\" or a list of numbers")),
+    // Every spelling goes through the SPEC parser: `12`, `"10-14"`, `"all"`, `[12, "13-14"]`.
+    let one = |x: &Value| -> R<Layers> {
+        match x {
+            Value::String(s) => Layers::parse(s.trim()).map_err(ReqError::from),
+            Value::Number(n) => Layers::parse(&n.to_string()).map_err(ReqError::from),
+            _ => Err(ReqError::new(format!("layer {x} is not a number, \"A-B\", \"A+B\" or \"all\""))),
+        }
     };
-    if list.is_empty() {
-        return Err(ReqError::new("`layers` is an empty list"));
+    match v {
+        Value::Array(a) if a.is_empty() => Err(ReqError::new("`layers` is an empty list")),
+        Value::Array(a) => {
+            let mut out = vec![];
+            for x in a {
+                match one(x)? {
+                    Layers::All => return Err(ReqError::new("`all` cannot be one item of a list of layers")),
+                    Layers::List(l) => out.extend(l),
+                }
+                if out.len() > crate::steer::spec::MAX_LAYER + 1 {
+                    return Err(ReqError::new(format!(
+                        "more than {} layers listed",
+                        crate::steer::spec::MAX_LAYER + 1
+                    )));
+                }
+            }
+            Ok(Some(Layers::List(out)))
+        }
+        Value::String(_) | Value::Number(_) => one(v).map(Some),
+        _ => Err(ReqError::new("`layers` must be a number, \"A-B\", \"A+B\", \"all\" or a list of numbers")),
     }
-    let out = list
-        .into_iter()
-        .map(|x| match x.as_u64() {
-            Some(n) if n <= crate::steer::spec::MAX_LAYER as u64 => Ok(n as usize),
-            Some(n) => Err(ReqError::new(format!("layer {n} is out of range")).code("layer_out_of_range")),
-            None => Err(ReqError::new(format!("layer {x} is not a non-negative integer"))),
-        })
-        .collect::<R<Vec<_>>>()?;
-    Ok(Some(Layers::List(out)))
 }
 
 fn layers_json(l: &Option<Layers>) -> Value {
@@ -323,7 +338,11 @@ impl SteerRequest {
 }
 
 impl MonitorRequest {
+    /// Parse one monitor; a bare string is short for `{"vector": it}`.
     pub fn from_json(v: &Value) -> R<Self> {
+        if let Value::String(s) = v {
+            return MonitorRequest::from_json(&serde_json::json!({ "vector": s }));
+        }
         let o = object(v, "monitor")?;
         check_keys(o, MONITOR_KEYS)?;
         let vector = VectorRef::from_json(o.get("vector"))?;
@@ -663,6 +682,13 @@ mod tests {
             steer(json!({"vector": "v", "layers": [3, 4], "coeff": "2"})).unwrap().layers,
             Some(Layers::List(vec![3, 4]))
         );
+        assert_eq!(MonitorRequest::from_json(&json!("evil")).unwrap().vector, VectorRef::Name("evil".into()));
+        let l = |v: Value| steer(json!({"vector": "v", "coeff": 1, "layers": v})).map(|s| s.layers);
+        assert_eq!(l(json!([12, "14-15"])).unwrap(), Some(Layers::List(vec![12, 14, 15])));
+        // One message for a bad layer, however it is spelled.
+        for bad in [json!(70000), json!("70000"), json!([70000])] {
+            assert!(l(bad).unwrap_err().message.contains("layer 70000 is out of range (layers go up to 65536)"));
+        }
         let m = MonitorRequest::from_json(&json!({"vector": "/x/evil.safetensors", "threshold": 2})).unwrap();
         assert_eq!((m.name(), m.threshold), ("evil".to_string(), Some(2.0)));
         assert_eq!(MonitorRequest::from_json(&m.to_json()).unwrap().name(), "evil");
@@ -679,7 +705,9 @@ mod tests {
         assert!(e(json!({"vector": "v", "coeff": "x"})).message.contains("`coeff` must be a finite number"));
         assert!(e(json!({"vector": "v"})).message.contains("op=add needs `coeff`"));
         assert!(e(json!({"vector": "v", "op": "clamp"})).message.contains("op=clamp needs `coeff`"));
-        assert!(e(json!({"vector": "v", "coeff": 1, "layers": [1, -2]})).message.contains("-2 is not a non-negative"));
+        assert!(e(json!({"vector": "v", "coeff": 1, "layers": [1, -2]}))
+            .message
+            .contains("layers `-2`: expected a number"));
         assert!(e(json!({"vector": [1.0, "a"], "coeff": 1})).message.contains("not a finite number"));
         assert!(e(json!({"vector": "v", "coeff": 1, "when": "evil=3"})).message.contains("NAME:gt:τ"));
         assert!(e(json!(["v"])).message.contains("must be an object"));

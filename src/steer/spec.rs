@@ -131,9 +131,14 @@ impl SteerRequest {
 }
 
 impl MonitorRequest {
-    /// Parse a `--monitor` SPEC (`vector=PATH|NAME[,layers=all][,name=NAME][,threshold=T]`).
+    /// Parse a `--monitor` SPEC (`vector=PATH|NAME[,layers=all][,name=NAME][,threshold=T]`); a
+    /// bare `NAME` (no `=`) is short for `vector=NAME`.
     pub fn parse(spec: &str) -> Result<Self> {
-        let m = pairs(spec, "--monitor")?;
+        let m = if spec.contains('=') || spec.trim().is_empty() {
+            pairs(spec, "--monitor")?
+        } else {
+            serde_json::json!({ "vector": spec.trim() })
+        };
         MonitorRequest::from_json(&m).map_err(|e| Error::Invalid(format!("--monitor `{spec}`: {e}")))
     }
 

@@ -14,6 +14,7 @@ const state = {
   exchanges: [],     // every exchange, with its tokens and projections (for export and the chart)
   controllers: [],
   views: [],         // {view, res} of every answer on the page (to recolour)
+  chat: 0,           // bumped by "New chat": a stream of an older chat does not enter the history
   model: "",
 };
 
@@ -177,7 +178,7 @@ function monitored() {
 function renderColorBy() {
   const sel = $("color-by");
   const names = monitored();
-  if (!names.includes(state.colorBy)) state.colorBy = names[0] || "";
+  if (state.vectors.length && !names.includes(state.colorBy)) state.colorBy = names[0] || "";
   sel.textContent = "";
   if (!names.length) sel.append(option("", "(enable a monitor)", true));
   for (const n of names) sel.append(option(n, n, n === state.colorBy));
@@ -216,9 +217,15 @@ function snapshot() {
 }
 
 let hashReady = false;
+let hashTimer = 0;
+function writeHash() {
+  clearTimeout(hashTimer);
+  if (hashReady) history.replaceState(null, "", "#s=" + encodeURIComponent(JSON.stringify(snapshot())));
+}
+// Debounced: a dragged slider would otherwise rewrite the URL on every step (browsers limit that).
 function saveHash() {
-  if (!hashReady) return;
-  history.replaceState(null, "", "#s=" + encodeURIComponent(JSON.stringify(snapshot())));
+  clearTimeout(hashTimer);
+  hashTimer = setTimeout(writeHash, 250);
 }
 
 function applyHash() {
@@ -230,8 +237,16 @@ function applyHash() {
         if (typeof s[k] === "string") $(id).value = s[k];
       }
       $("compare").checked = !!s.compare;
+      const ok = {
+        steer: (r) => ["add", "ablate", "clamp", "cap", "floor"].includes(r.op) && ["raw", "relative"].includes(r.scale) &&
+          ["all", "prompt", "response"].includes(r.positions) && Number.isFinite(Number(r.coeff)) && typeof r.layers === "string",
+        monitor: (r) => typeof r.layers === "string" && (r.threshold === "" || Number.isFinite(Number(r.threshold))),
+      };
       for (const k of ["steer", "monitor"]) {
-        for (const [name, row] of Object.entries(s[k] || {})) if (row && typeof row === "object") state[k][name] = row;
+        for (const [name, row] of Object.entries(s[k] || {})) {
+          if (name === "__proto__" || !row || typeof row !== "object" || !ok[k](row)) continue;
+          state[k][name] = { ...row, enabled: !!row.enabled };
+        }
       }
       if (typeof s.colorBy === "string") state.colorBy = s.colorBy;
     } catch (e) {
@@ -248,8 +263,13 @@ function applyHash() {
 
 function setStreaming(on) {
   document.body.dataset.state = on ? "streaming" : "idle";
+  const hadFocus = document.activeElement;
   $("send").disabled = on;
   $("stop").disabled = !on;
+  $("new-chat").disabled = on;
+  $("conversation").setAttribute("aria-busy", on ? "true" : "false");
+  if (on && hadFocus === $("send")) $("stop").focus();
+  if (!on && hadFocus === $("stop")) $("prompt").focus();
 }
 
 function displayLayer(name, labels) {
@@ -284,19 +304,18 @@ async function streamArm(arm, view, res) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      buf += dec.decode(value, { stream: true });
+      buf += dec.decode(value, { stream: true }).replace(/\r/g, "");
       let i;
       while ((i = buf.indexOf("\n\n")) >= 0) {
         const ev = buf.slice(0, i);
         buf = buf.slice(i + 2);
-        for (const line of ev.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          onChunk(JSON.parse(data), res, view);
-        }
+        // One event's `data:` lines joined (the SSE rule); comments (`:` keep-alives) skipped.
+        const data = ev.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n").trim();
+        if (!data || data === "[DONE]") continue;
+        onChunk(JSON.parse(data), res, view);
       }
     }
+    if (!res.finish) throw new Error("the stream ended before the answer finished (no finish_reason)");
   } catch (e) {
     if (e.name !== "AbortError") {
       res.error = e.message;
@@ -331,7 +350,19 @@ function onChunk(j, res, view) {
     res.finish = c.finish_reason;
     if (j.persona) res.summary = j.persona;
   }
-  drawChart();
+  scheduleRedraw(view.ex);
+}
+
+// Token colours, scores and the chart are redrawn at most once per frame, not per chunk.
+let redrawPending = null;
+function scheduleRedraw(ex) {
+  if (redrawPending) return;
+  redrawPending = requestAnimationFrame(() => {
+    redrawPending = null;
+    if (ex) recolor(ex);
+    renderScores();
+    drawChart();
+  });
 }
 
 function color(value, center, extent) {
@@ -361,9 +392,9 @@ function recolor(ex) {
 
 function addToken(view, t, res) {
   const shown = atDisplayLayer(t.projections);
-  const span = el("span", { class: "tok", tabindex: "0", "data-testid": "token", "data-projection": JSON.stringify(shown), text: t.text });
+  const span = el("span", { class: "tok", tabindex: view.text.childElementCount ? "-1" : "0", "aria-describedby": "tooltip", "data-testid": "token", "data-projection": JSON.stringify(shown), text: t.text });
   const tip = () => {
-    const lines = Object.entries(t.projections).map(([k, v]) => `${k}: ${Number(v).toFixed(3)}`);
+    const lines = Object.entries(t.projections).map(([k, v]) => `${k}: ${fmt(v)}`);
     if (t.over.length) lines.push("over threshold: " + t.over.join(", "));
     return `token ${t.id}` + (lines.length ? "\n" + lines.join("\n") : "");
   };
@@ -373,8 +404,14 @@ function addToken(view, t, res) {
   span.addEventListener("focus", () => { const r = span.getBoundingClientRect(); showTip(tip(), r.left, r.bottom); });
   span.addEventListener("blur", hideTip);
   view.text.append(span);
-  recolor(view.ex);
-  renderScores();
+}
+
+function fmt(v, digits = 3) {
+  return Number.isFinite(v) ? Number(v).toFixed(digits) : "n/a";
+}
+
+function fmtThr(v) {
+  return Number.isFinite(v) ? String(Number(Number(v).toPrecision(6))) : "none";
 }
 
 function showTip(text, x, y) {
@@ -411,13 +448,13 @@ function renderScores() {
       const labels = Object.keys(res.tokens[0].projections);
       const L = displayLayer(n, labels);
       const probe = res.summary && (res.summary.probes || []).find((p) => p.name === n && p.layer === L);
-      const predicted = vals[0];
+      const predicted = probe && Number.isFinite(probe.last_prompt) ? probe.last_prompt : vals[0];
       const expressed = probe && Number.isFinite(probe.response_mean) ? probe.response_mean : vals.reduce((a, b) => a + b, 0) / vals.length;
       const thr = probe ? probe.threshold : null;
-      const flag = res.summary && res.summary.flagged;
+      const flag = Number.isFinite(thr) && (predicted > thr || expressed > thr);
       const item = el("span", { class: flag ? "flag" : "", "data-testid": "score" },
-        `${ex.arms.length > 1 ? res.label + " · " : ""}${n}@${L}: predicted ${predicted.toFixed(2)}, expressed ${expressed.toFixed(2)}${probe ? "" : " (so far)"}` +
-        (thr !== null && thr !== undefined ? ` · threshold ${thr}` : "") + (flag ? " · flagged" : ""));
+        `${ex.arms.length > 1 ? res.label + " · " : ""}${n}@${L}: predicted ${fmt(predicted, 2)}, expressed ${fmt(expressed, 2)}${probe ? "" : " (so far)"}` +
+        (Number.isFinite(thr) ? ` · threshold ${fmtThr(thr)}` : "") + (flag ? " · flagged" : ""));
       box.append(item);
     }
   }
@@ -488,7 +525,7 @@ function drawChart() {
       p.append(title);
       c.append(p);
     });
-    const item = el("span", {}, el("i", {}), `${ex.arms.length > 1 ? s.label + " · " : ""}${s.name}@${s.layer}` + (Number.isFinite(s.thr) ? ` (threshold ${s.thr})` : ""));
+    const item = el("span", {}, el("i", {}), `${ex.arms.length > 1 ? s.label + " · " : ""}${s.name}@${s.layer}` + (Number.isFinite(s.thr) ? ` (threshold ${fmtThr(s.thr)})` : ""));
     item.firstChild.style.background = col;
     if (dash) item.firstChild.style.opacity = "0.6";
     legend.append(item);
@@ -521,8 +558,13 @@ async function send() {
   base.messages = msgs;
   const steering = steeringOps();
   const monitor = monitorItems();
-  const arms = [{ label: steering.length ? "steered" : "answer", body: Object.assign({}, base, { steering, monitor }) }];
-  if ($("compare").checked) arms.push({ label: "unsteered", body: Object.assign({}, base, { steering: [], monitor }) });
+  // Keys left out when empty: the server's default steering and monitors then apply (and a
+  // server that refuses overrides accepts the request).
+  const ext = (st) => Object.assign({}, base, st.length ? { steering: st } : {}, monitor.length ? { monitor } : {});
+  const arms = [{ label: steering.length ? "steered" : "answer", body: ext(steering) }];
+  // "Unsteered" is explicit: no steering at all, the server's default included.
+  if ($("compare").checked) arms.push({ label: "unsteered", body: Object.assign(ext([]), { steering: [] }) });
+  const chat = state.chat;
 
   const conv = $("conversation");
   conv.append(el("div", { class: "msg user", text }));
@@ -533,6 +575,7 @@ async function send() {
   const views = arms.map((a, i) => {
     const label = el("div", { class: "label", text: a.label + " · streaming…" });
     const body = el("div", { class: "text" });
+    body.addEventListener("keydown", rovingFocus);
     pair.append(el("div", { class: "msg answer", "data-testid": "answer", "data-arm": a.label }, label, body));
     const view = { label, text: body, ex: exchange };
     state.views.push({ view, res: exchange.arms[i], ex: exchange });
@@ -542,8 +585,10 @@ async function send() {
   try {
     // Both arms at once: the server batches them.
     const results = await Promise.all(arms.map((a, i) => streamArm(a, views[i], exchange.arms[i])));
-    if (!results[0].error) state.history.push({ role: "user", content: text }, { role: "assistant", content: results[0].text });
-    $("prompt").value = "";
+    if (!results[0].error && chat === state.chat) {
+      state.history.push({ role: "user", content: text }, { role: "assistant", content: results[0].text });
+      $("prompt").value = "";
+    }
   } finally {
     state.controllers = [];
     setStreaming(false);
@@ -551,6 +596,19 @@ async function send() {
     drawChart();
     saveHash();
   }
+}
+
+// One tab stop per answer: the arrow keys (Home, End) move between its tokens.
+function rovingFocus(e) {
+  const toks = [...e.currentTarget.querySelectorAll(".tok")];
+  const i = toks.indexOf(document.activeElement);
+  if (i < 0) return;
+  const j = { ArrowRight: i + 1, ArrowDown: i + 1, ArrowLeft: i - 1, ArrowUp: i - 1, Home: 0, End: toks.length - 1 }[e.key];
+  if (j === undefined || j < 0 || j >= toks.length) return;
+  e.preventDefault();
+  toks[i].tabIndex = -1;
+  toks[j].tabIndex = 0;
+  toks[j].focus();
 }
 
 // ---- exports -----------------------------------------------------------------------------------
@@ -641,6 +699,8 @@ function init() {
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); send(); } });
   $("stop").addEventListener("click", () => state.controllers.forEach((c) => c.abort()));
   $("new-chat").addEventListener("click", () => {
+    state.chat += 1;
+    state.controllers.forEach((c) => c.abort());
     state.history = [];
     state.exchanges = [];
     state.views = [];
@@ -649,7 +709,7 @@ function init() {
     drawChart();
   });
   $("share").addEventListener("click", async () => {
-    saveHash();
+    writeHash();
     try { await navigator.clipboard.writeText(location.href); $("share").textContent = "Link copied"; }
     catch (_) { $("share").textContent = "Link in the address bar"; }
     setTimeout(() => ($("share").textContent = "Share link"), 2000);
