@@ -796,3 +796,15 @@ fn chat_template_syntax_error_is_an_error_not_a_panic() {
         .unwrap_err();
     assert!(err.to_string().starts_with("chat template: "), "{err}");
 }
+
+/// `gguf` target (stop 26): a Llama GGUF whose `blk.0.attn_q.weight` has no rows; undoing
+/// llama.cpp's q/k row permutation divided by the row count. Now an error naming the tensor.
+#[test]
+fn gguf_attention_weight_without_rows_is_an_error() {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz/gguf-zero-row-attn-q.gguf");
+    let e = match ModelFiles::open(&p) {
+        Ok(_) => panic!("opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("q_proj") && e.contains("0 rows cannot be 4 heads"), "{e}");
+}

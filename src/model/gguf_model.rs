@@ -89,13 +89,20 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
 /// llama.cpp's converter stores Llama q/k rows permuted for its interleaved RoPE:
 /// GGUF row `h·hd + 2i + j` holds HF row `h·hd + j·hd/2 + i`. Undo it.
 pub fn unpermute_rows(t: &HostTensor, n_heads: usize) -> Result<HostTensor> {
-    let rows = t.shape[0];
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let bad = |why: String| Error::Invalid(format!("tensor `{}` (shape {:?}): {why}", t.name, t.shape));
+    if rows == 0 || n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+        return Err(bad(format!("{rows} rows cannot be {n_heads} heads of an even head size")));
+    }
     let hd = rows / n_heads;
     // Rows move whole, so quantized rows move as their packed blocks and stay quantized.
     let (src, quant) = match t.quantized() {
         Some((ty, b)) => (std::borrow::Cow::Borrowed(b), Some(ty)),
         None => (std::borrow::Cow::Owned(bytemuck::cast_slice::<f32, u8>(&t.to_f32()).to_vec()), None),
     };
+    if src.len() % rows != 0 {
+        return Err(bad(format!("{} bytes are not {rows} whole rows", src.len())));
+    }
     let rb = src.len() / rows;
     let mut dst = vec![0u8; src.len()];
     for h in 0..n_heads {

@@ -32,30 +32,47 @@ pub fn run(a: CheckArgs) -> Result<()> {
         return compile_only(&a);
     }
     let (name, rows) = match a.backend {
-        BackendKind::Auto | BackendKind::Cpu => {
-            let mut rows = run_checks(&CpuBackend, a.quick);
-            rows.extend(run_cpu_kernel_checks(a.quick));
-            ("cpu", rows)
-        }
+        // The backend `generate --backend auto` picks (it says which on stderr).
+        BackendKind::Auto => match super::auto_backend() {
+            super::Auto::Cuda(b) => ("cuda", gpu_rows(&b, a.quick)),
+            super::Auto::Wgpu(b) => ("wgpu", gpu_rows(&b, a.quick)),
+            super::Auto::Cpu => ("cpu", cpu_rows(a.quick)),
+        },
+        BackendKind::Cpu => ("cpu", cpu_rows(a.quick)),
         BackendKind::Cuda => {
             let b = CudaBackend::new(0)?;
             eprintln!("checking cuda on {} ({})", b.device_name(), b.arch());
-            let mut rows = run_checks(&b, a.quick);
-            rows.extend(run_weight_format_checks(&b, a.quick));
-            ("cuda", rows)
+            ("cuda", gpu_rows(&b, a.quick))
         }
         BackendKind::Wgpu => {
             let b = WgpuBackend::new()?;
             eprintln!("checking wgpu on {}", b.describe());
-            let mut rows = run_checks(&b, a.quick);
-            rows.extend(run_weight_format_checks(&b, a.quick));
-            ("wgpu", rows)
+            ("wgpu", gpu_rows(&b, a.quick))
         }
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    report(name, &rows, a.json)
+}
+
+/// The CPU backend's table: its fused op against the unfused composition, and the packed / SIMD
+/// kernels against the widened plain reference.
+fn cpu_rows(quick: bool) -> Vec<persona::backend::check::CheckRow> {
+    let mut rows = run_checks(&CpuBackend, quick);
+    rows.extend(run_cpu_kernel_checks(quick));
+    rows
+}
+
+/// A GPU backend's table: every op and weight format against the CPU reference.
+fn gpu_rows<B: persona::backend::Backend>(b: &B, quick: bool) -> Vec<persona::backend::check::CheckRow> {
+    let mut rows = run_checks(b, quick);
+    rows.extend(run_weight_format_checks(b, quick));
+    rows
+}
+
+fn report(name: &str, rows: &[persona::backend::check::CheckRow], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
     } else {
-        print!("{}", format_table(name, &rows));
+        print!("{}", format_table(name, rows));
     }
     let fails = rows.iter().filter(|r| !r.pass).count();
     if fails > 0 {

@@ -179,6 +179,35 @@ pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// The backend `--backend auto` picks.
+pub enum Auto {
+    Cuda(CudaBackend),
+    Wgpu(WgpuBackend),
+    Cpu,
+}
+
+/// `--backend auto`: CUDA when usable, then a wgpu GPU adapter (not a CPU one such as lavapipe),
+/// then the CPU; says which on stderr (`backend: ...`). `generate`, `check` and every other
+/// command pick the same way.
+pub fn auto_backend() -> Auto {
+    match CudaBackend::new(0) {
+        Ok(b) => {
+            eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
+            Auto::Cuda(b)
+        }
+        Err(e) => match WgpuBackend::new_gpu() {
+            Ok(b) => {
+                eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
+                Auto::Wgpu(b)
+            }
+            Err(_) => {
+                eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
+                Auto::Cpu
+            }
+        },
+    }
+}
+
 /// A command body that works on a model loaded on any backend.
 pub trait ModelTask {
     fn run<B: Backend>(self, m: LoadedModel<B>) -> Result<()>;
@@ -211,24 +240,10 @@ impl ModelArgs {
             BackendKind::Cpu => task.run(load_model(&path, adapter, CpuBackend, self)?),
             BackendKind::Cuda => task.run(load_model(&path, adapter, CudaBackend::new(0)?, self)?),
             BackendKind::Wgpu => task.run(load_model(&path, adapter, WgpuBackend::new()?, self)?),
-            // CUDA when usable, else the CPU; say which on stderr.
-            BackendKind::Auto => match CudaBackend::new(0) {
-                Ok(b) => {
-                    eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
-                    task.run(load_model(&path, adapter, b, self)?)
-                }
-                // Then a wgpu GPU adapter (not a CPU one such as lavapipe), then the CPU.
-                Err(e) => match WgpuBackend::new_gpu() {
-                    Ok(b) => {
-                        eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
-                        task.run(load_model(&path, adapter, b, self)?)
-                    }
-                    Err(_) => {
-                        let _ = e;
-                        eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
-                        task.run(load_model(&path, adapter, CpuBackend, self)?)
-                    }
-                },
+            BackendKind::Auto => match auto_backend() {
+                Auto::Cuda(b) => task.run(load_model(&path, adapter, b, self)?),
+                Auto::Wgpu(b) => task.run(load_model(&path, adapter, b, self)?),
+                Auto::Cpu => task.run(load_model(&path, adapter, CpuBackend, self)?),
             },
         }
     }
