@@ -25,6 +25,25 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// The default model's path if it is already cached.
+/// The model a `--model` argument (or Python's `Model.load(path_or_name)`) means: a path as given;
+/// a name from `persona fetch --list` that is not a path here is that model, fetched into the
+/// cache on first use; none, the default model. Progress lines go to `log`.
+pub fn resolve_model(m: Option<&Path>, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let Some(p) = m else { return default_model(log) };
+    if p.exists() || p.components().count() != 1 {
+        return Ok(p.to_path_buf());
+    }
+    let name = p.to_string_lossy();
+    match named_model(&name) {
+        Some(named) => fetch_named(named, log),
+        None if name.eq_ignore_ascii_case("smollm2-135m") => default_model(log),
+        None if p.extension().is_none() => Err(Error::Invalid(format!(
+            "model `{name}`: no such file or folder, and not a model persona can fetch by name (`persona fetch --list`)"
+        ))),
+        None => Ok(p.to_path_buf()),
+    }
+}
+
 pub fn cached_default_model() -> Option<PathBuf> {
     cache_dir().map(|d| d.join(DEFAULT_MODEL_FILE)).filter(|p| p.is_file())
 }

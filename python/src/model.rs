@@ -17,7 +17,7 @@ use persona::engine::loaded::TextStream;
 use persona::engine::sampler::SamplingParams;
 use persona::engine::SeqInput;
 use persona::model::config::ModelConfig;
-use persona::model::{Message, ModelFiles};
+use persona::model::Message;
 use persona::steer::request::Resolved;
 use persona::LoadedModel;
 use pyo3::exceptions::PyStopIteration;
@@ -91,65 +91,27 @@ pub struct Model {
     inner: Arc<Inner>,
 }
 
-fn model_path(name: Option<&str>) -> persona::Result<PathBuf> {
-    let log = &mut |l: &str| eprintln!("{l}");
-    let Some(n) = name else { return persona::fetch::default_model(log) };
-    let p = Path::new(n);
-    if p.exists() || p.components().count() != 1 {
-        return Ok(p.to_path_buf());
-    }
-    if n.eq_ignore_ascii_case("smollm2-135m") {
-        return persona::fetch::default_model(log);
-    }
-    match persona::fetch::named_model(n) {
-        Some(m) => persona::fetch::fetch_named(m, log),
-        None => Err(persona::Error::Invalid(format!(
-            "model `{n}`: no such file or folder, and not a model persona can fetch by name (`persona fetch --list`)"
-        ))),
-    }
-}
-
-fn load_on<B: Backend>(files: ModelFiles, b: B, context: usize) -> persona::Result<LoadedModel<B>> {
-    LoadedModel::from_files(files, b, context)
-}
-
-fn open(path: &Path, adapter: Option<&Path>) -> persona::Result<ModelFiles> {
-    let mut files = ModelFiles::open(path)?;
-    if let Some(dir) = adapter {
-        persona::model::lora::LoraAdapter::load(dir, &files.config)?.merge_into(&mut files.tensors)?;
-    }
-    Ok(files)
-}
-
 fn load_any(path: &Path, adapter: Option<&Path>, backend: &str, context: usize) -> persona::Result<(Any, String)> {
-    let files = open(path, adapter)?;
-    Ok(match backend {
-        "cpu" => (Any::Cpu(load_on(files, CpuBackend, context)?), "cpu".into()),
-        "cuda" => {
-            let b = CudaBackend::new(0)?;
-            let d = format!("cuda ({})", b.device_name());
-            (Any::Cuda(load_on(files, b, context)?), d)
-        }
-        "wgpu" => {
-            let b = WgpuBackend::new()?;
-            let d = format!("wgpu ({})", b.describe());
-            (Any::Wgpu(load_on(files, b, context)?), d)
-        }
-        "auto" => match CudaBackend::new(0) {
-            Ok(b) => {
-                let d = format!("cuda ({})", b.device_name());
-                (Any::Cuda(load_on(files, b, context)?), d)
-            }
-            Err(_) => match WgpuBackend::new_gpu() {
-                Ok(b) => {
-                    let d = format!("wgpu ({})", b.describe());
-                    (Any::Wgpu(load_on(files, b, context)?), d)
-                }
-                Err(_) => (Any::Cpu(load_on(files, CpuBackend, context)?), "cpu".into()),
-            },
+    let cuda = |b: CudaBackend| -> persona::Result<(Any, String)> {
+        let d = format!("cuda ({})", b.device_name());
+        Ok((Any::Cuda(LoadedModel::load_with_adapter(path, adapter, b, context)?), d))
+    };
+    let wgpu = |b: WgpuBackend| -> persona::Result<(Any, String)> {
+        let d = format!("wgpu ({})", b.describe());
+        Ok((Any::Wgpu(LoadedModel::load_with_adapter(path, adapter, b, context)?), d))
+    };
+    let cpu = || Ok((Any::Cpu(LoadedModel::load_with_adapter(path, adapter, CpuBackend, context)?), "cpu".into()));
+    match backend {
+        "cpu" => cpu(),
+        "cuda" => cuda(CudaBackend::new(0)?),
+        "wgpu" => wgpu(WgpuBackend::new()?),
+        "auto" => match persona::backend::auto().0 {
+            persona::backend::Auto::Cuda(b) => cuda(b),
+            persona::backend::Auto::Wgpu(b) => wgpu(b),
+            persona::backend::Auto::Cpu => cpu(),
         },
-        o => return Err(persona::Error::Invalid(format!("backend `{o}`: expected auto, cpu, cuda or wgpu"))),
-    })
+        o => Err(persona::Error::Invalid(format!("backend `{o}`: expected auto, cpu, cuda or wgpu"))),
+    }
 }
 
 /// What a prompt argument is.
@@ -329,22 +291,22 @@ fn run_generate<B: Backend>(
             n += 1;
         }
     })?;
-    outs.into_iter().zip(&job.plans).map(|(o, plan)| gen_data(m, o, plan, &stops)).collect()
+    outs.into_iter().zip(&job.plans).map(|(o, plan)| gen_data(m, o, plan, job.ignore_eos)).collect()
 }
 
 fn gen_data<B: Backend>(
     m: &LoadedModel<B>,
     o: GenOutput,
     plan: &Option<Arc<Resolved>>,
-    stops: &dyn Fn(u32) -> bool,
+    ignore_eos: bool,
 ) -> persona::Result<GenData> {
     let ids = o.ids();
     // The end-of-sequence token that stopped generation is in `ids` but not in the text.
-    let text_ids = match (o.finish, ids.split_last()) {
-        (Finish::Eos, Some((&last, rest))) if stops(last) => rest,
-        _ => &ids[..],
+    let text = if m.tokenizer.is_some() {
+        m.decode(&o.text_ids(&m.engine.config.eos_ids, ignore_eos))?
+    } else {
+        String::new()
     };
-    let text = if m.tokenizer.is_some() { m.decode(text_ids)? } else { String::new() };
     Ok(GenData {
         text,
         finish: match o.finish {
@@ -624,8 +586,7 @@ impl Model {
         let adapter_path = adapter.clone();
         let (any, path, desc) = py
             .detach(|| -> persona::Result<_> {
-                let name = path_or_name.as_ref().map(|p| p.to_string_lossy().to_string());
-                let path = model_path(name.as_deref())?;
+                let path = persona::fetch::resolve_model(path_or_name.as_deref(), &mut |l| eprintln!("{l}"))?;
                 let (any, desc) = load_any(&path, adapter.as_deref(), &backend, context)?;
                 Ok((any, path, desc))
             })
@@ -954,15 +915,7 @@ impl Model {
                         persona::persona::traits::record_trait(&mut v, t);
                         t.questions.clone()
                     }
-                    None => {
-                        let mut q: Vec<String> = vec![];
-                        for r in &responses {
-                            if !q.contains(&r.question) {
-                                q.push(r.question.clone());
-                            }
-                        }
-                        q
-                    }
+                    None => persona::persona::extract::questions_of(&responses),
                 };
                 if baseline {
                     let b = baseline_projection(m, &v, &qs, max_tokens.max(1), false)?;
@@ -1090,9 +1043,7 @@ impl Model {
             return Err(err("steer: when= conditions are not differentiable and are refused for training"));
         }
         if let Some(seed) = random_control {
-            for (i, op) in r.steering.plan.ops.iter_mut().enumerate() {
-                op.vector = Arc::from(persona::persona::eval::random_like(&op.vector, seed.wrapping_add(i as u64)));
-            }
+            persona::persona::common::randomize_ops(&mut r.steering, seed);
         }
         let path = self.inner.path.clone();
         let context = max_len.max(16);
@@ -1105,12 +1056,8 @@ impl Model {
                     let mut st = r.steering;
                     let monitors = std::mem::take(&mut st.probes);
                     let steering = (!st.plan.ops.is_empty()).then_some(st);
-                    let mut targets: Vec<Target> = ["q", "k", "v", "o", "gate", "up", "down"]
-                        .iter()
-                        .map(|t| Target::parse(t))
-                        .collect::<persona::Result<_>>()?;
-                    targets.sort_by_key(|t| t.index());
-                    let lora = LoraConfig { r: lora_rank, alpha: lora_alpha, use_rslora: true, targets };
+                    let lora =
+                        LoraConfig { r: lora_rank, alpha: lora_alpha, use_rslora: true, targets: Target::ALL.to_vec() };
                     let adapter = init_adapter(lora.clone(), &m.engine.config, seed);
                     let mut o = TrainOptions::new(lora);
                     (o.lr, o.steps, o.epochs, o.batch, o.seed) = (lr, steps, epochs, batch, seed);

@@ -9,6 +9,31 @@ pub mod wgpu;
 use crate::error::{Error, Result};
 use crate::model::tensor::HostTensor;
 
+/// The backend `--backend auto` (and Python's `backend="auto"`) picks.
+pub enum Auto {
+    Cuda(cuda::CudaBackend),
+    Wgpu(wgpu::WgpuBackend),
+    Cpu,
+}
+
+/// CUDA when usable, then a wgpu GPU adapter (not a CPU one such as lavapipe), then the CPU; with
+/// the line that says which and why (`cuda (NAME, sm_90)`, `cpu (no usable CUDA or wgpu GPU; ...)`).
+pub fn auto() -> (Auto, String) {
+    match cuda::CudaBackend::new(0) {
+        Ok(b) => {
+            let line = format!("cuda ({}, {})", b.device_name(), b.arch());
+            (Auto::Cuda(b), line)
+        }
+        Err(e) => match wgpu::WgpuBackend::new_gpu() {
+            Ok(b) => {
+                let line = format!("wgpu {} (cuda not usable: {e})", b.describe());
+                (Auto::Wgpu(b), line)
+            }
+            Err(_) => (Auto::Cpu, "cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)".into()),
+        },
+    }
+}
+
 /// Where one token of a batch lives: its sequence's KV-cache slot and its position in that sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenPos {

@@ -92,6 +92,15 @@ impl GenOutput {
     pub fn ids(&self) -> Vec<u32> {
         self.steps.iter().map(|s| s.id).collect()
     }
+    /// The ids of the answer's text: [`Self::ids`] without the end-of-sequence token that
+    /// stopped generation (with `ignore_eos` every id is text).
+    pub fn text_ids(&self, eos: &[u32], ignore_eos: bool) -> Vec<u32> {
+        let mut ids = self.ids();
+        if self.finish == Finish::Eos && !ignore_eos && ids.last().is_some_and(|l| eos.contains(l)) {
+            ids.pop();
+        }
+        ids
+    }
     /// Projection of probe `k` at the last prompt token (the paper's prompt score).
     pub fn last_prompt_projection(&self, k: usize) -> f32 {
         self.projections[k][self.prompt_ids.len() - 1]

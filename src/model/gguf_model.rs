@@ -91,7 +91,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
 pub fn unpermute_rows(t: &HostTensor, n_heads: usize) -> Result<HostTensor> {
     let rows = t.shape.first().copied().unwrap_or(0);
     let bad = |why: String| Error::Invalid(format!("tensor `{}` (shape {:?}): {why}", t.name, t.shape));
-    if rows == 0 || n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if rows == 0 || n_heads == 0 || !rows.is_multiple_of(n_heads) || !(rows / n_heads).is_multiple_of(2) {
         return Err(bad(format!("{rows} rows cannot be {n_heads} heads of an even head size")));
     }
     let hd = rows / n_heads;

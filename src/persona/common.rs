@@ -209,6 +209,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// A random direction with the norm of `v` (the first of [`random_directions`]).
+/// The random-direction control of a steering plan: every op's vector replaced by a random one of
+/// the same norm, op `i` drawn from `seed + i`.
+pub fn randomize_ops(st: &mut SeqSteering, seed: u64) {
+    for (i, op) in st.plan.ops.iter_mut().enumerate() {
+        op.vector = std::sync::Arc::from(random_like(&op.vector, seed.wrapping_add(i as u64)));
+    }
+}
+
 pub fn random_like(v: &[f32], seed: u64) -> Vec<f32> {
     random_directions(v, 1, seed).pop().unwrap_or_default()
 }

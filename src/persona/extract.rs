@@ -313,6 +313,18 @@ pub fn vector_from_responses<B: Backend>(
 
 /// Mean |h_L| over the answer tokens of `items` at every index (a traced pass per item: a small
 /// sample is enough for a scale reference).
+/// The distinct questions of `responses`, in first-seen order (the baseline's questions when no
+/// trait definition gives them).
+pub fn questions_of(responses: &[Response]) -> Vec<String> {
+    let mut q: Vec<String> = vec![];
+    for r in responses {
+        if !q.contains(&r.question) {
+            q.push(r.question.clone());
+        }
+    }
+    q
+}
+
 pub fn mean_residual_norms<B: Backend>(m: &LoadedModel<B>, items: &[Forced]) -> Result<Vec<f32>> {
     let c = &m.engine.config;
     let mut sums = vec![0f64; c.n_layers + 1];

@@ -173,7 +173,8 @@ fn spec_of(v: &serde_json::Value) -> String {
 
 /// A steering op's kind from `op=` and whether it is measured from the baseline (`origin=`):
 /// `op=center` is a clamp to the baseline (no coeff); `origin=baseline` moves clamp targets and
-/// `when=` thresholds by the baseline. Shared by the CLI specs and the server's JSON ops.
+/// `when=` thresholds by the baseline. Used by [`SteerRequest::from_json`], which every front end
+/// parses through.
 pub fn op_and_origin(
     op: &str,
     origin: Option<&str>,

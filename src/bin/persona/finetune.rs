@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use persona::backend::cpu::CpuGemmBackend;
 use persona::backend::Backend;
 use persona::model::lora::{LoraAdapter, LoraConfig, Target};
-use persona::persona::eval::random_like;
+use persona::persona::common::randomize_ops;
 use persona::steer::spec::resolve;
 use persona::train::data::{read_jsonl, split_holdout, DataOptions, Example};
 use persona::train::optim::Schedule;
@@ -221,9 +221,7 @@ fn finetune<B: Backend + persona::train::TrainBackend>(
     }
     let monitors = std::mem::take(&mut st.probes);
     if let Some(seed) = a.random_control {
-        for (i, op) in st.plan.ops.iter_mut().enumerate() {
-            op.vector = Arc::from(random_like(&op.vector, seed.wrapping_add(i as u64)));
-        }
+        randomize_ops(&mut st, seed);
     }
     let steer_record: Vec<_> = st
         .plan

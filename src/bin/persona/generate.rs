@@ -234,11 +234,8 @@ fn generate<B: Backend>(a: GenerateArgs, m: LoadedModel<B>) -> Result<()> {
     let t = timing(&outs[0], reqs.len(), prompt_tokens, generated);
     for o in &outs {
         let ids = o.ids();
-        let text_ids = match (matches!(o.finish, Finish::Eos), ids.split_last()) {
-            (true, Some((&last, rest))) if stops(last) => rest,
-            _ => &ids[..],
-        };
-        let text = if m.tokenizer.is_some() { Some(m.decode(text_ids)?) } else { None };
+        let text_ids = o.text_ids(eos, a.sampling.ignore_eos);
+        let text = if m.tokenizer.is_some() { Some(m.decode(&text_ids)?) } else { None };
         if a.json {
             let steps: Vec<serde_json::Value> = o
                 .steps

@@ -157,55 +157,23 @@ fn fetch(a: FetchArgs) -> Result<()> {
     Ok(())
 }
 
-/// A `--model` argument: a path as given; a name from `persona fetch --list` that is not a path
-/// here is that model, fetched into the cache on first use; none, the default model.
+/// A `--model` argument ([`persona::fetch::resolve_model`]).
 pub fn resolve_model(m: &Option<PathBuf>) -> Result<PathBuf> {
-    match m {
-        Some(p) if !p.exists() && p.components().count() == 1 => {
-            match persona::fetch::named_model(&p.to_string_lossy()) {
-                Some(named) => Ok(persona::fetch::fetch_named(named, &mut |l| eprintln!("{l}"))?),
-                None if p.to_string_lossy().eq_ignore_ascii_case("smollm2-135m") => {
-                    Ok(persona::fetch::default_model(&mut |l| eprintln!("{l}"))?)
-                }
-                None if p.extension().is_none() => anyhow::bail!(
-                    "--model {}: no such file or folder, and not a model persona can fetch by name (`persona fetch --list`)",
-                    p.display()
-                ),
-                None => Ok(p.clone()),
-            }
-        }
-        Some(p) => Ok(p.clone()),
-        None => Ok(persona::fetch::default_model(&mut |l| eprintln!("{l}"))?),
-    }
+    persona::fetch::resolve_model(m.as_deref(), &mut |l| eprintln!("{l}")).map_err(|e| match e {
+        // "model `X`: ..." reads as "--model `X`: ..." for the flag.
+        persona::Error::Invalid(m) => anyhow::anyhow!("--{m}"),
+        e => anyhow::Error::from(e).context("--model"),
+    })
 }
 
-/// The backend `--backend auto` picks.
-pub enum Auto {
-    Cuda(CudaBackend),
-    Wgpu(WgpuBackend),
-    Cpu,
-}
+pub use persona::backend::Auto;
 
-/// `--backend auto`: CUDA when usable, then a wgpu GPU adapter (not a CPU one such as lavapipe),
-/// then the CPU; says which on stderr (`backend: ...`). `generate`, `check` and every other
-/// command pick the same way.
+/// `--backend auto` ([`persona::backend::auto`]), saying which on stderr (`backend: ...`).
+/// `generate`, `check` and every other command pick the same way.
 pub fn auto_backend() -> Auto {
-    match CudaBackend::new(0) {
-        Ok(b) => {
-            eprintln!("backend: cuda ({}, {})", b.device_name(), b.arch());
-            Auto::Cuda(b)
-        }
-        Err(e) => match WgpuBackend::new_gpu() {
-            Ok(b) => {
-                eprintln!("backend: wgpu {} (cuda not usable: {e})", b.describe());
-                Auto::Wgpu(b)
-            }
-            Err(_) => {
-                eprintln!("backend: cpu (no usable CUDA or wgpu GPU; --backend cuda|wgpu says why)");
-                Auto::Cpu
-            }
-        },
-    }
+    let (b, line) = persona::backend::auto();
+    eprintln!("backend: {line}");
+    b
 }
 
 /// A command body that works on a model loaded on any backend.

@@ -11,7 +11,8 @@ use persona::persona::common::write_atomic;
 use persona::persona::eval::{sweep, EvalOptions};
 use persona::persona::extract::{baseline_projection, BASELINE_KEY};
 use persona::persona::extract::{
-    chat_ids, generate_responses, judge_and_filter, read_responses, vector_from_responses, ExtractOptions, Method,
+    chat_ids, generate_responses, judge_and_filter, questions_of, read_responses, vector_from_responses,
+    ExtractOptions, Method,
 };
 use persona::persona::judge::{Judge, LocalJudge, OpenAiJudge};
 use persona::persona::monitor::{ladder, many_shot_ladder, shot_pool, LadderPrompt, MonitorOptions, Shot};
@@ -172,15 +173,7 @@ impl ModelTask for ExtractArgs {
                 record_trait(&mut v, t);
                 t.questions.clone()
             }
-            Err(_) => {
-                let mut q: Vec<String> = vec![];
-                for r in &responses {
-                    if !q.contains(&r.question) {
-                        q.push(r.question.clone());
-                    }
-                }
-                q
-            }
+            Err(_) => questions_of(&responses),
         };
         // The vector is worth keeping without its baseline (`persona eval --write` adds one later).
         match baseline_projection(&m, &v, &questions, a.max_tokens.max(1), !a.quiet) {
