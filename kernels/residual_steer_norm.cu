@@ -10,11 +10,14 @@
 // shared memory, and h and x are written once. Each thread owns the same columns
 // (j = threadIdx.x + k·blockDim.x) in every pass, so the passes need no barrier between them;
 // only the reductions synchronise. Projections and the sum of squares accumulate in f64 like the
-// reference. Steering vectors (`[n_vectors, width]`) are read from global memory (L2-resident:
-// every row of the call reads the same few vectors).
+// reference. Steering vectors come from the vector table (`[rows, width]` raw and unit vectors,
+// resident across calls) in global memory (L2-resident: the rows of a call read few vectors).
+// A token runs only its own sequence's probes, into its own projection row (`token_proj`).
 //
-// All plan pointers live in fixed device buffers, and the per-layer ranges are read from the
-// device (`layer_ops`, `layer_probes`), so a captured graph stays valid when steering changes.
+// All plan pointers live in fixed device buffers, and each token's ranges of ops and probes are
+// read from the device (`op_ranges`, `probe_ranges`: (layer · n_seqs + seq) offsets into records
+// sorted by layer, then sequence), so a token walks only its own sequence's records and a
+// captured graph stays valid when steering changes.
 #include "common.cuh"
 
 struct OpDesc {
@@ -24,7 +27,7 @@ struct OpDesc {
     float threshold;
 };
 struct ProbeDesc {
-    u32 vec, col;
+    u32 seq, vec, col;
 };
 
 #define OP_ADD 0u
@@ -43,7 +46,7 @@ __device__ __forceinline__ float project(const float* s, const float* __restrict
     return (float)block_sum(acc, red);
 }
 
-// proj[col] = h · units[vec] for each probe of this layer; thread 0 writes the columns.
+// pr[col] = h · units[vec] for each of the token's probes at this layer; thread 0 writes.
 __device__ void run_probes(const float* s, int width, const ProbeDesc* __restrict__ probes, u32 p0, u32 p1,
                            const float* __restrict__ units, float* pr, double* red) {
     for (u32 p = p0; p < p1; p++) {
@@ -57,10 +60,11 @@ extern "C" __global__ void residual_steer_norm_f32(
     float* __restrict__ h, const float* __restrict__ delta, const float* __restrict__ norm_w,
     float* __restrict__ x, int width, float eps,
     // The plan: all null when this boundary does not steer (then `layer` etc. are unused).
-    int layer, int n_layers, int n_cols, const float* __restrict__ vectors, const float* __restrict__ units,
+    int layer, int n_layers, int n_seqs, const float* __restrict__ vectors, const float* __restrict__ units,
     const u32* __restrict__ token_seq, const u32* __restrict__ token_flags, const u32* __restrict__ token_capture,
-    const OpDesc* __restrict__ ops, const u32* __restrict__ layer_ops, const ProbeDesc* __restrict__ probes,
-    const u32* __restrict__ layer_probes, float* proj, float* capture, u32* counts) {
+    const u32* __restrict__ token_proj, const OpDesc* __restrict__ ops, const u32* __restrict__ op_ranges,
+    const ProbeDesc* __restrict__ probes, const u32* __restrict__ probe_ranges, float* proj, float* capture,
+    u32* counts) {
     extern __shared__ float s[];
     __shared__ double red[32];
     const size_t row = blockIdx.x;
@@ -71,14 +75,15 @@ extern "C" __global__ void residual_steer_norm_f32(
         s[j] = v;
     }
     if (ops != nullptr) {
-        const u32 p0 = layer_probes[layer], p1 = layer_probes[layer + 1];
-        const u32 o0 = layer_ops[layer], o1 = layer_ops[layer + 1];
-        float* pr = proj + row * n_cols;
+        const u32 seq = token_seq[row], flags = token_flags[row];
+        const size_t r = (size_t)layer * n_seqs + seq;
+        const u32 p0 = probe_ranges[r], p1 = probe_ranges[r + 1];
+        const u32 o0 = op_ranges[r], o1 = op_ranges[r + 1];
+        float* pr = proj + token_proj[row];
         run_probes(s, width, probes, p0, p1, units, pr, red);
         // Thread 0's projection writes are visible to the whole block after this barrier
         // (conditions below read them back from global memory).
         __syncthreads();
-        const u32 seq = token_seq[row], flags = token_flags[row];
         bool changed = false;  // uniform over the block: every test below reads shared values
         for (u32 o = o0; o < o1; o++) {
             const OpDesc op = ops[o];
@@ -86,7 +91,7 @@ extern "C" __global__ void residual_steer_norm_f32(
             if (op.positions == POS_ALL) at = true;
             else if (op.positions == POS_PROMPT) at = (flags & TOKEN_PROMPT) != 0;
             else if (op.positions == POS_LAST) at = (flags & TOKEN_LAST) != 0;
-            if (op.seq != seq || !at) continue;
+            if (!at) continue;
             if (threadIdx.x == 0) atomicAdd(&counts[2 * o], 1u);
             if (op.cond_col != PERSONA_NONE) {
                 const float v = pr[op.cond_col];

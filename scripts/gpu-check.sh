@@ -5,13 +5,18 @@
 #                                    # binary, stripped, into target/gpu/ (carry that folder)
 #   scripts/gpu-check.sh             # on the GPU host (CUDA 13, driver 580, Python; no Rust,
 #                                    # no network): runs everything below, table last
+#   scripts/gpu-check.sh --bench-only  # stage 2 alone (after a fix, or a dry run with
+#                                    # GPU_CHECK_BACKEND=cpu BENCH_SHAPES=smollm2-135m BENCH_ARGS=...)
 #
 # Steps: NVRTC compile report; `persona check --backend cuda` (every op vs the CPU, full
 # shapes); the CUDA test binary (parity, tiny-model and steering goldens, α = 0); the tiny-model
 # goldens through the CLI (top-20 logits within 1e-2 of HF's, greedy ids up to the first
 # low-margin step); CUDA vs CPU on a random-weight model of SmolLM2-135M's shape generated here
-# (bf16, so both backends see the same weights); prefill/decode timing. Exit status: non-zero
-# when any step failed.
+# (bf16, so both backends see the same weights); prefill/decode timing. Stage 2 (only when all
+# of that passed): persona bench on the SmolLM2-135M and Qwen2.5-7B shapes (batch 1, 8, 64;
+# steering none / all layers / a plan per sequence) beside PyTorch eager and the card's copy
+# bandwidth (../shared/tools/gpu_baseline.py). Table last. Exit status: non-zero when any step
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,6 +34,13 @@ for l in sys.stdin:
     strip -o target/gpu/persona target/release/persona
     strip -o target/gpu/cuda-tests "$test_bin"
     ls -la target/gpu
+    # The device tool carries at most 64 MiB of ignored files.
+    size=$(du -cb target/gpu/persona target/gpu/cuda-tests | tail -1 | cut -f1)
+    if (( size > 64 * 1024 * 1024 )); then
+        echo "gpu-check --prepare: target/gpu holds $size bytes, above the 64 MiB carry limit" >&2
+        exit 1
+    fi
+    echo "ready: $size bytes in target/gpu; on the GPU host run scripts/gpu-check.sh (carry target/gpu)"
     exit 0
 fi
 
@@ -58,6 +70,8 @@ if [[ ! -x "$BIN" ]]; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
+# Stage 1: correctness.
+stage1() {
 # 1. Every kernel through NVRTC, with ptxas' register / spill / shared-memory report.
 if timeout 120 "$BIN" check --backend cuda --compile-only --arch sm_80,sm_90 >"$WORK/compile.txt" 2>&1; then
     row "nvrtc compile sm_80,sm_90" pass "$(tail -1 "$WORK/compile.txt")"
@@ -184,8 +198,97 @@ PYEOF
 else
     row "random smollm2 $BK~cpu" FAIL "could not generate the model (numpy needed)"
 fi
+}
+if [[ "${1:-}" == "--bench-only" ]]; then
+    row "stage 1" skip "--bench-only"
+else
+    stage1
+fi
 
-echo
-echo "persona gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-printf '%s\n' "${ROWS[@]}"
+table() {
+    echo
+    echo "persona gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($((SECONDS))s)"
+    printf '%s\n' "${ROWS[@]}"
+}
+
+# Stage 1 is correctness: with a failing row, stop here (the table says which).
+if [[ $FAILED != 0 ]]; then
+    echo "gpu-check: stage 1 failed; the benchmarks (stage 2) were not run" >&2
+    table
+    exit 1
+fi
+
+# Stage 2: speed. persona bench (random bf16 weights of real shapes: the host has no network and
+# the carry no model) for decode and prefill, steering none / every layer (one plan) / a distinct
+# plan per sequence (64 at batch 64); then PyTorch eager on the same shapes with the paper's
+# hooks, and the card's copy bandwidth, from ../shared/tools/gpu_baseline.py when it runs here.
+# Each step has its own timeout and the stage stops starting steps after BENCH_BUDGET seconds,
+# so the whole script stays under 8 minutes.
+# (BENCH_SHAPES and BENCH_ARGS shrink it for a dry run on the CPU.)
+BUDGET=${BENCH_BUDGET:-420}
+BENCH_ARGS=${BENCH_ARGS:-"-p 512 -n 64 -b 1,8,64 -r 2"}
+for shape in ${BENCH_SHAPES:-smollm2-135m qwen2.5-7b}; do
+    if (( SECONDS > BUDGET - 60 )); then
+        row "bench $shape" skip "time budget ($SECONDS s used)"
+        continue
+    fi
+    # shellcheck disable=SC2086
+    if timeout 150 "$BIN" bench --backend $BK --shape $shape --dtype bf16 $BENCH_ARGS --steer none,all,mixed \
+        --json >"$WORK/bench-$shape.json" 2>"$WORK/bench-$shape.err"; then
+        row "bench $shape" pass "$WORK/bench-$shape.json"
+    else
+        row "bench $shape" FAIL "$(tail -1 "$WORK/bench-$shape.err")"
+    fi
+done
+BASELINE=${PERSONA_GPU_BASELINE:-}
+for cand in "$ROOT/shared/tools/gpu_baseline.py" "$ROOT/../shared/tools/gpu_baseline.py"; do
+    [[ -z "$BASELINE" && -f "$cand" ]] && BASELINE=$cand
+done
+for shape in smollm2 qwen7b; do
+    if [[ -z "$BASELINE" ]]; then
+        row "pytorch $shape" skip "no gpu_baseline.py (shared/tools)"
+    elif (( SECONDS > BUDGET )); then
+        row "pytorch $shape" skip "time budget ($SECONDS s used)"
+    elif timeout 120 "$PY" "$BASELINE" $shape --tokens 64 >"$WORK/torch-$shape.txt" 2>"$WORK/torch-$shape.err"; then
+        row "pytorch $shape" pass "$WORK/torch-$shape.txt"
+    else
+        row "pytorch $shape" skip "did not run: $(tail -1 "$WORK/torch-$shape.err")"
+    fi
+done
+# The comparison table: tok/s, weight GB/s and its share of the card's copy bandwidth, steering
+# overhead against `none` at the same batch; PyTorch's rows beside each shape.
+"$PY" - "$WORK" <<'PYEOF'
+import json, os, sys
+work = sys.argv[1]
+def torch_rows(shape):
+    p = os.path.join(work, f"torch-{shape}.txt")
+    if not os.path.exists(p):
+        return {}
+    rows = {}
+    for line in open(p):
+        if line.startswith("{"):
+            r = json.loads(line); rows[r["name"]] = r
+    return rows
+print("\n| shape | test | batch | steer | persona t/s | GB/s | % copy BW | vs none | PyTorch eager t/s |")
+print("|---|---|--:|---|--:|--:|--:|--:|--:|")
+for shape, tshape in [("smollm2-135m", "smollm2"), ("qwen2.5-7b", "qwen7b")]:
+    p = os.path.join(work, f"bench-{shape}.json")
+    if not os.path.exists(p) or os.path.getsize(p) == 0:
+        continue
+    bench = json.load(open(p))
+    tr = torch_rows(tshape)
+    copy = tr.get("copy", {}).get("gbps")
+    none = {(r["test"], r["batch"]): r["mean_ts"] for r in bench["rows"] if r["steer"] == "none"}
+    torch_by = {"none": "hf_eager_decode", "all": "hf_eager_decode_steer_all_layers"}
+    for r in bench["rows"]:
+        base = none.get((r["test"], r["batch"]))
+        ratio = f"{r['mean_ts'] / base:.3f}" if base else ""
+        share = f"{100 * r['gb_s'] / copy:.1f}" if copy else ""
+        t = tr.get(torch_by.get(r["steer"], ""), {}).get("tok_s") if r["test"].startswith("tg") and r["batch"] == 1 else None
+        print(f"| {shape} | {r['test']} | {r['batch']} | {r['steer']} | {r['mean_ts']:.1f} | {r['gb_s']:.1f} | {share} | {ratio} | {'' if t is None else f'{t:.1f}'} |")
+    if tr:
+        print(f"| {shape} | copy bandwidth {copy and f'{copy:.0f}'} GB/s, bandwidth floor {tr.get('bandwidth_floor', {}).get('tok_s', float('nan')):.0f} tok/s (PyTorch) | | | | | | | |")
+PYEOF
+
+table
 exit $FAILED

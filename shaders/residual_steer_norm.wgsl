@@ -21,20 +21,22 @@ struct Params {
     width: u32,
     eps: f32,
     has_delta: u32,
-    // Residual index l and this layer's ranges of the plan's ops and probes.
+    // Residual index l and the call's number of sequences S.
     layer: u32,
-    ops_lo: u32,
-    ops_hi: u32,
-    probes_lo: u32,
-    probes_hi: u32,
-    n_cols: u32,
-    // Word offsets in `plan` of the op and probe records (token records start at 0).
+    n_seqs: u32,
+    // Word offsets in `plan` of the op records, the probe records, and the (l·S + s) range
+    // offsets of each (token records start at 0).
     ops_off: u32,
     probes_off: u32,
-    // Float offset in `vecs` of the unit vectors (raw vectors start at 0).
+    op_ranges_off: u32,
+    probe_ranges_off: u32,
+    // Zero.
+    reserved: u32,
+    // Float offset in `vecs` of the unit vectors (raw vectors start at 0): the table's rows × width.
     units_off: u32,
     n_layers: u32,
     n_captures: u32,
+    reserved2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,13 +44,16 @@ struct Params {
 @group(0) @binding(2) var<storage, read> delta: array<f32>;
 @group(0) @binding(3) var<storage, read> norm: array<f32>;
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;
-// [n_vectors][width] raw vectors, then [n_vectors][width] unit vectors.
+// The vector table: [rows][width] raw vectors, then [rows][width] unit vectors. It stays on the
+// device across calls; plans index its rows.
 @group(0) @binding(5) var<storage, read> vecs: array<f32>;
-// Token records [t][3] (seq, flags, capture slot or NONE), op records [n_ops][8] (OpDesc: seq,
-// kind, vec, positions, coeff bits, cond_col, cond_cmp, threshold bits), probe records
-// [n_probes][2] (vec, col).
+// Token records [t][4] (seq, flags, capture slot or NONE, offset of its projection row), op
+// records [n_ops][8] (OpDesc: seq, kind, vec, positions, coeff bits, cond_col, cond_cmp,
+// threshold bits), probe records [n_probes][3] (seq, vec, col), both sorted by (layer, seq), and
+// their range offsets [(n_layers + 1)·S + 1] each: sequence s's records at layer l are
+// [ranges[l·S + s], ranges[l·S + s + 1]).
 @group(0) @binding(6) var<storage, read> plan: array<u32>;
-// [t][n_cols]
+// Each token's projection row (its sequence's probe columns) at the token's offset.
 @group(0) @binding(7) var<storage, read_write> proj: array<f32>;
 // [n_ops][2]: tokens each op's positions rule selected, and tokens it was applied to (the
 // receipts of steering; thread 0 of each row counts).
@@ -108,12 +113,16 @@ fn project(row: u32, vec: u32, lid: u32) -> f32 {
     return wg_sum(acc, lid);
 }
 
-fn run_probes(i: u32, row: u32, lid: u32) {
-    for (var k = p.probes_lo; k < p.probes_hi; k++) {
-        let at = p.probes_off + 2u * k;
-        let v = project(row, plan[at], lid);
+// Sequence `seq`'s probes at this layer, into its projection row at `base`.
+fn run_probes(seq: u32, base: u32, row: u32, lid: u32) {
+    let at = p.probe_ranges_off + p.layer * p.n_seqs + seq;
+    let range = uniform_u4(vec4<u32>(plan[at], plan[at + 1u], 0u, 0u), lid);
+    for (var k = range.x; k < range.y; k++) {
+        let rec = p.probes_off + 3u * k;
+        let pr = uniform_u4(vec4<u32>(plan[rec + 1u], plan[rec + 2u], 0u, 0u), lid);
+        let v = project(row, pr.x, lid);
         if (lid == 0u) {
-            proj[i * p.n_cols + plan[at + 1u]] = v;
+            proj[base + pr.y] = v;
         }
     }
 }
@@ -168,17 +177,19 @@ fn residual_steer_norm(
     }
     let row = i * p.width;
     add_delta(row, lid);
-    // Same-layer conditions see the pre-steering projections.
-    run_probes(i, row, lid);
-    let tok = uniform_u4(vec4<u32>(plan[3u * i], plan[3u * i + 1u], 0u, 0u), lid);
+    let tok = uniform_u4(vec4<u32>(plan[4u * i], plan[4u * i + 1u], 0u, plan[4u * i + 3u]), lid);
     let seq = tok.x;
     let flags = tok.y;
+    let base = tok.w;
+    // Same-layer conditions see the pre-steering projections.
+    run_probes(seq, base, row, lid);
     var changed = false;
-    for (var k = p.ops_lo; k < p.ops_hi; k++) {
+    let ra = p.op_ranges_off + p.layer * p.n_seqs + seq;
+    let ops = uniform_u4(vec4<u32>(plan[ra], plan[ra + 1u], 0u, 0u), lid);
+    for (var k = ops.x; k < ops.y; k++) {
         let at = p.ops_off + 8u * k;
         let a = uniform_u4(vec4<u32>(plan[at], plan[at + 1u], plan[at + 2u], plan[at + 3u]), lid);
         let b = uniform_u4(vec4<u32>(plan[at + 4u], plan[at + 5u], plan[at + 6u], plan[at + 7u]), lid);
-        let op_seq = a.x;
         let kind = a.y;
         let vec = a.z;
         let positions = a.w;
@@ -194,7 +205,7 @@ fn residual_steer_norm(
         } else if (positions == POS_LAST) {
             at_pos = (flags & TOKEN_LAST) != 0u;
         }
-        if (op_seq != seq || !at_pos) {
+        if (!at_pos) {
             continue;
         }
         if (lid == 0u) {
@@ -205,7 +216,7 @@ fn residual_steer_norm(
             // order; earlier layers' come from earlier dispatches.
             var pv = 0.0;
             if (lid == 0u) {
-                pv = proj[i * p.n_cols + cond_col];
+                pv = proj[base + cond_col];
             }
             let v = uniform_f(pv, lid);
             let ok = select((v < threshold), (v > threshold), cond_cmp == 0u);
@@ -237,7 +248,7 @@ fn residual_steer_norm(
         }
     }
     if (changed) {
-        run_probes(i, row, lid);
+        run_probes(seq, base, row, lid);
     }
     norm_row(row, lid);
 }
@@ -258,7 +269,7 @@ fn capture_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     let at = (c * (p.n_layers + 1u) + p.layer) * p.width + j;
     var acc = capture[at];
     for (var i = 0u; i < p.t; i++) {
-        if (plan[3u * i + 2u] == c) {
+        if (plan[4u * i + 2u] == c) {
             acc += h_read[i * p.width + j];
         }
     }

@@ -187,6 +187,55 @@ fn mixed_plans_in_one_batch_equal_each_alone() {
     assert_eq!(batch[2].projections[0].len(), ids.len() - 2 + 6);
 }
 
+/// Steering vectors go to the device once per sequence, not once per forward call: decode steps
+/// after the first upload no vector, and a later sequence reuses the rows of a finished one.
+#[test]
+fn vectors_are_uploaded_once_per_sequence_not_per_step() {
+    let (e, ids, rows) = tiny();
+    let mut cache = e.new_cache(2, ids.len() + 16).unwrap();
+    let plan = |a: &Arc<[f32]>, b: &Arc<[f32]>| SeqSteering {
+        sources: Vec::new(),
+        plan: SteeringPlan { ops: vec![op(SteerKind::Add, 1, a, 1.0), op(SteerKind::Clamp, 3, b, 0.5)] },
+        probes: vec![Probe { name: "p".into(), layer: 3, vector: b.clone() }],
+    };
+    let first = plan(&rows[1], &rows[3]);
+    let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(&first), ..Default::default() };
+    let out = e.forward(&mut cache, &[input], false).unwrap();
+    assert_eq!(cache.vector_rows_written(), 2, "two distinct vectors (the probe shares the clamp's)");
+    let mut next =
+        vec![out.last(0).iter().enumerate().fold(0, |m, (i, &x)| if x > out.last(0)[m] { i } else { m }) as u32];
+    for _ in 0..8 {
+        let input = SeqInput { slot: 0, tokens: &next, steering: Some(&first), ..Default::default() };
+        let out = e.forward(&mut cache, &[input], false).unwrap();
+        assert_eq!(out.projections[0].len(), 1);
+        next[0] = (next[0] + 1) % e.config.vocab as u32;
+    }
+    assert_eq!(cache.vector_rows_written(), 2, "decode steps upload no vector");
+    // A second sequence with its own copies of the vectors: two more rows, and both run together.
+    let copy = |v: &Arc<[f32]>| -> Arc<[f32]> { v.to_vec().into() };
+    let second = plan(&copy(&rows[2]), &copy(&rows[3]));
+    let inputs = [
+        SeqInput { slot: 0, tokens: &next, steering: Some(&first), ..Default::default() },
+        SeqInput { slot: 1, tokens: &ids, prompt: true, steering: Some(&second), ..Default::default() },
+    ];
+    let out = e.forward(&mut cache, &inputs, false).unwrap();
+    assert_eq!((out.projections[0].len(), out.projections[1].len()), (1, ids.len()));
+    assert_eq!(cache.vector_rows_written(), 4);
+    // The first sequence ends; a third one takes its rows (no growth: still 4 rows written + 2).
+    drop(first);
+    cache.reset(0);
+    let third = plan(&copy(&rows[1]), &copy(&rows[2]));
+    let input = SeqInput { slot: 0, tokens: &ids, prompt: true, steering: Some(&third), ..Default::default() };
+    let alone = {
+        let mut c = e.new_cache(1, ids.len()).unwrap();
+        e.forward(&mut c, std::slice::from_ref(&input), false).unwrap()
+    };
+    let out = e.forward(&mut cache, &[input], false).unwrap();
+    assert_eq!(cache.vector_rows_written(), 6);
+    assert_eq!(out.logits, alone.logits, "reused rows hold the new vectors");
+    assert_eq!(out.projections, alone.projections);
+}
+
 /// Conditional steering: the op applies only where the condition's projection passes.
 #[test]
 fn conditional_steering_applies_only_where_the_condition_holds() {

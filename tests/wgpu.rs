@@ -430,10 +430,25 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(msg.contains("row 1"), "{msg}");
     let msg = b.read(&x, 5).unwrap_err().to_string();
     assert!(msg.contains("read of 5"), "{msg}");
-    let mut plan = persona::backend::check::sample_plan(3, 4, 2, 1);
+    let (mut plan, _) = persona::backend::check::sample_plan(3, 4, 2, 1);
+    let mut small = b.vectors(2, 4).unwrap();
+    let mut dp = b.plan(&plan).unwrap();
+    let norm = b.upload(&persona::model::tensor::HostTensor::from_f32("n", vec![4], vec![1.0; 4])).unwrap();
+    let (mut h3, mut x3) = (b.alloc(12).unwrap(), b.alloc(12).unwrap());
+    let msg = b
+        .residual_steer_norm(&mut h3, None, Some((&mut dp, &small, 1)), &norm, 1e-5, 3, 4, &mut x3)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("indexes 4 vectors") && msg.contains("holds 2"), "{msg}");
+    let msg = b.write_vectors(&mut small, 1, &[0.0; 8], &[0.0; 8]).unwrap_err().to_string();
+    assert!(msg.contains("at row 1 of a vector table of 2"), "{msg}");
     plan.ops[0].vec = 99;
     let msg = b.plan(&plan).err().unwrap().to_string();
-    assert!(msg.contains("residual plan") && msg.contains("vectors"), "{msg}");
+    assert!(msg.contains("residual plan") && msg.contains("vector 99 of 4"), "{msg}");
+    plan.ops[0].vec = 0;
+    plan.probes[0].seq = 1;
+    let msg = b.plan(&plan).err().unwrap().to_string();
+    assert!(msg.contains("probe 0 of sequence 1 is in sequence 0's range"), "{msg}");
     // The device is still usable after refused calls.
     let mut y = b.alloc(4).unwrap();
     b.write(&mut y, &[1.0, 2.0, 3.0, 4.0]).unwrap();

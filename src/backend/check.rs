@@ -3,7 +3,7 @@
 //! unwritten-output detection (outputs are poisoned with NaN first). The fused residual op is
 //! also checked against an unfused composition written here with plain loops.
 
-use super::cpu::CpuBackend;
+use super::cpu::{CpuBackend, CpuVectors};
 use super::*;
 use crate::engine::sampler::Rng;
 use crate::error::Result;
@@ -20,10 +20,18 @@ pub struct CheckRow {
     pub note: String,
 }
 
+/// Uniform values in `[-scale, scale)` with all 24 bits of an f32 significand: activations,
+/// vectors and norms, so a GPU path that rounds f32 inputs (a GEMM staging x in 16-bit halves)
+/// shows.
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = Rng::new(seed);
-    // Values rounded to bf16 so a backend storing weights as bf16 converts them exactly.
-    (0..n).map(|_| half::bf16::from_f32((r.next_f64() as f32 * 2.0 - 1.0) * scale).to_f32()).collect()
+    (0..n).map(|_| (r.next_f64() * 2.0 - 1.0) as f32 * scale).collect()
+}
+
+/// As [`rand`], rounded to bf16: matrices, which GPU backends store as bf16, so every backend
+/// multiplies by the same weights.
+fn rand_bf16(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    rand(n, seed, scale).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
 /// NMSE, max abs error, and a reason to fail (NaN/Inf, unwritten, tolerance).
@@ -73,22 +81,46 @@ impl Table {
     }
 }
 
-/// A buffer of `n` NaNs on `b` (so unwritten outputs show).
-fn poisoned<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
-    let mut buf = b.alloc(n)?;
-    b.write(&mut buf, &vec![f32::NAN; n])?;
-    Ok(buf)
+/// Values after the end of every buffer an op is given: an op that writes past its output
+/// changes them.
+const GUARD: usize = 67;
+
+/// A NaN whose payload no kernel produces (arithmetic NaNs are the canonical 0x7fc00000).
+fn guard_value() -> f32 {
+    f32::from_bits(0x7fa5_a5a5)
 }
 
+/// A buffer holding `data`, then [`GUARD`] guard values.
 fn buf<B: Backend>(b: &B, data: &[f32]) -> Result<B::Buf> {
-    let mut x = b.alloc(data.len())?;
-    b.write(&mut x, data)?;
+    let mut x = b.alloc(data.len() + GUARD)?;
+    let mut all = data.to_vec();
+    all.resize(data.len() + GUARD, guard_value());
+    b.write(&mut x, &all)?;
     Ok(x)
+}
+
+/// An output buffer of `n` NaNs (so unwritten outputs show), then [`GUARD`] guard values.
+fn poisoned<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
+    buf(b, &vec![f32::NAN; n])
+}
+
+/// The first `n` values of a buffer made by [`buf`] or [`poisoned`]; an error when the op wrote
+/// into the guard values after them.
+fn output<B: Backend>(b: &B, x: &B::Buf, n: usize) -> Result<Vec<f32>> {
+    let mut all = b.read(x, n + GUARD)?;
+    if let Some(i) = all[n..].iter().position(|g| g.to_bits() != guard_value().to_bits()) {
+        return Err(Error::Invalid(format!(
+            "wrote past the end of its {n}-value buffer (guard value {i} after the end is {})",
+            all[n + i]
+        )));
+    }
+    all.truncate(n);
+    Ok(all)
 }
 
 fn weight(shape: Vec<usize>, seed: u64, scale: f32) -> HostTensor {
     let n = shape.iter().product();
-    HostTensor::from_f32("w", shape, rand(n, seed, scale))
+    HostTensor::from_f32("w", shape, rand_bf16(n, seed, scale))
 }
 
 /// Token counts of the parity cases; `quick` keeps the small ones.
@@ -101,27 +133,27 @@ pub fn token_cases(quick: bool) -> Vec<usize> {
 }
 
 /// A plan over `t` tokens split into 2 sequences, with every op kind, positions, a condition,
-/// probes and a capture.
-pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> ResidualPlan {
+/// probes of each sequence (2 columns and 1: ragged projection rows) and a capture; with the
+/// vector table it indexes.
+pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> (ResidualPlan, CpuVectors) {
     let split = t / 2;
     let mut p = ResidualPlan { hidden: h, n_layers, ..Default::default() };
+    p.seq_cols = vec![2, 1];
     for i in 0..t {
         let seq = (i >= split) as u32;
         let last = i + 1 == split || i + 1 == t;
         p.token_seq.push(seq);
         p.token_flags.push(TOKEN_PROMPT * (seq == 0) as u32 | TOKEN_LAST * last as u32);
         p.token_capture.push(if seq == 1 { 0 } else { NONE });
+        p.token_proj.push(p.proj_len as u32);
+        p.proj_len += p.seq_cols[seq as usize] as usize;
     }
     let nv = 4;
-    p.vectors = rand(nv * h, seed, 1.0);
-    p.units = p
-        .vectors
-        .chunks(h)
-        .flat_map(|v| {
-            let n = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            v.iter().map(move |&x| (x as f64 / n) as f32).collect::<Vec<_>>()
-        })
-        .collect();
+    let raw = rand(nv * h, seed, 1.0);
+    let units: Vec<f32> = raw.chunks(h).flat_map(crate::engine::plan::unit).collect();
+    let mut vt = CpuVectors::new(nv, h);
+    vt.write(0, &raw, &units).expect("sizes match");
+    p.n_vectors = nv;
     let op = |seq, kind, vec, positions, coeff, cond_col| OpDesc {
         seq,
         kind,
@@ -140,20 +172,39 @@ pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> ResidualPl
         op(1, OP_CLAMP, 3, POS_ALL, 0.75, NONE),
         op(0, OP_CLAMP, 0, POS_ALL, 3.0, 1),
     ];
-    p.layer_ops = vec![0, 0, 4, 5];
-    p.layer_ops.resize(n_layers + 2, 5);
-    p.probes = vec![ProbeDesc { vec: 3, col: 0 }, ProbeDesc { vec: 0, col: 1 }];
-    p.layer_probes = vec![0, 0, 1, 2];
-    p.layer_probes.resize(n_layers + 2, 2);
-    p.n_cols = 2;
+    let op_layers = [1, 1, 1, 1, 2];
+    p.probes = vec![
+        ProbeDesc { seq: 0, vec: 3, col: 0 },
+        ProbeDesc { seq: 1, vec: 2, col: 0 },
+        ProbeDesc { seq: 0, vec: 0, col: 1 },
+    ];
+    let probe_layers = [1, 1, 2];
+    // Sorted by (layer, sequence), as the engine builds them.
+    let mut ops: Vec<(usize, OpDesc)> = op_layers.into_iter().zip(p.ops.drain(..)).collect();
+    ops.sort_by_key(|(l, o)| (*l, o.seq));
+    let mut probes: Vec<(usize, ProbeDesc)> = probe_layers.into_iter().zip(p.probes.drain(..)).collect();
+    probes.sort_by_key(|(l, pr)| (*l, pr.seq));
+    p.op_ranges = ResidualPlan::ranges_of(n_layers, 2, ops.iter().map(|(l, o)| (*l, o.seq)));
+    p.probe_ranges = ResidualPlan::ranges_of(n_layers, 2, probes.iter().map(|(l, pr)| (*l, pr.seq)));
+    p.ops = ops.into_iter().map(|(_, o)| o).collect();
+    p.probes = probes.into_iter().map(|(_, pr)| pr).collect();
     p.n_captures = 1;
-    p
+    p.validate().expect("the sample plan is valid");
+    (p, vt)
+}
+
+/// `b`'s copy of a host vector table.
+fn table<B: Backend>(b: &B, vt: &CpuVectors) -> Result<B::Vectors> {
+    let mut d = b.vectors(vt.rows, vt.hidden)?;
+    b.write_vectors(&mut d, 0, &vt.raw, &vt.units)?;
+    Ok(d)
 }
 
 /// The fused op written unfused, with plain loops: add, probes, ops, probes, capture, norm.
 #[allow(clippy::too_many_arguments)]
 fn unfused_residual(
     p: &ResidualPlan,
+    vt: &CpuVectors,
     l: usize,
     h: &mut [f32],
     d: &[f32],
@@ -171,11 +222,14 @@ fn unfused_residual(
     }
     for i in 0..t {
         let row = &mut h[i * hs..(i + 1) * hs];
-        for pr in p.probes_at(l) {
-            proj[i * p.n_cols + pr.col as usize] = dotu(row, p.unit(pr.vec));
+        let (base, _) = p.proj_row(i);
+        let probes = &p.probes[p.layer_range(&p.probe_ranges, l)];
+        let mine = || probes.iter().filter(|pr| pr.seq == p.token_seq[i]);
+        for pr in mine() {
+            proj[base + pr.col as usize] = dotu(row, vt.unit(pr.vec));
         }
         for (k, op) in p.ops_at(l).iter().enumerate() {
-            let o = p.layer_ops[l] as usize + k;
+            let o = p.layer_range(&p.op_ranges, l).start + k;
             let at = match op.positions {
                 POS_PROMPT => p.token_flags[i] & TOKEN_PROMPT != 0,
                 POS_LAST => p.token_flags[i] & TOKEN_LAST != 0,
@@ -185,13 +239,13 @@ fn unfused_residual(
                 continue;
             }
             counts[2 * o] += 1;
-            if op.cond_col != NONE && !(proj[i * p.n_cols + op.cond_col as usize] > op.threshold) {
+            if op.cond_col != NONE && !(proj[base + op.cond_col as usize] > op.threshold) {
                 continue;
             }
             counts[2 * o + 1] += 1;
-            let u = p.unit(op.vec);
+            let u = vt.unit(op.vec);
             match op.kind {
-                OP_ADD => row.iter_mut().zip(p.vector(op.vec)).for_each(|(a, &v)| *a += op.coeff * v),
+                OP_ADD => row.iter_mut().zip(vt.vector(op.vec)).for_each(|(a, &v)| *a += op.coeff * v),
                 OP_ABLATE => {
                     let c = dotu(row, u);
                     row.iter_mut().zip(u).for_each(|(a, &v)| *a -= c * v)
@@ -202,8 +256,8 @@ fn unfused_residual(
                 }
             }
         }
-        for pr in p.probes_at(l) {
-            proj[i * p.n_cols + pr.col as usize] = dotu(row, p.unit(pr.vec));
+        for pr in mine() {
+            proj[base + pr.col as usize] = dotu(row, vt.unit(pr.vec));
         }
         if p.token_capture[i] != NONE {
             let at = (p.token_capture[i] as usize * (p.n_layers + 1) + l) * hs;
@@ -288,29 +342,30 @@ fn check_matmul<B: Backend>(
     b.matmul(&xb, &b.upload(&wt)?, Some(&b.upload(&bt)?), t, &mut ob)?;
     let mut oc = vec![0f32; t * n];
     cpu.matmul(&x, &cpu.upload(&wt)?, Some(&cpu.upload(&bt)?), t, &mut oc)?;
-    tab.push("matmul", format!("{case} n={n} +bias"), &b.read(&ob, t * n)?, &oc, 1e-9);
+    tab.push("matmul", format!("{case} n={n} +bias"), &output(b, &ob, t * n)?, &oc, 1e-9);
     Ok(())
 }
 
 fn check_residual<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mut Table, case: &str) -> Result<()> {
     let n_layers = 3;
     let (h0, d, w) = (rand(t * h, 1, 2.0), rand(t * h, 2, 1.0), rand(h, 3, 1.0));
-    let plan = sample_plan(t, h, n_layers, 4);
+    let (plan, vt) = sample_plan(t, h, n_layers, 4);
+    let vb = table(b, &vt)?;
     let norm = b.upload(&HostTensor::from_f32("n", vec![h], w.clone()))?;
     let cnorm = cpu.upload(&HostTensor::from_f32("n", vec![h], w.clone()))?;
     for l in [None, Some(1usize), Some(2)] {
         let (mut hb, db, mut xb) = (buf(b, &h0)?, buf(b, &d)?, poisoned(b, t * h)?);
         let mut pb = b.plan(&plan)?;
-        b.residual_steer_norm(&mut hb, Some(&db), l.map(|l| (&mut pb, l)), &norm, 1e-5, t, h, &mut xb)?;
+        b.residual_steer_norm(&mut hb, Some(&db), l.map(|l| (&mut pb, &vb, l)), &norm, 1e-5, t, h, &mut xb)?;
         let (mut hc, mut xc) = (h0.clone(), vec![0f32; t * h]);
         let mut pc = cpu.plan(&plan)?;
-        cpu.residual_steer_norm(&mut hc, Some(&d), l.map(|l| (&mut pc, l)), &cnorm, 1e-5, t, h, &mut xc)?;
+        cpu.residual_steer_norm(&mut hc, Some(&d), l.map(|l| (&mut pc, &vt, l)), &cnorm, 1e-5, t, h, &mut xc)?;
         let tag = match l {
             None => "plain".to_string(),
             Some(l) => format!("steer@{l}"),
         };
-        tab.push("residual_steer_norm", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xc, 1e-10);
-        tab.push("residual_steer_norm", format!("{case} {tag} h"), &b.read(&hb, t * h)?, &hc, 1e-10);
+        tab.push("residual_steer_norm", format!("{case} {tag} x"), &output(b, &xb, t * h)?, &xc, 1e-10);
+        tab.push("residual_steer_norm", format!("{case} {tag} h"), &output(b, &hb, t * h)?, &hc, 1e-10);
         if let Some(l) = l {
             let (og, oc) = (b.plan_outputs(&pb)?, cpu.plan_outputs(&pc)?);
             let (pg, cg, pw, cw) = (&og.proj, &og.capture, &oc.proj, &oc.capture);
@@ -321,10 +376,10 @@ fn check_residual<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: 
             tab.push("residual_steer_norm", format!("{case} {tag} op counts"), &f(&og.counts), &f(&oc.counts), 0.0);
             // The fused op against the unfused composition.
             let mut hu = h0.clone();
-            let (mut pu, mut cu) = (vec![0f32; t * plan.n_cols], vec![0f32; cw.len()]);
+            let (mut pu, mut cu) = (vec![0f32; plan.proj_len], vec![0f32; cw.len()]);
             let mut nu = vec![0u32; 2 * plan.ops.len()];
-            let xu = unfused_residual(&plan, l, &mut hu, &d, &w, 1e-5, &mut pu, &mut cu, &mut nu);
-            tab.push("fused_vs_unfused", format!("{case} {tag} x"), &b.read(&xb, t * h)?, &xu, 1e-10);
+            let xu = unfused_residual(&plan, &vt, l, &mut hu, &d, &w, 1e-5, &mut pu, &mut cu, &mut nu);
+            tab.push("fused_vs_unfused", format!("{case} {tag} x"), &output(b, &xb, t * h)?, &xu, 1e-10);
             tab.push("fused_vs_unfused", format!("{case} {tag} projections"), pg, &pu, 1e-10);
             tab.push("fused_vs_unfused", format!("{case} {tag} op counts"), &f(&og.counts), &f(&nu), 0.0);
         }
@@ -347,7 +402,7 @@ fn check_dense<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mu
         tab.push(
             "matmul",
             format!("{case} n={n}{}", if bias { " +bias" } else { "" }),
-            &b.read(&ob, t * n)?,
+            &output(b, &ob, t * n)?,
             &oc,
             1e-9,
         );
@@ -360,20 +415,20 @@ fn check_dense<B: Backend>(b: &B, cpu: &CpuBackend, t: usize, h: usize, tab: &mu
     b.embed(&b.upload(&table)?, &ids, h, &mut eb)?;
     let mut ec = vec![0f32; t * h];
     cpu.embed(&cpu.upload(&table)?, &ids, h, &mut ec)?;
-    tab.push("embed", case.to_string(), &b.read(&eb, t * h)?, &ec, 0.0);
+    tab.push("embed", case.to_string(), &output(b, &eb, t * h)?, &ec, 0.0);
     let rows: Vec<u32> = (0..t as u32).rev().step_by(2).collect();
     let (xb, mut gb) = (buf(b, &x)?, poisoned(b, rows.len() * h)?);
     b.gather_rows(&xb, &rows, h, &mut gb)?;
     let mut gc = vec![0f32; rows.len() * h];
     cpu.gather_rows(&x, &rows, h, &mut gc)?;
-    tab.push("gather_rows", case.to_string(), &b.read(&gb, rows.len() * h)?, &gc, 0.0);
+    tab.push("gather_rows", case.to_string(), &output(b, &gb, rows.len() * h)?, &gc, 0.0);
     // SiLU · up.
     let (g, u) = (rand(t * h, 15, 4.0), rand(t * h, 16, 2.0));
     let (gb_, ub, mut sb) = (buf(b, &g)?, buf(b, &u)?, poisoned(b, t * h)?);
     b.silu_mul(&gb_, &ub, t * h, &mut sb)?;
     let mut sc = vec![0f32; t * h];
     cpu.silu_mul(&g, &u, t * h, &mut sc)?;
-    tab.push("silu_mul", case.to_string(), &b.read(&sb, t * h)?, &sc, 1e-12);
+    tab.push("silu_mul", case.to_string(), &output(b, &sb, t * h)?, &sc, 1e-12);
     Ok(())
 }
 
@@ -413,13 +468,19 @@ pub fn run_weight_format_checks<B: Backend>(b: &B, quick: bool) -> Vec<CheckRow>
                     b.matmul(&xb, &wb, Some(&bb), t, &mut ob)?;
                     let mut oc = vec![0f32; t * n];
                     cpu.matmul(&x, &cpu.upload(&w)?, Some(&cpu.upload(&bias)?), t, &mut oc)?;
-                    tab.push(&format!("matmul[{tag}]"), format!("{case} n={n} +bias"), &b.read(&ob, t * n)?, &oc, 1e-9);
+                    tab.push(
+                        &format!("matmul[{tag}]"),
+                        format!("{case} n={n} +bias"),
+                        &output(b, &ob, t * n)?,
+                        &oc,
+                        1e-9,
+                    );
                     let ids: Vec<u32> = (0..t).map(|i| ((i * 37 + 5) % n) as u32).collect();
                     let mut eb = poisoned(b, t * k)?;
                     b.embed(&wb, &ids, k, &mut eb)?;
                     let mut ec = vec![0f32; t * k];
                     cpu.embed(&cpu.upload(&w)?, &ids, k, &mut ec)?;
-                    tab.push(&format!("embed[{tag}]"), case.clone(), &b.read(&eb, t * k)?, &ec, 0.0);
+                    tab.push(&format!("embed[{tag}]"), case.clone(), &output(b, &eb, t * k)?, &ec, 0.0);
                     Ok(())
                 };
                 if let Err(e) = run(&mut tab) {
@@ -563,7 +624,7 @@ fn check_attention<B: Backend>(
     b.rope(&mut qb, &buf(b, &cs)?, &lb, t, nh, hd)?;
     let mut qc = q.clone();
     cpu.rope(&mut qc, &cs, &lc, t, nh, hd)?;
-    tab.push("rope", case.to_string(), &b.read(&qb, t * nh * hd)?, &qc, 1e-12);
+    tab.push("rope", case.to_string(), &output(b, &qb, t * nh * hd)?, &qc, 1e-12);
 
     let mut cb = KvLayer::<B> { k: buf(b, &k0)?, v: buf(b, &v0)? };
     let mut cc = KvLayer::<CpuBackend> { k: k0.clone(), v: v0.clone() };
@@ -571,7 +632,7 @@ fn check_attention<B: Backend>(
     b.attention(&qb, &kb, &vb, &mut cb, &lb, t, shape, &mut ob)?;
     let mut oc = vec![0f32; t * nh * hd];
     cpu.attention(&qc, &k, &v, &mut cc, &lc, t, shape, &mut oc)?;
-    tab.push("attention", case.to_string(), &b.read(&ob, t * nh * hd)?, &oc, 1e-10);
+    tab.push("attention", case.to_string(), &output(b, &ob, t * nh * hd)?, &oc, 1e-10);
     tab.push("attention", format!("{case} kv-cache"), &b.read(&cb.k, cache_len)?, &cc.k, 0.0);
     Ok(())
 }
@@ -608,23 +669,40 @@ mod tests {
         assert!(nmse == 0.0 && max == 0.0 && fail.is_none());
     }
 
+    /// An op that writes one value past its output fails the row, naming the overrun.
+    #[test]
+    fn guard_values_catch_a_write_past_the_end() {
+        let b = CpuBackend;
+        let mut out = poisoned(&b, 5).unwrap();
+        out[..5].copy_from_slice(&[1.0; 5]);
+        assert_eq!(output(&b, &out, 5).unwrap(), vec![1.0; 5]);
+        out[5] = 0.0;
+        let e = output(&b, &out, 5).unwrap_err().to_string();
+        assert!(e.contains("wrote past the end of its 5-value buffer (guard value 0"), "{e}");
+        // Inputs carry guards too, and real f32 values (not bf16-rounded).
+        let x = rand(64, 9, 1.0);
+        assert!(x.iter().any(|&v| half::bf16::from_f32(v).to_f32() != v));
+        assert_eq!(output(&b, &buf(&b, &x).unwrap(), 64).unwrap(), x);
+    }
+
     /// The unfused composition is an independent check: a wrong fused op must fail it.
     #[test]
     fn unfused_composition_catches_a_wrong_plan_result() {
         let (t, h) = (7, 40);
-        let plan = sample_plan(t, h, 3, 4);
+        let (plan, vt) = sample_plan(t, h, 3, 4);
         let (mut h1, d, w) = (rand(t * h, 1, 2.0), rand(t * h, 2, 1.0), rand(h, 3, 1.0));
         let mut h2 = h1.clone();
-        let (mut p1, mut c1, mut n1) = (vec![0f32; t * 2], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
-        let x1 = unfused_residual(&plan, 1, &mut h1, &d, &w, 1e-5, &mut p1, &mut c1, &mut n1);
+        let n = plan.proj_len;
+        let (mut p1, mut c1, mut n1) = (vec![0f32; n], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
+        let x1 = unfused_residual(&plan, &vt, 1, &mut h1, &d, &w, 1e-5, &mut p1, &mut c1, &mut n1);
         let mut wrong = plan.clone();
         wrong.ops[0].coeff = 1.25;
-        let (mut p2, mut c2, mut n2) = (vec![0f32; t * 2], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
-        let x2 = unfused_residual(&wrong, 1, &mut h2, &d, &w, 1e-5, &mut p2, &mut c2, &mut n2);
+        let (mut p2, mut c2, mut n2) = (vec![0f32; n], vec![0f32; 4 * h], vec![0u32; 2 * plan.ops.len()]);
+        let x2 = unfused_residual(&wrong, &vt, 1, &mut h2, &d, &w, 1e-5, &mut p2, &mut c2, &mut n2);
         assert!(compare(&x2, &x1, 1e-10).2.is_some());
         // Every op at layer 1 counted the tokens it touched; the layer-2 op did not run.
-        let l1 = plan.layer_ops[1] as usize..plan.layer_ops[2] as usize;
+        let l1 = plan.layer_range(&plan.op_ranges, 1);
         assert!(l1.clone().all(|o| n1[2 * o] > 0 && n1[2 * o + 1] == n1[2 * o]), "{n1:?}");
-        assert!((plan.layer_ops[2] as usize..plan.ops.len()).all(|o| n1[2 * o] == 0), "{n1:?}");
+        assert!((l1.end..plan.ops.len()).all(|o| n1[2 * o] == 0), "{n1:?}");
     }
 }

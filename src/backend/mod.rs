@@ -137,12 +137,12 @@ pub struct OpDesc {
     pub seq: u32,
     /// 0 add, 1 ablate, 2 clamp.
     pub kind: u32,
-    /// Row of the plan's vector tables.
+    /// Row of the vector table.
     pub vec: u32,
     /// 0 all, 1 prompt tokens, 2 last position of the call.
     pub positions: u32,
     pub coeff: f32,
-    /// Projection column the condition reads, or NONE.
+    /// Column of the sequence's projection row the condition reads, or NONE.
     pub cond_col: u32,
     /// 0: apply when projection > threshold; 1: when <.
     pub cond_cmp: u32,
@@ -157,61 +157,211 @@ pub const POS_PROMPT: u32 = 1;
 /// Positions flagged [`TOKEN_LAST`] (`positions=response`).
 pub const POS_LAST: u32 = 2;
 
-/// A projection column: `proj[t, col] = h · units[vec]` at one residual index.
+/// A projection column of one sequence: `proj[token_proj[i] + col] = h_i · units[vec]` at one
+/// residual index, for the tokens `i` of sequence `seq` only.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ProbeDesc {
+    /// Index of the sequence (in the call) whose tokens it projects.
+    pub seq: u32,
+    /// Row of the vector table.
     pub vec: u32,
+    /// Column in the sequence's own projection row.
     pub col: u32,
 }
 
 /// Flat description of a forward call's steering, probes and captures, built by the engine and
-/// uploaded once per call. Grouped by residual index `l` in `0..=n_layers`:
-/// `ops[layer_ops[l]..layer_ops[l+1]]`, `probes[layer_probes[l]..layer_probes[l+1]]`.
+/// uploaded once per call. Ops and probes are sorted by residual index `l` in `0..=n_layers`,
+/// then by sequence `s` in `0..S` (S = `seq_cols.len()`), and `op_ranges` / `probe_ranges` hold
+/// `(n_layers + 1) · S + 1` ascending offsets: sequence `s`'s ops at `l` are
+/// `ops[op_ranges[l·S + s]..op_ranges[l·S + s + 1]]`, so a token walks only its own.
 ///
-/// At residual index `l`, for each token: this layer's probes are projected (so same-layer
-/// conditions see the pre-steering value), the token's ops are applied in order, the probes
-/// are projected again if anything changed, and the residual is added to its capture sum.
+/// At residual index `l`, for each token: its sequence's probes at `l` are projected (so
+/// same-layer conditions see the pre-steering value), its sequence's ops at `l` are applied in
+/// order, the probes are projected again if anything changed, and the residual is added to its
+/// capture sum.
+///
+/// Vectors are not part of the plan: ops and probes index the rows of a vector table
+/// ([`Backend::vectors`]) that lives on the device across calls, so uploading a plan costs
+/// O(tokens + ops + probes), not O(vectors × hidden).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResidualPlan {
     pub hidden: usize,
     pub n_layers: usize,
-    /// `[n_vectors, hidden]` raw vectors and their unit vectors.
-    pub vectors: Vec<f32>,
-    pub units: Vec<f32>,
+    /// Rows of the vector table the plan indexes (every `vec` is below it).
+    pub n_vectors: usize,
     pub token_seq: Vec<u32>,
     pub token_flags: Vec<u32>,
     /// Capture slot per token, or NONE.
     pub token_capture: Vec<u32>,
+    /// Offset of each token's projection row in `proj` (its sequence's `seq_cols` columns).
+    pub token_proj: Vec<u32>,
+    /// Projection columns of each sequence of the call.
+    pub seq_cols: Vec<u32>,
     pub ops: Vec<OpDesc>,
-    pub layer_ops: Vec<u32>,
+    pub op_ranges: Vec<u32>,
     pub probes: Vec<ProbeDesc>,
-    pub layer_probes: Vec<u32>,
-    /// Projection columns (`proj` is `[t, n_cols]`).
-    pub n_cols: usize,
+    pub probe_ranges: Vec<u32>,
+    /// Length of `proj`: Σ over tokens of their sequence's columns.
+    pub proj_len: usize,
     /// Capture slots (`capture` is `[n_captures, n_layers + 1, hidden]`).
     pub n_captures: usize,
 }
 
 impl ResidualPlan {
+    pub fn n_seqs(&self) -> usize {
+        self.seq_cols.len()
+    }
+    /// Index range of every sequence's ops (or probes, with `probe_ranges`) at residual index `l`.
+    pub fn layer_range(&self, ranges: &[u32], l: usize) -> std::ops::Range<usize> {
+        let s = self.n_seqs();
+        ranges[l * s] as usize..ranges[(l + 1) * s] as usize
+    }
+    /// Index range of sequence `seq`'s ops (or probes) at residual index `l`.
+    pub fn seq_range(&self, ranges: &[u32], l: usize, seq: u32) -> std::ops::Range<usize> {
+        let at = l * self.n_seqs() + seq as usize;
+        ranges[at] as usize..ranges[at + 1] as usize
+    }
+    /// Every op at residual index `l`.
     pub fn ops_at(&self, l: usize) -> &[OpDesc] {
-        &self.ops[self.layer_ops[l] as usize..self.layer_ops[l + 1] as usize]
+        &self.ops[self.layer_range(&self.op_ranges, l)]
     }
-    pub fn probes_at(&self, l: usize) -> &[ProbeDesc] {
-        &self.probes[self.layer_probes[l] as usize..self.layer_probes[l + 1] as usize]
+    /// Sequence `seq`'s probes at residual index `l`.
+    pub fn probes_of(&self, l: usize, seq: u32) -> &[ProbeDesc] {
+        &self.probes[self.seq_range(&self.probe_ranges, l, seq)]
     }
-    pub fn vector(&self, v: u32) -> &[f32] {
-        &self.vectors[v as usize * self.hidden..(v as usize + 1) * self.hidden]
+    /// `(l·S + s)` offsets of records sorted by (residual index, sequence).
+    pub fn ranges_of(n_layers: usize, n_seqs: usize, keys: impl Iterator<Item = (usize, u32)>) -> Vec<u32> {
+        let mut counts = vec![0u32; (n_layers + 1) * n_seqs + 1];
+        for (l, s) in keys {
+            counts[l * n_seqs + s as usize + 1] += 1;
+        }
+        for i in 1..counts.len() {
+            counts[i] += counts[i - 1];
+        }
+        counts
     }
-    pub fn unit(&self, v: u32) -> &[f32] {
-        &self.units[v as usize * self.hidden..(v as usize + 1) * self.hidden]
+    /// Token `i`'s projection row: `(offset in proj, columns)`.
+    pub fn proj_row(&self, i: usize) -> (usize, usize) {
+        (self.token_proj[i] as usize, self.seq_cols[self.token_seq[i] as usize] as usize)
     }
+
+    /// Check every index against the plan's own sizes: the kernels trust them. A backend calls
+    /// this when a plan is uploaded (and checks `n_vectors` against its table when it runs).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(format!("invalid residual plan: {m}")));
+        let t = self.token_seq.len();
+        if self.hidden == 0 {
+            return bad("hidden size 0".into());
+        }
+        if self.token_flags.len() != t || self.token_capture.len() != t || self.token_proj.len() != t {
+            return bad(format!(
+                "{t} token sequences but {} flags, {} captures, {} projection offsets",
+                self.token_flags.len(),
+                self.token_capture.len(),
+                self.token_proj.len()
+            ));
+        }
+        let n_seqs = self.seq_cols.len() as u32;
+        for i in 0..t {
+            if self.token_seq[i] >= n_seqs {
+                return bad(format!("token {i}: sequence {} of {n_seqs}", self.token_seq[i]));
+            }
+            let (at, cols) = self.proj_row(i);
+            if at + cols > self.proj_len {
+                return bad(format!("token {i}: projection row {at}+{cols} beyond {}", self.proj_len));
+            }
+        }
+        if let Some(c) = self.token_capture.iter().find(|&&c| c != NONE && c as usize >= self.n_captures) {
+            return bad(format!("capture slot {c} of {}", self.n_captures));
+        }
+        let n_ranges = (self.n_layers + 1) * n_seqs as usize + 1;
+        for (name, offs, len) in
+            [("op_ranges", &self.op_ranges, self.ops.len()), ("probe_ranges", &self.probe_ranges, self.probes.len())]
+        {
+            let ascending = offs.windows(2).all(|w| w[0] <= w[1]);
+            if offs.len() != n_ranges || !ascending || offs.first() != Some(&0) || offs[n_ranges - 1] as usize != len {
+                return bad(format!("{name} is not {n_ranges} ascending offsets from 0 to {len}"));
+            }
+        }
+        // Each record sits in its own sequence's range (the kernels do not check `seq`).
+        for (at, w) in self.op_ranges.windows(2).enumerate() {
+            let s = (at % n_seqs as usize) as u32;
+            if let Some(o) = (w[0]..w[1]).find(|&o| self.ops[o as usize].seq != s) {
+                return bad(format!("op {o} of sequence {} is in sequence {s}'s range", self.ops[o as usize].seq));
+            }
+        }
+        for (at, w) in self.probe_ranges.windows(2).enumerate() {
+            let s = (at % n_seqs as usize) as u32;
+            if let Some(o) = (w[0]..w[1]).find(|&o| self.probes[o as usize].seq != s) {
+                return bad(format!(
+                    "probe {o} of sequence {} is in sequence {s}'s range",
+                    self.probes[o as usize].seq
+                ));
+            }
+        }
+        let nv = self.n_vectors as u32;
+        let col_ok = |seq: u32, c: u32| seq < n_seqs && c < self.seq_cols[seq as usize];
+        for (i, o) in self.ops.iter().enumerate() {
+            if o.vec >= nv || o.seq >= n_seqs || ![OP_ADD, OP_ABLATE, OP_CLAMP].contains(&o.kind) {
+                return bad(format!(
+                    "op {i}: vector {} of {nv}, sequence {} of {n_seqs}, kind {}",
+                    o.vec, o.seq, o.kind
+                ));
+            }
+            if o.cond_col != NONE && !col_ok(o.seq, o.cond_col) {
+                return bad(format!("op {i}: condition column {} outside sequence {}'s columns", o.cond_col, o.seq));
+            }
+        }
+        for (i, pr) in self.probes.iter().enumerate() {
+            if pr.vec >= nv || !col_ok(pr.seq, pr.col) {
+                return bad(format!(
+                    "probe {i}: vector {} of {nv}, column {} of sequence {} of {n_seqs}",
+                    pr.vec, pr.col, pr.seq
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check that the plan fits a call of `t` tokens of `width` at residual index `l`, reading a
+    /// vector table of `rows` × `hidden`.
+    pub fn fits(&self, t: usize, l: usize, width: usize, rows: usize, hidden: usize) -> Result<()> {
+        if self.token_seq.len() < t || l > self.n_layers || self.hidden != width {
+            return Err(Error::Invalid(format!(
+                "residual plan (t {}, {} layers, hidden {}) does not fit this call (t {t}, layer {l}, width {width})",
+                self.token_seq.len(),
+                self.n_layers,
+                self.hidden
+            )));
+        }
+        if rows < self.n_vectors || hidden != width {
+            return Err(Error::Invalid(format!(
+                "residual plan indexes {} vectors of {width}, the vector table holds {rows} of {hidden}",
+                self.n_vectors
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Check a write of `raw` and `units` (whole rows of `hidden`) at `row` of a vector table of `rows`.
+pub fn check_vector_write(rows: usize, hidden: usize, row: usize, raw: &[f32], units: &[f32]) -> Result<()> {
+    let whole = hidden > 0 && raw.len() == units.len() && raw.len() % hidden == 0;
+    if !whole || row + raw.len() / hidden.max(1) > rows {
+        return Err(Error::Invalid(format!(
+            "writing {} raw and {} unit values at row {row} of a vector table of {rows} × {hidden}",
+            raw.len(),
+            units.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What the fused op wrote while running a plan: the receipts of its steering.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PlanOutputs {
-    /// `[t, n_cols]` projections.
+    /// Projections, `proj_len` values (each token's row at its `token_proj` offset).
     pub proj: Vec<f32>,
     /// `[n_captures, n_layers + 1, hidden]` residual sums.
     pub capture: Vec<f32>,
@@ -232,6 +382,9 @@ pub trait Backend: Send + Sync {
     type Layout;
     /// A forward call's [`ResidualPlan`] on the device, with its projection and capture outputs.
     type Plan: Send;
+    /// A table of steering vectors on the device: `rows` raw vectors of `hidden` values and their
+    /// unit vectors. It outlives forward calls; plans index its rows.
+    type Vectors: Send + Sync;
 
     fn name(&self) -> &'static str;
 
@@ -243,7 +396,11 @@ pub trait Backend: Send + Sync {
     /// The batch's tokens and the KV page table their attention reads (checked with
     /// [`PageTable::check`]).
     fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<Self::Layout>;
-    /// Upload a plan; its outputs start at zero.
+    /// A zeroed vector table of `rows` rows of `hidden` values.
+    fn vectors(&self, rows: usize, hidden: usize) -> Result<Self::Vectors>;
+    /// Overwrite rows `row..row + raw.len() / hidden` of a table: raw vectors and their units.
+    fn write_vectors(&self, table: &mut Self::Vectors, row: usize, raw: &[f32], units: &[f32]) -> Result<()>;
+    /// Upload a plan (checked with [`ResidualPlan::validate`]); its outputs start at zero.
     fn plan(&self, plan: &ResidualPlan) -> Result<Self::Plan>;
     /// Download a plan's outputs: projections, capture sums and op counts.
     fn plan_outputs(&self, plan: &Self::Plan) -> Result<PlanOutputs>;
@@ -252,14 +409,14 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Weight, ids: &[u32], width: usize, out: &mut Self::Buf) -> Result<()>;
 
     /// The fused residual boundary, one pass over `h`: `h += delta` (when given); at a residual
-    /// index (`steer = Some((plan, l))`) the plan's probes, steering ops and captures for `l`;
-    /// then `x = rmsnorm(h) · norm`.
+    /// index (`steer = Some((plan, vectors, l))`) the plan's probes, steering ops and captures
+    /// for `l`, reading the vector table the plan indexes; then `x = rmsnorm(h) · norm`.
     #[allow(clippy::too_many_arguments)]
     fn residual_steer_norm(
         &self,
         h: &mut Self::Buf,
         delta: Option<&Self::Buf>,
-        steer: Option<(&mut Self::Plan, usize)>,
+        steer: Option<(&mut Self::Plan, &Self::Vectors, usize)>,
         norm: &Self::Weight,
         eps: f32,
         t: usize,

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod loaded;
 pub mod plan;
 pub mod sampler;
+pub mod vectors;
 
 use crate::backend::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, TokenPos, NO_PAGE};
 use crate::error::{Error, Result};
@@ -118,9 +119,33 @@ pub struct KvCache<B: Backend> {
     /// Free pages (a stack: the most recently freed page is handed out first).
     free: Vec<u32>,
     scratch: Option<Scratch<B>>,
+    /// Steering and probe vectors on the device, across calls.
+    vectors: vectors::VectorTable<B>,
 }
 
 impl<B: Backend> KvCache<B> {
+    /// The call's residual plan with its ops and probes pointing at rows of this cache's vector
+    /// table (vectors it has not seen yet are uploaded); `None` when nothing steers, probes or
+    /// captures.
+    pub(crate) fn plan(&mut self, b: &B, seqs: &[SeqInput], hidden: usize, n_layers: usize) -> Result<Option<Built>> {
+        let Some(mut built) = plan::build(seqs, hidden, n_layers) else {
+            return Ok(None);
+        };
+        let rows = self.vectors.rows_for(b, &built.vectors)?;
+        built.remap(&rows, self.vectors.capacity());
+        Ok(Some(built))
+    }
+
+    /// The device vector table the last [`KvCache::plan`] indexes.
+    pub(crate) fn vector_table(&self) -> Option<&B::Vectors> {
+        self.vectors.device()
+    }
+
+    /// Vector rows written to the device since the cache was made.
+    pub fn vector_rows_written(&self) -> u64 {
+        self.vectors.written
+    }
+
     pub fn slots(&self) -> usize {
         self.lens.len()
     }
@@ -383,6 +408,7 @@ impl<B: Backend> Engine<B> {
             pages: vec![vec![]; slots],
             free: (0..n_pages as u32).rev().collect(),
             scratch: None,
+            vectors: vectors::VectorTable::new(c.hidden),
         })
     }
 
@@ -531,8 +557,12 @@ impl<B: Backend> Engine<B> {
         for s in seqs {
             cache.reserve(s.slot, cache.lens[s.slot] + s.tokens.len())?;
         }
-        let built = plan::build(seqs, c.hidden, c.n_layers);
+        let built = cache.plan(&self.backend, seqs, c.hidden, c.n_layers)?;
         let mut dev_plan = built.as_ref().map(|bp| self.backend.plan(&bp.plan)).transpose()?;
+        let table = match (&dev_plan, cache.vectors.device()) {
+            (Some(_), None) => return Err(Error::Invalid("a residual plan without its vector table".into())),
+            (_, t) => t,
+        };
         if cache.scratch.as_ref().is_none_or(|s| s.tokens < t) {
             cache.scratch = Some(self.scratch(t)?);
         }
@@ -549,7 +579,7 @@ impl<B: Backend> Engine<B> {
         b.residual_steer_norm(
             &mut ws.h,
             None,
-            dev_plan.as_mut().map(|p| (p, 0)),
+            dev_plan.as_mut().zip(table).map(|(p, vt)| (p, vt, 0)),
             first_norm,
             c.rms_eps,
             t,
@@ -611,7 +641,7 @@ impl<B: Backend> Engine<B> {
             b.residual_steer_norm(
                 &mut ws.h,
                 Some(&ws.o),
-                dev_plan.as_mut().map(|p| (p, li + 1)),
+                dev_plan.as_mut().zip(table).map(|(p, vt)| (p, vt, li + 1)),
                 next_norm,
                 c.rms_eps,
                 t,
@@ -637,7 +667,7 @@ impl<B: Backend> Engine<B> {
         let mut captures = vec![None; seqs.len()];
         let mut op_counts: Vec<Vec<OpCount>> =
             seqs.iter().map(|s| vec![OpCount::default(); s.steering.map_or(0, |st| st.plan.ops.len())]).collect();
-        if let (Some(dp), Some(Built { plan: p, cols, op_origin })) = (&dev_plan, &built) {
+        if let (Some(dp), Some(Built { plan: p, cols, op_origin, .. })) = (&dev_plan, &built) {
             let PlanOutputs { proj, capture: cap, counts } = b.plan_outputs(dp)?;
             if counts.len() != 2 * op_origin.len() {
                 return Err(Error::Invalid(format!(
@@ -655,7 +685,8 @@ impl<B: Backend> Engine<B> {
             for (i, s) in seqs.iter().enumerate() {
                 let sc = &cols[i];
                 for tok in first..first + s.tokens.len() {
-                    projections[i].extend(sc.probe_cols.iter().map(|&col| proj[tok * p.n_cols + col]));
+                    let at = p.token_proj[tok] as usize;
+                    projections[i].extend_from_slice(&proj[at..at + sc.n_probes]);
                 }
                 if let (Some(slot), Some(capt)) = (sc.capture, s.capture) {
                     let count = s.tokens.len().saturating_sub(capt.from);

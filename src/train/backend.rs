@@ -86,8 +86,15 @@ pub trait TrainBackend: Backend {
         dup: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Backward of the steering ops of `plan` at residual index `l`, in place on `dh` (`[t, width]`):
+    /// Backward of the steering ops of `plan` (reading `vectors`) at residual index `l`, in place on `dh` (`[t, width]`):
     /// `add` is the identity; `ablate` and `clamp` apply `I − u uᵀ` on the rows they touched, in
     /// reverse op order. Conditional ops (`when=`) are refused.
-    fn steer_backward(&self, dh: &mut Self::Buf, plan: &ResidualPlan, l: usize, t: usize) -> Result<()>;
+    fn steer_backward(
+        &self,
+        dh: &mut Self::Buf,
+        plan: &ResidualPlan,
+        vectors: &Self::Vectors,
+        l: usize,
+        t: usize,
+    ) -> Result<()>;
 }

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::backend::{SeqRows, TrainBackend};
-use crate::backend::cpu::{dot, gemm_f32, CpuBackend, CpuGemmBackend, CpuWeight};
+use crate::backend::cpu::{dot, gemm_f32, CpuBackend, CpuGemmBackend, CpuVectors, CpuWeight};
 use crate::backend::{AttnShape, ResidualPlan, NONE, OP_ABLATE, OP_ADD, OP_CLAMP, POS_ALL, POS_LAST, POS_PROMPT};
 use crate::backend::{TOKEN_LAST, TOKEN_PROMPT};
 use crate::error::{Error, Result};
@@ -162,7 +162,7 @@ fn op_applies(p: &ResidualPlan, positions: u32, seq: u32, i: usize) -> bool {
         }
 }
 
-pub fn steer_backward(dh: &mut [f32], p: &ResidualPlan, l: usize, t: usize) -> Result<()> {
+pub fn steer_backward(dh: &mut [f32], p: &ResidualPlan, vt: &CpuVectors, l: usize, t: usize) -> Result<()> {
     let ops = p.ops_at(l);
     if let Some(op) = ops.iter().find(|o| o.cond_col != NONE) {
         return Err(Error::Unsupported(format!(
@@ -178,7 +178,7 @@ pub fn steer_backward(dh: &mut [f32], p: &ResidualPlan, l: usize, t: usize) -> R
                 continue;
             }
             debug_assert!(op.kind == OP_ABLATE || op.kind == OP_CLAMP);
-            let u = p.unit(op.vec);
+            let u = vt.unit(op.vec);
             let c = dot64(row, u) as f32;
             for (a, &b) in row.iter_mut().zip(u) {
                 *a -= c * b;
@@ -314,12 +314,17 @@ macro_rules! cpu_train_backend {
                 Ok(())
             }
 
-            fn steer_backward(&self, dh: &mut Vec<f32>, plan: &ResidualPlan, l: usize, t: usize) -> Result<()> {
+            fn steer_backward(
+                &self,
+                dh: &mut Vec<f32>,
+                plan: &ResidualPlan,
+                vectors: &CpuVectors,
+                l: usize,
+                t: usize,
+            ) -> Result<()> {
                 need("steer_backward dh", dh.len(), t * plan.hidden)?;
-                if plan.token_seq.len() < t || l > plan.n_layers {
-                    return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l})")));
-                }
-                steer_backward(dh, plan, l, t)
+                plan.fits(t, l, plan.hidden, vectors.rows, vectors.hidden)?;
+                steer_backward(dh, plan, vectors, l, t)
             }
         }
     };
@@ -531,30 +536,36 @@ mod tests {
         assert_close(&du, &want_u, "dup");
     }
 
-    fn plan_with(ops: Vec<OpDesc>, vectors: Vec<f32>, hidden: usize, t: usize, flags: Vec<u32>) -> ResidualPlan {
+    fn plan_with(
+        ops: Vec<OpDesc>,
+        vectors: Vec<f32>,
+        hidden: usize,
+        t: usize,
+        flags: Vec<u32>,
+    ) -> (ResidualPlan, CpuVectors) {
         let n = vectors.len() / hidden;
-        let mut units = vec![];
-        for i in 0..n {
-            let v = &vectors[i * hidden..(i + 1) * hidden];
-            let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-            units.extend(v.iter().map(|&x| (x as f64 / norm) as f32));
-        }
+        let units: Vec<f32> = vectors.chunks(hidden).flat_map(crate::engine::plan::unit).collect();
+        let mut vt = CpuVectors::new(n, hidden);
+        vt.write(0, &vectors, &units).unwrap();
         let nops = ops.len() as u32;
-        ResidualPlan {
+        let p = ResidualPlan {
             hidden,
             n_layers: 2,
-            vectors,
-            units,
+            n_vectors: n,
             token_seq: vec![0; t],
             token_flags: flags,
             token_capture: vec![NONE; t],
+            token_proj: vec![0; t],
+            seq_cols: vec![0],
             ops,
-            layer_ops: vec![0, 0, nops, nops],
+            op_ranges: vec![0, 0, nops, nops],
             probes: Vec::<ProbeDesc>::new(),
-            layer_probes: vec![0; 4],
-            n_cols: 0,
+            probe_ranges: vec![0; 4],
+            proj_len: 0,
             n_captures: 0,
-        }
+        };
+        p.validate().unwrap();
+        (p, vt)
     }
 
     /// Stacked ablate, add and clamp at one layer, on a subset of positions, against finite
@@ -575,7 +586,7 @@ mod tests {
             threshold: 0.0,
         };
         let ops = vec![op(OP_ABLATE, 0, POS_ALL, 0.0), op(OP_ADD, 1, POS_ALL, 2.5), op(OP_CLAMP, 2, POS_PROMPT, 1.5)];
-        let p = plan_with(ops, vectors, hidden, t, vec![TOKEN_PROMPT, TOKEN_PROMPT | TOKEN_LAST, 0]);
+        let (p, vt) = plan_with(ops, vectors, hidden, t, vec![TOKEN_PROMPT, TOKEN_PROMPT | TOKEN_LAST, 0]);
         let (h, dy) = (r.vec(t * hidden), r.vec(t * hidden));
         let f = |h: &[f64]| -> f64 {
             let mut s = 0.0;
@@ -585,10 +596,10 @@ mod tests {
                     if !op_applies(&p, o.positions, o.seq, i) {
                         continue;
                     }
-                    let u = p.unit(o.vec);
+                    let u = vt.unit(o.vec);
                     match o.kind {
                         OP_ADD => {
-                            row.iter_mut().zip(p.vector(o.vec)).for_each(|(a, &b)| *a += o.coeff as f64 * b as f64)
+                            row.iter_mut().zip(vt.vector(o.vec)).for_each(|(a, &b)| *a += o.coeff as f64 * b as f64)
                         }
                         _ => {
                             let target = if o.kind == OP_CLAMP { o.coeff as f64 } else { 0.0 };
@@ -603,16 +614,16 @@ mod tests {
         };
         let want = numeric(&f64s(&h), &f);
         let mut dh = dy.clone();
-        CpuBackend.steer_backward(&mut dh, &p, 1, t).unwrap();
+        CpuBackend.steer_backward(&mut dh, &p, &vt, 1, t).unwrap();
         assert_close(&dh, &want, "steer");
         // Nothing at the other layers.
         let mut same = dy.clone();
-        CpuBackend.steer_backward(&mut same, &p, 0, t).unwrap();
+        CpuBackend.steer_backward(&mut same, &p, &vt, 0, t).unwrap();
         assert_eq!(same, dy);
         // Conditions are refused.
         let mut pc = p.clone();
         pc.ops[0].cond_col = 0;
-        let err = CpuBackend.steer_backward(&mut dh, &pc, 1, t).unwrap_err().to_string();
+        let err = CpuBackend.steer_backward(&mut dh, &pc, &vt, 1, t).unwrap_err().to_string();
         assert!(err.contains("when="), "{err}");
     }
 }

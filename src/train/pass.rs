@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::backend::{SeqRows, TrainBackend};
 use super::data::Example;
 use crate::backend::{PageTable, ResidualPlan, TokenPos};
-use crate::engine::{plan, Engine, ForwardHook, ForwardOutput, KvCache, Point, SeqInput};
+use crate::engine::{Engine, ForwardHook, ForwardOutput, KvCache, Point, SeqInput};
 use crate::error::{Error, Result};
 use crate::model::lora::{LoraAdapter, LoraPair, Target};
 use crate::model::tensor::HostTensor;
@@ -231,8 +231,10 @@ pub fn forward_backward<B: TrainBackend>(
         return Ok(result);
     };
 
-    let built = plan::build(&seqs, c.hidden, c.n_layers).map(|b| b.plan);
-    backward(engine, lora, &tape, &seqs, &rows, t, built.as_ref(), &dlogits, &loss_rows, grads)?;
+    // The forward's plan again, on the rows the cache's vector table already holds.
+    let built = cache.plan(b, &seqs, c.hidden, c.n_layers)?;
+    let plan = built.as_ref().zip(cache.vector_table()).map(|(bp, vt)| (&bp.plan, vt));
+    backward(engine, lora, &tape, &seqs, &rows, t, plan, &dlogits, &loss_rows, grads)?;
     Ok(result)
 }
 
@@ -330,7 +332,7 @@ fn backward<B: TrainBackend>(
     seqs: &[SeqInput],
     rows: &[SeqRows],
     t: usize,
-    plan: Option<&ResidualPlan>,
+    plan: Option<(&ResidualPlan, &B::Vectors)>,
     dlogits: &[f32],
     loss_rows: &[usize],
     grads: &mut LoraAdapter,
@@ -391,8 +393,8 @@ fn backward<B: TrainBackend>(
     let mut dv = b.alloc(t * kvw)?;
     for li in (0..c.n_layers).rev() {
         let l = &engine.layers()[li];
-        if let Some(p) = plan {
-            b.steer_backward(&mut dh, p, li + 1, t)?;
+        if let Some((p, vt)) = plan {
+            b.steer_backward(&mut dh, p, vt, li + 1, t)?;
         }
         // MLP: dh is ∂L/∂(down output) and flows on to Mid(li) unchanged.
         let act = tape.get(Point::Act(li))?;

@@ -5,7 +5,7 @@
 //! the default for inference, where a batch must equal its sequences run alone bit for bit; the
 //! fine-tuner runs on this one.
 
-use super::{CpuBackend, CpuLayout, CpuPlan, CpuWeight};
+use super::{CpuBackend, CpuLayout, CpuPlan, CpuVectors, CpuWeight};
 use crate::backend::{AttnShape, Backend, KvLayer, PageTable, PlanOutputs, ResidualPlan, TokenPos};
 use crate::error::{Error, Result};
 use crate::model::tensor::HostTensor;
@@ -79,6 +79,7 @@ impl Backend for CpuGemmBackend {
     type Weight = CpuWeight;
     type Layout = CpuLayout;
     type Plan = CpuPlan;
+    type Vectors = CpuVectors;
 
     fn name(&self) -> &'static str {
         "cpu-gemm"
@@ -99,6 +100,12 @@ impl Backend for CpuGemmBackend {
     fn layout(&self, tokens: &[TokenPos], pages: &PageTable) -> Result<CpuLayout> {
         CpuBackend.layout(tokens, pages)
     }
+    fn vectors(&self, rows: usize, hidden: usize) -> Result<CpuVectors> {
+        CpuBackend.vectors(rows, hidden)
+    }
+    fn write_vectors(&self, table: &mut CpuVectors, row: usize, raw: &[f32], units: &[f32]) -> Result<()> {
+        CpuBackend.write_vectors(table, row, raw, units)
+    }
     fn plan(&self, plan: &ResidualPlan) -> Result<CpuPlan> {
         CpuBackend.plan(plan)
     }
@@ -112,7 +119,7 @@ impl Backend for CpuGemmBackend {
         &self,
         h: &mut Vec<f32>,
         delta: Option<&Vec<f32>>,
-        steer: Option<(&mut CpuPlan, usize)>,
+        steer: Option<(&mut CpuPlan, &CpuVectors, usize)>,
         norm: &CpuWeight,
         eps: f32,
         t: usize,

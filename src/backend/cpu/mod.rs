@@ -18,7 +18,7 @@ use crate::model::tensor::{DType, HostTensor, Storage};
 
 pub use gemm::{gemm_f32, CpuGemmBackend};
 pub use matmul::{dot, matmul_with, Rows};
-pub use residual::CpuPlan;
+pub use residual::{CpuPlan, CpuVectors};
 
 /// Run `f` on a worker of rayon's global pool, so that the CPU backend's parallel ops start on
 /// the calling worker and the others join in, instead of every op handing its work to the pool
@@ -103,6 +103,7 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Layout = CpuLayout;
     type Plan = CpuPlan;
+    type Vectors = CpuVectors;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -151,7 +152,16 @@ impl Backend for CpuBackend {
         Ok(CpuLayout { tokens: tokens.to_vec(), pages: pages.clone(), pages_used })
     }
 
+    fn vectors(&self, rows: usize, hidden: usize) -> Result<CpuVectors> {
+        Ok(CpuVectors::new(rows, hidden))
+    }
+
+    fn write_vectors(&self, table: &mut CpuVectors, row: usize, raw: &[f32], units: &[f32]) -> Result<()> {
+        table.write(row, raw, units)
+    }
+
     fn plan(&self, plan: &ResidualPlan) -> Result<CpuPlan> {
+        plan.validate()?;
         Ok(CpuPlan::new(plan))
     }
 
@@ -191,17 +201,18 @@ impl Backend for CpuBackend {
         &self,
         h: &mut Vec<f32>,
         delta: Option<&Vec<f32>>,
-        steer: Option<(&mut CpuPlan, usize)>,
+        steer: Option<(&mut CpuPlan, &CpuVectors, usize)>,
         norm: &CpuWeight,
         eps: f32,
         t: usize,
         width: usize,
         x: &mut Vec<f32>,
     ) -> Result<()> {
-        if let Some((p, l)) = &steer {
-            if p.desc.token_seq.len() < t || *l > p.desc.n_layers || p.desc.hidden != width {
-                return Err(invalid(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
-            }
+        if let Some((p, vt, l)) = &steer {
+            p.desc.fits(t, *l, width, vt.rows, vt.hidden)?;
+        }
+        if h.len() < t * width || x.len() < t * width || delta.is_some_and(|d| d.len() < t * width) {
+            return Err(invalid(format!("residual buffers too small for [{t}, {width}]")));
         }
         let norm = norm.values()?;
         if norm.len() < width {

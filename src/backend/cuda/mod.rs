@@ -37,7 +37,7 @@ use crate::model::tensor::{DType, HostTensor};
 use layout::prefill_tiles;
 pub use layout::CudaLayout;
 use libs::err;
-pub use plan::CudaPlan;
+pub use plan::{CudaPlan, CudaVectors};
 pub use weights::CudaWeight;
 use weights::WeightData;
 
@@ -268,6 +268,7 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Layout = CudaLayout;
     type Plan = CudaPlan;
+    type Vectors = CudaVectors;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -354,6 +355,14 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn vectors(&self, rows: usize, hidden: usize) -> Result<CudaVectors> {
+        plan::vectors(&self.stream, rows, hidden)
+    }
+
+    fn write_vectors(&self, table: &mut CudaVectors, row: usize, raw: &[f32], units: &[f32]) -> Result<()> {
+        plan::write_vectors(&self.stream, table, row, raw, units)
+    }
+
     fn plan(&self, p: &ResidualPlan) -> Result<CudaPlan> {
         plan::upload(&self.stream, &self.plans, p)
     }
@@ -403,7 +412,7 @@ impl Backend for CudaBackend {
         &self,
         h: &mut CudaSlice<f32>,
         delta: Option<&CudaSlice<f32>>,
-        steer: Option<(&mut CudaPlan, usize)>,
+        steer: Option<(&mut CudaPlan, &CudaVectors, usize)>,
         norm: &CudaWeight,
         eps: f32,
         t: usize,
@@ -433,19 +442,30 @@ impl Backend for CudaBackend {
             Arg::F32(eps),
         ];
         match &steer {
-            Some((p, l)) => {
-                if p.t < t || *l > p.n_layers || p.hidden != width {
-                    return Err(err(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
+            Some((p, vt, l)) => {
+                if p.t < t || *l > p.n_layers || p.hidden != width || vt.rows < p.n_vectors || vt.hidden != width {
+                    return Err(err(format!(
+                        "residual plan (t {}, {} vectors) does not fit this call (t {t}, layer {l}, width {width}) and \
+                         its vector table ({} × {})",
+                        p.t, p.n_vectors, vt.rows, vt.hidden
+                    )));
                 }
                 let b = p.bufs();
-                args.extend([Arg::I32(*l as i32), Arg::I32(p.n_layers as i32), Arg::I32(p.n_cols as i32)]);
-                for s in [&b.vectors.buf, &b.units.buf] {
+                args.extend([Arg::I32(*l as i32), Arg::I32(p.n_layers as i32), Arg::I32(p.n_seqs as i32)]);
+                for s in [&vt.raw, &vt.units] {
                     args.push(Arg::Ptr(self.ptr(s)));
                 }
-                for s in [&b.token_seq.buf, &b.token_flags.buf, &b.token_capture.buf, &b.ops.buf, &b.layer_ops.buf] {
+                for s in [
+                    &b.token_seq.buf,
+                    &b.token_flags.buf,
+                    &b.token_capture.buf,
+                    &b.token_proj.buf,
+                    &b.ops.buf,
+                    &b.op_ranges.buf,
+                ] {
                     args.push(Arg::Ptr(self.ptr(s)));
                 }
-                for s in [&b.probes.buf, &b.layer_probes.buf] {
+                for s in [&b.probes.buf, &b.probe_ranges.buf] {
                     args.push(Arg::Ptr(self.ptr(s)));
                 }
                 args.extend([
@@ -456,7 +476,7 @@ impl Backend for CudaBackend {
             }
             None => {
                 args.extend([Arg::I32(0), Arg::I32(0), Arg::I32(0)]);
-                args.extend((0..12).map(|_| Arg::Ptr(0)));
+                args.extend((0..13).map(|_| Arg::Ptr(0)));
             }
         }
         let threads = width.div_ceil(32).clamp(1, 8) as u32 * 32;

@@ -412,6 +412,22 @@ impl Ctx {
         self.check()
     }
 
+    /// Overwrite `dst` from byte `offset` (a multiple of 4) with `data`, after all recorded work.
+    pub fn write_at(&self, dst: &Gbuf, offset: u64, data: &[u8]) -> Result<()> {
+        self.flush()?;
+        if offset % 4 != 0 || data.len() % 4 != 0 || offset + data.len() as u64 > dst.buf.size() {
+            return Err(err(format!(
+                "write of {} bytes at {offset} into a buffer of {} bytes",
+                data.len(),
+                dst.buf.size()
+            )));
+        }
+        if !data.is_empty() {
+            self.queue.write_buffer(&dst.buf, offset, data);
+        }
+        self.check()
+    }
+
     /// The first `bytes` of `src`, after all recorded work has run.
     pub fn read(&self, src: &Gbuf, bytes: u64) -> Result<Vec<u8>> {
         if bytes == 0 {

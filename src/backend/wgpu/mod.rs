@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 pub use context::shader_sources;
 use context::{err, Ctx, Gbuf};
-pub use ops::{WgpuBuf, WgpuLayout, WgpuPlan};
+pub use ops::{WgpuBuf, WgpuLayout, WgpuPlan, WgpuVectors};
 pub use weights::{WeightFormat, WgpuWeight};
 
 use crate::error::Result;

@@ -56,7 +56,6 @@ pub struct WgpuLayout {
 /// A [`ResidualPlan`] on the device with its outputs (projections, capture sums).
 pub struct WgpuPlan {
     desc: ResidualPlan,
-    vecs: Gbuf,
     meta: Gbuf,
     proj: Gbuf,
     capture: Gbuf,
@@ -64,7 +63,15 @@ pub struct WgpuPlan {
     counts: Gbuf,
     ops_off: u32,
     probes_off: u32,
-    units_off: u32,
+    op_ranges_off: u32,
+    probe_ranges_off: u32,
+}
+
+/// The vector table: `[rows][hidden]` raw vectors, then `[rows][hidden]` unit vectors.
+pub struct WgpuVectors {
+    buf: Gbuf,
+    rows: usize,
+    hidden: usize,
 }
 
 fn need(what: &str, have: usize, want: usize) -> Result<()> {
@@ -86,42 +93,6 @@ fn fits_u32(what: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Checks that a plan's indices stay inside its own tables.
-fn validate_plan(p: &ResidualPlan) -> Result<()> {
-    let h = p.hidden;
-    let t = p.token_seq.len();
-    let bad = |m: String| Err(err(format!("residual plan: {m}")));
-    if h == 0 || p.vectors.len() % h != 0 || p.units.len() != p.vectors.len() {
-        return bad(format!("{} vector and {} unit values for hidden size {h}", p.vectors.len(), p.units.len()));
-    }
-    let nv = (p.vectors.len() / h) as u32;
-    if p.token_flags.len() != t || p.token_capture.len() != t {
-        return bad(format!(
-            "{t} token sequences but {} flags, {} captures",
-            p.token_flags.len(),
-            p.token_capture.len()
-        ));
-    }
-    if let Some(c) = p.token_capture.iter().find(|&&c| c != NONE && c as usize >= p.n_captures) {
-        return bad(format!("capture slot {c} of {}", p.n_captures));
-    }
-    for (name, offs, len) in
-        [("layer_ops", &p.layer_ops, p.ops.len()), ("layer_probes", &p.layer_probes, p.probes.len())]
-    {
-        if offs.len() != p.n_layers + 2 || offs.windows(2).any(|w| w[0] > w[1]) || offs[p.n_layers + 1] as usize > len {
-            return bad(format!("{name} is not {} ascending offsets into {len} entries", p.n_layers + 2));
-        }
-    }
-    let col_ok = |c: u32| (c as usize) < p.n_cols;
-    if let Some(o) = p.ops.iter().find(|o| o.vec >= nv || (o.cond_col != NONE && !col_ok(o.cond_col))) {
-        return bad(format!("op {o:?} refers outside {nv} vectors / {} columns", p.n_cols));
-    }
-    if let Some(pr) = p.probes.iter().find(|pr| pr.vec >= nv || !col_ok(pr.col)) {
-        return bad(format!("probe {pr:?} refers outside {nv} vectors / {} columns", p.n_cols));
-    }
-    Ok(())
-}
-
 impl WgpuBackend {
     fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx
@@ -133,6 +104,7 @@ impl Backend for WgpuBackend {
     type Weight = WgpuWeight;
     type Layout = WgpuLayout;
     type Plan = WgpuPlan;
+    type Vectors = WgpuVectors;
 
     fn name(&self) -> &'static str {
         "wgpu"
@@ -175,31 +147,47 @@ impl Backend for WgpuBackend {
         })
     }
 
+    fn vectors(&self, rows: usize, hidden: usize) -> Result<WgpuVectors> {
+        let n = 2 * rows * hidden;
+        fits_u32("vector table", n)?;
+        Ok(WgpuVectors { buf: self.ctx.storage(n as u64 * 4, "vector table")?, rows, hidden })
+    }
+
+    fn write_vectors(&self, table: &mut WgpuVectors, row: usize, raw: &[f32], units: &[f32]) -> Result<()> {
+        crate::backend::check_vector_write(table.rows, table.hidden, row, raw, units)?;
+        let h = table.hidden;
+        let at = (row * h) as u64 * 4;
+        self.ctx.write_at(&table.buf, at, bytemuck::cast_slice(raw))?;
+        self.ctx.write_at(&table.buf, (table.rows * h) as u64 * 4 + at, bytemuck::cast_slice(units))
+    }
+
     fn plan(&self, plan: &ResidualPlan) -> Result<WgpuPlan> {
-        validate_plan(plan)?;
+        plan.validate()?;
         let t = plan.token_seq.len();
-        let mut vecs = plan.vectors.clone();
-        vecs.extend_from_slice(&plan.units);
-        let mut meta: Vec<u32> = Vec::new();
+        let mut meta: Vec<u32> = Vec::with_capacity(4 * t + 8 * plan.ops.len() + 3 * plan.probes.len());
         for i in 0..t {
-            meta.extend([plan.token_seq[i], plan.token_flags[i], plan.token_capture[i]]);
+            meta.extend([plan.token_seq[i], plan.token_flags[i], plan.token_capture[i], plan.token_proj[i]]);
         }
         let ops_off = u(meta.len());
         meta.extend_from_slice(bytemuck::cast_slice(&plan.ops));
         let probes_off = u(meta.len());
         meta.extend_from_slice(bytemuck::cast_slice(&plan.probes));
+        let op_ranges_off = u(meta.len());
+        meta.extend_from_slice(&plan.op_ranges);
+        let probe_ranges_off = u(meta.len());
+        meta.extend_from_slice(&plan.probe_ranges);
         let n_cap = plan.n_captures * (plan.n_layers + 1) * plan.hidden;
-        fits_u32("plan", vecs.len().max(meta.len()).max(n_cap).max(t * plan.n_cols))?;
+        fits_u32("plan", meta.len().max(n_cap).max(plan.proj_len))?;
         let ctx = self.ctx();
         Ok(WgpuPlan {
-            vecs: ctx.storage_init(bytemuck::cast_slice(&vecs), "plan vectors")?,
             meta: ctx.storage_init(bytemuck::cast_slice(&meta), "plan")?,
-            proj: ctx.storage((t * plan.n_cols) as u64 * 4, "projections")?,
+            proj: ctx.storage(plan.proj_len as u64 * 4, "projections")?,
             capture: ctx.storage(n_cap as u64 * 4, "captures")?,
             counts: ctx.storage(plan.ops.len() as u64 * 8, "op counts")?,
             ops_off,
             probes_off,
-            units_off: u(plan.vectors.len()),
+            op_ranges_off,
+            probe_ranges_off,
             desc: plan.clone(),
         })
     }
@@ -207,7 +195,7 @@ impl Backend for WgpuBackend {
     fn plan_outputs(&self, plan: &WgpuPlan) -> Result<PlanOutputs> {
         let p = &plan.desc;
         let f = |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let proj = self.ctx.read(&plan.proj, (p.token_seq.len() * p.n_cols) as u64 * 4)?;
+        let proj = self.ctx.read(&plan.proj, p.proj_len as u64 * 4)?;
         let cap = self.ctx.read(&plan.capture, (p.n_captures * (p.n_layers + 1) * p.hidden) as u64 * 4)?;
         let counts = self.ctx.read(&plan.counts, p.ops.len() as u64 * 8)?;
         let counts = counts.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -238,7 +226,7 @@ impl Backend for WgpuBackend {
         &self,
         h: &mut WgpuBuf,
         delta: Option<&WgpuBuf>,
-        steer: Option<(&mut WgpuPlan, usize)>,
+        steer: Option<(&mut WgpuPlan, &WgpuVectors, usize)>,
         norm: &WgpuWeight,
         eps: f32,
         t: usize,
@@ -258,31 +246,28 @@ impl Backend for WgpuBackend {
         let grid = self.ctx.grid(t)?;
         let mut params = [0u32; 15];
         params[..4].copy_from_slice(&[u(t), u(width), eps.to_bits(), delta.is_some() as u32]);
-        let Some((plan, l)) = steer else {
+        let Some((plan, vt, l)) = steer else {
             return self.ctx.dispatch(&RESIDUAL_NORM, 0, &params, &[&h.g, deltab, normb, &x.g], grid);
         };
         let p = &plan.desc;
-        if p.token_seq.len() < t || l > p.n_layers || p.hidden != width {
-            return Err(err(format!("residual plan does not fit this call (t {t}, layer {l}, width {width})")));
-        }
-        let (ops, probes) = ((p.layer_ops[l], p.layer_ops[l + 1]), (p.layer_probes[l], p.layer_probes[l + 1]));
+        p.fits(t, l, width, vt.rows, vt.hidden)?;
         params[4..].copy_from_slice(&[
             u(l),
-            ops.0,
-            ops.1,
-            probes.0,
-            probes.1,
-            u(p.n_cols),
+            u(p.n_seqs()),
             plan.ops_off,
             plan.probes_off,
-            plan.units_off,
+            plan.op_ranges_off,
+            plan.probe_ranges_off,
+            0,
+            u(vt.rows * width),
             u(p.n_layers),
             u(p.n_captures),
+            0,
         ]);
-        if ops.0 == ops.1 && probes.0 == probes.1 {
+        if p.layer_range(&p.op_ranges, l).is_empty() && p.layer_range(&p.probe_ranges, l).is_empty() {
             self.ctx.dispatch(&RESIDUAL_NORM, 0, &params, &[&h.g, deltab, normb, &x.g], grid)?;
         } else {
-            let bufs = [&h.g, deltab, normb, &x.g, &plan.vecs, &plan.meta, &plan.proj, &plan.counts];
+            let bufs = [&h.g, deltab, normb, &x.g, &vt.buf, &plan.meta, &plan.proj, &plan.counts];
             self.ctx.dispatch(&RESIDUAL_STEER_NORM, 0, &params, &bufs, grid)?;
         }
         if p.token_capture[..t].iter().any(|&c| c != NONE) {
