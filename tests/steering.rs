@@ -221,7 +221,7 @@ fn vectors_are_uploaded_once_per_sequence_not_per_step() {
     let out = e.forward(&mut cache, &inputs, false).unwrap();
     assert_eq!((out.projections[0].len(), out.projections[1].len()), (1, ids.len()));
     assert_eq!(cache.vector_rows_written(), 4);
-    // The first sequence ends; a third one takes its rows (no growth: still 4 rows written + 2).
+    // The first sequence ends; a third one with new vectors in the same cache equals it alone.
     drop(first);
     cache.reset(0);
     let third = plan(&copy(&rows[1]), &copy(&rows[2]));

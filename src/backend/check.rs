@@ -164,15 +164,17 @@ pub fn sample_plan(t: usize, h: usize, n_layers: usize, seed: u64) -> (ResidualP
         cond_cmp: 0,
         threshold: 0.0,
     };
-    // Layer 1: every kind on both sequences; layer 2: a conditional clamp.
+    // Layer 1: every kind on both sequences; layer 2: a clamp when a same-layer projection is
+    // above 0, and an add when an earlier layer's projection was below 0.1.
     p.ops = vec![
         op(0, OP_ADD, 0, POS_ALL, 1.5, NONE),
         op(1, OP_ADD, 1, POS_LAST, -2.0, NONE),
         op(0, OP_ABLATE, 2, POS_PROMPT, 0.0, NONE),
         op(1, OP_CLAMP, 3, POS_ALL, 0.75, NONE),
         op(0, OP_CLAMP, 0, POS_ALL, 3.0, 1),
+        OpDesc { cond_cmp: 1, threshold: 0.1, ..op(1, OP_ADD, 2, POS_ALL, 0.5, 0) },
     ];
-    let op_layers = [1, 1, 1, 1, 2];
+    let op_layers = [1, 1, 1, 1, 2, 2];
     p.probes = vec![
         ProbeDesc { seq: 0, vec: 3, col: 0 },
         ProbeDesc { seq: 1, vec: 2, col: 0 },
@@ -239,8 +241,12 @@ fn unfused_residual(
                 continue;
             }
             counts[2 * o] += 1;
-            if op.cond_col != NONE && !(proj[base + op.cond_col as usize] > op.threshold) {
-                continue;
+            if op.cond_col != NONE {
+                let v = proj[base + op.cond_col as usize];
+                let pass = if op.cond_cmp == 0 { v > op.threshold } else { v < op.threshold };
+                if !pass {
+                    continue;
+                }
             }
             counts[2 * o + 1] += 1;
             let u = vt.unit(op.vec);
@@ -683,6 +689,34 @@ mod tests {
         let x = rand(64, 9, 1.0);
         assert!(x.iter().any(|&v| half::bf16::from_f32(v).to_f32() != v));
         assert_eq!(output(&b, &buf(&b, &x).unwrap(), 64).unwrap(), x);
+    }
+
+    /// Hostile plans are errors that name the problem, never a panic or a wrapped size.
+    #[test]
+    fn validate_refuses_hostile_plans() {
+        let (p, _) = sample_plan(5, 8, 3, 1);
+        let err = |q: &ResidualPlan| q.validate().unwrap_err().to_string();
+        let mut q = p.clone();
+        q.n_layers = usize::MAX / 4;
+        assert!(err(&q).contains("capture slots"), "{}", err(&q));
+        (q.n_captures, q.token_capture) = (0, vec![NONE; 5]);
+        assert!(err(&q).contains("op_ranges is not"), "{}", err(&q));
+        q.n_layers = usize::MAX;
+        assert!(err(&q).contains("overflow"), "{}", err(&q));
+        let mut q = p.clone();
+        q.token_proj[2] = q.token_proj[1];
+        assert!(err(&q).contains("token 2: projection row"), "{}", err(&q));
+        let mut q = p.clone();
+        q.proj_len += 1;
+        assert!(err(&q).contains("proj_len"), "{}", err(&q));
+        let mut q = p.clone();
+        q.n_captures = usize::MAX;
+        assert!(err(&q).contains("capture slots"), "{}", err(&q));
+        let mut q = p.clone();
+        q.ops[0].cond_col = 7;
+        assert!(err(&q).contains("condition column 7"), "{}", err(&q));
+        let q = ResidualPlan { hidden: 4, token_seq: vec![0], token_flags: vec![0], ..Default::default() };
+        assert!(err(&q).contains("token sequences"), "{}", err(&q));
     }
 
     /// The unfused composition is an independent check: a wrong fused op must fail it.

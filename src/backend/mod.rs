@@ -263,19 +263,35 @@ impl ResidualPlan {
             ));
         }
         let n_seqs = self.seq_cols.len() as u32;
+        // Projection rows follow each other in token order, without gaps or overlap.
+        let mut end = 0usize;
         for i in 0..t {
             if self.token_seq[i] >= n_seqs {
                 return bad(format!("token {i}: sequence {} of {n_seqs}", self.token_seq[i]));
             }
             let (at, cols) = self.proj_row(i);
-            if at + cols > self.proj_len {
-                return bad(format!("token {i}: projection row {at}+{cols} beyond {}", self.proj_len));
+            if at != end {
+                return bad(format!("token {i}: projection row at {at}, the previous row ends at {end}"));
             }
+            end = at + cols;
+        }
+        if end != self.proj_len {
+            return bad(format!("projection rows end at {end}, proj_len is {}", self.proj_len));
+        }
+        // One capture sum per sequence at most, and sizes that fit the address space.
+        let capture_len =
+            self.n_captures.checked_mul(self.n_layers.saturating_add(1)).and_then(|n| n.checked_mul(self.hidden));
+        if self.n_captures > n_seqs as usize || capture_len.is_none_or(|n| n > u32::MAX as usize) {
+            return bad(format!("{} capture slots for {n_seqs} sequences", self.n_captures));
         }
         if let Some(c) = self.token_capture.iter().find(|&&c| c != NONE && c as usize >= self.n_captures) {
             return bad(format!("capture slot {c} of {}", self.n_captures));
         }
-        let n_ranges = (self.n_layers + 1) * n_seqs as usize + 1;
+        let Some(n_ranges) =
+            self.n_layers.checked_add(1).and_then(|n| n.checked_mul(n_seqs as usize)).and_then(|n| n.checked_add(1))
+        else {
+            return bad(format!("{} layers × {n_seqs} sequences overflow", self.n_layers));
+        };
         for (name, offs, len) in
             [("op_ranges", &self.op_ranges, self.ops.len()), ("probe_ranges", &self.probe_ranges, self.probes.len())]
         {

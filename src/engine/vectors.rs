@@ -53,7 +53,9 @@ impl<B: Backend> VectorTable<B> {
             // Even a plan without vectors (captures only) runs against a table.
             self.grow(b, 0)?;
         }
-        let missing: Vec<&Arc<[f32]>> = vectors.iter().filter(|v| !self.index.contains_key(&key(v))).collect();
+        let mut missing: Vec<&Arc<[f32]>> = vectors.iter().filter(|v| !self.index.contains_key(&key(v))).collect();
+        let mut seen = std::collections::HashSet::new();
+        missing.retain(|v| seen.insert(key(v)));
         if !missing.is_empty() {
             // Rows held only by the table (and not asked for now: those have more holders).
             for r in 0..self.rows.len() {
@@ -78,22 +80,20 @@ impl<B: Backend> VectorTable<B> {
     }
 
     /// A new device table with room for at least `live` rows (doubling), holding the live rows.
+    /// On an error the table is left as it was.
     fn grow(&mut self, b: &B, live: usize) -> Result<()> {
         let cap = live.max(2 * self.rows.len()).max(8);
         let mut dev = b.vectors(cap, self.hidden)?;
-        let kept: Vec<Arc<[f32]>> = self.rows.drain(..).flatten().collect();
-        self.index.clear();
-        self.rows = vec![None; cap];
+        let kept: Vec<Arc<[f32]>> = self.rows.iter().flatten().cloned().collect();
         if !kept.is_empty() {
             let raw: Vec<f32> = kept.iter().flat_map(|v| v.iter().copied()).collect();
             let units: Vec<f32> = kept.iter().flat_map(|v| unit(v)).collect();
             b.write_vectors(&mut dev, 0, &raw, &units)?;
-            self.written += kept.len() as u64;
         }
-        for (r, v) in kept.into_iter().enumerate() {
-            self.index.insert(key(&v), r as u32);
-            self.rows[r] = Some(v);
-        }
+        self.written += kept.len() as u64;
+        self.index = kept.iter().enumerate().map(|(r, v)| (key(v), r as u32)).collect();
+        self.rows = kept.into_iter().map(Some).collect();
+        self.rows.resize(cap, None);
         self.dev = Some(dev);
         Ok(())
     }
@@ -127,6 +127,25 @@ mod tests {
         let a2 = v(1.0);
         let r2 = t.rows_for(&b, &[a2.clone()]).unwrap()[0];
         assert!(!rows.contains(&r2));
+        // Rows whose vector is gone take new vectors without growth: 3 of 8 rows are live.
+        let five: Vec<Arc<[f32]>> = (0..5).map(|i| v(i as f32 + 50.0)).collect();
+        let r5 = t.rows_for(&b, &five).unwrap();
+        assert_eq!((t.capacity(), t.written), (8, 8));
+        drop(five);
+        let again: Vec<Arc<[f32]>> = (0..5).map(|i| v(i as f32 + 70.0)).collect();
+        let ra = t.rows_for(&b, &again).unwrap();
+        assert_eq!((t.capacity(), t.written), (8, 13), "freed rows reused, nothing rewritten");
+        let (mut x, mut y) = (r5.clone(), ra.clone());
+        x.sort();
+        y.sort();
+        assert_eq!(x, y);
+        for (r, m) in ra.iter().zip(&again) {
+            assert_eq!(t.device().unwrap().vector(*r), &m[..]);
+        }
+        // The same allocation twice in one call is one row.
+        let twice = t.rows_for(&b, &[again[0].clone(), again[0].clone()]).unwrap();
+        assert_eq!((twice[0], twice[1], t.written), (ra[0], ra[0], 13));
+        drop(again);
         // Dropped vectors free their rows; 9 new ones still need a larger table.
         drop((a, c, a2));
         let many: Vec<Arc<[f32]>> = (0..9).map(|i| v(i as f32 + 10.0)).collect();

@@ -233,7 +233,11 @@ pub fn forward_backward<B: TrainBackend>(
 
     // The forward's plan again, on the rows the cache's vector table already holds.
     let built = cache.plan(b, &seqs, c.hidden, c.n_layers)?;
-    let plan = built.as_ref().zip(cache.vector_table()).map(|(bp, vt)| (&bp.plan, vt));
+    let plan = match (&built, cache.vector_table()) {
+        (Some(bp), Some(vt)) => Some((&bp.plan, vt)),
+        (Some(_), None) => return Err(Error::Invalid("a residual plan without its vector table".into())),
+        (None, _) => None,
+    };
     backward(engine, lora, &tape, &seqs, &rows, t, plan, &dlogits, &loss_rows, grads)?;
     Ok(result)
 }
