@@ -106,6 +106,7 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
                 GgmlType::Q4_1 => avx2::dot_q4_1(x, rows, row_bytes, lanes),
                 GgmlType::Q4_0 => avx2::dot_q4_0(x, rows, row_bytes, lanes),
                 GgmlType::Q8_0 => avx2::dot_q8_0(x, rows, row_bytes, lanes),
+                GgmlType::Q5_0 => avx2::dot_q5_0(x, rows, row_bytes, lanes),
                 _ => return false,
             }
         }
@@ -123,6 +124,7 @@ unsafe fn decode_avx2(ty: GgmlType, data: &[u8], out: &mut [f32]) {
         GgmlType::Q4_0 => each_block!(32, 18, data, out, q4_0),
         GgmlType::Q4_1 => each_block!(32, 20, data, out, q4_1),
         GgmlType::Q8_0 => each_block!(32, 34, data, out, q8_0),
+        GgmlType::Q5_0 => each_block!(32, 22, data, out, q5_0),
         GgmlType::Q4_K => each_block!(256, 144, data, out, q4_k),
         GgmlType::Q6_K => each_block!(256, 210, data, out, q6_k),
         // The other types: the plain code, auto-vectorized for AVX2.
@@ -207,6 +209,34 @@ mod avx2 {
         ]
     }
 
+    /// A Q5_0 block as 4 registers of 8 values: `(q − 16) · d` with q = the nibble and, as its
+    /// fifth bit, bit `e` of `qh` for element `e` — the integer steps of [`super::block_q5_0`],
+    /// then one conversion and one multiply.
+    #[inline(always)]
+    unsafe fn q5_0_regs(b: *const u8) -> [__m256; 4] {
+        let d = _mm256_set1_ps(h(b));
+        let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
+        let q = _mm_loadu_si128(b.add(6) as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let (lo, hi) = (_mm_and_si128(q, mask), _mm_and_si128(_mm_srli_epi16(q, 4), mask));
+        let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let (one, sixteen) = (_mm256_set1_epi32(1), _mm256_set1_epi32(16));
+        // Elements 8c .. 8c + 8: nibbles of bytes 8(c % 2) .., low for c < 2; fifth bits in byte c of qh.
+        #[inline(always)]
+        unsafe fn reg(nib: __m128i, qh_byte: u32, bits: __m256i, one: __m256i, sixteen: __m256i, d: __m256) -> __m256 {
+            let fifth =
+                _mm256_slli_epi32(_mm256_min_epu32(_mm256_and_si256(_mm256_set1_epi32(qh_byte as i32), bits), one), 4);
+            let q = _mm256_sub_epi32(_mm256_or_si256(_mm256_cvtepu8_epi32(nib), fifth), sixteen);
+            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+        }
+        [
+            reg(lo, qh & 0xFF, bits, one, sixteen, d),
+            reg(_mm_srli_si128(lo, 8), (qh >> 8) & 0xFF, bits, one, sixteen, d),
+            reg(hi, (qh >> 16) & 0xFF, bits, one, sixteen, d),
+            reg(_mm_srli_si128(hi, 8), qh >> 24, bits, one, sixteen, d),
+        ]
+    }
+
     /// A Q8_0 block as 4 registers of 8 values.
     #[inline(always)]
     unsafe fn q8_0_regs(b: *const u8) -> [__m256; 4] {
@@ -239,6 +269,11 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_0(b: *const u8, y: *mut f32) {
         store32(q8_0_regs(b), y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q5_0(b: *const u8, y: *mut f32) {
+        store32(q5_0_regs(b), y)
     }
 
     /// Fused decode and dot product for one token: the 8-lane FMA accumulators of `x` against
@@ -282,6 +317,7 @@ mod avx2 {
     fused_dot!(dot_q4_1, q4_1_regs, 20);
     fused_dot!(dot_q4_0, q4_0_regs, 18);
     fused_dot!(dot_q8_0, q8_0_regs, 34);
+    fused_dot!(dot_q5_0, q5_0_regs, 22);
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4_k(b: *const u8, y: *mut f32) {
