@@ -168,18 +168,14 @@ pub fn residual_steer_norm(
         return;
     };
     let p = &cp.desc;
-    // Each token's projection row, split off `proj` in token order (rows are disjoint).
+    // Each token's projection row, split off `proj` in token order: `validate` checked that the
+    // rows follow each other from 0 without gaps.
     let mut proj_rows: Vec<&mut [f32]> = Vec::with_capacity(t);
     let mut rest: &mut [f32] = &mut cp.proj;
-    let mut taken = 0;
     for i in 0..t {
-        let (at, cols) = p.proj_row(i);
-        let tail = std::mem::take(&mut rest);
-        let (_, tail) = tail.split_at_mut(at - taken);
-        let (row, tail) = tail.split_at_mut(cols);
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(p.proj_row(i).1);
         proj_rows.push(row);
         rest = tail;
-        taken = at + cols;
     }
     let counts = &cp.counts[..];
     rows.zip(proj_rows.into_par_iter()).for_each(|((i, (hr, xr)), pr)| {
