@@ -22,6 +22,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::backend::cpu::simd::Simd;
 use crate::error::{Error, Result};
 use crate::model::gguf_types::GgmlType;
 
@@ -93,27 +94,44 @@ pub fn decode_into(ty: GgmlType, data: &[u8], out: &mut [f32], simd: bool) {
     decode_plain(ty, data, out)
 }
 
-/// One token's 8-lane dot-product accumulators against up to 3 packed rows (`lanes.len()`), the
-/// decode fused into the product (AVX2; Q4_0, Q4_1, Q8_0). Returns false, doing nothing, for other
-/// types or without AVX2: the caller then decodes rows and runs its f32 tile, which gives the
-/// same lanes. `x.len()` is the row length k, a multiple of 32.
-pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]], simd: bool) -> bool {
+/// How many packed rows of `ty` [`dot_rows`] takes at once at SIMD level `simd` (0: it has no
+/// fused kernel for them, and the caller decodes rows and runs its f32 tile instead).
+pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
+    match (simd, ty) {
+        (Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1) => 6,
+        (Simd::Avx2 | Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0) => 3,
+        _ => 0,
+    }
+}
+
+/// One token's 8-lane dot-product accumulators against up to [`dot_rows_max`] packed rows
+/// (`lanes.len()`), the decode fused into the product: the same lanes as the matmul's f32 tile
+/// on the decoded rows, bit for bit. Returns false, doing nothing, where [`dot_rows_max`] is
+/// smaller than `lanes.len()` or `x.len()` (the row length k) is not a multiple of 32.
+pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]], simd: Simd) -> bool {
+    if lanes.len() > dot_rows_max(ty, simd) || x.len() % 32 != 0 {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
-    if simd && x.len() % 32 == 0 {
-        // SAFETY: simd means AVX2, FMA and F16C were detected; the kernels check the lengths.
-        unsafe {
-            match ty {
-                GgmlType::Q4_1 => avx2::dot_q4_1(x, rows, row_bytes, lanes),
-                GgmlType::Q4_0 => avx2::dot_q4_0(x, rows, row_bytes, lanes),
-                GgmlType::Q8_0 => avx2::dot_q8_0(x, rows, row_bytes, lanes),
-                GgmlType::Q5_0 => avx2::dot_q5_0(x, rows, row_bytes, lanes),
-                _ => return false,
-            }
+    // SAFETY: dot_rows_max is non-zero only at a level the CPU was detected to run (AVX2, FMA and
+    // F16C; for Avx512 also AVX-512 F/BW/VL/DQ); the kernels check the lengths.
+    unsafe {
+        match (simd, ty) {
+            (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4::<true>(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4::<false>(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q8_0) => avx2::dot_q8_0(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q5_0) => avx2::dot_q5_0(x, rows, row_bytes, lanes),
+            _ => return false,
         }
         return true;
     }
-    let _ = (ty, x, rows, row_bytes, lanes, simd);
-    false
+    #[allow(unreachable_code)]
+    {
+        let _ = (rows, row_bytes);
+        false
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -376,6 +394,94 @@ mod avx2 {
                         _mm256_storeu_ps(out.add(32 * k + l0 + 8 * part), _mm256_mul_ps(s, x));
                     }
                 }
+            }
+        }
+    }
+}
+
+/// AVX-512 fused decode and dot for Q4_0 and Q4_1, two rows per 512-bit register: the low
+/// half of an accumulator holds row `2p`'s 8 lanes, the high half row `2p + 1`'s, so each lane
+/// still runs the one 8-lane FMA chain of the f32 tile, chunk by chunk in order. A block's 16
+/// possible values (`d·q + m` for Q4_1, `(q − 8)·d` for Q4_0, computed with the plain code's
+/// operations) are one register, and each chunk's weights are picked from the two rows' tables
+/// by their nibbles (`vpermt2ps`) instead of being converted and scaled one by one. The values
+/// are those of the plain decoder bit for bit (the same operation on the same q), so results do
+/// not change.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// A block's table of its 16 values: `q·d + m` (Q4_1) or `(q − 8)·d` (Q4_0), q = 0..16.
+    #[inline(always)]
+    unsafe fn table<const Q4_1: bool>(b: *const u8) -> __m512 {
+        // f16 d (and m for Q4_1) at the block's start.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+        let d = _mm512_broadcastss_ps(dm);
+        if Q4_1 {
+            let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+            _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)))
+        } else {
+            let iota = _mm512_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.);
+            _mm512_mul_ps(iota, d)
+        }
+    }
+
+    /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`), in pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4<const Q4_1: bool>(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
+        let s = if Q4_1 { 20 } else { 18 };
+        let qoff = s - 16;
+        let nb = x.len() / 32;
+        let nr = lanes.len().min(6);
+        let np = nr.div_ceil(2);
+        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * s);
+        let mask = _mm256_set1_epi8(0x0F);
+        // Bytes of the second row's qwords (1 and 3 after the permute) index its table (+16).
+        let second = _mm256_setr_epi64x(0, 0x1010_1010_1010_1010, 0, 0x1010_1010_1010_1010);
+        let mut acc = [_mm512_setzero_ps(); 3];
+        for blk in 0..nb {
+            let xp = x.as_ptr().add(32 * blk);
+            let xv = [
+                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
+                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
+                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
+                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+            ];
+            for p in 0..3 {
+                if p < np {
+                    let a = rows.as_ptr().add(2 * p * row_bytes + blk * s);
+                    // An odd last row is paired with itself; its high half is not stored.
+                    let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
+                    // 4 blocks ahead, as the AVX2 kernel (prefetch never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(4 * s) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * s) as *const i8);
+                    let (ta, tb) = (table::<Q4_1>(a), table::<Q4_1>(b));
+                    let q = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(a.add(qoff) as *const __m128i)),
+                        _mm_loadu_si128(b.add(qoff) as *const __m128i),
+                    );
+                    // Low nibbles are elements 0..16, high nibbles 16..32 (of each row).
+                    let lo = _mm256_and_si256(q, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+                    // Qwords [a 0..8, b 0..8, a 8..16, b 8..16], b's bytes offset into its table.
+                    let lo = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(lo), second);
+                    let hi = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(hi), second);
+                    let idx = [
+                        _mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)),
+                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(lo)),
+                        _mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)),
+                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(hi)),
+                    ];
+                    for c in 0..4 {
+                        acc[p] = _mm512_fmadd_ps(xv[c], _mm512_permutex2var_ps(ta, idx[c], tb), acc[p]);
+                    }
+                }
+            }
+        }
+        for p in 0..np {
+            _mm256_storeu_ps(lanes[2 * p].as_mut_ptr(), _mm512_castps512_ps256(acc[p]));
+            if 2 * p + 1 < nr {
+                _mm256_storeu_ps(lanes[2 * p + 1].as_mut_ptr(), _mm512_extractf32x8_ps::<1>(acc[p]));
             }
         }
     }

@@ -5,10 +5,12 @@
 //! decoded into a per-thread f32 scratch right before its tiles run, so only the packed bytes
 //! come from memory, and the results equal those of the widened f32 weight bit for bit. Inside a block,
 //! tiles of up to 4 tokens × 3 rows share their loads (12 accumulators + 3 x + 1 w = 16 AVX2
-//! registers), so prefill is bound by arithmetic.
+//! registers), so prefill is bound by arithmetic. For one token, the common packed types skip the
+//! scratch: their decode is fused into the dot products ([`crate::model::gguf::dot_rows`]: AVX2
+//! for Q4_0, Q4_1, Q5_0, Q8_0; AVX-512 for Q4_0 and Q4_1, two rows per register).
 //!
 //! Every output is one 8-lane FMA chain over the row in order, reduced the same way, whatever
-//! tile it falls in and whether AVX2 is used: a token's result does not depend on its position
+//! tile it falls in and whichever SIMD level runs it: a token's result does not depend on its position
 //! in the batch, so a batch equals its sequences run alone, bit for bit.
 
 /// Scalar tile with the exact arithmetic of the AVX2 one (lane-wise FMA, same reduction).
@@ -185,7 +187,13 @@ pub fn matmul_with(
         Rows::F32(w) => assert!(w.len() >= n * k),
         Rows::Packed { data, row_bytes, .. } => assert!(data.len() >= n * row_bytes),
     }
-    let rows_per_task: usize = if t <= 4 { 3 } else { 12 };
+    // Decode-sized batches: blocks of 3 rows, or as many as the fused decode-dot kernel takes
+    // for one token (6 for Q4_0/Q4_1 with AVX-512: three pairs of rows).
+    let fused = match w {
+        Rows::Packed { ty, .. } if t == 1 => crate::model::gguf::dot_rows_max(ty, simd),
+        _ => 0,
+    };
+    let rows_per_task: usize = if t <= 4 { fused.max(3) } else { 12 };
     let avx2 = simd >= Simd::Avx2;
     let o = OutPtr(out.as_mut_ptr());
     let o = &o;
@@ -220,10 +228,10 @@ pub fn matmul_with(
         Rows::Packed { ty, data, row_bytes } => {
             data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
                 let rows = bytes.len() / row_bytes;
-                if t == 1 && rows <= 3 {
+                if rows <= fused {
                     // Decode fused into the dot products (same lanes as the tile on decoded rows).
-                    let mut lanes = [[0f32; 8]; 3];
-                    if crate::model::gguf::dot_rows(ty, &x[..k], bytes, row_bytes, &mut lanes[..rows], avx2) {
+                    let mut lanes = [[0f32; 8]; 6];
+                    if crate::model::gguf::dot_rows(ty, &x[..k], bytes, row_bytes, &mut lanes[..rows], simd) {
                         for (r, l) in lanes[..rows].iter().enumerate() {
                             let mut v = finish(l, &x[..k], &x[..k], k);
                             if let Some(b) = bias {
@@ -258,6 +266,11 @@ mod tests {
     #[test]
     fn packed_matmul_equals_widened_reference() {
         use crate::model::gguf::{dequantize, random_blocks};
+        for simd in [Simd::Avx2, Simd::Avx512] {
+            if !Simd::available().contains(&simd) {
+                eprintln!("SKIPPED: the {} kernels (this CPU cannot run them)", simd.name());
+            }
+        }
         for ty in GgmlType::READABLE {
             let block = ty.block_layout().unwrap().0 as usize;
             let k = crate::backend::check::kernel_case_k(ty);

@@ -1,5 +1,5 @@
 //! Which SIMD code the CPU kernels run, chosen once per process: the best the CPU has, capped by
-//! `PERSONA_CPU_SIMD` (`portable` or `avx2`) so the lower paths can be run and tested on a
+//! `PERSONA_CPU_SIMD` (`portable`, `avx2` or `avx512`) so the lower paths can be run and tested on a
 //! machine that has the higher ones. Every level gives the same results bit for bit (the
 //! kernels share one order of arithmetic); only speed differs.
 
@@ -12,6 +12,8 @@ pub enum Simd {
     Portable,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's set plus AVX-512 F, BW, VL and DQ (kernels that have no AVX-512 form run as AVX2).
+    Avx512,
 }
 
 impl Simd {
@@ -19,16 +21,13 @@ impl Simd {
         match self {
             Simd::Portable => "portable",
             Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
         }
     }
 
     /// The levels this CPU can run, lowest first.
     pub fn available() -> Vec<Simd> {
-        let mut v = vec![Simd::Portable];
-        if detected() >= Simd::Avx2 {
-            v.push(Simd::Avx2);
-        }
-        v
+        [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|&s| s <= detected()).collect()
     }
 }
 
@@ -40,6 +39,13 @@ pub fn detected() -> Simd {
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
         {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512dq")
+            {
+                return Simd::Avx512;
+            }
             return Simd::Avx2;
         }
     }
@@ -58,9 +64,10 @@ pub fn active() -> Simd {
                 "" => best,
                 "portable" | "scalar" | "none" => Simd::Portable,
                 "avx2" => best.min(Simd::Avx2),
+                "avx512" => best.min(Simd::Avx512),
                 other => {
                     eprintln!(
-                        "warning: PERSONA_CPU_SIMD={other:?} is not one of portable, avx2; using {}",
+                        "warning: PERSONA_CPU_SIMD={other:?} is not one of portable, avx2, avx512; using {}",
                         best.name()
                     );
                     best
