@@ -29,8 +29,19 @@ build_llamacpp() {
         mkdir -p "$CACHE"
         if [ ! -d "$src" ]; then
             say "downloading llama-cpp-python==$LCP_VERSION (sdist, vendors llama.cpp)"
-            python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LCP_VERSION" -d "$CACHE"
+            # The sdist's address from PyPI's simple index: `pip download --no-binary :all:` would
+            # build the package's build tools (cmake among them) from source just to read its metadata.
             local tgz="$CACHE/llama_cpp_python-$LCP_VERSION.tar.gz"
+            python3 - "$LCP_VERSION" "$tgz" <<'PY'
+import re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60).read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+urls = [u for u in re.findall(r'href="([^"]+)"', index) if u.split("#")[0].endswith("/" + name)]
+if not urls:
+    sys.exit(f"bench-llamacpp: {name} is not in PyPI's index")
+urllib.request.urlretrieve(urls[0].split("#")[0], dest)
+PY
             local got
             got=$(sha256sum "$tgz" | cut -d' ' -f1)
             if [ "$got" != "$LCP_SHA256" ]; then
