@@ -244,6 +244,11 @@ pub fn matmul_with(
     };
     let rows_per_task: usize = if t <= 4 { fused.max(3) } else { 12 };
     let avx2 = simd >= Simd::Avx2;
+    // f32 rows in decode-sized batches stream from memory, and one row at a time streams fastest:
+    // interleaving 2 or 3 rows halved the bandwidth (default model's F32 copy, 2 cores, tg64:
+    // 27-28 tok/s with 2 or 3 rows per tile, 52 with 1; batch 4: 93-105 vs 146 tok/s). Elsewhere
+    // rows come from cache (a decoded scratch, or reused over many tokens) and 3 share x's loads.
+    let tile_rows = if t <= 4 && matches!(w, Rows::F32(_)) { 1 } else { 3 };
     let o = OutPtr(out.as_mut_ptr());
     let o = &o;
     let block = |blk: usize, wb: &[f32]| {
@@ -273,9 +278,9 @@ pub fn matmul_with(
             }
         }
         for ti in (0..t).step_by(4) {
-            for r in (if ti < t8 { r6 } else { 0 }..rows).step_by(3) {
+            for r in (if ti < t8 { r6 } else { 0 }..rows).step_by(tile_rows) {
                 let (xr, wr) = (|i: usize| &x[(ti + i) * k..][..k], |j: usize| &wb[(r + j) * k..][..k]);
-                tile_at(avx2, (t - ti).min(4), (rows - r).min(3), xr, wr, |i, j, v| put(ti + i, r + j, v));
+                tile_at(avx2, (t - ti).min(4), (rows - r).min(tile_rows), xr, wr, |i, j, v| put(ti + i, r + j, v));
             }
         }
     };
