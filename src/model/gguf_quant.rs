@@ -109,12 +109,14 @@ pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
 /// on the decoded rows, bit for bit. Returns false, doing nothing, where [`dot_rows_max`] is
 /// smaller than `lanes.len()` or `x.len()` (the row length k) is not a multiple of 32.
 pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]], simd: Simd) -> bool {
+    // A level above what this CPU runs is lowered to the detected one.
+    let simd = simd.min(crate::backend::cpu::simd::detected());
     if lanes.len() > dot_rows_max(ty, simd) || x.len() % 32 != 0 {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: dot_rows_max is non-zero only at a level the CPU was detected to run (AVX2, FMA and
-    // F16C; for Avx512 also AVX-512 F/BW/VL/DQ); the kernels check the lengths.
+    // SAFETY: simd is at most the detected level, and dot_rows_max is non-zero only from Avx2
+    // (AVX2, FMA and F16C; Avx512 adds AVX-512 F/BW/VL/DQ); the kernels check the lengths.
     unsafe {
         match (simd, ty) {
             (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4::<true>(x, rows, row_bytes, lanes),
@@ -318,7 +320,7 @@ mod avx2 {
                             let p = rows.as_ptr().add(j * row_bytes + blk * $s);
                             // Fetch ahead of use: 4 blocks ahead measured best of 4, 8 and 24
                             // (decode 65 vs 63 vs 58 tok/s on the default model, 2 cores).
-                            _mm_prefetch::<_MM_HINT_T0>(p.add(4 * $s) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * $s) as *const i8);
                             let w = $regs(p);
                             for c in 0..4 {
                                 acc[j] = _mm256_fmadd_ps(xv[c], w[c], acc[j]);

@@ -31,8 +31,13 @@ impl Simd {
     }
 }
 
-/// The best level this CPU supports.
+/// The best level this CPU supports (detected once per process).
 pub fn detected() -> Simd {
+    static DETECTED: OnceLock<Simd> = OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+fn detect() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2")
