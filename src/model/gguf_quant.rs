@@ -98,7 +98,7 @@ pub fn decode_into(ty: GgmlType, data: &[u8], out: &mut [f32], simd: bool) {
 /// fused kernel for them, and the caller decodes rows and runs its f32 tile instead).
 pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
     match (simd, ty) {
-        (Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1) => 6,
+        (Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0) => 6,
         (Simd::Avx2 | Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0) => 3,
         _ => 0,
     }
@@ -121,6 +121,7 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
         match (simd, ty) {
             (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4::<true>(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4::<false>(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q5_0) => avx512::dot_q5_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q8_0) => avx2::dot_q8_0(x, rows, row_bytes, lanes),
@@ -401,7 +402,7 @@ mod avx2 {
     }
 }
 
-/// AVX-512 fused decode and dot for Q4_0 and Q4_1, two rows per 512-bit register: the low
+/// AVX-512 fused decode and dot for Q4_0, Q4_1 and Q5_0, two rows per 512-bit register: the low
 /// half of an accumulator holds row `2p`'s 8 lanes, the high half row `2p + 1`'s, so each lane
 /// still runs the one 8-lane FMA chain of the f32 tile, chunk by chunk in order. A block's 16
 /// possible values (`d·q + m` for Q4_1, `(q − 8)·d` for Q4_0, computed with the plain code's
@@ -437,54 +438,125 @@ mod avx512 {
         let nr = lanes.len().min(6);
         let np = nr.div_ceil(2);
         assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * s);
-        let mask = _mm256_set1_epi8(0x0F);
         // Bytes of the second row's qwords (1 and 3 after the permute) index its table (+16).
         let second = _mm256_setr_epi64x(0, 0x1010_1010_1010_1010, 0, 0x1010_1010_1010_1010);
         let mut acc = [_mm512_setzero_ps(); 3];
         for blk in 0..nb {
-            let xp = x.as_ptr().add(32 * blk);
-            let xv = [
-                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
-                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
-                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
-                _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
-            ];
+            let xv = x_chunks(x.as_ptr().add(32 * blk));
             for p in 0..3 {
                 if p < np {
-                    let a = rows.as_ptr().add(2 * p * row_bytes + blk * s);
-                    // An odd last row is paired with itself; its high half is not stored.
-                    let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
-                    // 4 blocks ahead, as the AVX2 kernel (prefetch never faults).
-                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(4 * s) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * s) as *const i8);
+                    let (a, b) = pair(rows.as_ptr().add(2 * p * row_bytes + blk * s), 2 * p + 1 < nr, row_bytes, s);
                     let (ta, tb) = (table::<Q4_1>(a), table::<Q4_1>(b));
-                    let q = _mm256_inserti128_si256::<1>(
-                        _mm256_castsi128_si256(_mm_loadu_si128(a.add(qoff) as *const __m128i)),
-                        _mm_loadu_si128(b.add(qoff) as *const __m128i),
-                    );
-                    // Low nibbles are elements 0..16, high nibbles 16..32 (of each row).
-                    let lo = _mm256_and_si256(q, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-                    // Qwords [a 0..8, b 0..8, a 8..16, b 8..16], b's bytes offset into its table.
-                    let lo = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(lo), second);
-                    let hi = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(hi), second);
-                    let idx = [
-                        _mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)),
-                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(lo)),
-                        _mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)),
-                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(hi)),
-                    ];
+                    let idx = nibbles(a.add(qoff), b.add(qoff), second);
                     for c in 0..4 {
                         acc[p] = _mm512_fmadd_ps(xv[c], _mm512_permutex2var_ps(ta, idx[c], tb), acc[p]);
                     }
                 }
             }
         }
-        for p in 0..np {
-            _mm256_storeu_ps(lanes[2 * p].as_mut_ptr(), _mm512_castps512_ps256(acc[p]));
-            if 2 * p + 1 < nr {
-                _mm256_storeu_ps(lanes[2 * p + 1].as_mut_ptr(), _mm512_extractf32x8_ps::<1>(acc[p]));
+        store_pairs(&acc, lanes);
+    }
+
+    /// Q5_0 (`(q − 16)·d`, q = nibble + 16 · the element's bit of `qh`) for up to 6 rows in
+    /// pairs, as [`dot_q4`]: a block's 32 values are two registers (q < 16 and q ≥ 16), each
+    /// lane's fifth bit is set by a mask from `qh`, and each row's half is picked from its own
+    /// tables.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q5_0(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
+        const S: usize = 22;
+        let nb = x.len() / 32;
+        let nr = lanes.len().min(6);
+        let np = nr.div_ceil(2);
+        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * S);
+        let sixteen = _mm512_set1_epi32(16);
+        let low = _mm512_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9., -8., -7., -6., -5., -4., -3., -2., -1.);
+        let high = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let mut acc = [_mm512_setzero_ps(); 3];
+        for blk in 0..nb {
+            let xv = x_chunks(x.as_ptr().add(32 * blk));
+            for p in 0..3 {
+                if p < np {
+                    let (a, b) = pair(rows.as_ptr().add(2 * p * row_bytes + blk * S), 2 * p + 1 < nr, row_bytes, S);
+                    let da = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (a as *const u16).read_unaligned() as i32
+                    )));
+                    let db = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (b as *const u16).read_unaligned() as i32
+                    )));
+                    // Tables: values for q = 0..16 and q = 16..32, `(q − 16) as f32 · d` as the plain code.
+                    let (ta, ta2) = (_mm512_mul_ps(low, da), _mm512_mul_ps(high, da));
+                    let (tb, tb2) = (_mm512_mul_ps(low, db), _mm512_mul_ps(high, db));
+                    let qha = (a.add(2) as *const u32).read_unaligned();
+                    let qhb = (b.add(2) as *const u32).read_unaligned();
+                    let nib = nibbles(a.add(6), b.add(6), _mm256_setzero_si256());
+                    for c in 0..4 {
+                        // Chunk c is elements 8c..8c + 8: their fifth bits are bits 8c.. of qh.
+                        let fifth = (((qha >> (8 * c)) & 0xFF) | (((qhb >> (8 * c)) & 0xFF) << 8)) as __mmask16;
+                        let idx = _mm512_mask_or_epi32(nib[c], fifth, nib[c], sixteen);
+                        let w = _mm512_mask_blend_ps(
+                            0xFF00,
+                            _mm512_permutex2var_ps(ta, idx, ta2),
+                            _mm512_permutex2var_ps(tb, idx, tb2),
+                        );
+                        acc[p] = _mm512_fmadd_ps(xv[c], w, acc[p]);
+                    }
+                }
             }
+        }
+        store_pairs(&acc, lanes);
+    }
+
+    /// Two rows' 16 bytes of nibbles (at `a`, `b`) as 4 registers of 32-bit indices, one per
+    /// chunk of 8 elements: low nibbles are elements 0..16, high nibbles 16..32; each register's
+    /// low half is row a's, its high half row b's, whose bytes are ORed with `offset`'s.
+    #[inline(always)]
+    unsafe fn nibbles(a: *const u8, b: *const u8, offset: __m256i) -> [__m512i; 4] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let q = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
+            _mm_loadu_si128(b as *const __m128i),
+        );
+        let lo = _mm256_and_si256(q, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+        // Qwords [a 0..8, b 0..8, a 8..16, b 8..16].
+        let lo = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(lo), offset);
+        let hi = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(hi), offset);
+        [
+            _mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)),
+            _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(lo)),
+            _mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)),
+            _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(hi)),
+        ]
+    }
+
+    /// The block of 32 x values at `xp` as 4 chunks of 8, each in both halves of a register.
+    #[inline(always)]
+    unsafe fn x_chunks(xp: *const f32) -> [__m512; 4] {
+        [
+            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
+            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
+            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
+            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+        ]
+    }
+
+    /// A pair's blocks: `a` and the next row's (or `a` again for an odd last row, whose high
+    /// half is not stored), each prefetched 4 blocks of `s` bytes ahead (prefetch never faults).
+    #[inline(always)]
+    unsafe fn pair(a: *const u8, has_second: bool, row_bytes: usize, s: usize) -> (*const u8, *const u8) {
+        let b = if has_second { a.add(row_bytes) } else { a };
+        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(4 * s) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * s) as *const i8);
+        (a, b)
+    }
+
+    /// Row `2p`'s lanes are the low half of `acc[p]`, row `2p + 1`'s the high half.
+    #[inline(always)]
+    unsafe fn store_pairs(acc: &[__m512; 3], lanes: &mut [[f32; 8]]) {
+        for (r, l) in lanes.iter_mut().enumerate().take(6) {
+            let v =
+                if r % 2 == 0 { _mm512_castps512_ps256(acc[r / 2]) } else { _mm512_extractf32x8_ps::<1>(acc[r / 2]) };
+            _mm256_storeu_ps(l.as_mut_ptr(), v);
         }
     }
 }
