@@ -119,8 +119,8 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
     // (AVX2, FMA and F16C; Avx512 adds AVX-512 F/BW/VL/DQ); the kernels check the lengths.
     unsafe {
         match (simd, ty) {
-            (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4::<true>(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4::<false>(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4_1(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4_0(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q5_0) => avx512::dot_q5_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
@@ -128,9 +128,9 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
             (_, GgmlType::Q5_0) => avx2::dot_q5_0(x, rows, row_bytes, lanes),
             _ => return false,
         }
-        return true;
+        true
     }
-    #[allow(unreachable_code)]
+    #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (rows, row_bytes);
         false
@@ -404,20 +404,26 @@ mod avx2 {
 
 /// AVX-512 fused decode and dot for Q4_0, Q4_1 and Q5_0, two rows per 512-bit register: the low
 /// half of an accumulator holds row `2p`'s 8 lanes, the high half row `2p + 1`'s, so each lane
-/// still runs the one 8-lane FMA chain of the f32 tile, chunk by chunk in order. A block's 16
-/// possible values (`d·q + m` for Q4_1, `(q − 8)·d` for Q4_0, computed with the plain code's
-/// operations) are one register, and each chunk's weights are picked from the two rows' tables
-/// by their nibbles (`vpermt2ps`) instead of being converted and scaled one by one. The values
-/// are those of the plain decoder bit for bit (the same operation on the same q), so results do
-/// not change.
+/// still runs the one 8-lane FMA chain of the f32 tile, chunk by chunk in order. A block's
+/// possible values (16 for Q4_0/Q4_1: `d·q + m`, `(q − 8)·d`; 32 for Q5_0: `(q − 16)·d`),
+/// computed with the plain code's operations, sit in registers, and each chunk's weights are
+/// picked from the two rows' tables by index (`vpermt2ps`) instead of being converted and scaled
+/// one by one. The values are those of the plain decoder bit for bit (the same operation on the
+/// same q), so results do not change.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// The f16 at `b`, as f32 in every lane.
+    #[inline(always)]
+    unsafe fn scale(b: *const u8) -> __m512 {
+        _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((b as *const u16).read_unaligned() as i32)))
+    }
+
     /// A block's table of its 16 values: `q·d + m` (Q4_1) or `(q − 8)·d` (Q4_0), q = 0..16.
     #[inline(always)]
     unsafe fn table<const Q4_1: bool>(b: *const u8) -> __m512 {
-        // f16 d (and m for Q4_1) at the block's start.
+        // f16 d (and m for Q4_1) at the block's start, converted together.
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
         let d = _mm512_broadcastss_ps(dm);
         if Q4_1 {
@@ -427,83 +433,6 @@ mod avx512 {
             let iota = _mm512_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.);
             _mm512_mul_ps(iota, d)
         }
-    }
-
-    /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`), in pairs.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4<const Q4_1: bool>(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-        let s = if Q4_1 { 20 } else { 18 };
-        let qoff = s - 16;
-        let nb = x.len() / 32;
-        let nr = lanes.len().min(6);
-        let np = nr.div_ceil(2);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * s);
-        // Bytes of the second row's qwords (1 and 3 after the permute) index its table (+16).
-        let second = _mm256_setr_epi64x(0, 0x1010_1010_1010_1010, 0, 0x1010_1010_1010_1010);
-        let mut acc = [_mm512_setzero_ps(); 3];
-        for blk in 0..nb {
-            let xv = x_chunks(x.as_ptr().add(32 * blk));
-            for p in 0..3 {
-                if p < np {
-                    let (a, b) = pair(rows.as_ptr().add(2 * p * row_bytes + blk * s), 2 * p + 1 < nr, row_bytes, s);
-                    let (ta, tb) = (table::<Q4_1>(a), table::<Q4_1>(b));
-                    let idx = nibbles(a.add(qoff), b.add(qoff), second);
-                    for c in 0..4 {
-                        acc[p] = _mm512_fmadd_ps(xv[c], _mm512_permutex2var_ps(ta, idx[c], tb), acc[p]);
-                    }
-                }
-            }
-        }
-        store_pairs(&acc, lanes);
-    }
-
-    /// Q5_0 (`(q − 16)·d`, q = nibble + 16 · the element's bit of `qh`) for up to 6 rows in
-    /// pairs, as [`dot_q4`]: a block's 32 values are two registers (q < 16 and q ≥ 16), each
-    /// lane's fifth bit is set by a mask from `qh`, and each row's half is picked from its own
-    /// tables.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q5_0(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-        const S: usize = 22;
-        let nb = x.len() / 32;
-        let nr = lanes.len().min(6);
-        let np = nr.div_ceil(2);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * S);
-        let sixteen = _mm512_set1_epi32(16);
-        let low = _mm512_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9., -8., -7., -6., -5., -4., -3., -2., -1.);
-        let high = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-        let mut acc = [_mm512_setzero_ps(); 3];
-        for blk in 0..nb {
-            let xv = x_chunks(x.as_ptr().add(32 * blk));
-            for p in 0..3 {
-                if p < np {
-                    let (a, b) = pair(rows.as_ptr().add(2 * p * row_bytes + blk * S), 2 * p + 1 < nr, row_bytes, S);
-                    let da = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                        (a as *const u16).read_unaligned() as i32
-                    )));
-                    let db = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                        (b as *const u16).read_unaligned() as i32
-                    )));
-                    // Tables: values for q = 0..16 and q = 16..32, `(q − 16) as f32 · d` as the plain code.
-                    let (ta, ta2) = (_mm512_mul_ps(low, da), _mm512_mul_ps(high, da));
-                    let (tb, tb2) = (_mm512_mul_ps(low, db), _mm512_mul_ps(high, db));
-                    let qha = (a.add(2) as *const u32).read_unaligned();
-                    let qhb = (b.add(2) as *const u32).read_unaligned();
-                    let nib = nibbles(a.add(6), b.add(6), _mm256_setzero_si256());
-                    for c in 0..4 {
-                        // Chunk c is elements 8c..8c + 8: their fifth bits are bits 8c.. of qh.
-                        let fifth = (((qha >> (8 * c)) & 0xFF) | (((qhb >> (8 * c)) & 0xFF) << 8)) as __mmask16;
-                        let idx = _mm512_mask_or_epi32(nib[c], fifth, nib[c], sixteen);
-                        let w = _mm512_mask_blend_ps(
-                            0xFF00,
-                            _mm512_permutex2var_ps(ta, idx, ta2),
-                            _mm512_permutex2var_ps(tb, idx, tb2),
-                        );
-                        acc[p] = _mm512_fmadd_ps(xv[c], w, acc[p]);
-                    }
-                }
-            }
-        }
-        store_pairs(&acc, lanes);
     }
 
     /// Two rows' 16 bytes of nibbles (at `a`, `b`) as 4 registers of 32-bit indices, one per
@@ -529,36 +458,98 @@ mod avx512 {
         ]
     }
 
-    /// The block of 32 x values at `xp` as 4 chunks of 8, each in both halves of a register.
+    /// A Q4_1 (`Q4_1`) or Q4_0 block of rows `a` and `b` as the 4 chunks of weights of a pair.
     #[inline(always)]
-    unsafe fn x_chunks(xp: *const f32) -> [__m512; 4] {
+    unsafe fn q4_pair<const Q4_1: bool>(a: *const u8, b: *const u8) -> [__m512; 4] {
+        let qoff = if Q4_1 { 4 } else { 2 };
+        let (ta, tb) = (table::<Q4_1>(a), table::<Q4_1>(b));
+        // Bytes of the second row's qwords (1 and 3 after the permute) index its table (+16).
+        let second = _mm256_setr_epi64x(0, 0x1010_1010_1010_1010, 0, 0x1010_1010_1010_1010);
+        let idx = nibbles(a.add(qoff), b.add(qoff), second);
         [
-            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
-            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
-            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
-            _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+            _mm512_permutex2var_ps(ta, idx[0], tb),
+            _mm512_permutex2var_ps(ta, idx[1], tb),
+            _mm512_permutex2var_ps(ta, idx[2], tb),
+            _mm512_permutex2var_ps(ta, idx[3], tb),
         ]
     }
 
-    /// A pair's blocks: `a` and the next row's (or `a` again for an odd last row, whose high
-    /// half is not stored), each prefetched 4 blocks of `s` bytes ahead (prefetch never faults).
+    /// A Q5_0 block (`(q − 16)·d`, q = nibble + 16 · the element's bit of `qh`) of rows `a` and
+    /// `b` as the 4 chunks of weights of a pair: each row's 32 values are two registers (q < 16
+    /// and q ≥ 16), each lane's fifth bit is set by a mask from `qh`, and each half of a chunk is
+    /// picked from its own row's tables.
     #[inline(always)]
-    unsafe fn pair(a: *const u8, has_second: bool, row_bytes: usize, s: usize) -> (*const u8, *const u8) {
-        let b = if has_second { a.add(row_bytes) } else { a };
-        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(4 * s) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * s) as *const i8);
-        (a, b)
+    unsafe fn q5_0_pair(a: *const u8, b: *const u8) -> [__m512; 4] {
+        let low = _mm512_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9., -8., -7., -6., -5., -4., -3., -2., -1.);
+        let high = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let (da, db) = (scale(a), scale(b));
+        // Tables: values for q = 0..16 and q = 16..32, `(q − 16) as f32 · d` as the plain code.
+        let (ta, ta2) = (_mm512_mul_ps(low, da), _mm512_mul_ps(high, da));
+        let (tb, tb2) = (_mm512_mul_ps(low, db), _mm512_mul_ps(high, db));
+        let qha = (a.add(2) as *const u32).read_unaligned();
+        let qhb = (b.add(2) as *const u32).read_unaligned();
+        let nib = nibbles(a.add(6), b.add(6), _mm256_setzero_si256());
+        let mut w = [_mm512_setzero_ps(); 4];
+        for c in 0..4 {
+            // Chunk c is elements 8c..8c + 8: their fifth bits are bits 8c.. of qh.
+            let fifth = (((qha >> (8 * c)) & 0xFF) | (((qhb >> (8 * c)) & 0xFF) << 8)) as __mmask16;
+            let idx = _mm512_mask_or_epi32(nib[c], fifth, nib[c], _mm512_set1_epi32(16));
+            w[c] = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_permutex2var_ps(ta, idx, ta2),
+                _mm512_permutex2var_ps(tb, idx, tb2),
+            );
+        }
+        w
     }
 
-    /// Row `2p`'s lanes are the low half of `acc[p]`, row `2p + 1`'s the high half.
-    #[inline(always)]
-    unsafe fn store_pairs(acc: &[__m512; 3], lanes: &mut [[f32; 8]]) {
-        for (r, l) in lanes.iter_mut().enumerate().take(6) {
-            let v =
-                if r % 2 == 0 { _mm512_castps512_ps256(acc[r / 2]) } else { _mm512_extractf32x8_ps::<1>(acc[r / 2]) };
-            _mm256_storeu_ps(l.as_mut_ptr(), v);
-        }
+    /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`; 32-element
+    /// blocks of `S` bytes) in pairs, `$pair(a, b)` giving a block's 4 chunks of weights for rows
+    /// `a` and `b` (the AVX2 module's `fused_dot!`, two rows per register).
+    macro_rules! pair_dot {
+        ($name:ident, $pair:expr, $s:literal) => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+            pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
+                let nb = x.len() / 32;
+                let nr = lanes.len().min(6);
+                let np = nr.div_ceil(2);
+                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
+                let mut acc = [_mm512_setzero_ps(); 3];
+                for blk in 0..nb {
+                    let xp = x.as_ptr().add(32 * blk);
+                    let xv = [
+                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
+                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
+                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
+                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+                    ];
+                    for p in 0..3 {
+                        if p < np {
+                            let a = rows.as_ptr().add(2 * p * row_bytes + blk * $s);
+                            // An odd last row is paired with itself; its high half is not stored.
+                            let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
+                            // 4 blocks ahead, as the AVX2 kernel (prefetch never faults).
+                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(4 * $s) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * $s) as *const i8);
+                            let w = $pair(a, b);
+                            for c in 0..4 {
+                                acc[p] = _mm512_fmadd_ps(xv[c], w[c], acc[p]);
+                            }
+                        }
+                    }
+                }
+                // Row 2p's lanes are the low half of acc[p], row 2p + 1's the high half.
+                for (r, l) in lanes.iter_mut().enumerate().take(6) {
+                    let half = acc[r / 2];
+                    let v = if r % 2 == 0 { _mm512_castps512_ps256(half) } else { _mm512_extractf32x8_ps::<1>(half) };
+                    _mm256_storeu_ps(l.as_mut_ptr(), v);
+                }
+            }
+        };
     }
+    pair_dot!(dot_q4_1, q4_pair::<true>, 20);
+    pair_dot!(dot_q4_0, q4_pair::<false>, 18);
+    pair_dot!(dot_q5_0, q5_0_pair, 22);
 }
 
 #[inline(always)]

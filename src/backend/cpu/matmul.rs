@@ -6,9 +6,10 @@
 //! come from memory, and the results equal those of the widened f32 weight bit for bit. Inside a block,
 //! tiles of up to 4 tokens × 3 rows share their loads (12 accumulators + 3 w + 1 x = 16 AVX2
 //! registers), so prefill is bound by arithmetic; with AVX-512, 8 tokens × 6 rows (two tokens
-//! per register). f32 rows in decode-sized batches stream from memory and run one row per tile. For one token, the common packed types skip the
-//! scratch: their decode is fused into the dot products ([`crate::model::gguf::dot_rows`]: AVX2
-//! for Q4_0, Q4_1, Q5_0, Q8_0; AVX-512 for Q4_0 and Q4_1, two rows per register).
+//! per register). f32 rows in decode-sized batches stream from memory and run one row per tile.
+//! For one token, the common packed types skip the scratch: their decode is fused into the dot
+//! products ([`crate::model::gguf::dot_rows`]: AVX2 for Q4_0, Q4_1, Q5_0, Q8_0; AVX-512 for
+//! Q4_0, Q4_1 and Q5_0, two rows per register).
 //!
 //! Every output is one 8-lane FMA chain over the row in order, reduced the same way, whatever
 //! tile it falls in and whichever SIMD level runs it: a token's result does not depend on its position
@@ -82,55 +83,43 @@ unsafe fn tile_avx2<const NT: usize, const NR: usize>(x: [&[f32]; NT], w: [&[f32
 
 use super::simd::{active, Simd};
 
-/// 8 tokens × 6 rows with AVX-512 (`avx512`: the CPU runs it; else the portable tile): each
-/// 512-bit accumulator
-/// holds two tokens' 8 lanes (low half the even token, high half the odd one) against one row,
-/// so every lane runs the 8-lane chain of [`tile_plain`] and the results are the same bit for bit.
-/// 24 accumulators + 4 token pairs + 1 row = 29 of the 32 registers.
-#[inline(always)]
-fn tile8x6(avx512: bool, x: [&[f32]; 8], w: [&[f32]; 6]) -> [[f32; 6]; 8] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-        unsafe fn tile(x: [&[f32]; 8], w: [&[f32]; 6]) -> [[f32; 6]; 8] {
-            use std::arch::x86_64::*;
-            let k = x[0].len();
-            let chunks = k / 8;
-            let mut acc = [[_mm512_setzero_ps(); 6]; 4];
-            for c in 0..chunks {
-                let o = c * 8;
-                let mut xv = [_mm512_setzero_ps(); 4];
-                for (p, v) in xv.iter_mut().enumerate() {
-                    let lo = _mm512_castps256_ps512(_mm256_loadu_ps(x[2 * p].as_ptr().add(o)));
-                    *v = _mm512_insertf32x8::<1>(lo, _mm256_loadu_ps(x[2 * p + 1].as_ptr().add(o)));
-                }
-                for j in 0..6 {
-                    let wv = _mm512_broadcast_f32x8(_mm256_loadu_ps(w[j].as_ptr().add(o)));
-                    for p in 0..4 {
-                        acc[p][j] = _mm512_fmadd_ps(xv[p], wv, acc[p][j]);
-                    }
-                }
-            }
-            let mut out = [[0f32; 6]; 8];
-            for p in 0..4 {
-                for j in 0..6 {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[p][j]);
-                    let (a, b) = lanes.split_at(8);
-                    out[2 * p][j] = finish(a.try_into().unwrap(), x[2 * p], w[j], chunks * 8);
-                    out[2 * p + 1][j] = finish(b.try_into().unwrap(), x[2 * p + 1], w[j], chunks * 8);
-                }
-            }
-            out
+/// 8 tokens × 6 rows with AVX-512: each 512-bit accumulator holds two tokens' 8 lanes (low half
+/// the even token, high half the odd one) against one row, so every lane runs the 8-lane chain of
+/// [`tile_plain`] and the results are the same bit for bit. 24 accumulators + 4 token pairs + 1
+/// row = 29 of the 32 registers. The caller must have detected AVX-512 F/DQ, AVX2 and FMA; all
+/// rows have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+unsafe fn tile8x6(x: [&[f32]; 8], w: [&[f32]; 6]) -> [[f32; 6]; 8] {
+    use std::arch::x86_64::*;
+    let k = x[0].len();
+    let chunks = k / 8;
+    let mut acc = [[_mm512_setzero_ps(); 6]; 4];
+    for c in 0..chunks {
+        let o = c * 8;
+        let mut xv = [_mm512_setzero_ps(); 4];
+        for (p, v) in xv.iter_mut().enumerate() {
+            let lo = _mm512_castps256_ps512(_mm256_loadu_ps(x[2 * p].as_ptr().add(o)));
+            *v = _mm512_insertf32x8::<1>(lo, _mm256_loadu_ps(x[2 * p + 1].as_ptr().add(o)));
         }
-        if avx512 {
-            // SAFETY: the caller passes avx512 only at a level the CPU was detected to run
-            // (AVX-512 F/DQ, AVX2, FMA); all rows have the same length.
-            return unsafe { tile(x, w) };
+        for j in 0..6 {
+            let wv = _mm512_broadcast_f32x8(_mm256_loadu_ps(w[j].as_ptr().add(o)));
+            for p in 0..4 {
+                acc[p][j] = _mm512_fmadd_ps(xv[p], wv, acc[p][j]);
+            }
         }
     }
-    let _ = avx512;
-    tile_plain(x, w)
+    let mut out = [[0f32; 6]; 8];
+    for p in 0..4 {
+        for j in 0..6 {
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[p][j]);
+            let (a, b) = lanes.split_at(8);
+            out[2 * p][j] = finish(a.try_into().unwrap(), x[2 * p], w[j], chunks * 8);
+            out[2 * p + 1][j] = finish(b.try_into().unwrap(), x[2 * p + 1], w[j], chunks * 8);
+        }
+    }
+    out
 }
 
 use crate::model::gguf::GgmlType;
@@ -243,7 +232,7 @@ pub fn matmul_with(
         Rows::Packed { data, row_bytes, .. } => assert!(data.len() >= n * row_bytes),
     }
     // Decode-sized batches: blocks of 3 rows, or as many as the fused decode-dot kernel takes
-    // for one token (6 for Q4_0/Q4_1 with AVX-512: three pairs of rows).
+    // for one token (6 for Q4_0/Q4_1/Q5_0 with AVX-512: three pairs of rows).
     let fused = match w {
         Rows::Packed { ty, .. } if t == 1 => crate::model::gguf::dot_rows_max(ty, simd),
         _ => 0,
@@ -270,13 +259,18 @@ pub fn matmul_with(
         // With AVX-512, prompt-sized batches run in 8 × 6 tiles where they fit (tokens 0..t8, rows
         // 0..r6); every other output in the 4 × 3 tiles. Both give each output the same chain.
         let (t8, r6) = if simd >= Simd::Avx512 && t > 4 { (t / 8 * 8, rows / 6 * 6) } else { (0, 0) };
+        // (Off x86-64 the level is never Avx512, so t8 = 0 and nothing is skipped.)
+        #[cfg(target_arch = "x86_64")]
         for ti in (0..t8).step_by(8) {
             for r in (0..r6).step_by(6) {
-                let v = tile8x6(
-                    true,
-                    std::array::from_fn(|i| &x[(ti + i) * k..][..k]),
-                    std::array::from_fn(|j| &wb[(r + j) * k..][..k]),
-                );
+                // SAFETY: simd ≥ Avx512 is at most the detected level (lowered at the top), so
+                // AVX-512 F/DQ, AVX2 and FMA run here; every row slice is k long.
+                let v = unsafe {
+                    tile8x6(
+                        std::array::from_fn(|i| &x[(ti + i) * k..][..k]),
+                        std::array::from_fn(|j| &wb[(r + j) * k..][..k]),
+                    )
+                };
                 for (i, vi) in v.iter().enumerate() {
                     for (j, &vij) in vi.iter().enumerate() {
                         put(ti + i, r + j, vij);
