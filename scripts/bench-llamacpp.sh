@@ -89,6 +89,14 @@ for m in "$@"; do
     echo
     echo "persona:"
     RAYON_NUM_THREADS=$THREADS "$PERSONA" bench --backend cpu -m "$m" -p "$PP" -n "$TG" -b 1 --steer none -r "$REPS" 2>/dev/null | grep -E '^\|'
+    case "$(basename "$m")" in
+        *F32*|*F16*|*BF16*|*f32*|*f16*|*bf16*) ;; # no 8-bit kernels for float weights
+        *)
+            echo
+            echo "persona --cpu-activations q8 (8-bit activations, as llama.cpp):"
+            RAYON_NUM_THREADS=$THREADS "$PERSONA" bench --backend cpu --cpu-activations q8 -m "$m" -p "$PP" -n "$TG" -b 1 --steer none -r "$REPS" 2>/dev/null | grep -E '^\|'
+            ;;
+    esac
     echo
     echo "llama.cpp:"
     "$LLAMA_BENCH" -m "$m" -t "$THREADS" -p "$PP" -n "$TG" -r "$REPS" 2>/dev/null | grep -E '^\|'

@@ -515,10 +515,12 @@ pub fn kernel_case_k(ty: crate::model::gguf::GgmlType) -> usize {
 /// 32-element blocks: 96; K-quants: 512), at every SIMD level this CPU has, and the embedding
 /// rows. The reference is the same matmul on the dequantized f32 values at the portable level;
 /// the kernels are exact by construction, so any NMSE above 0 fails. Rows are labelled
-/// `matmul[Q4_K/avx2]`, `embed[Q6_K/portable]`, ...
+/// `matmul[Q4_K/avx2]`, `embed[Q6_K/portable]`, ... The opt-in 8-bit activations
+/// (`matmul-q8act[Q4_1/avx512]`, for the types that have them) differ by the activations'
+/// rounding and pass under NMSE 1e-3.
 pub fn run_cpu_kernel_checks(quick: bool) -> Vec<CheckRow> {
     use super::cpu::simd::Simd;
-    use super::cpu::{matmul_with, Rows};
+    use super::cpu::{matmul_act, matmul_with, Activations, Rows};
     use crate::model::gguf::{decode_into, dequantize, random_blocks, GgmlType};
     let mut tab = Table(vec![]);
     let tokens: &[usize] = if quick { &[1, 33] } else { &[1, 7, 33, 129] };
@@ -548,6 +550,18 @@ pub fn run_cpu_kernel_checks(quick: bool) -> Vec<CheckRow> {
                 let mut got = vec![f32::NAN; t * n];
                 matmul_with(simd, &x, Rows::Packed { ty, data: &data, row_bytes }, Some(&bias), t, n, k, &mut got);
                 tab.push(&format!("matmul[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, &want, 0.0);
+            }
+            if super::cpu::q8::supports(ty) {
+                // The opt-in 8-bit activations: the activations' rounding only (NMSE ~1e-5).
+                for &t in tokens {
+                    let x = rand(t * k, 43 + t as u64, 1.0);
+                    let mut want = vec![0f32; t * n];
+                    matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
+                    let mut got = vec![f32::NAN; t * n];
+                    let w = Rows::Packed { ty, data: &data, row_bytes };
+                    matmul_act(simd, Activations::Q8, &x, w, Some(&bias), t, n, k, &mut got);
+                    tab.push(&format!("matmul-q8act[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, &want, 1e-3);
+                }
             }
             let ids: Vec<usize> = (0..n).step_by(5).collect();
             let mut got = vec![f32::NAN; ids.len() * k];
@@ -645,10 +659,10 @@ fn check_attention<B: Backend>(
 
 /// The parity table as text, failures first line by line.
 pub fn format_table(backend: &str, rows: &[CheckRow]) -> String {
-    let mut s = format!("{:<22} {:<34} {:>10} {:>10}  {}\n", "op", "case", "nmse", "max_err", "result");
+    let mut s = format!("{:<28} {:<34} {:>10} {:>10}  {}\n", "op", "case", "nmse", "max_err", "result");
     for r in rows {
         s += &format!(
-            "{:<22} {:<34} {:>10.2e} {:>10.2e}  {}{}\n",
+            "{:<28} {:<34} {:>10.2e} {:>10.2e}  {}{}\n",
             r.op,
             r.case,
             r.nmse,

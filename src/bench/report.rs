@@ -111,7 +111,9 @@ pub fn cpu_name() -> String {
         .and_then(|t| t.lines().find(|l| l.starts_with("model name"))?.split_once(':').map(|(_, v)| v.trim().into()))
         .unwrap_or_else(|| "unknown CPU".to_string());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{name} ({cores} cores)")
+    let simd = crate::backend::cpu::simd::active().name();
+    let act = crate::backend::cpu::activations().name();
+    format!("{name} ({cores} cores, {simd}, {act} activations)")
 }
 
 /// The rows as a Markdown table, the overhead ratios below, headed by where they ran.

@@ -81,6 +81,7 @@ unsafe fn tile_avx2<const NT: usize, const NR: usize>(x: [&[f32]; NT], w: [&[f32
     out
 }
 
+use super::q8::{self, Activations};
 use super::simd::{active, Simd};
 
 /// 8 tokens × 6 rows with AVX-512: each 512-bit accumulator holds two tokens' 8 lanes (low half
@@ -204,7 +205,63 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 pub fn matmul(x: &[f32], w: Rows<'_>, bias: Option<&[f32]>, t: usize, n: usize, k: usize, out: &mut [f32]) {
-    matmul_with(active(), x, w, bias, t, n, k, out)
+    matmul_act(active(), super::q8::activations(), x, w, bias, t, n, k, out)
+}
+
+/// [`matmul_with`] with the activations `act`: in [`Activations::Q8`] mode, weights stored as
+/// Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 run the 8-bit kernels of [`super::q8`]; every other weight,
+/// and every weight in f32 mode, the exact f32 path.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_act(
+    simd: Simd,
+    act: Activations,
+    x: &[f32],
+    w: Rows<'_>,
+    bias: Option<&[f32]>,
+    t: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    match w {
+        Rows::Packed { ty, data, row_bytes } if act == Activations::Q8 && q8::supports(ty) && k > 0 => {
+            matmul_q8(simd, ty, data, row_bytes, x, bias, t, n, k, out)
+        }
+        _ => matmul_with(simd, x, w, bias, t, n, k, out),
+    }
+}
+
+/// The 8-bit path: every token's row quantized once, then blocks of W rows in parallel (8 for
+/// decode-sized batches, 16 for prompts, so a block stays in cache while every token passes
+/// over it; [`q8::block`]). A token's results do not depend on the batch.
+#[allow(clippy::too_many_arguments)]
+fn matmul_q8(
+    simd: Simd,
+    ty: GgmlType,
+    data: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    t: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    assert!(x.len() >= t * k && out.len() >= t * n && data.len() >= n * row_bytes && k % 32 == 0);
+    let xq = q8::Q8Rows::quantize(x, t, k);
+    let rows_per_task = if t <= 4 { 8 } else { 16 };
+    let o = OutPtr(out.as_mut_ptr());
+    let o = &o;
+    data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
+        let n0 = blk * rows_per_task;
+        let done = q8::block(ty, &xq, t, bytes, row_bytes, simd, |ti, r, v| {
+            let c = n0 + r;
+            // SAFETY: column c belongs to this block only, and ti < t, so the index is in bounds.
+            unsafe { *o.0.add(ti * n + c) = v + bias.map_or(0.0, |b| b[c]) };
+        });
+        debug_assert!(done, "{ty} has 8-bit kernels");
+    });
 }
 
 thread_local! {

@@ -6,6 +6,7 @@
 
 mod gemm;
 mod matmul;
+pub mod q8;
 mod residual;
 pub mod simd;
 
@@ -17,7 +18,8 @@ use crate::model::gguf::GgmlType;
 use crate::model::tensor::{DType, HostTensor, Storage};
 
 pub use gemm::{gemm_f32, CpuGemmBackend};
-pub use matmul::{dot, matmul_with, Rows};
+pub use matmul::{dot, matmul_act, matmul_with, Rows};
+pub use q8::{activations, set_activations, Activations};
 pub use residual::{CpuPlan, CpuVectors};
 
 /// Run `f` on a worker of rayon's global pool, so that the CPU backend's parallel ops start on

@@ -14,7 +14,7 @@ use persona::model::tensor::DType;
 use persona::model::ModelFiles;
 use persona::Engine;
 
-use super::BackendKind;
+use super::{ActivationsArg, BackendKind};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum ShapeName {
@@ -83,6 +83,10 @@ pub struct BenchArgs {
     pub adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
+    /// CPU backend: `q8` quantizes the activations of matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+    /// weights to 8 bits per 32 values, as llama.cpp does; `f32` keeps them exact.
+    #[arg(long, value_enum, env = "PERSONA_CPU_ACTIVATIONS", default_value = "f32", ignore_case = true)]
+    pub cpu_activations: ActivationsArg,
     /// Prompt lengths for prompt processing (comma list).
     #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512", value_parser = at_least_one)]
     pub n_prompt: Vec<usize>,
@@ -119,6 +123,9 @@ pub struct BenchArgs {
 
 /// `persona bench --train`: LoRA training steps on the CPU backend.
 fn run_train(a: &BenchArgs) -> Result<()> {
+    if a.cpu_activations == ActivationsArg::Q8 {
+        bail!("--train with --cpu-activations q8: training widens the weights to f32, so the 8-bit kernels never run; leave it at f32");
+    }
     if !matches!(a.backend, BackendKind::Auto | BackendKind::Cpu) {
         bail!("--train: training runs on the CPU backend (no CUDA or wgpu training kernels yet)");
     }
@@ -173,15 +180,20 @@ trait BackendTask {
 
 /// Open the chosen backend, in the same order as the model commands for `auto`
 /// (CUDA, then a wgpu GPU adapter, then the CPU).
-fn with_backend(kind: BackendKind, task: impl BackendTask) -> Result<()> {
+fn with_backend(kind: BackendKind, act: ActivationsArg, task: impl BackendTask) -> Result<()> {
     match kind {
-        BackendKind::Cpu => task.run(CpuBackend, bench::cpu_name()),
+        BackendKind::Cpu => {
+            act.apply(None)?;
+            task.run(CpuBackend, bench::cpu_name())
+        }
         BackendKind::Cuda => {
+            act.apply(Some("--backend cuda"))?;
             let b = CudaBackend::new(0)?;
             let d = format!("{} ({})", b.device_name(), b.arch());
             task.run(b, d)
         }
         BackendKind::Wgpu => {
+            act.apply(Some("--backend wgpu"))?;
             let b = WgpuBackend::new()?;
             let d = b.describe();
             task.run(b, d)
@@ -190,16 +202,19 @@ fn with_backend(kind: BackendKind, task: impl BackendTask) -> Result<()> {
             Ok(b) => {
                 let d = format!("{} ({})", b.device_name(), b.arch());
                 eprintln!("backend: cuda {d}");
+                act.apply(Some("the chosen cuda backend"))?;
                 task.run(b, d)
             }
             Err(e) => match WgpuBackend::new_gpu() {
                 Ok(b) => {
                     let d = b.describe();
                     eprintln!("backend: wgpu {d} (cuda not usable: {e})");
+                    act.apply(Some("the chosen wgpu backend"))?;
                     task.run(b, d)
                 }
                 Err(w) => {
                     eprintln!("backend: cpu (cuda not usable: {e}; {w})");
+                    act.apply(None)?;
                     task.run(CpuBackend, bench::cpu_name())
                 }
             },
@@ -344,5 +359,5 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         None => Source::File(super::resolve_model(&a.model)?),
     };
-    with_backend(a.backend, Task { args: &a, source })
+    with_backend(a.backend, a.cpu_activations, Task { args: &a, source })
 }

@@ -1,0 +1,789 @@
+//! 8-bit activations, opt-in (`--cpu-activations q8`, `PERSONA_CPU_ACTIVATIONS=q8` or
+//! [`set_activations`]): as llama.cpp does on the CPU, each token's activation row is quantized
+//! per 32-element block to int8 with one f32 scale (round to nearest, ties to even; scale
+//! amax / 127), and matmuls whose weights are stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 take each
+//! block's dot product in integers (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` with AVX2), scaled
+//! by the two blocks' scales in f32. Other weights (f32, f16, bf16, K-quants) keep f32 activations.
+//!
+//! This changes results: a matmul output differs from the f32 path by the activations' rounding
+//! (NMSE about 1e-5 on random rows), so the model goldens hold only in the default mode, which
+//! keeps f32 activations and is exact. Within the mode every token's result is still independent
+//! of the batch it runs in, and the SIMD levels differ only in the order of their f32 sums.
+//!
+//! Block arithmetic, for a weight block with stored unsigned values `u` (a nibble, a nibble with
+//! its fifth bit, or a Q8_0 byte plus 128), scale `d` and, for Q4_1/Q5_1, minimum `m`:
+//! `d·dx·Σ u·q + c·(f·dx·Σq)`, with `(c, f) = (m, 1)` for the types with a minimum and
+//! `(d, −offset)` for the others (offset 8, 16, 128): the integer sum is exact, and the second
+//! term is a per-block product the kernels take 16 blocks at a time.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use super::simd::Simd;
+use crate::model::gguf::GgmlType;
+
+/// How the CPU matmul takes its activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 (the default): results equal the widened f32 weights' bit for bit.
+    F32,
+    /// int8 per 32-block for weights stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0.
+    Q8,
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Q8 => "q8",
+        }
+    }
+}
+
+/// 0: not read yet, 1: f32, 2: q8.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// The mode the CPU matmul uses: [`set_activations`]'s, else `PERSONA_CPU_ACTIVATIONS` (`f32` or
+/// `q8`; anything else is reported once on stderr and ignored), else f32.
+pub fn activations() -> Activations {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Activations::F32,
+        2 => Activations::Q8,
+        _ => {
+            let m = match std::env::var("PERSONA_CPU_ACTIVATIONS").map(|v| v.trim().to_ascii_lowercase()) {
+                Ok(v) if v == "q8" => Activations::Q8,
+                Ok(v) if v.is_empty() || v == "f32" => Activations::F32,
+                Err(_) => Activations::F32,
+                Ok(v) => {
+                    eprintln!("warning: PERSONA_CPU_ACTIVATIONS={v:?} is not f32 or q8; using f32");
+                    Activations::F32
+                }
+            };
+            // A concurrent set_activations wins over the environment.
+            let _ = MODE.compare_exchange(0, code(m), Ordering::Relaxed, Ordering::Relaxed);
+            activations()
+        }
+    }
+}
+
+/// Choose the CPU matmul's activations for this process (from now on; every matmul reads it).
+pub fn set_activations(a: Activations) {
+    MODE.store(code(a), Ordering::Relaxed);
+}
+
+fn code(a: Activations) -> u8 {
+    match a {
+        Activations::F32 => 1,
+        Activations::Q8 => 2,
+    }
+}
+
+/// Whether weights of `ty` take 8-bit activations in [`Activations::Q8`] mode.
+pub fn supports(ty: GgmlType) -> bool {
+    layout(ty).is_some()
+}
+
+/// A type's block: bytes, offset of the 16 (Q4/Q5) or 32 (Q8_0) value bytes, offset of the
+/// fifth bits (Q5), whether it has a minimum, and the offset subtracted from its unsigned values.
+#[derive(Clone, Copy)]
+struct Layout {
+    bytes: usize,
+    qs: usize,
+    qh: Option<usize>,
+    min: bool,
+    offset: i32,
+}
+
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the SIMD kernels take the index as a const parameter, so
+/// each type's code is compiled with its layout folded in.
+const LAYOUTS: [Layout; 5] = [
+    Layout { bytes: 18, qs: 2, qh: None, min: false, offset: 8 },
+    Layout { bytes: 20, qs: 4, qh: None, min: true, offset: 0 },
+    Layout { bytes: 22, qs: 6, qh: Some(2), min: false, offset: 16 },
+    Layout { bytes: 24, qs: 8, qh: Some(4), min: true, offset: 0 },
+    Layout { bytes: 34, qs: 2, qh: None, min: false, offset: 128 },
+];
+
+fn type_index(ty: GgmlType) -> Option<usize> {
+    Some(match ty {
+        GgmlType::Q4_0 => 0,
+        GgmlType::Q4_1 => 1,
+        GgmlType::Q5_0 => 2,
+        GgmlType::Q5_1 => 3,
+        GgmlType::Q8_0 => 4,
+        _ => return None,
+    })
+}
+
+fn layout(ty: GgmlType) -> Option<Layout> {
+    type_index(ty).map(|i| LAYOUTS[i])
+}
+
+impl Layout {
+    /// Multiplier of `dx·Σq` in the second term (see the module docs).
+    const fn f(&self) -> f32 {
+        if self.min {
+            1.0
+        } else {
+            -(self.offset as f32)
+        }
+    }
+}
+
+/// Tokens' activation rows quantized per 32-element block: `q` (t·k values), and per block its
+/// scale `d` and `ds = d·Σq` (t·k/32 each).
+#[derive(Default)]
+pub struct Q8Rows {
+    pub k: usize,
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub ds: Vec<f32>,
+}
+
+/// One block: its values into `q`; its scale and `scale·Σq` (NaN for a non-finite block).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    if !x.iter().all(|v| v.is_finite()) {
+        return (f32::NAN, f32::NAN);
+    }
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // Round to nearest, ties to even: adding and taking away 1.5·2²³ leaves no bits below 1
+        // (|v·inv| ≤ 127); as f32::round_ties_even, without its libm call.
+        const ROUND: f32 = 12_582_912.0;
+        *q = (((v * inv).clamp(-127.0, 127.0) + ROUND) - ROUND) as i8;
+        sum += *q as i32;
+    }
+    (scale, scale * sum as f32)
+}
+
+impl Q8Rows {
+    /// Quantize `t` rows of `k` (a multiple of 32) values (prompt-sized batches in parallel). A
+    /// block holding a NaN or an infinity gets a NaN scale, so it makes its outputs NaN instead
+    /// of vanishing in the rounding.
+    pub fn quantize(x: &[f32], t: usize, k: usize) -> Q8Rows {
+        use rayon::prelude::*;
+        assert!(k % 32 == 0 && x.len() >= t * k);
+        let nb = t * k / 32;
+        let mut r = Q8Rows { k, q: vec![0; t * k], d: vec![0.0; nb], ds: vec![0.0; nb] };
+        let x = &x[..t * k];
+        if t > 4 {
+            let blocks = x.par_chunks(32).zip(r.q.par_chunks_mut(32)).zip(r.d.par_iter_mut().zip(r.ds.par_iter_mut()));
+            blocks.with_min_len(256).for_each(|((xb, qb), (d, ds))| (*d, *ds) = quantize_block(xb, qb));
+        } else {
+            let blocks = x.chunks(32).zip(r.q.chunks_mut(32)).zip(r.d.iter_mut().zip(r.ds.iter_mut()));
+            blocks.for_each(|((xb, qb), (d, ds))| (*d, *ds) = quantize_block(xb, qb));
+        }
+        r
+    }
+
+    fn row(&self, ti: usize) -> (&[i8], &[f32], &[f32]) {
+        let nb = self.k / 32;
+        (&self.q[ti * self.k..][..self.k], &self.d[ti * nb..][..nb], &self.ds[ti * nb..][..nb])
+    }
+}
+
+/// Dot products of token `ti` of `x` with up to 4 packed rows of `ty` (`out.len()` of them,
+/// `row_bytes` apart in `rows`); `false`, doing nothing, for a type without 8-bit kernels.
+pub fn dot_rows(
+    ty: GgmlType,
+    x: &Q8Rows,
+    ti: usize,
+    rows: &[u8],
+    row_bytes: usize,
+    out: &mut [f32],
+    simd: Simd,
+) -> bool {
+    let Some(ti_ty) = type_index(ty) else { return false };
+    let l = LAYOUTS[ti_ty];
+    let nb = x.k / 32;
+    assert!(out.len() <= 4 && row_bytes == nb * l.bytes && rows.len() >= out.len() * row_bytes);
+    let xr = x.row(ti);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let simd = simd.min(super::simd::detected());
+        let level = if simd >= Simd::Avx512 && vnni() {
+            2
+        } else if simd >= Simd::Avx2 {
+            1
+        } else {
+            0
+        };
+        if level > 0 {
+            // SAFETY: level 2 only where AVX-512 F/BW/VL/DQ (+ AVX2, FMA, F16C) and VNNI were
+            // detected, level 1 where AVX2, FMA and F16C were; the lengths were checked above.
+            unsafe {
+                match ti_ty {
+                    0 => simd_dot::<0>(level, xr, rows, row_bytes, out),
+                    1 => simd_dot::<1>(level, xr, rows, row_bytes, out),
+                    2 => simd_dot::<2>(level, xr, rows, row_bytes, out),
+                    3 => simd_dot::<3>(level, xr, rows, row_bytes, out),
+                    _ => simd_dot::<4>(level, xr, rows, row_bytes, out),
+                }
+            }
+            return true;
+        }
+    }
+    let _ = simd;
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_plain(l, xr, &rows[r * row_bytes..][..row_bytes]);
+    }
+    true
+}
+
+/// The SIMD kernel for type `T` (an index into [`LAYOUTS`]) and `out.len()` rows: AVX-512 VNNI
+/// (`level` 2) or AVX2 (1). Safety: that level's features were detected; lengths checked.
+#[cfg(target_arch = "x86_64")]
+unsafe fn simd_dot<const T: usize>(
+    level: u8,
+    x: (&[i8], &[f32], &[f32]),
+    rows: &[u8],
+    row_bytes: usize,
+    out: &mut [f32],
+) {
+    macro_rules! rows {
+        ($m:ident) => {
+            match out.len() {
+                1 => $m::dot::<T, 1>(x, rows, row_bytes, out),
+                2 => $m::dot::<T, 2>(x, rows, row_bytes, out),
+                3 => $m::dot::<T, 3>(x, rows, row_bytes, out),
+                _ => $m::dot::<T, 4>(x, rows, row_bytes, out),
+            }
+        };
+    }
+    if level == 2 {
+        rows!(avx512)
+    } else {
+        rows!(avx2)
+    }
+}
+
+/// Every token of `x` against a block of packed rows of `ty` (`rows.len() / row_bytes` of
+/// them): `put(token, row, value)`. One token or few: the rows 4 at a time as stored. More
+/// (with AVX-512 VNNI): the rows unpacked once into a per-thread scratch, then 4 tokens at a
+/// time against each row, with the same arithmetic (a token's result does not depend on the
+/// batch). `false`, doing nothing, for a type without 8-bit kernels.
+pub fn block(
+    ty: GgmlType,
+    x: &Q8Rows,
+    t: usize,
+    rows: &[u8],
+    row_bytes: usize,
+    simd: Simd,
+    mut put: impl FnMut(usize, usize, f32),
+) -> bool {
+    let Some(ti_ty) = type_index(ty) else { return false };
+    let nr = rows.len() / row_bytes.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if t > 4 && simd.min(super::simd::detected()) >= Simd::Avx512 && vnni() {
+        let nb = x.k / 32;
+        assert!(row_bytes == nb * LAYOUTS[ti_ty].bytes && x.q.len() >= t * x.k);
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        return SCRATCH.with(|s| {
+            let (u, f) = &mut *s.borrow_mut();
+            let (vn, sn) = avx512::unpacked_sizes(nb);
+            u.resize(u.len().max(nr * vn), 0);
+            f.resize(f.len().max(nr * sn), 0.0);
+            // SAFETY: AVX-512 F/BW/VL/DQ, VNNI, AVX2, FMA and F16C were detected; unpack checks
+            // the lengths, and the kernels read the rows it wrote.
+            unsafe {
+                match ti_ty {
+                    0 => avx512::unpack::<0>(rows, row_bytes, nr, nb, u, f),
+                    1 => avx512::unpack::<1>(rows, row_bytes, nr, nb, u, f),
+                    2 => avx512::unpack::<2>(rows, row_bytes, nr, nb, u, f),
+                    3 => avx512::unpack::<3>(rows, row_bytes, nr, nb, u, f),
+                    _ => avx512::unpack::<4>(rows, row_bytes, nr, nb, u, f),
+                }
+                let src = avx512::Unpacked { u: u.as_ptr(), f: f.as_ptr(), values: vn, scales: sn };
+                let fac = LAYOUTS[ti_ty].f();
+                for t0 in (0..t).step_by(4) {
+                    for r in 0..nr {
+                        let src = avx512::Unpacked { u: src.u.add(r * vn), f: src.f.add(r * sn), ..src };
+                        let xs = |i: usize| x.row(t0 + i);
+                        let put = |i: usize, v: f32| put(t0 + i, r, v);
+                        match t - t0 {
+                            1 => avx512::dot_unpacked::<1>(fac, [xs(0)], &src, put),
+                            2 => avx512::dot_unpacked::<2>(fac, [xs(0), xs(1)], &src, put),
+                            3 => avx512::dot_unpacked::<3>(fac, [xs(0), xs(1), xs(2)], &src, put),
+                            _ => avx512::dot_unpacked::<4>(fac, [xs(0), xs(1), xs(2), xs(3)], &src, put),
+                        }
+                    }
+                }
+            }
+            true
+        });
+    }
+    let _ = ti_ty;
+    for ti in 0..t {
+        for r in (0..nr).step_by(4) {
+            let n = (nr - r).min(4);
+            let mut v = [0f32; 4];
+            if !dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v[..n], simd) {
+                return false;
+            }
+            for (j, &v) in v[..n].iter().enumerate() {
+                put(ti, r + j, v);
+            }
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
+}
+
+fn half(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// A block's 32 stored unsigned values, in element order.
+fn unpack(l: Layout, b: &[u8]) -> [u8; 32] {
+    let mut u = [0u8; 32];
+    if l.offset == 128 {
+        for (u, &q) in u.iter_mut().zip(&b[l.qs..l.qs + 32]) {
+            *u = q ^ 0x80;
+        }
+        return u;
+    }
+    let qh = l.qh.map_or(0, |o| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()));
+    for j in 0..16 {
+        let q = b[l.qs + j];
+        u[j] = (q & 0x0F) | (((qh >> j) & 1) << 4) as u8;
+        u[j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+    }
+    u
+}
+
+/// The portable kernel: each block's integer sum, then its two f32 terms, in block order.
+fn dot_plain(l: Layout, (q, d, ds): (&[i8], &[f32], &[f32]), row: &[u8]) -> f32 {
+    let (mut acc, mut acc_c) = (0f32, 0f32);
+    for (b, blk) in row.chunks_exact(l.bytes).enumerate() {
+        let u = unpack(l, blk);
+        let isum: i32 = u.iter().zip(&q[b * 32..][..32]).map(|(&u, &q)| u as i32 * q as i32).sum();
+        let dw = half(blk, 0);
+        let c = if l.min { half(blk, 2) } else { dw };
+        acc = (dw * d[b]).mul_add(isum as f32, acc);
+        acc_c = c.mul_add(l.f() * ds[b], acc_c);
+    }
+    acc + acc_c
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Layout, LAYOUTS};
+    use std::arch::x86_64::*;
+
+    /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (block `b + 1`'s
+    /// zero where `two` is false).
+    #[inline(always)]
+    unsafe fn weights(l: Layout, row: *const u8, b: usize, two: bool) -> __m512i {
+        let a = row.add(b * l.bytes);
+        let c = a.add(l.bytes);
+        let hi: __mmask16 = if two { 0xFF00 } else { 0 };
+        if l.offset == 128 {
+            let lo = _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(l.qs) as *const __m256i));
+            return _mm512_xor_si512(
+                _mm512_mask_loadu_epi32(lo, hi, c.add(l.qs).sub(32) as *const i32),
+                _mm512_set1_epi8(-128),
+            );
+        }
+        // [qs_a, qs_a, qs_b, qs_b] by 128-bit lane, the odd lanes shifted to their high nibbles.
+        let z = _mm512_maskz_broadcast_i32x4(0x00FF, _mm_loadu_si128(a.add(l.qs) as *const __m128i));
+        let z =
+            if two { _mm512_mask_broadcast_i32x4(z, hi, _mm_loadu_si128(c.add(l.qs) as *const __m128i)) } else { z };
+        let h = 0x0004_0004_0004_0004;
+        let shift = _mm512_set_epi64(h, h, 0, 0, h, h, 0, 0);
+        let mut u = _mm512_and_si512(_mm512_srlv_epi16(z, shift), _mm512_set1_epi8(0x0F));
+        if let Some(o) = l.qh {
+            let ha = (a.add(o) as *const u32).read_unaligned() as u64;
+            let hb = if two { (c.add(o) as *const u32).read_unaligned() as u64 } else { 0 };
+            u = _mm512_mask_add_epi8(u, _cvtu64_mask64(ha | hb << 32), u, _mm512_set1_epi8(16));
+        }
+        u
+    }
+
+    /// The f16 at `p + i·stride` for i < n (1..=16) as f32 lanes; lanes from n on repeat the
+    /// last one (read in bounds; the callers zero their products).
+    #[inline(always)]
+    unsafe fn f16x16(p: *const u8, stride: usize, n: usize) -> __m512 {
+        let at = |i: usize| (p.add(i.min(n - 1) * stride) as *const i16).read_unaligned();
+        let lo = _mm_setr_epi16(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7));
+        let hi = _mm_setr_epi16(at(8), at(9), at(10), at(11), at(12), at(13), at(14), at(15));
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+    }
+
+    /// Where the kernel reads a row's blocks: its packed bytes, or a block of rows unpacked once
+    /// for a prompt's tokens ([`Unpacked`]). Both give the same values, so a token's result
+    /// does not depend on which one ran.
+    pub(super) trait Source {
+        /// Row `r`'s scales `d` and second-term factors (`m`, or `d` again) of blocks `g..g + 16`
+        /// (`n` of them; lanes from `n` on repeat the last).
+        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512);
+        /// Row `r`'s stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
+        unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i;
+    }
+
+    /// Rows of type `T` as stored, `row_bytes` apart.
+    pub(super) struct Packed<const T: usize> {
+        pub rows: *const u8,
+        pub row_bytes: usize,
+    }
+
+    impl<const T: usize> Source for Packed<T> {
+        #[inline(always)]
+        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512) {
+            let l = LAYOUTS[T];
+            let base = self.rows.add(r * self.row_bytes + g * l.bytes);
+            let d = f16x16(base, l.bytes, n);
+            (d, if l.min { f16x16(base.add(2), l.bytes, n) } else { d })
+        }
+        #[inline(always)]
+        unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i {
+            weights(LAYOUTS[T], self.rows.add(r * self.row_bytes), b, two)
+        }
+    }
+
+    /// Rows unpacked by [`unpack`]: per row, `values` bytes of stored values (the blocks in pairs,
+    /// an odd last block's partner zero) and `scales` f32 (per group of 16 blocks, the 16 `d`
+    /// lanes then the 16 second-term lanes, as [`Packed::scales`] gives them).
+    pub(super) struct Unpacked {
+        pub u: *const u8,
+        pub f: *const f32,
+        pub values: usize,
+        pub scales: usize,
+    }
+
+    impl Source for Unpacked {
+        #[inline(always)]
+        unsafe fn scales(&self, r: usize, g: usize, _n: usize) -> (__m512, __m512) {
+            let p = self.f.add(r * self.scales + 2 * g);
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        }
+        #[inline(always)]
+        unsafe fn values(&self, r: usize, b: usize, _two: bool) -> __m512i {
+            _mm512_loadu_si512(self.u.add(r * self.values + b * 32) as *const __m512i)
+        }
+    }
+
+    /// Sizes of one row of an [`Unpacked`] block for `nb` blocks: value bytes, scale floats.
+    pub(super) fn unpacked_sizes(nb: usize) -> (usize, usize) {
+        (nb.div_ceil(2) * 64, nb.div_ceil(16) * 32)
+    }
+
+    /// Unpack `nr` rows of type `T` into `u` and `f` (sized by [`unpacked_sizes`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn unpack<const T: usize>(
+        rows: &[u8],
+        row_bytes: usize,
+        nr: usize,
+        nb: usize,
+        u: &mut [u8],
+        f: &mut [f32],
+    ) {
+        let (vn, sn) = unpacked_sizes(nb);
+        assert!(rows.len() >= nr * row_bytes && u.len() >= nr * vn && f.len() >= nr * sn);
+        let src = Packed::<T> { rows: rows.as_ptr(), row_bytes };
+        for r in 0..nr {
+            for g in (0..nb).step_by(16) {
+                let (d, c) = src.scales(r, g, (nb - g).min(16));
+                _mm512_storeu_ps(f.as_mut_ptr().add(r * sn + 2 * g), d);
+                _mm512_storeu_ps(f.as_mut_ptr().add(r * sn + 2 * g + 16), c);
+            }
+            for b in (0..nb).step_by(2) {
+                let v = src.values(r, b, b + 1 < nb);
+                _mm512_storeu_si512(u.as_mut_ptr().add(r * vn + b * 32) as *mut __m512i, v);
+            }
+        }
+    }
+
+    /// `NT` tokens' dot products with `NR` rows of `src`, 16 blocks at a time: each row's 16
+    /// scales (and second-term factors) in one register, then each pair of blocks in one
+    /// register: 64 products in `vpdpbusd`, scaled lane-wise by their block's `d·dx` (permuted
+    /// from the 16) into 16 f32 lanes. Each (token, row) is its own chain, the same whatever
+    /// NT, NR and the source.
+    #[inline(always)]
+    unsafe fn kernel<S: Source, const NT: usize, const NR: usize>(
+        f: f32,
+        xs: [(&[i8], &[f32], &[f32]); NT],
+        src: &S,
+    ) -> [[f32; NR]; NT] {
+        let nb = xs[0].1.len();
+        let mut acc = [[_mm512_setzero_ps(); NR]; NT];
+        let mut acc_c = [[_mm512_setzero_ps(); NR]; NT];
+        let f = _mm512_set1_ps(f);
+        for g in (0..nb).step_by(16) {
+            let gn = (nb - g).min(16);
+            let m: __mmask16 = if gn == 16 { 0xFFFF } else { (1u16 << gn) - 1 };
+            let xd: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].1.as_ptr().add(g)));
+            let xe: [__m512; NT] =
+                std::array::from_fn(|i| _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs[i].2.as_ptr().add(g)), f));
+            let mut sc = [[_mm512_setzero_ps(); NR]; NT];
+            for r in 0..NR {
+                let (dw, c) = src.scales(r, g, gn);
+                for i in 0..NT {
+                    acc_c[i][r] = _mm512_fmadd_ps(c, xe[i], acc_c[i][r]);
+                    sc[i][r] = _mm512_mul_ps(dw, xd[i]);
+                }
+            }
+            for p in 0..gn.div_ceil(2) {
+                let b = g + 2 * p;
+                let two = b + 1 < nb;
+                let x: [__m512i; NT] = std::array::from_fn(|i| {
+                    let q = xs[i].0.as_ptr().add(b * 32);
+                    if two {
+                        _mm512_loadu_si512(q as *const __m512i)
+                    } else {
+                        _mm512_zextsi256_si512(_mm256_loadu_si256(q as *const __m256i))
+                    }
+                });
+                let pick = _mm512_add_epi32(
+                    _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                    _mm512_set1_epi32(2 * p as i32),
+                );
+                for r in 0..NR {
+                    let u = src.values(r, b, two);
+                    for i in 0..NT {
+                        let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x[i]));
+                        acc[i][r] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i][r]), acc[i][r]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; NR]; NT];
+        for i in 0..NT {
+            for r in 0..NR {
+                out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + _mm512_reduce_add_ps(acc_c[i][r]);
+            }
+        }
+        out
+    }
+
+    /// One token against `NR` packed rows of type `T`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const T: usize, const NR: usize>(
+        x: (&[i8], &[f32], &[f32]),
+        rows: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) {
+        let v = kernel::<_, 1, NR>(LAYOUTS[T].f(), [x], &Packed::<T> { rows: rows.as_ptr(), row_bytes });
+        out[..NR].copy_from_slice(&v[0]);
+    }
+
+    /// `NT` tokens against one unpacked row (`put(i, value)` for token i).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_unpacked<const NT: usize>(
+        f: f32,
+        xs: [(&[i8], &[f32], &[f32]); NT],
+        src: &Unpacked,
+        mut put: impl FnMut(usize, f32),
+    ) {
+        let v = kernel::<_, NT, 1>(f, xs, src);
+        for (i, v) in v.iter().enumerate() {
+            put(i, v[0]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Layout, LAYOUTS};
+    use std::arch::x86_64::*;
+
+    /// Block `b`'s 32 values as signed bytes (stored value minus the type's offset; Q4_1/Q5_1
+    /// keep theirs, 0..31, and their offset is 0).
+    #[inline(always)]
+    unsafe fn weights(l: Layout, row: *const u8, b: usize) -> __m256i {
+        let a = row.add(b * l.bytes);
+        if l.offset == 128 {
+            return _mm256_loadu_si256(a.add(l.qs) as *const __m256i);
+        }
+        let qs = _mm_loadu_si128(a.add(l.qs) as *const __m128i);
+        let z = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs));
+        let mut u = _mm256_and_si256(z, _mm256_set1_epi8(0x0F));
+        if let Some(o) = l.qh {
+            // Each byte's fifth bit from qh: byte j of the 32 tests bit j.
+            let h = _mm256_set1_epi32((a.add(o) as *const u32).read_unaligned() as i32);
+            let spread = _mm256_shuffle_epi8(
+                h,
+                _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+            );
+            let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+        }
+        if l.offset != 0 {
+            u = _mm256_sub_epi8(u, _mm256_set1_epi8(l.offset as i8));
+        }
+        u
+    }
+
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
+    }
+
+    /// Up to 4 rows, one block at a time: `vpmaddubsw` of |w| with x signed by w (at most
+    /// 2·128·127 per pair, so no saturation), pairs summed to 8 i32 lanes, scaled by the block's
+    /// `d·dx` into 8 f32 lanes. The offset is in the weights here, so the second term is only
+    /// the minimum's (Q4_1, Q5_1).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const T: usize, const NR: usize>(
+        (q, d, ds): (&[i8], &[f32], &[f32]),
+        rows: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) {
+        let l = LAYOUTS[T];
+        let nr = NR;
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let mut acc_c = [0f32; NR];
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..d.len() {
+            let x = _mm256_loadu_si256(q.as_ptr().add(b * 32) as *const __m256i);
+            for r in 0..nr {
+                let row = rows.as_ptr().add(r * row_bytes);
+                let w = weights(l, row, b);
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let blk = row.add(b * l.bytes);
+                let dw = f16_at(blk);
+                acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * d[b]), acc[r]);
+                if l.min {
+                    let m = f16_at(blk.add(2));
+                    acc_c[r] = m.mul_add(ds[b], acc_c[r]);
+                }
+            }
+        }
+        for r in 0..nr {
+            let v = acc[r];
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            out[r] = _mm_cvtss_f32(h) + acc_c[r];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::{dequantize, random_blocks};
+
+    fn nmse(got: &[f32], want: &[f32]) -> f64 {
+        let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        num / den
+    }
+
+    /// The portable kernel against an f64 product of the dequantized weights and the dequantized
+    /// activations `d·q` (the same numbers; only f32 rounding differs), and against the f32
+    /// activations (the activations' rounding: NMSE under 1e-3); every SIMD level's kernel
+    /// against the portable one. On 1..4 rows and block counts that leave an odd block at the
+    /// end and a partial group of 16.
+    #[test]
+    fn kernels_match_the_portable_one_and_the_f32_product() {
+        for simd in [Simd::Avx2, Simd::Avx512] {
+            if !Simd::available().contains(&simd) {
+                eprintln!("SKIPPED: the {} 8-bit kernels (this CPU cannot run them)", simd.name());
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Simd::available().contains(&Simd::Avx512) && !vnni() {
+            eprintln!("SKIPPED: the AVX-512 VNNI 8-bit kernels (this CPU has AVX-512 without VNNI)");
+        }
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+            for nb in [1, 3, 17, 34] {
+                let k = nb * 32;
+                let n = 4;
+                let data = random_blocks(ty, n * nb, 5 + nb as u64);
+                let row_bytes = data.len() / n;
+                let wide = dequantize(ty, &data, n * k).unwrap();
+                let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1).collect();
+                let xq = Q8Rows::quantize(&x, 1, k);
+                let xhat: Vec<f64> = (0..k).map(|j| xq.q[j] as f64 * xq.d[j / 32] as f64).collect();
+                let dot =
+                    |r: usize, x: &dyn Fn(usize) -> f64| (0..k).map(|j| x(j) * wide[r * k + j] as f64).sum::<f64>();
+                let mut plain = vec![0f32; n];
+                assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut plain, Simd::Portable));
+                for (r, &p) in plain.iter().enumerate() {
+                    let want = dot(r, &|j| xhat[j]);
+                    let scale: f64 = (0..k).map(|j| (xhat[j] * wide[r * k + j] as f64).abs()).sum();
+                    assert!((p as f64 - want).abs() <= 1e-6 * scale, "{ty} nb={nb} row {r}: {p} vs {want}");
+                }
+                let exact: Vec<f32> = (0..n).map(|r| dot(r, &|j| x[j] as f64) as f32).collect();
+                let e = nmse(&plain, &exact);
+                assert!(e < 1e-3, "{ty} nb={nb}: 8-bit activations NMSE {e:e} against f32");
+                for simd in Simd::available() {
+                    for nr in 1..=n {
+                        let mut got = vec![f32::NAN; nr];
+                        assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut got, simd));
+                        let e = nmse(&got, &plain[..nr]);
+                        assert!(e < 1e-12, "{ty} nb={nb} {simd:?} rows={nr}: NMSE {e:e} against the portable kernel");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 8-bit matmul: each token of a batch (prompt-sized: rows unpacked once) equals the
+    /// token run alone, bit for bit, at every level; close to the f32-activation matmul.
+    #[test]
+    fn q8_matmul_is_batch_independent_and_close_to_f32() {
+        use crate::backend::cpu::{matmul_act, Rows};
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+            for (nb, n) in [(3, 37), (18, 21)] {
+                let k = nb * 32;
+                let data = random_blocks(ty, n * nb, 11);
+                let row_bytes = data.len() / n;
+                let w = Rows::Packed { ty, data: &data, row_bytes };
+                let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+                for t in [1, 7, 33] {
+                    let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 29) as f32 * 0.07 - 1.0).collect();
+                    let mut f32_out = vec![0f32; t * n];
+                    matmul_act(Simd::Portable, Activations::F32, &x, w, Some(&bias), t, n, k, &mut f32_out);
+                    for simd in Simd::available() {
+                        let mut got = vec![f32::NAN; t * n];
+                        matmul_act(simd, Activations::Q8, &x, w, Some(&bias), t, n, k, &mut got);
+                        let e = nmse(&got, &f32_out);
+                        assert!(e < 1e-3, "{ty} t={t} {simd:?}: NMSE {e:e} against f32 activations");
+                        for ti in 0..t {
+                            let mut one = vec![f32::NAN; n];
+                            matmul_act(simd, Activations::Q8, &x[ti * k..][..k], w, Some(&bias), 1, n, k, &mut one);
+                            let same = one.iter().zip(&got[ti * n..][..n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{ty} nb={nb} t={t} {simd:?}: token {ti} alone differs from its batch row");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantization_rounds_to_nearest_and_keeps_nan() {
+        let mut x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
+        x[40] = f32::NAN;
+        let q = Q8Rows::quantize(&x, 1, 64);
+        assert_eq!(q.d[0], 20.0 / 127.0);
+        // -20 → -127, 0 → 0, 11 → round(69.85) = 70.
+        assert_eq!((q.q[0], q.q[20], q.q[31]), (-127, 0, 70));
+        assert_eq!(q.ds[0], q.d[0] * q.q[..32].iter().map(|&v| v as i32).sum::<i32>() as f32);
+        assert!(q.d[1].is_nan() && q.ds[1].is_nan());
+        let y: Vec<f32> = (0..32 * 64).map(|i| (i as f32 - 1024.0) * 0.0625 + 0.5).collect();
+        let qy = Q8Rows::quantize(&y, 1, y.len());
+        for (b, (yb, qb)) in y.chunks(32).zip(qy.q.chunks(32)).enumerate() {
+            let inv = 1.0 / qy.d[b];
+            for (v, q) in yb.iter().zip(qb) {
+                assert_eq!(*q as f32, (v * inv).round_ties_even().clamp(-127.0, 127.0), "{v}");
+            }
+        }
+        let z = Q8Rows::quantize(&[0.0; 32], 1, 32);
+        assert!(z.d[0] == 0.0 && z.q.iter().all(|&v| v == 0));
+    }
+}
