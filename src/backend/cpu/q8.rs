@@ -195,35 +195,15 @@ pub fn dot_rows(
     out: &mut [f32],
     simd: Simd,
 ) -> bool {
-    let Some(ti_ty) = type_index(ty) else { return false };
-    let l = LAYOUTS[ti_ty];
-    let nb = x.k / 32;
-    assert!(out.len() <= 4 && row_bytes == nb * l.bytes && rows.len() >= out.len() * row_bytes);
+    let Some(tix) = type_index(ty) else { return false };
+    let l = LAYOUTS[tix];
+    assert!(out.len() <= 4 && row_bytes == x.k / 32 * l.bytes && rows.len() >= out.len() * row_bytes);
     let xr = x.row(ti);
     #[cfg(target_arch = "x86_64")]
-    {
-        let simd = simd.min(super::simd::detected());
-        let level = if simd >= Simd::Avx512 && vnni() {
-            2
-        } else if simd >= Simd::Avx2 {
-            1
-        } else {
-            0
-        };
-        if level > 0 {
-            // SAFETY: level 2 only where AVX-512 F/BW/VL/DQ (+ AVX2, FMA, F16C) and VNNI were
-            // detected, level 1 where AVX2, FMA and F16C were; the lengths were checked above.
-            unsafe {
-                match ti_ty {
-                    0 => simd_dot::<0>(level, xr, rows, row_bytes, out),
-                    1 => simd_dot::<1>(level, xr, rows, row_bytes, out),
-                    2 => simd_dot::<2>(level, xr, rows, row_bytes, out),
-                    3 => simd_dot::<3>(level, xr, rows, row_bytes, out),
-                    _ => simd_dot::<4>(level, xr, rows, row_bytes, out),
-                }
-            }
-            return true;
-        }
+    if let Some(level) = Level::of(simd) {
+        // SAFETY: Level::of checked the CPU's features; the lengths were checked above.
+        with_type!(tix, T => unsafe { dot_simd::<T>(level, xr, rows, row_bytes, out) });
+        return true;
     }
     let _ = simd;
     for (r, o) in out.iter_mut().enumerate() {
@@ -232,38 +212,11 @@ pub fn dot_rows(
     true
 }
 
-/// The SIMD kernel for type `T` (an index into [`LAYOUTS`]) and `out.len()` rows: AVX-512 VNNI
-/// (`level` 2) or AVX2 (1). Safety: that level's features were detected; lengths checked.
-#[cfg(target_arch = "x86_64")]
-unsafe fn simd_dot<const T: usize>(
-    level: u8,
-    x: (&[i8], &[f32], &[f32]),
-    rows: &[u8],
-    row_bytes: usize,
-    out: &mut [f32],
-) {
-    macro_rules! rows {
-        ($m:ident) => {
-            match out.len() {
-                1 => $m::dot::<T, 1>(x, rows, row_bytes, out),
-                2 => $m::dot::<T, 2>(x, rows, row_bytes, out),
-                3 => $m::dot::<T, 3>(x, rows, row_bytes, out),
-                _ => $m::dot::<T, 4>(x, rows, row_bytes, out),
-            }
-        };
-    }
-    if level == 2 {
-        rows!(avx512)
-    } else {
-        rows!(avx2)
-    }
-}
-
 /// Every token of `x` against a block of packed rows of `ty` (`rows.len() / row_bytes` of
-/// them): `put(token, row, value)`. One token or few: the rows 4 at a time as stored. More
-/// (with AVX-512 VNNI): the rows unpacked once into a per-thread scratch, then 4 tokens at a
-/// time against each row, with the same arithmetic (a token's result does not depend on the
-/// batch). `false`, doing nothing, for a type without 8-bit kernels.
+/// them): `put(token, row, value)`. Up to 4 tokens: the rows 4 at a time as stored. More (with
+/// AVX2 or AVX-512 VNNI): the rows unpacked once into a per-thread scratch ([`Unpacked`]), then
+/// 4 tokens at a time against each row, with the same arithmetic (a token's result does not
+/// depend on the batch). `false`, doing nothing, for a type without 8-bit kernels.
 pub fn block(
     ty: GgmlType,
     x: &Q8Rows,
@@ -273,63 +226,191 @@ pub fn block(
     simd: Simd,
     mut put: impl FnMut(usize, usize, f32),
 ) -> bool {
-    let Some(ti_ty) = type_index(ty) else { return false };
+    let Some(tix) = type_index(ty) else { return false };
     let nr = rows.len() / row_bytes.max(1);
     #[cfg(target_arch = "x86_64")]
-    if t > 4 && simd.min(super::simd::detected()) >= Simd::Avx512 && vnni() {
+    if let (true, Some(level)) = (t > 4, Level::of(simd)) {
         let nb = x.k / 32;
-        assert!(row_bytes == nb * LAYOUTS[ti_ty].bytes && x.q.len() >= t * x.k);
+        assert!(row_bytes == nb * LAYOUTS[tix].bytes && x.q.len() >= t * x.k);
         thread_local! {
-            static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+            static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
-        return SCRATCH.with(|s| {
+        SCRATCH.with(|s| {
             let (u, f) = &mut *s.borrow_mut();
-            let (vn, sn) = avx512::unpacked_sizes(nb);
+            let (vn, sn) = unpacked_sizes(nb);
             u.resize(u.len().max(nr * vn), 0);
             f.resize(f.len().max(nr * sn), 0.0);
-            // SAFETY: AVX-512 F/BW/VL/DQ, VNNI, AVX2, FMA and F16C were detected; unpack checks
-            // the lengths, and the kernels read the rows it wrote.
-            unsafe {
-                match ti_ty {
-                    0 => avx512::unpack::<0>(rows, row_bytes, nr, nb, u, f),
-                    1 => avx512::unpack::<1>(rows, row_bytes, nr, nb, u, f),
-                    2 => avx512::unpack::<2>(rows, row_bytes, nr, nb, u, f),
-                    3 => avx512::unpack::<3>(rows, row_bytes, nr, nb, u, f),
-                    _ => avx512::unpack::<4>(rows, row_bytes, nr, nb, u, f),
+            // SAFETY: Level::of checked the CPU's features; unpack checks the lengths, and the
+            // kernels read only the rows it wrote.
+            with_type!(tix, T => unsafe {
+                match level {
+                    Level::Avx512 => avx512::unpack::<T>(rows, row_bytes, nr, nb, u, f),
+                    Level::Avx2 => avx2::unpack::<T>(rows, row_bytes, nr, nb, u, f),
                 }
-                let src = avx512::Unpacked { u: u.as_ptr(), f: f.as_ptr(), values: vn, scales: sn };
-                let fac = LAYOUTS[ti_ty].f();
-                for t0 in (0..t).step_by(4) {
-                    for r in 0..nr {
-                        let src = avx512::Unpacked { u: src.u.add(r * vn), f: src.f.add(r * sn), ..src };
-                        let xs = |i: usize| x.row(t0 + i);
-                        let put = |i: usize, v: f32| put(t0 + i, r, v);
-                        match t - t0 {
-                            1 => avx512::dot_unpacked::<1>(fac, [xs(0)], &src, put),
-                            2 => avx512::dot_unpacked::<2>(fac, [xs(0), xs(1)], &src, put),
-                            3 => avx512::dot_unpacked::<3>(fac, [xs(0), xs(1), xs(2)], &src, put),
-                            _ => avx512::dot_unpacked::<4>(fac, [xs(0), xs(1), xs(2), xs(3)], &src, put),
-                        }
-                    }
-                }
-            }
-            true
+                let src = Unpacked { u: u.as_ptr(), f: f.as_ptr(), values: vn, scales: sn };
+                tokens_simd::<T>(level, x, t, nr, &src, &mut put)
+            });
         });
+        return true;
     }
-    let _ = ti_ty;
     for ti in 0..t {
         for r in (0..nr).step_by(4) {
             let n = (nr - r).min(4);
             let mut v = [0f32; 4];
-            if !dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v[..n], simd) {
-                return false;
-            }
+            dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v[..n], simd);
             for (j, &v) in v[..n].iter().enumerate() {
                 put(ti, r + j, v);
             }
         }
     }
+    let _ = tix;
     true
+}
+
+/// `$body` with `$t` a const type index (into [`LAYOUTS`]), so each type's kernels are
+/// compiled with its layout folded in.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_type {
+    ($tix:expr, $t:ident => $body:expr) => {
+        match $tix {
+            0 => {
+                const $t: usize = 0;
+                $body
+            }
+            1 => {
+                const $t: usize = 1;
+                $body
+            }
+            2 => {
+                const $t: usize = 2;
+                $body
+            }
+            3 => {
+                const $t: usize = 3;
+                $body
+            }
+            _ => {
+                const $t: usize = 4;
+                $body
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use with_type;
+
+/// The SIMD kernels this CPU runs at a level.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Level {
+    /// AVX2, FMA, F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL/DQ and VNNI, with AVX2's set.
+    Avx512,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Level {
+    fn of(simd: Simd) -> Option<Level> {
+        match simd.min(super::simd::detected()) {
+            Simd::Avx512 if vnni() => Some(Level::Avx512),
+            Simd::Avx512 | Simd::Avx2 => Some(Level::Avx2),
+            Simd::Portable => None,
+        }
+    }
+}
+
+/// One token against `out.len()` (1..=4) packed rows of type `T`. Safety: `level`'s features
+/// were detected; the caller checked the lengths.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_simd<const T: usize>(
+    level: Level,
+    x: (&[i8], &[f32], &[f32]),
+    rows: &[u8],
+    row_bytes: usize,
+    out: &mut [f32],
+) {
+    macro_rules! go {
+        ($nr:literal) => {{
+            let v: [[f32; $nr]; 1] = match level {
+                Level::Avx512 => {
+                    avx512::run::<_, T, 1, $nr>([x], &avx512::Packed::<T> { rows: rows.as_ptr(), row_bytes })
+                }
+                Level::Avx2 => avx2::run::<_, T, 1, $nr>([x], &avx2::Packed::<T> { rows: rows.as_ptr(), row_bytes }),
+            };
+            out.copy_from_slice(&v[0]);
+        }};
+    }
+    match out.len() {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        _ => go!(4),
+    }
+}
+
+/// Every token of `x` (4 at a time) against each of `nr` unpacked rows. Safety: `level`'s
+/// features were detected; `src` holds `nr` rows unpacked from type `T`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tokens_simd<const T: usize>(
+    level: Level,
+    x: &Q8Rows,
+    t: usize,
+    nr: usize,
+    src: &Unpacked,
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    for t0 in (0..t).step_by(4) {
+        for r in 0..nr {
+            let row = src.row(r);
+            macro_rules! go {
+                ($nt:literal) => {{
+                    let xs: [_; $nt] = std::array::from_fn(|i| x.row(t0 + i));
+                    let v: [[f32; 1]; $nt] = match level {
+                        Level::Avx512 => avx512::run::<_, T, $nt, 1>(xs, &row),
+                        Level::Avx2 => avx2::run::<_, T, $nt, 1>(xs, &row),
+                    };
+                    for (i, v) in v.iter().enumerate() {
+                        put(t0 + i, r, v[0]);
+                    }
+                }};
+            }
+            match t - t0 {
+                1 => go!(1),
+                2 => go!(2),
+                3 => go!(3),
+                _ => go!(4),
+            }
+        }
+    }
+}
+
+/// A block of rows unpacked once for a prompt's tokens: per row, `values` bytes of stored
+/// unsigned values (the blocks in pairs, an odd last block's partner zero) and `scales` f32 (per
+/// group of 16 blocks, the 16 `d` lanes then the 16 second-term lanes: `m`, or `d` again; lanes
+/// past the last block repeat it, as the packed rows' kernels read them).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Unpacked {
+    u: *const u8,
+    f: *const f32,
+    values: usize,
+    scales: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Unpacked {
+    /// Row `r` alone.
+    unsafe fn row(&self, r: usize) -> Unpacked {
+        Unpacked { u: self.u.add(r * self.values), f: self.f.add(r * self.scales), ..*self }
+    }
+}
+
+/// Sizes of one [`Unpacked`] row of `nb` blocks: value bytes, scale floats.
+#[cfg(target_arch = "x86_64")]
+fn unpacked_sizes(nb: usize) -> (usize, usize) {
+    (nb.div_ceil(2) * 64, nb.div_ceil(16) * 32)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -376,7 +457,7 @@ fn dot_plain(l: Layout, (q, d, ds): (&[i8], &[f32], &[f32]), row: &[u8]) -> f32 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Layout, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Unpacked, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (block `b + 1`'s
@@ -388,10 +469,9 @@ mod avx512 {
         let hi: __mmask16 = if two { 0xFF00 } else { 0 };
         if l.offset == 128 {
             let lo = _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(l.qs) as *const __m256i));
-            return _mm512_xor_si512(
-                _mm512_mask_loadu_epi32(lo, hi, c.add(l.qs).sub(32) as *const i32),
-                _mm512_set1_epi8(-128),
-            );
+            // Lanes 8..16 from block b + 1 (the masked-off lanes are not read).
+            let both = _mm512_mask_loadu_epi32(lo, hi, c.add(l.qs).sub(32) as *const i32);
+            return _mm512_xor_si512(both, _mm512_set1_epi8(-128));
         }
         // [qs_a, qs_a, qs_b, qs_b] by 128-bit lane, the odd lanes shifted to their high nibbles.
         let z = _mm512_maskz_broadcast_i32x4(0x00FF, _mm_loadu_si128(a.add(l.qs) as *const __m128i));
@@ -408,8 +488,8 @@ mod avx512 {
         u
     }
 
-    /// The f16 at `p + i·stride` for i < n (1..=16) as f32 lanes; lanes from n on repeat the
-    /// last one (read in bounds; the callers zero their products).
+    /// The f16 at `p + min(i, n − 1)·stride` for lanes i < 16, as f32 (lanes past the last block
+    /// repeat it: read in bounds, and the kernels zero their products).
     #[inline(always)]
     unsafe fn f16x16(p: *const u8, stride: usize, n: usize) -> __m512 {
         let at = |i: usize| (p.add(i.min(n - 1) * stride) as *const i16).read_unaligned();
@@ -418,9 +498,8 @@ mod avx512 {
         _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
     }
 
-    /// Where the kernel reads a row's blocks: its packed bytes, or a block of rows unpacked once
-    /// for a prompt's tokens ([`Unpacked`]). Both give the same values, so a token's result
-    /// does not depend on which one ran.
+    /// Where the kernel reads a row's blocks: its packed bytes, or an [`Unpacked`] copy. Both
+    /// give the same values, so a token's result does not depend on which one ran.
     pub(super) trait Source {
         /// Row `r`'s scales `d` and second-term factors (`m`, or `d` again) of blocks `g..g + 16`
         /// (`n` of them; lanes from `n` on repeat the last).
@@ -449,16 +528,6 @@ mod avx512 {
         }
     }
 
-    /// Rows unpacked by [`unpack`]: per row, `values` bytes of stored values (the blocks in pairs,
-    /// an odd last block's partner zero) and `scales` f32 (per group of 16 blocks, the 16 `d`
-    /// lanes then the 16 second-term lanes, as [`Packed::scales`] gives them).
-    pub(super) struct Unpacked {
-        pub u: *const u8,
-        pub f: *const f32,
-        pub values: usize,
-        pub scales: usize,
-    }
-
     impl Source for Unpacked {
         #[inline(always)]
         unsafe fn scales(&self, r: usize, g: usize, _n: usize) -> (__m512, __m512) {
@@ -469,11 +538,6 @@ mod avx512 {
         unsafe fn values(&self, r: usize, b: usize, _two: bool) -> __m512i {
             _mm512_loadu_si512(self.u.add(r * self.values + b * 32) as *const __m512i)
         }
-    }
-
-    /// Sizes of one row of an [`Unpacked`] block for `nb` blocks: value bytes, scale floats.
-    pub(super) fn unpacked_sizes(nb: usize) -> (usize, usize) {
-        (nb.div_ceil(2) * 64, nb.div_ceil(16) * 32)
     }
 
     /// Unpack `nr` rows of type `T` into `u` and `f` (sized by [`unpacked_sizes`]).
@@ -502,21 +566,20 @@ mod avx512 {
         }
     }
 
-    /// `NT` tokens' dot products with `NR` rows of `src`, 16 blocks at a time: each row's 16
-    /// scales (and second-term factors) in one register, then each pair of blocks in one
-    /// register: 64 products in `vpdpbusd`, scaled lane-wise by their block's `d·dx` (permuted
-    /// from the 16) into 16 f32 lanes. Each (token, row) is its own chain, the same whatever
-    /// NT, NR and the source.
-    #[inline(always)]
-    unsafe fn kernel<S: Source, const NT: usize, const NR: usize>(
-        f: f32,
+    /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, 16 blocks at a time: each
+    /// row's 16 scales (and second-term factors) in one register, then each pair of blocks in
+    /// one register: 64 products in `vpdpbusd`, scaled lane-wise by their block's `d·dx`
+    /// (permuted from the 16) into 16 f32 lanes. Each (token, row) is its own chain, the same
+    /// whatever NT, NR and the source.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
         xs: [(&[i8], &[f32], &[f32]); NT],
         src: &S,
     ) -> [[f32; NR]; NT] {
         let nb = xs[0].1.len();
         let mut acc = [[_mm512_setzero_ps(); NR]; NT];
         let mut acc_c = [[_mm512_setzero_ps(); NR]; NT];
-        let f = _mm512_set1_ps(f);
+        let f = _mm512_set1_ps(LAYOUTS[T].f());
         for g in (0..nb).step_by(16) {
             let gn = (nb - g).min(16);
             let m: __mmask16 = if gn == 16 { 0xFFFF } else { (1u16 << gn) - 1 };
@@ -563,46 +626,19 @@ mod avx512 {
         }
         out
     }
-
-    /// One token against `NR` packed rows of type `T`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const T: usize, const NR: usize>(
-        x: (&[i8], &[f32], &[f32]),
-        rows: &[u8],
-        row_bytes: usize,
-        out: &mut [f32],
-    ) {
-        let v = kernel::<_, 1, NR>(LAYOUTS[T].f(), [x], &Packed::<T> { rows: rows.as_ptr(), row_bytes });
-        out[..NR].copy_from_slice(&v[0]);
-    }
-
-    /// `NT` tokens against one unpacked row (`put(i, value)` for token i).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_unpacked<const NT: usize>(
-        f: f32,
-        xs: [(&[i8], &[f32], &[f32]); NT],
-        src: &Unpacked,
-        mut put: impl FnMut(usize, f32),
-    ) {
-        let v = kernel::<_, NT, 1>(f, xs, src);
-        for (i, v) in v.iter().enumerate() {
-            put(i, v[0]);
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Layout, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Unpacked, LAYOUTS};
     use std::arch::x86_64::*;
 
-    /// Block `b`'s 32 values as signed bytes (stored value minus the type's offset; Q4_1/Q5_1
-    /// keep theirs, 0..31, and their offset is 0).
+    /// Block `b`'s 32 stored unsigned values in element order.
     #[inline(always)]
     unsafe fn weights(l: Layout, row: *const u8, b: usize) -> __m256i {
         let a = row.add(b * l.bytes);
         if l.offset == 128 {
-            return _mm256_loadu_si256(a.add(l.qs) as *const __m256i);
+            return _mm256_xor_si256(_mm256_loadu_si256(a.add(l.qs) as *const __m256i), _mm256_set1_epi8(-128));
         }
         let qs = _mm_loadu_si128(a.add(l.qs) as *const __m128i);
         let z = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs));
@@ -618,56 +654,160 @@ mod avx2 {
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
             u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)));
         }
-        if l.offset != 0 {
-            u = _mm256_sub_epi8(u, _mm256_set1_epi8(l.offset as i8));
-        }
         u
     }
 
+    /// The f16 at `p + min(from + i, n − 1)·stride` for lanes i < 8, as f32.
     #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
+    unsafe fn f16x8(p: *const u8, stride: usize, from: usize, n: usize) -> __m256 {
+        let at = |i: usize| (p.add((from + i).min(n - 1) * stride) as *const i16).read_unaligned();
+        _mm256_cvtph_ps(_mm_setr_epi16(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7)))
     }
 
-    /// Up to 4 rows, one block at a time: `vpmaddubsw` of |w| with x signed by w (at most
-    /// 2·128·127 per pair, so no saturation), pairs summed to 8 i32 lanes, scaled by the block's
-    /// `d·dx` into 8 f32 lanes. The offset is in the weights here, so the second term is only
-    /// the minimum's (Q4_1, Q5_1).
+    /// As the AVX-512 module's, 8 blocks at a time.
+    pub(super) trait Source {
+        /// Row `r`'s scales and second-term factors of blocks `g..g + 8` (`g` a multiple of 8;
+        /// `n` of them, lanes from `n` on repeat the last).
+        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256);
+        /// Row `r`'s stored values of block `b`.
+        unsafe fn values(&self, r: usize, b: usize) -> __m256i;
+    }
+
+    pub(super) struct Packed<const T: usize> {
+        pub rows: *const u8,
+        pub row_bytes: usize,
+    }
+
+    impl<const T: usize> Source for Packed<T> {
+        #[inline(always)]
+        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256) {
+            let l = LAYOUTS[T];
+            let base = self.rows.add(r * self.row_bytes + g * l.bytes);
+            let d = f16x8(base, l.bytes, 0, n);
+            (d, if l.min { f16x8(base.add(2), l.bytes, 0, n) } else { d })
+        }
+        #[inline(always)]
+        unsafe fn values(&self, r: usize, b: usize) -> __m256i {
+            weights(LAYOUTS[T], self.rows.add(r * self.row_bytes), b)
+        }
+    }
+
+    impl Source for Unpacked {
+        #[inline(always)]
+        unsafe fn scales(&self, r: usize, g: usize, _n: usize) -> (__m256, __m256) {
+            // Group g / 16's 16 d lanes then its 16 second-term lanes; g is its first or second 8.
+            let p = self.f.add(r * self.scales + 2 * (g / 16 * 16) + g % 16);
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(16)))
+        }
+        #[inline(always)]
+        unsafe fn values(&self, r: usize, b: usize) -> __m256i {
+            _mm256_loadu_si256(self.u.add(r * self.values + b * 32) as *const __m256i)
+        }
+    }
+
+    /// Unpack `nr` rows of type `T` into `u` and `f` (sized by [`unpacked_sizes`]): the same
+    /// bytes as the AVX-512 module's unpack.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const T: usize, const NR: usize>(
-        (q, d, ds): (&[i8], &[f32], &[f32]),
+    pub(super) unsafe fn unpack<const T: usize>(
         rows: &[u8],
         row_bytes: usize,
-        out: &mut [f32],
+        nr: usize,
+        nb: usize,
+        u: &mut [u8],
+        f: &mut [f32],
     ) {
+        let (vn, sn) = unpacked_sizes(nb);
+        assert!(rows.len() >= nr * row_bytes && u.len() >= nr * vn && f.len() >= nr * sn);
         let l = LAYOUTS[T];
-        let nr = NR;
-        let mut acc = [_mm256_setzero_ps(); NR];
-        let mut acc_c = [0f32; NR];
+        for r in 0..nr {
+            let row = rows.as_ptr().add(r * row_bytes);
+            for g in (0..nb).step_by(16) {
+                let (base, n) = (row.add(g * l.bytes), (nb - g).min(16));
+                let o = f.as_mut_ptr().add(r * sn + 2 * g);
+                for half in [0, 8] {
+                    let d = f16x8(base, l.bytes, half, n);
+                    let c = if l.min { f16x8(base.add(2), l.bytes, half, n) } else { d };
+                    _mm256_storeu_ps(o.add(half), d);
+                    _mm256_storeu_ps(o.add(16 + half), c);
+                }
+            }
+            let out = u.as_mut_ptr().add(r * vn);
+            for b in 0..nb {
+                _mm256_storeu_si256(out.add(b * 32) as *mut __m256i, weights(l, row, b));
+            }
+            if nb % 2 == 1 {
+                _mm256_storeu_si256(out.add(nb * 32) as *mut __m256i, _mm256_setzero_si256());
+            }
+        }
+    }
+
+    /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, one block at a time:
+    /// `vpmaddubsw` of the stored values (at most 31 for Q4/Q5, so pairs of products stay under
+    /// 2·31·127) with the activations, pairs summed to 8 i32 lanes, scaled by the block's
+    /// `d·dx` (picked from 8 blocks' at a time) into 8 f32 lanes; the offset in the second term
+    /// as the AVX-512 kernel. Q8_0's stored values are signed bytes plus 128, whose products
+    /// could saturate: they are taken back to signed and multiplied by the sign trick (|w| by x
+    /// signed by w, at most 2·128·127), with no second term.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
+        xs: [(&[i8], &[f32], &[f32]); NT],
+        src: &S,
+    ) -> [[f32; NR]; NT] {
+        let l = LAYOUTS[T];
+        let signed = l.offset == 128;
+        let nb = xs[0].1.len();
+        let mut acc = [[_mm256_setzero_ps(); NR]; NT];
+        let mut acc_c = [[_mm256_setzero_ps(); NR]; NT];
+        let f = _mm256_set1_ps(if signed { 0.0 } else { l.f() });
         let ones = _mm256_set1_epi16(1);
-        for b in 0..d.len() {
-            let x = _mm256_loadu_si256(q.as_ptr().add(b * 32) as *const __m256i);
-            for r in 0..nr {
-                let row = rows.as_ptr().add(r * row_bytes);
-                let w = weights(l, row, b);
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                let blk = row.add(b * l.bytes);
-                let dw = f16_at(blk);
-                acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * d[b]), acc[r]);
-                if l.min {
-                    let m = f16_at(blk.add(2));
-                    acc_c[r] = m.mul_add(ds[b], acc_c[r]);
+        for g in (0..nb).step_by(8) {
+            let gn = (nb - g).min(8);
+            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(gn as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let xd: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].1.as_ptr().add(g), m));
+            let xe: [__m256; NT] =
+                std::array::from_fn(|i| _mm256_mul_ps(_mm256_maskload_ps(xs[i].2.as_ptr().add(g), m), f));
+            let mut sc = [[_mm256_setzero_ps(); NR]; NT];
+            for r in 0..NR {
+                let (dw, c) = src.scales(r, g, gn);
+                for i in 0..NT {
+                    acc_c[i][r] = _mm256_fmadd_ps(c, xe[i], acc_c[i][r]);
+                    sc[i][r] = _mm256_mul_ps(dw, xd[i]);
+                }
+            }
+            for j in 0..gn {
+                let b = g + j;
+                let x: [__m256i; NT] =
+                    std::array::from_fn(|i| _mm256_loadu_si256(xs[i].0.as_ptr().add(b * 32) as *const __m256i));
+                let lane = _mm256_set1_epi32(j as i32);
+                for r in 0..NR {
+                    let u = src.values(r, b);
+                    for i in 0..NT {
+                        let p = if signed {
+                            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x[i], w))
+                        } else {
+                            _mm256_maddubs_epi16(u, x[i])
+                        };
+                        let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                        acc[i][r] = _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i][r], lane), acc[i][r]);
+                    }
                 }
             }
         }
-        for r in 0..nr {
-            let v = acc[r];
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            out[r] = _mm_cvtss_f32(h) + acc_c[r];
+        let mut out = [[0f32; NR]; NT];
+        for i in 0..NT {
+            for r in 0..NR {
+                out[i][r] = hsum(acc[i][r]) + hsum(acc_c[i][r]);
+            }
         }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 }
 
