@@ -118,6 +118,18 @@ fn cli_rejects_bad_requests() {
     assert!(!ok && err.contains("/nonexistent/model"), "{err}");
     let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1", "--top-p", "0"]);
     assert!(!ok && err.contains("top-p"), "{err}");
+    // 8-bit activations: only the CPU backend has them, training never runs them, and a bad
+    // value is named.
+    let (ok, err) =
+        persona(&["generate", "--model", m, "--prompt-ids", "1", "--backend", "wgpu", "--cpu-activations", "q8"]);
+    assert!(!ok && err.contains("applies to the CPU backend only"), "{err}");
+    let (ok, err) = persona(&["generate", "--model", m, "--prompt-ids", "1", "--cpu-activations", "q9"]);
+    assert!(!ok && err.contains("q9"), "{err}");
+    let (ok, err) = persona(&["finetune", "--model", m, "--data", "x.jsonl", "--out", "o", "--cpu-activations", "q8"]);
+    assert!(!ok && err.contains("training widens the weights"), "{err}");
+    let (ok, err) =
+        persona(&["generate", "--model", m, "--prompt-ids", "1,2", "--backend", "cpu", "--cpu-activations", "q8"]);
+    assert!(ok, "{err}");
 }
 
 #[test]

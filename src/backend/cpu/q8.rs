@@ -1,5 +1,5 @@
-//! 8-bit activations, opt-in (`--cpu-activations q8`, `PERSONA_CPU_ACTIVATIONS=q8` or
-//! [`set_activations`]): as llama.cpp does on the CPU, each token's activation row is quantized
+//! 8-bit activations, opt-in ([`set_activations`]; the CLI's `--cpu-activations q8` or
+//! `PERSONA_CPU_ACTIVATIONS=q8`): as llama.cpp does on the CPU, each token's activation row is quantized
 //! per 32-element block to int8 with one f32 scale (round to nearest, ties to even; scale
 //! amax / 127), and matmuls whose weights are stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 take each
 //! block's dot product in integers (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` with AVX2), scaled
@@ -11,12 +11,13 @@
 //! of the batch it runs in, and the SIMD levels differ only in the order of their f32 sums.
 //!
 //! Block arithmetic, for a weight block with stored unsigned values `u` (a nibble, a nibble with
-//! its fifth bit, or a Q8_0 byte plus 128), scale `d` and, for Q4_1/Q5_1, minimum `m`:
-//! `d·dx·Σ u·q + c·(f·dx·Σq)`, with `(c, f) = (m, 1)` for the types with a minimum and
-//! `(d, −offset)` for the others (offset 8, 16, 128): the integer sum is exact, and the second
-//! term is a per-block product the kernels take 16 blocks at a time.
+//! its fifth bit, or a Q8_0 byte plus 128), scale `d` and, for Q4_1/Q5_1, minimum `m`, against
+//! activations `q` with scale `dx`: `d·dx·Σ(u − offset)·q`, plus `m·dx·Σq` for the types with a
+//! minimum (offset 8 for Q4_0, 16 for Q5_0, 128 for Q8_0, 0 for the others). The integer sum is
+//! exact at every level (the kernels start it at `−offset·Σq`); the second term is a per-block
+//! product the kernels take 16 (8) blocks at a time.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::simd::Simd;
 use crate::model::gguf::GgmlType;
@@ -39,42 +40,23 @@ impl Activations {
     }
 }
 
-/// 0: not read yet, 1: f32, 2: q8.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// Whether the CPU matmul takes 8-bit activations (process-wide; f32 until set).
+static Q8: AtomicBool = AtomicBool::new(false);
 
-/// The mode the CPU matmul uses: [`set_activations`]'s, else `PERSONA_CPU_ACTIVATIONS` (`f32` or
-/// `q8`; anything else is reported once on stderr and ignored), else f32.
+/// The mode the CPU matmul uses: f32 unless [`set_activations`] chose q8 (the CLI does for
+/// `--cpu-activations q8` or `PERSONA_CPU_ACTIVATIONS=q8`; the library reads no environment, so
+/// an embedder's results change only when it asks).
 pub fn activations() -> Activations {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Activations::F32,
-        2 => Activations::Q8,
-        _ => {
-            let m = match std::env::var("PERSONA_CPU_ACTIVATIONS").map(|v| v.trim().to_ascii_lowercase()) {
-                Ok(v) if v == "q8" => Activations::Q8,
-                Ok(v) if v.is_empty() || v == "f32" => Activations::F32,
-                Err(_) => Activations::F32,
-                Ok(v) => {
-                    eprintln!("warning: PERSONA_CPU_ACTIVATIONS={v:?} is not f32 or q8; using f32");
-                    Activations::F32
-                }
-            };
-            // A concurrent set_activations wins over the environment.
-            let _ = MODE.compare_exchange(0, code(m), Ordering::Relaxed, Ordering::Relaxed);
-            activations()
-        }
+    if Q8.load(Ordering::Relaxed) {
+        Activations::Q8
+    } else {
+        Activations::F32
     }
 }
 
 /// Choose the CPU matmul's activations for this process (from now on; every matmul reads it).
 pub fn set_activations(a: Activations) {
-    MODE.store(code(a), Ordering::Relaxed);
-}
-
-fn code(a: Activations) -> u8 {
-    match a {
-        Activations::F32 => 1,
-        Activations::Q8 => 2,
-    }
+    Q8.store(a == Activations::Q8, Ordering::Relaxed);
 }
 
 /// Whether weights of `ty` take 8-bit activations in [`Activations::Q8`] mode.
@@ -118,31 +100,32 @@ fn layout(ty: GgmlType) -> Option<Layout> {
     type_index(ty).map(|i| LAYOUTS[i])
 }
 
-impl Layout {
-    /// Multiplier of `dx·Σq` in the second term (see the module docs).
-    const fn f(&self) -> f32 {
-        if self.min {
-            1.0
-        } else {
-            -(self.offset as f32)
-        }
-    }
-}
-
 /// Tokens' activation rows quantized per 32-element block: `q` (t·k values), and per block its
-/// scale `d` and `ds = d·Σq` (t·k/32 each).
+/// scale `d`, `s = Σq` and `ds = d·Σq` (t·k/32 each).
 #[derive(Default)]
 pub struct Q8Rows {
     pub k: usize,
     pub q: Vec<i8>,
     pub d: Vec<f32>,
+    pub s: Vec<i32>,
     pub ds: Vec<f32>,
 }
 
-/// One block: its values into `q`; its scale and `scale·Σq` (NaN for a non-finite block).
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+/// One token's row of a [`Q8Rows`].
+#[derive(Clone, Copy)]
+pub struct XRow<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [i32],
+    pub ds: &'a [f32],
+}
+
+/// One block: its values into `q`; its scale, `Σq` and `scale·Σq` (a NaN scale for a
+/// non-finite block).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32, f32) {
     if !x.iter().all(|v| v.is_finite()) {
-        return (f32::NAN, f32::NAN);
+        q.fill(0);
+        return (f32::NAN, 0, f32::NAN);
     }
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let scale = amax / 127.0;
@@ -155,7 +138,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
         *q = (((v * inv).clamp(-127.0, 127.0) + ROUND) - ROUND) as i8;
         sum += *q as i32;
     }
-    (scale, scale * sum as f32)
+    (scale, sum, scale * sum as f32)
 }
 
 impl Q8Rows {
@@ -166,21 +149,25 @@ impl Q8Rows {
         use rayon::prelude::*;
         assert!(k % 32 == 0 && x.len() >= t * k);
         let nb = t * k / 32;
-        let mut r = Q8Rows { k, q: vec![0; t * k], d: vec![0.0; nb], ds: vec![0.0; nb] };
+        let mut r = Q8Rows { k, q: vec![0; t * k], d: vec![0.0; nb], s: vec![0; nb], ds: vec![0.0; nb] };
         let x = &x[..t * k];
+        let one = |((xb, qb), ((d, s), ds)): ((&[f32], &mut [i8]), ((&mut f32, &mut i32), &mut f32))| {
+            (*d, *s, *ds) = quantize_block(xb, qb)
+        };
         if t > 4 {
-            let blocks = x.par_chunks(32).zip(r.q.par_chunks_mut(32)).zip(r.d.par_iter_mut().zip(r.ds.par_iter_mut()));
-            blocks.with_min_len(256).for_each(|((xb, qb), (d, ds))| (*d, *ds) = quantize_block(xb, qb));
+            let scales = r.d.par_iter_mut().zip(r.s.par_iter_mut()).zip(r.ds.par_iter_mut());
+            x.par_chunks(32).zip(r.q.par_chunks_mut(32)).zip(scales).with_min_len(256).for_each(one);
         } else {
-            let blocks = x.chunks(32).zip(r.q.chunks_mut(32)).zip(r.d.iter_mut().zip(r.ds.iter_mut()));
-            blocks.for_each(|((xb, qb), (d, ds))| (*d, *ds) = quantize_block(xb, qb));
+            let scales = r.d.iter_mut().zip(r.s.iter_mut()).zip(r.ds.iter_mut());
+            x.chunks(32).zip(r.q.chunks_mut(32)).zip(scales).for_each(one);
         }
         r
     }
 
-    fn row(&self, ti: usize) -> (&[i8], &[f32], &[f32]) {
+    fn row(&self, ti: usize) -> XRow<'_> {
         let nb = self.k / 32;
-        (&self.q[ti * self.k..][..self.k], &self.d[ti * nb..][..nb], &self.ds[ti * nb..][..nb])
+        let b = ti * nb..(ti + 1) * nb;
+        XRow { q: &self.q[ti * self.k..][..self.k], d: &self.d[b.clone()], s: &self.s[b.clone()], ds: &self.ds[b] }
     }
 }
 
@@ -198,6 +185,9 @@ pub fn dot_rows(
     let Some(tix) = type_index(ty) else { return false };
     let l = LAYOUTS[tix];
     assert!(out.len() <= 4 && row_bytes == x.k / 32 * l.bytes && rows.len() >= out.len() * row_bytes);
+    if out.is_empty() {
+        return true;
+    }
     let xr = x.row(ti);
     #[cfg(target_arch = "x86_64")]
     if let Some(level) = Level::of(simd) {
@@ -324,22 +314,14 @@ impl Level {
 /// One token against `out.len()` (1..=4) packed rows of type `T`. Safety: `level`'s features
 /// were detected; the caller checked the lengths.
 #[cfg(target_arch = "x86_64")]
-unsafe fn dot_simd<const T: usize>(
-    level: Level,
-    x: (&[i8], &[f32], &[f32]),
-    rows: &[u8],
-    row_bytes: usize,
-    out: &mut [f32],
-) {
+unsafe fn dot_simd<const T: usize>(level: Level, x: XRow, rows: &[u8], row_bytes: usize, out: &mut [f32]) {
     macro_rules! go {
         ($nr:literal) => {{
-            let v: [[f32; $nr]; 1] = match level {
-                Level::Avx512 => {
-                    avx512::run::<_, T, 1, $nr>([x], &avx512::Packed::<T> { rows: rows.as_ptr(), row_bytes })
-                }
-                Level::Avx2 => avx2::run::<_, T, 1, $nr>([x], &avx2::Packed::<T> { rows: rows.as_ptr(), row_bytes }),
+            let v: [f32; $nr] = match level {
+                Level::Avx512 => avx512::dot::<T, $nr>(x, rows, row_bytes),
+                Level::Avx2 => avx2::dot::<T, $nr>(x, rows, row_bytes),
             };
-            out.copy_from_slice(&v[0]);
+            out.copy_from_slice(&v);
         }};
     }
     match out.len() {
@@ -361,35 +343,48 @@ unsafe fn tokens_simd<const T: usize>(
     src: &Unpacked,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
-    for t0 in (0..t).step_by(4) {
-        for r in 0..nr {
-            let row = src.row(r);
-            macro_rules! go {
-                ($nt:literal) => {{
-                    let xs: [_; $nt] = std::array::from_fn(|i| x.row(t0 + i));
-                    let v: [[f32; 1]; $nt] = match level {
-                        Level::Avx512 => avx512::run::<_, T, $nt, 1>(xs, &row),
-                        Level::Avx2 => avx2::run::<_, T, $nt, 1>(xs, &row),
-                    };
-                    for (i, v) in v.iter().enumerate() {
-                        put(t0 + i, r, v[0]);
-                    }
-                }};
-            }
-            match t - t0 {
-                1 => go!(1),
-                2 => go!(2),
-                3 => go!(3),
-                _ => go!(4),
-            }
-        }
+    match level {
+        Level::Avx512 => avx512::tokens::<T>(x, t, nr, src, put),
+        Level::Avx2 => avx2::tokens::<T>(x, t, nr, src, put),
     }
 }
 
+/// The body of each SIMD module's `tokens`: every token of `$x` (`$t` of them, 4 at a time)
+/// against each of `$nr` rows of `$src`, through the module's inlined `run`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tokens_body {
+    ($x:expr, $t:expr, $nr:expr, $src:expr, $put:expr) => {{
+        let (x, t, src, put) = ($x, $t, $src, $put);
+        let xs: Vec<XRow> = (0..t).map(|i| x.row(i)).collect();
+        for r in 0..$nr {
+            let row = src.row(r);
+            for t0 in (0..t).step_by(4) {
+                macro_rules! go {
+                    ($nt:literal) => {{
+                        let v = run::<_, T, $nt, 1>(std::array::from_fn(|i| xs[t0 + i]), &row);
+                        for (i, v) in v.iter().enumerate() {
+                            put(t0 + i, r, v[0]);
+                        }
+                    }};
+                }
+                match t - t0 {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
+                }
+            }
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use tokens_body;
+
 /// A block of rows unpacked once for a prompt's tokens: per row, `values` bytes of stored
-/// unsigned values (the blocks in pairs, an odd last block's partner zero) and `scales` f32 (per
-/// group of 16 blocks, the 16 `d` lanes then the 16 second-term lanes: `m`, or `d` again; lanes
-/// past the last block repeat it, as the packed rows' kernels read them).
+/// unsigned values (32 per block, room for an even number of blocks; what follows an odd last
+/// block meets zero activations) and `scales` f32 (per group of 16 blocks, the 16 `d` lanes then
+/// the 16 `m` lanes, or `d` again; lanes past the last block repeat it, as the packed rows'
+/// kernels read them).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Unpacked {
@@ -441,27 +436,28 @@ fn unpack(l: Layout, b: &[u8]) -> [u8; 32] {
     u
 }
 
-/// The portable kernel: each block's integer sum, then its two f32 terms, in block order.
-fn dot_plain(l: Layout, (q, d, ds): (&[i8], &[f32], &[f32]), row: &[u8]) -> f32 {
+/// The portable kernel: each block's integer sum, then its f32 terms, in block order.
+fn dot_plain(l: Layout, x: XRow, row: &[u8]) -> f32 {
     let (mut acc, mut acc_c) = (0f32, 0f32);
     for (b, blk) in row.chunks_exact(l.bytes).enumerate() {
         let u = unpack(l, blk);
-        let isum: i32 = u.iter().zip(&q[b * 32..][..32]).map(|(&u, &q)| u as i32 * q as i32).sum();
-        let dw = half(blk, 0);
-        let c = if l.min { half(blk, 2) } else { dw };
-        acc = (dw * d[b]).mul_add(isum as f32, acc);
-        acc_c = c.mul_add(l.f() * ds[b], acc_c);
+        let isum: i32 = u.iter().zip(&x.q[b * 32..][..32]).map(|(&u, &q)| (u as i32 - l.offset) * q as i32).sum();
+        acc = (half(blk, 0) * x.d[b]).mul_add(isum as f32, acc);
+        if l.min {
+            acc_c = half(blk, 2).mul_add(x.ds[b], acc_c);
+        }
     }
     acc + acc_c
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{unpacked_sizes, Layout, Unpacked, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Q8Rows, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
-    /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (block `b + 1`'s
-    /// zero where `two` is false).
+    /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (where `two` is
+    /// false, block `b + 1` is not read and its half holds zeros, 0x80 for Q8_0: the kernel's
+    /// activations there are zero).
     #[inline(always)]
     unsafe fn weights(l: Layout, row: *const u8, b: usize, two: bool) -> __m512i {
         let a = row.add(b * l.bytes);
@@ -469,8 +465,9 @@ mod avx512 {
         let hi: __mmask16 = if two { 0xFF00 } else { 0 };
         if l.offset == 128 {
             let lo = _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(l.qs) as *const __m256i));
-            // Lanes 8..16 from block b + 1 (the masked-off lanes are not read).
-            let both = _mm512_mask_loadu_epi32(lo, hi, c.add(l.qs).sub(32) as *const i32);
+            // Lanes 8..16 from block b + 1 (the masked-off lanes are not read; the base stays
+            // inside block b).
+            let both = _mm512_mask_loadu_epi32(lo, hi, a.add(l.bytes + l.qs - 32) as *const i32);
             return _mm512_xor_si512(both, _mm512_set1_epi8(-128));
         }
         // [qs_a, qs_a, qs_b, qs_b] by 128-bit lane, the odd lanes shifted to their high nibbles.
@@ -567,30 +564,31 @@ mod avx512 {
     }
 
     /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, 16 blocks at a time: each
-    /// row's 16 scales (and second-term factors) in one register, then each pair of blocks in
-    /// one register: 64 products in `vpdpbusd`, scaled lane-wise by their block's `d·dx`
-    /// (permuted from the 16) into 16 f32 lanes. Each (token, row) is its own chain, the same
-    /// whatever NT, NR and the source.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
-        xs: [(&[i8], &[f32], &[f32]); NT],
+    /// row's 16 scales (and minimums) in one register, then each pair of blocks in one register:
+    /// 64 products in `vpdpbusd`, started at the blocks' `−offset·Σq` (lanes 0 and 8), scaled
+    /// lane-wise by their block's `d·dx` (permuted from the 16) into 16 f32 lanes. Each (token,
+    /// row) is its own chain, the same whatever NT, NR and the source.
+    #[inline(always)]
+    unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
+        xs: [XRow; NT],
         src: &S,
     ) -> [[f32; NR]; NT] {
-        let nb = xs[0].1.len();
+        let l = LAYOUTS[T];
+        let nb = xs[0].d.len();
         let mut acc = [[_mm512_setzero_ps(); NR]; NT];
         let mut acc_c = [[_mm512_setzero_ps(); NR]; NT];
-        let f = _mm512_set1_ps(LAYOUTS[T].f());
         for g in (0..nb).step_by(16) {
             let gn = (nb - g).min(16);
             let m: __mmask16 = if gn == 16 { 0xFFFF } else { (1u16 << gn) - 1 };
-            let xd: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].1.as_ptr().add(g)));
-            let xe: [__m512; NT] =
-                std::array::from_fn(|i| _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs[i].2.as_ptr().add(g)), f));
+            let xd: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].d.as_ptr().add(g)));
+            let xs_: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].ds.as_ptr().add(g)));
             let mut sc = [[_mm512_setzero_ps(); NR]; NT];
             for r in 0..NR {
                 let (dw, c) = src.scales(r, g, gn);
                 for i in 0..NT {
-                    acc_c[i][r] = _mm512_fmadd_ps(c, xe[i], acc_c[i][r]);
+                    if l.min {
+                        acc_c[i][r] = _mm512_fmadd_ps(c, xs_[i], acc_c[i][r]);
+                    }
                     sc[i][r] = _mm512_mul_ps(dw, xd[i]);
                 }
             }
@@ -598,11 +596,24 @@ mod avx512 {
                 let b = g + 2 * p;
                 let two = b + 1 < nb;
                 let x: [__m512i; NT] = std::array::from_fn(|i| {
-                    let q = xs[i].0.as_ptr().add(b * 32);
+                    let q = xs[i].q.as_ptr().add(b * 32);
                     if two {
                         _mm512_loadu_si512(q as *const __m512i)
                     } else {
                         _mm512_zextsi256_si512(_mm256_loadu_si256(q as *const __m256i))
+                    }
+                });
+                // −offset·Σq of blocks b and b + 1 in lanes 0 and 8.
+                let start: [__m512i; NT] = std::array::from_fn(|i| {
+                    if l.offset == 0 {
+                        return _mm512_setzero_si512();
+                    }
+                    let s = xs[i].s.as_ptr().add(b);
+                    let a = _mm512_maskz_set1_epi32(0x0001, -l.offset * *s);
+                    if two {
+                        _mm512_mask_set1_epi32(a, 0x0100, -l.offset * *s.add(1))
+                    } else {
+                        a
                     }
                 });
                 let pick = _mm512_add_epi32(
@@ -612,7 +623,7 @@ mod avx512 {
                 for r in 0..NR {
                     let u = src.values(r, b, two);
                     for i in 0..NT {
-                        let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x[i]));
+                        let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[i], u, x[i]));
                         acc[i][r] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i][r]), acc[i][r]);
                     }
                 }
@@ -621,16 +632,37 @@ mod avx512 {
         let mut out = [[0f32; NR]; NT];
         for i in 0..NT {
             for r in 0..NR {
-                out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + _mm512_reduce_add_ps(acc_c[i][r]);
+                out[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+                if l.min {
+                    out[i][r] += _mm512_reduce_add_ps(acc_c[i][r]);
+                }
             }
         }
         out
+    }
+
+    /// One token against `NR` packed rows of type `T`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const T: usize, const NR: usize>(x: XRow, rows: &[u8], row_bytes: usize) -> [f32; NR] {
+        run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
+    }
+
+    /// Every token of `x` against each of `nr` rows unpacked from type `T`: `put(token, row, v)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn tokens<const T: usize>(
+        x: &Q8Rows,
+        t: usize,
+        nr: usize,
+        src: &Unpacked,
+        put: &mut impl FnMut(usize, usize, f32),
+    ) {
+        super::tokens_body!(x, t, nr, src, put)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{unpacked_sizes, Layout, Unpacked, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Q8Rows, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s 32 stored unsigned values in element order.
@@ -705,8 +737,8 @@ mod avx2 {
         }
     }
 
-    /// Unpack `nr` rows of type `T` into `u` and `f` (sized by [`unpacked_sizes`]): the same
-    /// bytes as the AVX-512 module's unpack.
+    /// Unpack `nr` rows of type `T` into `u` and `f` (sized by [`unpacked_sizes`]), laid out as
+    /// the AVX-512 module's unpack (this level never reads past the last block).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn unpack<const T: usize>(
         rows: &[u8],
@@ -735,49 +767,50 @@ mod avx2 {
             for b in 0..nb {
                 _mm256_storeu_si256(out.add(b * 32) as *mut __m256i, weights(l, row, b));
             }
-            if nb % 2 == 1 {
-                _mm256_storeu_si256(out.add(nb * 32) as *mut __m256i, _mm256_setzero_si256());
-            }
         }
     }
 
     /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, one block at a time:
     /// `vpmaddubsw` of the stored values (at most 31 for Q4/Q5, so pairs of products stay under
-    /// 2·31·127) with the activations, pairs summed to 8 i32 lanes, scaled by the block's
-    /// `d·dx` (picked from 8 blocks' at a time) into 8 f32 lanes; the offset in the second term
-    /// as the AVX-512 kernel. Q8_0's stored values are signed bytes plus 128, whose products
-    /// could saturate: they are taken back to signed and multiplied by the sign trick (|w| by x
-    /// signed by w, at most 2·128·127), with no second term.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
-        xs: [(&[i8], &[f32], &[f32]); NT],
+    /// 2·31·127) with the activations, pairs summed to 8 i32 lanes, `−offset·Σq` added to lane 0,
+    /// scaled by the block's `d·dx` (picked from 8 blocks' at a time) into 8 f32 lanes. Q8_0's
+    /// stored values are signed bytes plus 128, whose products could saturate: they are taken
+    /// back to signed and multiplied by the sign trick (|w| by x signed by w, at most 2·128·127),
+    /// which gives the same exact sum.
+    #[inline(always)]
+    unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
+        xs: [XRow; NT],
         src: &S,
     ) -> [[f32; NR]; NT] {
         let l = LAYOUTS[T];
         let signed = l.offset == 128;
-        let nb = xs[0].1.len();
+        let nb = xs[0].d.len();
         let mut acc = [[_mm256_setzero_ps(); NR]; NT];
         let mut acc_c = [[_mm256_setzero_ps(); NR]; NT];
-        let f = _mm256_set1_ps(if signed { 0.0 } else { l.f() });
         let ones = _mm256_set1_epi16(1);
         for g in (0..nb).step_by(8) {
             let gn = (nb - g).min(8);
             let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(gn as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let xd: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].1.as_ptr().add(g), m));
-            let xe: [__m256; NT] =
-                std::array::from_fn(|i| _mm256_mul_ps(_mm256_maskload_ps(xs[i].2.as_ptr().add(g), m), f));
+            let xd: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].d.as_ptr().add(g), m));
+            let xs_: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].ds.as_ptr().add(g), m));
             let mut sc = [[_mm256_setzero_ps(); NR]; NT];
             for r in 0..NR {
                 let (dw, c) = src.scales(r, g, gn);
                 for i in 0..NT {
-                    acc_c[i][r] = _mm256_fmadd_ps(c, xe[i], acc_c[i][r]);
+                    if l.min {
+                        acc_c[i][r] = _mm256_fmadd_ps(c, xs_[i], acc_c[i][r]);
+                    }
                     sc[i][r] = _mm256_mul_ps(dw, xd[i]);
                 }
             }
             for j in 0..gn {
                 let b = g + j;
                 let x: [__m256i; NT] =
-                    std::array::from_fn(|i| _mm256_loadu_si256(xs[i].0.as_ptr().add(b * 32) as *const __m256i));
+                    std::array::from_fn(|i| _mm256_loadu_si256(xs[i].q.as_ptr().add(b * 32) as *const __m256i));
+                let start: [__m256i; NT] = std::array::from_fn(|i| {
+                    let v = if signed { 0 } else { -l.offset * xs[i].s[b] };
+                    _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
+                });
                 let lane = _mm256_set1_epi32(j as i32);
                 for r in 0..NR {
                     let u = src.values(r, b);
@@ -788,7 +821,7 @@ mod avx2 {
                         } else {
                             _mm256_maddubs_epi16(u, x[i])
                         };
-                        let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                        let s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p, ones), start[i]));
                         acc[i][r] = _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i][r], lane), acc[i][r]);
                     }
                 }
@@ -797,7 +830,10 @@ mod avx2 {
         let mut out = [[0f32; NR]; NT];
         for i in 0..NT {
             for r in 0..NR {
-                out[i][r] = hsum(acc[i][r]) + hsum(acc_c[i][r]);
+                out[i][r] = hsum(acc[i][r]);
+                if l.min {
+                    out[i][r] += hsum(acc_c[i][r]);
+                }
             }
         }
         out
@@ -808,6 +844,24 @@ mod avx2 {
         let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    /// One token against `NR` packed rows of type `T`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const T: usize, const NR: usize>(x: XRow, rows: &[u8], row_bytes: usize) -> [f32; NR] {
+        run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
+    }
+
+    /// Every token of `x` against each of `nr` rows unpacked from type `T`: `put(token, row, v)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tokens<const T: usize>(
+        x: &Q8Rows,
+        t: usize,
+        nr: usize,
+        src: &Unpacked,
+        put: &mut impl FnMut(usize, usize, f32),
+    ) {
+        super::tokens_body!(x, t, nr, src, put)
     }
 }
 
@@ -825,8 +879,8 @@ mod tests {
     /// The portable kernel against an f64 product of the dequantized weights and the dequantized
     /// activations `d·q` (the same numbers; only f32 rounding differs), and against the f32
     /// activations (the activations' rounding: NMSE under 1e-3); every SIMD level's kernel
-    /// against the portable one. On 1..4 rows and block counts that leave an odd block at the
-    /// end and a partial group of 16.
+    /// against the portable one (the same integer sums: within 1e-6 of Σ|products|). On 1..4
+    /// rows and block counts that leave an odd block at the end and partial groups.
     #[test]
     fn kernels_match_the_portable_one_and_the_f32_product() {
         for simd in [Simd::Avx2, Simd::Avx512] {
@@ -839,23 +893,27 @@ mod tests {
             eprintln!("SKIPPED: the AVX-512 VNNI 8-bit kernels (this CPU has AVX-512 without VNNI)");
         }
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
-            for nb in [1, 3, 17, 34] {
+            // Activations of mean 0 and of mean 0.5 (where a fixed offset subtracted in f32 would
+            // cancel a large term and show).
+            for (nb, mean) in [(1, 0.0), (3, 0.5), (17, 0.0), (27, 0.5), (34, 0.5)] {
                 let k = nb * 32;
                 let n = 4;
                 let data = random_blocks(ty, n * nb, 5 + nb as u64);
                 let row_bytes = data.len() / n;
                 let wide = dequantize(ty, &data, n * k).unwrap();
-                let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1).collect();
+                let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1 + mean).collect();
                 let xq = Q8Rows::quantize(&x, 1, k);
                 let xhat: Vec<f64> = (0..k).map(|j| xq.q[j] as f64 * xq.d[j / 32] as f64).collect();
                 let dot =
                     |r: usize, x: &dyn Fn(usize) -> f64| (0..k).map(|j| x(j) * wide[r * k + j] as f64).sum::<f64>();
                 let mut plain = vec![0f32; n];
                 assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut plain, Simd::Portable));
+                // Σ|products|: f32 sums in any order are within a few ulps of it per term.
+                let scale: Vec<f64> =
+                    (0..n).map(|r| (0..k).map(|j| (xhat[j] * wide[r * k + j] as f64).abs()).sum()).collect();
                 for (r, &p) in plain.iter().enumerate() {
                     let want = dot(r, &|j| xhat[j]);
-                    let scale: f64 = (0..k).map(|j| (xhat[j] * wide[r * k + j] as f64).abs()).sum();
-                    assert!((p as f64 - want).abs() <= 1e-6 * scale, "{ty} nb={nb} row {r}: {p} vs {want}");
+                    assert!((p as f64 - want).abs() <= 1e-6 * scale[r], "{ty} nb={nb} row {r}: {p} vs {want}");
                 }
                 let exact: Vec<f32> = (0..n).map(|r| dot(r, &|j| x[j] as f64) as f32).collect();
                 let e = nmse(&plain, &exact);
@@ -864,8 +922,13 @@ mod tests {
                     for nr in 1..=n {
                         let mut got = vec![f32::NAN; nr];
                         assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut got, simd));
-                        let e = nmse(&got, &plain[..nr]);
-                        assert!(e < 1e-12, "{ty} nb={nb} {simd:?} rows={nr}: NMSE {e:e} against the portable kernel");
+                        for (r, (g, p)) in got.iter().zip(&plain).enumerate() {
+                            let err = (g - p).abs() as f64;
+                            assert!(
+                                err <= 1e-6 * scale[r],
+                                "{ty} nb={nb} {simd:?} rows={nr}: row {r} {g} vs portable {p}"
+                            );
+                        }
                     }
                 }
             }
@@ -878,7 +941,8 @@ mod tests {
     fn q8_matmul_is_batch_independent_and_close_to_f32() {
         use crate::backend::cpu::{matmul_act, Rows};
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
-            for (nb, n) in [(3, 37), (18, 21)] {
+            // 27 and 33 blocks: a partial second half of a group of 16 (AVX2's 8-block steps).
+            for (nb, n) in [(3, 37), (18, 21), (27, 9), (33, 6)] {
                 let k = nb * 32;
                 let data = random_blocks(ty, n * nb, 11);
                 let row_bytes = data.len() / n;
@@ -905,6 +969,81 @@ mod tests {
         }
     }
 
+    /// A NaN or an infinity in a token's activations makes every output of that token NaN, at
+    /// every level and for both row sources (decode-sized and prompt-sized batches); the other
+    /// tokens are untouched.
+    #[test]
+    fn non_finite_activations_propagate() {
+        use crate::backend::cpu::{matmul_act, Rows};
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+            let (nb, n) = (5, 7);
+            let k = nb * 32;
+            let data = random_blocks(ty, n * nb, 3);
+            let w = Rows::Packed { ty, data: &data, row_bytes: data.len() / n };
+            for (t, bad) in [(1, f32::NAN), (6, f32::INFINITY), (6, f32::NAN)] {
+                let mut x: Vec<f32> = (0..t * k).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+                x[2 * 32 + 5] = bad;
+                for simd in Simd::available() {
+                    let mut out = vec![0f32; t * n];
+                    matmul_act(simd, Activations::Q8, &x, w, None, t, n, k, &mut out);
+                    assert!(out[..n].iter().all(|v| v.is_nan()), "{ty} t={t} {simd:?}: {bad} lost: {:?}", &out[..n]);
+                    assert!(out[n..].iter().all(|v| v.is_finite()), "{ty} t={t} {simd:?}: other tokens hit");
+                }
+            }
+        }
+    }
+
+    /// Rows flush against an unreadable page on either side, every block count up to 40, at
+    /// every level, one token and a prompt-sized batch: a kernel that reads a byte outside the
+    /// rows (a scale past the last block, an odd block's missing partner) crashes the test.
+    #[cfg(unix)]
+    #[test]
+    fn kernels_read_only_the_rows() {
+        let page = 4096;
+        // SAFETY: a fresh private anonymous mapping of 3 pages, the outer two made unreadable;
+        // unmapped at the end.
+        let base = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                3 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert!(p != libc::MAP_FAILED);
+            assert_eq!(libc::mprotect(p, page, libc::PROT_NONE), 0);
+            assert_eq!(libc::mprotect((p as *mut u8).add(2 * page) as *mut libc::c_void, page, libc::PROT_NONE), 0);
+            (p as *mut u8).add(page)
+        };
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+            for nb in 1..=40 {
+                let (k, n) = (nb * 32, 2);
+                let data = random_blocks(ty, n * nb, nb as u64);
+                assert!(data.len() <= page);
+                for at_end in [false, true] {
+                    let off = if at_end { page - data.len() } else { 0 };
+                    // SAFETY: [off, off + len) lies inside the readable middle page.
+                    let rows = unsafe {
+                        std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(off), data.len());
+                        std::slice::from_raw_parts(base.add(off), data.len())
+                    };
+                    for t in [1, 6] {
+                        let x: Vec<f32> = (0..t * k).map(|i| (i % 11) as f32 * 0.2 - 1.0).collect();
+                        let xq = Q8Rows::quantize(&x, t, k);
+                        for simd in Simd::available() {
+                            let mut seen = 0;
+                            assert!(block(ty, &xq, t, rows, data.len() / n, simd, |_, _, _| seen += 1));
+                            assert_eq!(seen, t * n);
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(base.sub(page) as *mut libc::c_void, 3 * page) };
+    }
+
     #[test]
     fn quantization_rounds_to_nearest_and_keeps_nan() {
         let mut x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
@@ -915,6 +1054,7 @@ mod tests {
         assert_eq!((q.q[0], q.q[20], q.q[31]), (-127, 0, 70));
         assert_eq!(q.ds[0], q.d[0] * q.q[..32].iter().map(|&v| v as i32).sum::<i32>() as f32);
         assert!(q.d[1].is_nan() && q.ds[1].is_nan());
+        assert_eq!(q.s[0], q.q[..32].iter().map(|&v| v as i32).sum::<i32>());
         let y: Vec<f32> = (0..32 * 64).map(|i| (i as f32 - 1024.0) * 0.0625 + 0.5).collect();
         let qy = Q8Rows::quantize(&y, 1, y.len());
         for (b, (yb, qb)) in y.chunks(32).zip(qy.q.chunks(32)).enumerate() {

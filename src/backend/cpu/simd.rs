@@ -1,7 +1,8 @@
 //! Which SIMD code the CPU kernels run, chosen once per process: the best the CPU has, capped by
 //! `PERSONA_CPU_SIMD` (`portable`, `avx2` or `avx512`) so the lower paths can be run and tested on a
 //! machine that has the higher ones. Every level gives the same results bit for bit (the
-//! kernels share one order of arithmetic); only speed differs.
+//! kernels share one order of arithmetic); only speed differs. (The opt-in 8-bit activations of
+//! `q8.rs` are the exception: their levels share the integer sums, not the order of the f32 ones.)
 
 use std::sync::OnceLock;
 

@@ -123,9 +123,7 @@ pub struct BenchArgs {
 
 /// `persona bench --train`: LoRA training steps on the CPU backend.
 fn run_train(a: &BenchArgs) -> Result<()> {
-    if a.cpu_activations == ActivationsArg::Q8 {
-        bail!("--train with --cpu-activations q8: training widens the weights to f32, so the 8-bit kernels never run; leave it at f32");
-    }
+    a.cpu_activations.refuse_for_training("bench --train")?;
     if !matches!(a.backend, BackendKind::Auto | BackendKind::Cpu) {
         bail!("--train: training runs on the CPU backend (no CUDA or wgpu training kernels yet)");
     }
@@ -187,13 +185,13 @@ fn with_backend(kind: BackendKind, act: ActivationsArg, task: impl BackendTask) 
             task.run(CpuBackend, bench::cpu_name())
         }
         BackendKind::Cuda => {
-            act.apply(Some("--backend cuda"))?;
+            act.apply(Some(("--backend cuda", true)))?;
             let b = CudaBackend::new(0)?;
             let d = format!("{} ({})", b.device_name(), b.arch());
             task.run(b, d)
         }
         BackendKind::Wgpu => {
-            act.apply(Some("--backend wgpu"))?;
+            act.apply(Some(("--backend wgpu", true)))?;
             let b = WgpuBackend::new()?;
             let d = b.describe();
             task.run(b, d)
@@ -202,14 +200,14 @@ fn with_backend(kind: BackendKind, act: ActivationsArg, task: impl BackendTask) 
             Ok(b) => {
                 let d = format!("{} ({})", b.device_name(), b.arch());
                 eprintln!("backend: cuda {d}");
-                act.apply(Some("the chosen cuda backend"))?;
+                act.apply(Some(("the cuda backend --backend auto chose", false)))?;
                 task.run(b, d)
             }
             Err(e) => match WgpuBackend::new_gpu() {
                 Ok(b) => {
                     let d = b.describe();
                     eprintln!("backend: wgpu {d} (cuda not usable: {e})");
-                    act.apply(Some("the chosen wgpu backend"))?;
+                    act.apply(Some(("the wgpu backend --backend auto chose", false)))?;
                     task.run(b, d)
                 }
                 Err(w) => {

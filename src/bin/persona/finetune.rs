@@ -137,6 +137,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if a.model.adapter.is_some() {
         bail!("finetune trains an adapter on the base model: use --init-adapter DIR to start from an existing adapter");
     }
+    a.model.cpu_activations.refuse_for_training("finetune")?;
     if !matches!(a.model.backend, BackendKind::Auto | BackendKind::Cpu) {
         bail!("training runs on the CPU backend (the CUDA and wgpu training kernels are not written yet); use --backend cpu");
     }

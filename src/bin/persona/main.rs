@@ -94,19 +94,31 @@ pub enum ActivationsArg {
 }
 
 impl ActivationsArg {
-    /// Make it the CPU backend's mode for this process; q8 with a GPU backend is an error
-    /// (`gpu`: the backend's name), since only the CPU backend has 8-bit kernels.
-    pub fn apply(self, gpu: Option<&str>) -> Result<()> {
+    /// Make it the CPU backend's mode for this process. `gpu`: the GPU backend that runs instead
+    /// (its name, and whether the user named it): q8 there is an error where the user asked for
+    /// that backend, a warning where `--backend auto` chose it (it runs f32 activations).
+    pub fn apply(self, gpu: Option<(&str, bool)>) -> Result<()> {
         use persona::backend::cpu::{set_activations, Activations};
-        if let (ActivationsArg::Q8, Some(name)) = (self, gpu) {
-            bail!(
-                "--cpu-activations q8 applies to the CPU backend only; {name} runs f32 activations (use --backend cpu)"
-            );
+        if let (ActivationsArg::Q8, Some((name, asked))) = (self, gpu) {
+            let why = format!("--cpu-activations q8 (or PERSONA_CPU_ACTIVATIONS=q8) applies to the CPU backend only; {name} runs f32 activations");
+            if asked {
+                bail!("{why} (use --backend cpu)");
+            }
+            eprintln!("warning: {why} (add --backend cpu for 8-bit activations)");
         }
-        set_activations(match self {
-            ActivationsArg::F32 => Activations::F32,
-            ActivationsArg::Q8 => Activations::Q8,
+        set_activations(match (self, gpu) {
+            (ActivationsArg::Q8, None) => Activations::Q8,
+            _ => Activations::F32,
         });
+        Ok(())
+    }
+
+    /// Training widens the weights to f32, so the 8-bit kernels would never run: refuse q8
+    /// rather than ignore it.
+    pub fn refuse_for_training(self, what: &str) -> Result<()> {
+        if self == ActivationsArg::Q8 {
+            bail!("{what} with --cpu-activations q8 (or PERSONA_CPU_ACTIVATIONS=q8): training widens the weights to f32, so the 8-bit kernels never run; leave it at f32");
+        }
         Ok(())
     }
 }
@@ -244,20 +256,20 @@ impl ModelArgs {
                 task.run(load_model(&path, adapter, CpuBackend, self)?)
             }
             BackendKind::Cuda => {
-                act.apply(Some("--backend cuda"))?;
+                act.apply(Some(("--backend cuda", true)))?;
                 task.run(load_model(&path, adapter, CudaBackend::new(0)?, self)?)
             }
             BackendKind::Wgpu => {
-                act.apply(Some("--backend wgpu"))?;
+                act.apply(Some(("--backend wgpu", true)))?;
                 task.run(load_model(&path, adapter, WgpuBackend::new()?, self)?)
             }
             BackendKind::Auto => match auto_backend() {
                 Auto::Cuda(b) => {
-                    act.apply(Some("the chosen cuda backend"))?;
+                    act.apply(Some(("the cuda backend --backend auto chose", false)))?;
                     task.run(load_model(&path, adapter, b, self)?)
                 }
                 Auto::Wgpu(b) => {
-                    act.apply(Some("the chosen wgpu backend"))?;
+                    act.apply(Some(("the wgpu backend --backend auto chose", false)))?;
                     task.run(load_model(&path, adapter, b, self)?)
                 }
                 Auto::Cpu => {

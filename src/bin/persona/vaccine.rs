@@ -190,6 +190,7 @@ fn lora_json(l: &LoraConfig) -> serde_json::Value {
 
 pub fn run(a: VaccineArgs) -> Result<()> {
     persona::train::keep_freed_memory();
+    a.model.cpu_activations.refuse_for_training("vaccine")?;
     if a.screening {
         return run_screening(a);
     }
