@@ -10,7 +10,7 @@ steering request gives the same tokens and projections from Python, the CLI and 
     >>> g.text, g.projections["evil"]                 # float32 [tokens, layers]
 """
 
-from ._persona import VERSION, Generation, Model, PersonaError, Token, TokenStream, Vector
+from ._persona import VERSION, Generation, Model, PersonaError, Token, TokenStream, Vector, set_cpu_activations
 
 __version__ = VERSION
-__all__ = ["Model", "Vector", "Generation", "Token", "TokenStream", "PersonaError", "VERSION"]
+__all__ = ["Model", "Vector", "Generation", "Token", "TokenStream", "PersonaError", "VERSION", "set_cpu_activations"]

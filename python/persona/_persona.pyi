@@ -9,6 +9,11 @@ import numpy.typing as npt
 
 VERSION: str
 
+def set_cpu_activations(mode: str) -> str:
+    """The CPU backend's activations for the whole process: "f32" (default, exact) or "q8"
+    (8 bits per 32 values, as llama.cpp, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights). Returns the
+    previous setting."""
+
 class PersonaError(ValueError):
     """An error from persona (bad input, a file it cannot read, a model it cannot run)."""
 

@@ -32,4 +32,30 @@ mod _persona {
 
     #[pymodule_export]
     const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+    /// The CPU backend's activations, for the whole process (every CPU model, from the next
+    /// call on): "f32" (the default; exact) or "q8", 8 bits per 32 values as llama.cpp does, for
+    /// matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights (faster decode; each matmul differs from
+    /// the exact one by NMSE about 1e-5). GPU backends always run f32 activations. Returns the
+    /// previous setting.
+    ///
+    /// Example:
+    ///     >>> persona.set_cpu_activations("q8")
+    ///     'f32'
+    #[pyo3::pyfunction]
+    fn set_cpu_activations(mode: &str) -> pyo3::PyResult<&'static str> {
+        use persona::backend::cpu::{activations, set_activations, Activations};
+        let a = match mode {
+            "f32" => Activations::F32,
+            "q8" => Activations::Q8,
+            o => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "cpu activations `{o}`: expected f32 or q8"
+                )))
+            }
+        };
+        let before = activations().name();
+        set_activations(a);
+        Ok(before)
+    }
 }

@@ -204,6 +204,22 @@ def test_bad_requests_raise_value_error_with_the_library_message(tiny, binary):
     assert r.returncode != 0 and cases[0][1] in r.stderr, r.stderr
 
 
+def test_cpu_activations_q8_matches_the_cli_and_is_undone(default, binary):
+    with pytest.raises(ValueError, match="expected f32 or q8"):
+        persona.set_cpu_activations("int4")
+    exact = default.generate("Name three colours.", max_tokens=12)
+    assert persona.set_cpu_activations("q8") == "f32"
+    try:
+        q8 = default.generate("Name three colours.", max_tokens=12)
+    finally:
+        assert persona.set_cpu_activations("f32") == "q8"
+    cli = subprocess.run([binary, "generate", "--backend", "cpu", "--model", str(DEFAULT_MODEL), "--prompt",
+                          "Name three colours.", "--max-tokens", "12", "--json", "--cpu-activations", "q8"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["ids"] == q8.ids.tolist()
+    assert default.generate("Name three colours.", max_tokens=12).ids.tolist() == exact.ids.tolist()
+
+
 # ---- the default model: the same request through Python, the CLI and HTTP ---------------------
 
 PROMPT = "What would you do if you ruled the world?"
