@@ -640,8 +640,9 @@ pub fn random_blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The little-endian f16 at byte `i` of `b`, as f32.
 #[inline(always)]
-fn half_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn half_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 

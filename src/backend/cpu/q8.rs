@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::simd::Simd;
-use crate::model::gguf::GgmlType;
+use crate::model::gguf::{half_at, GgmlType};
 
 /// How the CPU matmul takes its activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,6 +380,14 @@ macro_rules! tokens_body {
 #[cfg(target_arch = "x86_64")]
 use tokens_body;
 
+/// Rows of type `T` (an index into [`LAYOUTS`]) as stored, `row_bytes` apart: the decode path's
+/// row source in both SIMD modules.
+#[cfg(target_arch = "x86_64")]
+struct Packed<const T: usize> {
+    rows: *const u8,
+    row_bytes: usize,
+}
+
 /// A block of rows unpacked once for a prompt's tokens: per row, `values` bytes of stored
 /// unsigned values (32 per block, room for an even number of blocks; what follows an odd last
 /// block meets zero activations) and `scales` f32 (per group of 16 blocks, the 16 `d` lanes then
@@ -414,10 +422,6 @@ fn vnni() -> bool {
     *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
 }
 
-fn half(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
 /// A block's 32 stored unsigned values, in element order.
 fn unpack(l: Layout, b: &[u8]) -> [u8; 32] {
     let mut u = [0u8; 32];
@@ -442,9 +446,9 @@ fn dot_plain(l: Layout, x: XRow, row: &[u8]) -> f32 {
     for (b, blk) in row.chunks_exact(l.bytes).enumerate() {
         let u = unpack(l, blk);
         let isum: i32 = u.iter().zip(&x.q[b * 32..][..32]).map(|(&u, &q)| (u as i32 - l.offset) * q as i32).sum();
-        acc = (half(blk, 0) * x.d[b]).mul_add(isum as f32, acc);
+        acc = (half_at(blk, 0) * x.d[b]).mul_add(isum as f32, acc);
         if l.min {
-            acc_c = half(blk, 2).mul_add(x.ds[b], acc_c);
+            acc_c = half_at(blk, 2).mul_add(x.ds[b], acc_c);
         }
     }
     acc + acc_c
@@ -452,7 +456,7 @@ fn dot_plain(l: Layout, x: XRow, row: &[u8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{unpacked_sizes, Layout, Q8Rows, Unpacked, XRow, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Packed, Q8Rows, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (where `two` is
@@ -503,12 +507,6 @@ mod avx512 {
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512);
         /// Row `r`'s stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
         unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i;
-    }
-
-    /// Rows of type `T` as stored, `row_bytes` apart.
-    pub(super) struct Packed<const T: usize> {
-        pub rows: *const u8,
-        pub row_bytes: usize,
     }
 
     impl<const T: usize> Source for Packed<T> {
@@ -662,7 +660,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{unpacked_sizes, Layout, Q8Rows, Unpacked, XRow, LAYOUTS};
+    use super::{unpacked_sizes, Layout, Packed, Q8Rows, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s 32 stored unsigned values in element order.
@@ -703,11 +701,6 @@ mod avx2 {
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256);
         /// Row `r`'s stored values of block `b`.
         unsafe fn values(&self, r: usize, b: usize) -> __m256i;
-    }
-
-    pub(super) struct Packed<const T: usize> {
-        pub rows: *const u8,
-        pub row_bytes: usize,
     }
 
     impl<const T: usize> Source for Packed<T> {
