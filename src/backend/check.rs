@@ -541,26 +541,30 @@ pub fn run_cpu_kernel_checks(quick: bool) -> Vec<CheckRow> {
             }
         };
         let bias = rand(n, 42, 0.5);
-        for simd in Simd::available() {
-            let tag = format!("{ty}/{}", simd.name());
-            for &t in tokens {
+        let w = Rows::Packed { ty, data: &data, row_bytes };
+        // Each token count's activations and reference outputs, shared by every level and mode.
+        let cases: Vec<(usize, Vec<f32>, Vec<f32>)> = tokens
+            .iter()
+            .map(|&t| {
                 let x = rand(t * k, 43 + t as u64, 1.0);
                 let mut want = vec![0f32; t * n];
                 matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
+                (t, x, want)
+            })
+            .collect();
+        for simd in Simd::available() {
+            let tag = format!("{ty}/{}", simd.name());
+            for (t, x, want) in &cases {
                 let mut got = vec![f32::NAN; t * n];
-                matmul_with(simd, &x, Rows::Packed { ty, data: &data, row_bytes }, Some(&bias), t, n, k, &mut got);
-                tab.push(&format!("matmul[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, &want, 0.0);
+                matmul_with(simd, x, w, Some(&bias), *t, n, k, &mut got);
+                tab.push(&format!("matmul[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, want, 0.0);
             }
             if super::cpu::q8::supports(ty) {
                 // The opt-in 8-bit activations: the activations' rounding only (NMSE ~1e-5).
-                for &t in tokens {
-                    let x = rand(t * k, 43 + t as u64, 1.0);
-                    let mut want = vec![0f32; t * n];
-                    matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
+                for (t, x, want) in &cases {
                     let mut got = vec![f32::NAN; t * n];
-                    let w = Rows::Packed { ty, data: &data, row_bytes };
-                    matmul_act(simd, Activations::Q8, &x, w, Some(&bias), t, n, k, &mut got);
-                    tab.push(&format!("matmul-q8act[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, &want, 1e-3);
+                    matmul_act(simd, Activations::Q8, x, w, Some(&bias), *t, n, k, &mut got);
+                    tab.push(&format!("matmul-q8act[{tag}]"), format!("t={t} k={k} n={n} +bias"), &got, want, 1e-3);
                 }
             }
             let ids: Vec<usize> = (0..n).step_by(5).collect();
