@@ -2,8 +2,8 @@
 //! a paragraph of English, the next-token distributions stay close to the exact f32 mode's
 //! (top-1 agreement, KL divergence, perplexity of the text). Its own test binary, because the
 //! mode is process-wide. Needs the default model (`persona fetch`); the Qwen case needs
-//! `persona fetch qwen2.5-coder-0.5b` (its Q5_0/Q8_0 tensors take the 8-bit kernels, its
-//! K-quants keep f32 activations).
+//! `persona fetch qwen2.5-coder-0.5b` (Q5_0, Q8_0, Q4_K and Q6_K tensors), the ignored 1.5B
+//! case `persona fetch qwen2.5-coder-1.5b` (Q4_K and Q6_K).
 
 mod common;
 use common::*;
@@ -82,5 +82,18 @@ fn q8_activations_stay_close_to_f32_on_real_models() {
     match persona::fetch::cached_named_model(qwen) {
         Some(path) => assert_close(compare(&path, "Qwen2.5-Coder-0.5B Q4_K_M"), "Qwen2.5-Coder-0.5B Q4_K_M"),
         None => missing(&format!("the model {qwen}"), &format!("run `persona fetch {qwen}`")),
+    }
+}
+
+/// The 1.5B (`persona fetch qwen2.5-coder-1.5b`, 1.1 GB), almost all Q4_K and Q6_K: the
+/// K-quants' 8-bit kernels on a real model. Ignored by default (slow on 2 cores):
+/// `cargo test --release --test q8_activations -- --ignored`.
+#[test]
+#[ignore]
+fn q8_activations_stay_close_to_f32_on_the_1_5b_k_quant_model() {
+    let name = "qwen2.5-coder-1.5b";
+    match persona::fetch::cached_named_model(name) {
+        Some(path) => assert_close(compare(&path, "Qwen2.5-Coder-1.5B Q4_K_M"), "Qwen2.5-Coder-1.5B Q4_K_M"),
+        None => missing(&format!("the model {name}"), &format!("run `persona fetch {name}`")),
     }
 }

@@ -11,7 +11,7 @@ VERSION: str
 
 def set_cpu_activations(mode: str) -> str:
     """The CPU backend's activations for the whole process: "f32" (default, exact) or "q8"
-    (8 bits per 32 values, as llama.cpp, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights). Returns the
+    (8 bits per 32 values, as llama.cpp, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights). Returns the
     previous setting."""
 
 class PersonaError(ValueError):

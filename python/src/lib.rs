@@ -35,7 +35,7 @@ mod _persona {
 
     /// The CPU backend's activations, for the whole process (every CPU model, from the next
     /// call on): "f32" (the default; exact) or "q8", 8 bits per 32 values as llama.cpp does, for
-    /// matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights (faster decode; each matmul differs from
+    /// matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights (faster decode; each matmul differs from
     /// the exact one by NMSE about 1e-5). GPU backends always run f32 activations. Returns the
     /// previous setting.
     ///

@@ -759,7 +759,7 @@ fn block_q3_k(b: &[u8], y: &mut [f32]) {
 
 /// ggml's `get_scale_min_k4`: scale and min `j` (0..8) of a Q4_K/Q5_K super-block.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -209,8 +209,8 @@ pub fn matmul(x: &[f32], w: Rows<'_>, bias: Option<&[f32]>, t: usize, n: usize, 
 }
 
 /// [`matmul_with`] with the activations `act`: in [`Activations::Q8`] mode, weights stored as
-/// Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 run the 8-bit kernels of [`super::q8`]; every other weight,
-/// and every weight in f32 mode, the exact f32 path.
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K run the 8-bit kernels of [`super::q8`];
+/// every other weight, and every weight in f32 mode, the exact f32 path.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_act(
     simd: Simd,
@@ -231,9 +231,10 @@ pub fn matmul_act(
     }
 }
 
-/// The 8-bit path: every token's row quantized once, then blocks of W rows in parallel (8 for
-/// decode-sized batches, 16 for prompts, so a block stays in cache while every token passes
-/// over it; [`q8::block`]). A token's results do not depend on the batch.
+/// The 8-bit path: every token's row quantized once, then blocks of W rows in parallel (32 for
+/// decode-sized batches, each row read once for all its tokens; 16 for prompts, so a block stays
+/// in cache while every token passes over it; [`q8::block`]). A token's results do not depend on
+/// the batch.
 #[allow(clippy::too_many_arguments)]
 fn matmul_q8(
     simd: Simd,
@@ -250,7 +251,7 @@ fn matmul_q8(
     use rayon::prelude::*;
     assert!(x.len() >= t * k && out.len() >= t * n && data.len() >= n * row_bytes && k % 32 == 0);
     let xq = q8::Q8Rows::quantize(x, t, k);
-    let rows_per_task = if t <= 4 { 8 } else { 16 };
+    let rows_per_task = if t <= 4 { 32 } else { 16 };
     let o = OutPtr(out.as_mut_ptr());
     let o = &o;
     data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {

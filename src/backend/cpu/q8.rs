@@ -1,9 +1,10 @@
 //! 8-bit activations, opt-in ([`set_activations`]; the CLI's `--cpu-activations q8` or
 //! `PERSONA_CPU_ACTIVATIONS=q8`): as llama.cpp does on the CPU, each token's activation row is quantized
 //! per 32-element block to int8 with one f32 scale (round to nearest, ties to even; scale
-//! amax / 127), and matmuls whose weights are stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 take each
-//! block's dot product in integers (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` with AVX2), scaled
-//! by the two blocks' scales in f32. Other weights (f32, f16, bf16, K-quants) keep f32 activations.
+//! amax / 127), and matmuls whose weights are stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K
+//! or Q6_K take each 32-element block's dot product in integers (`vpdpbusd` with AVX-512 VNNI,
+//! `vpmaddubsw` with AVX2), scaled by the two blocks' scales in f32. Other weights (f32, f16,
+//! bf16, Q2_K, Q3_K) keep f32 activations.
 //!
 //! This changes results: a matmul output differs from the f32 path by the activations' rounding
 //! (NMSE about 1e-5 on random rows), so the model goldens hold only in the default mode, which
@@ -15,19 +16,23 @@
 //! activations `q` with scale `dx`: `d·dx·Σ(u − offset)·q`, plus `m·dx·Σq` for the types with a
 //! minimum (offset 8 for Q4_0, 16 for Q5_0, 128 for Q8_0, 0 for the others). The integer sum is
 //! exact at every level (the kernels start it at `−offset·Σq`); the second term is a per-block
-//! product the kernels take 16 (8) blocks at a time.
+//! product the kernels take 16 (8) blocks at a time. The K-quants' 32-element blocks fit the same
+//! sum: Q4_K and Q5_K with `d = d_super·scale` and second term `−dmin·min` (their 6-bit scale and
+//! minimum), Q6_K with `d = d_super` and an integer sum taken per 16 elements, each half weighted
+//! by its i8 scale (`Σ scale_h·Σ(u − 32)·q`). Unlike llama.cpp (one activation scale per 256
+//! for the K-quants, `Q8_K`), the activations keep one scale per 32 values for every type.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::simd::Simd;
-use crate::model::gguf::{half_at, GgmlType};
+use crate::model::gguf::{half_at, scale_min_k4, GgmlType};
 
 /// How the CPU matmul takes its activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {
     /// f32 (the default): results equal the widened f32 weights' bit for bit.
     F32,
-    /// int8 per 32-block for weights stored as Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0.
+    /// int8 per 32-block for weights stored as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K.
     Q8,
 }
 
@@ -64,25 +69,58 @@ pub fn supports(ty: GgmlType) -> bool {
     layout(ty).is_some()
 }
 
-/// A type's block: bytes, offset of the 16 (Q4/Q5) or 32 (Q8_0) value bytes, offset of the
-/// fifth bits (Q5), whether it has a minimum, and the offset subtracted from its unsigned values.
+/// How a type stores its 32-element blocks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One 32-element block per stored block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+    Plain,
+    /// 256-element super-blocks of eight 32-element blocks, each with a 6-bit scale and minimum:
+    /// block `j`'s values are the low (even `j`) or high (odd) nibbles of `qs[32·(j/2)..][..32]`.
+    Q4K,
+    /// As Q4K, plus bit `j` of `qh[l]` adding 16 to element `l` of block `j`.
+    Q5K,
+    /// 256-element super-blocks of eight 32-element blocks with one f16 scale `d`, each block two
+    /// i8 scales (one per 16 elements) and 6-bit values offset by 32.
+    Q6K,
+}
+
+/// A type's layout: bytes per stored block and the 32-element blocks in it, offset of the value
+/// bytes (`qs`, `ql`) and of the high bits (Q5, Q6_K), whether blocks have a second term (a
+/// minimum), and the offset subtracted from the stored unsigned values.
 #[derive(Clone, Copy)]
 struct Layout {
+    kind: Kind,
     bytes: usize,
+    blocks: usize,
     qs: usize,
     qh: Option<usize>,
     min: bool,
     offset: i32,
 }
 
-/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the SIMD kernels take the index as a const parameter, so
-/// each type's code is compiled with its layout folded in.
-const LAYOUTS: [Layout; 5] = [
-    Layout { bytes: 18, qs: 2, qh: None, min: false, offset: 8 },
-    Layout { bytes: 20, qs: 4, qh: None, min: true, offset: 0 },
-    Layout { bytes: 22, qs: 6, qh: Some(2), min: false, offset: 16 },
-    Layout { bytes: 24, qs: 8, qh: Some(4), min: true, offset: 0 },
-    Layout { bytes: 34, qs: 2, qh: None, min: false, offset: 128 },
+impl Layout {
+    /// Whether each block has two scales, one per 16 elements (Q6_K): the integer sum is then
+    /// taken per 16 and weighted by them, before the block's f32 terms.
+    const fn sixteen(self) -> bool {
+        matches!(self.kind, Kind::Q6K)
+    }
+}
+
+const fn plain(bytes: usize, qs: usize, qh: Option<usize>, min: bool, offset: i32) -> Layout {
+    Layout { kind: Kind::Plain, bytes, blocks: 1, qs, qh, min, offset }
+}
+
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K: the SIMD kernels take the index as a const
+/// parameter, so each type's code is compiled with its layout folded in.
+const LAYOUTS: [Layout; 8] = [
+    plain(18, 2, None, false, 8),
+    plain(20, 4, None, true, 0),
+    plain(22, 6, Some(2), false, 16),
+    plain(24, 8, Some(4), true, 0),
+    plain(34, 2, None, false, 128),
+    Layout { kind: Kind::Q4K, bytes: 144, blocks: 8, qs: 16, qh: None, min: true, offset: 0 },
+    Layout { kind: Kind::Q5K, bytes: 176, blocks: 8, qs: 48, qh: Some(16), min: true, offset: 0 },
+    Layout { kind: Kind::Q6K, bytes: 210, blocks: 8, qs: 0, qh: Some(128), min: false, offset: 32 },
 ];
 
 fn type_index(ty: GgmlType) -> Option<usize> {
@@ -92,12 +130,20 @@ fn type_index(ty: GgmlType) -> Option<usize> {
         GgmlType::Q5_0 => 2,
         GgmlType::Q5_1 => 3,
         GgmlType::Q8_0 => 4,
+        GgmlType::Q4_K => 5,
+        GgmlType::Q5_K => 6,
+        GgmlType::Q6_K => 7,
         _ => return None,
     })
 }
 
 fn layout(ty: GgmlType) -> Option<Layout> {
     type_index(ty).map(|i| LAYOUTS[i])
+}
+
+/// The bytes of a row of `k` values of layout `l`.
+fn row_bytes_of(l: Layout, k: usize) -> usize {
+    k / 32 / l.blocks * l.bytes
 }
 
 /// Tokens' activation rows quantized per 32-element block: `q` (t·k values), and per block its
@@ -184,7 +230,7 @@ pub fn dot_rows(
 ) -> bool {
     let Some(tix) = type_index(ty) else { return false };
     let l = LAYOUTS[tix];
-    assert!(out.len() <= 4 && row_bytes == x.k / 32 * l.bytes && rows.len() >= out.len() * row_bytes);
+    assert!(out.len() <= 4 && row_bytes == row_bytes_of(l, x.k) && rows.len() >= out.len() * row_bytes);
     if out.is_empty() {
         return true;
     }
@@ -203,10 +249,11 @@ pub fn dot_rows(
 }
 
 /// Every token of `x` against a block of packed rows of `ty` (`rows.len() / row_bytes` of
-/// them): `put(token, row, value)`. Up to 4 tokens: the rows 4 at a time as stored. More (with
-/// AVX2 or AVX-512 VNNI): the rows unpacked once into a per-thread scratch ([`Unpacked`]), then
-/// 4 tokens at a time against each row, with the same arithmetic (a token's result does not
-/// depend on the batch). `false`, doing nothing, for a type without 8-bit kernels.
+/// them): `put(token, row, value)`, one row at a time (one stream from memory: interleaving 4
+/// rows' reads cut Q4_K decode from 18 to 12 GB/s). Up to 4 tokens: the rows as stored. More
+/// (with AVX2 or AVX-512 VNNI): the rows unpacked once into a per-thread scratch ([`Unpacked`]),
+/// then 4 tokens at a time against each row, with the same arithmetic (a token's result does
+/// not depend on the batch). `false`, doing nothing, for a type without 8-bit kernels.
 pub fn block(
     ty: GgmlType,
     x: &Q8Rows,
@@ -218,10 +265,18 @@ pub fn block(
 ) -> bool {
     let Some(tix) = type_index(ty) else { return false };
     let nr = rows.len() / row_bytes.max(1);
+    assert!(row_bytes == row_bytes_of(LAYOUTS[tix], x.k) && x.q.len() >= t * x.k);
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some(level)) = (t > 4, Level::of(simd)) {
+    if let Some(level) = Level::of(simd) {
+        if t <= 4 {
+            // SAFETY: Level::of checked the CPU's features; the lengths were checked above.
+            with_type!(tix, T => unsafe {
+                let src = Packed::<T> { rows: rows.as_ptr(), row_bytes };
+                tokens_simd::<T, _>(level, x, t, nr, &src, &mut put)
+            });
+            return true;
+        }
         let nb = x.k / 32;
-        assert!(row_bytes == nb * LAYOUTS[tix].bytes && x.q.len() >= t * x.k);
         thread_local! {
             static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
                 const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -239,22 +294,18 @@ pub fn block(
                     Level::Avx2 => avx2::unpack::<T>(rows, row_bytes, nr, nb, u, f),
                 }
                 let src = Unpacked { u: u.as_ptr(), f: f.as_ptr(), values: vn, scales: sn };
-                tokens_simd::<T>(level, x, t, nr, &src, &mut put)
+                tokens_simd::<T, _>(level, x, t, nr, &src, &mut put)
             });
         });
         return true;
     }
-    for ti in 0..t {
-        for r in (0..nr).step_by(4) {
-            let n = (nr - r).min(4);
-            let mut v = [0f32; 4];
-            dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v[..n], simd);
-            for (j, &v) in v[..n].iter().enumerate() {
-                put(ti, r + j, v);
-            }
+    for r in 0..nr {
+        for ti in 0..t {
+            let mut v = [0f32];
+            dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v, simd);
+            put(ti, r, v[0]);
         }
     }
-    let _ = tix;
     true
 }
 
@@ -280,8 +331,20 @@ macro_rules! with_type {
                 const $t: usize = 3;
                 $body
             }
-            _ => {
+            4 => {
                 const $t: usize = 4;
+                $body
+            }
+            5 => {
+                const $t: usize = 5;
+                $body
+            }
+            6 => {
+                const $t: usize = 6;
+                $body
+            }
+            _ => {
+                const $t: usize = 7;
                 $body
             }
         }
@@ -332,20 +395,20 @@ unsafe fn dot_simd<const T: usize>(level: Level, x: XRow, rows: &[u8], row_bytes
     }
 }
 
-/// Every token of `x` (4 at a time) against each of `nr` unpacked rows. Safety: `level`'s
-/// features were detected; `src` holds `nr` rows unpacked from type `T`.
+/// Every token of `x` (4 at a time) against each of `nr` rows of type `T`, as stored or
+/// unpacked. Safety: `level`'s features were detected; `src` holds `nr` rows.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tokens_simd<const T: usize>(
+unsafe fn tokens_simd<const T: usize, S: RowSource + avx512::Source + avx2::Source>(
     level: Level,
     x: &Q8Rows,
     t: usize,
     nr: usize,
-    src: &Unpacked,
+    src: &S,
     put: &mut impl FnMut(usize, usize, f32),
 ) {
     match level {
-        Level::Avx512 => avx512::tokens::<T>(x, t, nr, src, put),
-        Level::Avx2 => avx2::tokens::<T>(x, t, nr, src, put),
+        Level::Avx512 => avx512::tokens::<T, S>(x, t, nr, src, put),
+        Level::Avx2 => avx2::tokens::<T, S>(x, t, nr, src, put),
     }
 }
 
@@ -388,6 +451,19 @@ struct Packed<const T: usize> {
     row_bytes: usize,
 }
 
+/// A row source's row `r` alone. Safety: `r` is one of its rows.
+#[cfg(target_arch = "x86_64")]
+trait RowSource {
+    unsafe fn row(&self, r: usize) -> Self;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> RowSource for Packed<T> {
+    unsafe fn row(&self, r: usize) -> Self {
+        Packed { rows: self.rows.add(r * self.row_bytes), row_bytes: self.row_bytes }
+    }
+}
+
 /// A block of rows unpacked once for a prompt's tokens: per row, `values` bytes of stored
 /// unsigned values (32 per block, room for an even number of blocks; what follows an odd last
 /// block meets zero activations) and `scales` f32 (per group of 16 blocks, the 16 `d` lanes then
@@ -403,8 +479,7 @@ struct Unpacked {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Unpacked {
-    /// Row `r` alone.
+impl RowSource for Unpacked {
     unsafe fn row(&self, r: usize) -> Unpacked {
         Unpacked { u: self.u.add(r * self.values), f: self.f.add(r * self.scales), ..*self }
     }
@@ -416,39 +491,104 @@ fn unpacked_sizes(nb: usize) -> (usize, usize) {
     (nb.div_ceil(2) * 64, nb.div_ceil(16) * 32)
 }
 
+/// A Q4_K/Q5_K super-block's eight 6-bit scales and eight 6-bit minimums (at `sb + 4`, 12 bytes),
+/// one per byte of each u64 in block order: [`scale_min_k4`] for all eight at once.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn k_scales_mins(sb: *const u8) -> (u64, u64) {
+    let w = |o: usize| (sb.add(4 + o) as *const u32).read_unaligned() as u64;
+    let (u0, u1, u2) = (w(0), w(4), w(8));
+    let (m6, m4, m2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x0303_0303);
+    let sc = (u0 & m6) | ((u2 & m4) | ((u0 >> 6) & m2) << 4) << 32;
+    let mn = (u1 & m6) | (((u2 >> 4) & m4) | ((u1 >> 6) & m2) << 4) << 32;
+    (sc, mn)
+}
+
 #[cfg(target_arch = "x86_64")]
 fn vnni() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
 }
 
-/// A block's 32 stored unsigned values, in element order.
-fn unpack(l: Layout, b: &[u8]) -> [u8; 32] {
+/// Block `b`'s 32 stored unsigned values of a row, in element order.
+fn values(l: Layout, row: &[u8], b: usize) -> [u8; 32] {
     let mut u = [0u8; 32];
-    if l.offset == 128 {
-        for (u, &q) in u.iter_mut().zip(&b[l.qs..l.qs + 32]) {
-            *u = q ^ 0x80;
+    let sb = &row[b / l.blocks * l.bytes..][..l.bytes];
+    let j = b % l.blocks;
+    match l.kind {
+        Kind::Plain if l.offset == 128 => {
+            for (u, &q) in u.iter_mut().zip(&sb[l.qs..l.qs + 32]) {
+                *u = q ^ 0x80;
+            }
         }
-        return u;
-    }
-    let qh = l.qh.map_or(0, |o| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()));
-    for j in 0..16 {
-        let q = b[l.qs + j];
-        u[j] = (q & 0x0F) | (((qh >> j) & 1) << 4) as u8;
-        u[j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+        Kind::Plain => {
+            let qh = l.qh.map_or(0, |o| u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
+            for j in 0..16 {
+                let q = sb[l.qs + j];
+                u[j] = (q & 0x0F) | (((qh >> j) & 1) << 4) as u8;
+                u[j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+            }
+        }
+        Kind::Q4K | Kind::Q5K => {
+            let qs = &sb[l.qs + 32 * (j / 2)..][..32];
+            for (i, u) in u.iter_mut().enumerate() {
+                *u = (qs[i] >> (4 * (j % 2))) & 0x0F;
+                if let Some(o) = l.qh {
+                    *u |= ((sb[o + i] >> j) & 1) << 4;
+                }
+            }
+        }
+        Kind::Q6K => {
+            // Half h = j / 4 of the super-block, run k = j % 4: a nibble of ql[l + 32·(k % 2)]
+            // (low for k < 2), and bits 2k, 2k + 1 of qh[l] as bits 4 and 5.
+            let (h, k) = (j / 4, j % 4);
+            let ql = &sb[64 * h + 32 * (k % 2)..][..32];
+            let qh = &sb[l.qh.unwrap() + 32 * h..][..32];
+            for (i, u) in u.iter_mut().enumerate() {
+                *u = ((ql[i] >> (4 * (k / 2))) & 0x0F) | (((qh[i] >> (2 * k)) & 3) << 4);
+            }
+        }
     }
     u
+}
+
+/// Block `b`'s scale `d` and second-term factor: the minimum (Q4_1, Q5_1), `−dmin·m` (Q4_K,
+/// Q5_K), or 0.
+fn scales(l: Layout, row: &[u8], b: usize) -> (f32, f32) {
+    let sb = &row[b / l.blocks * l.bytes..][..l.bytes];
+    match l.kind {
+        Kind::Plain => (half_at(sb, 0), if l.min { half_at(sb, 2) } else { 0.0 }),
+        Kind::Q4K | Kind::Q5K => {
+            let (s, m) = scale_min_k4(b % 8, &sb[4..16]);
+            (half_at(sb, 0) * s as f32, -(half_at(sb, 2) * m as f32))
+        }
+        Kind::Q6K => (half_at(sb, 208), 0.0),
+    }
+}
+
+/// Q6_K block `b`'s two i8 scales, of its first and second 16 elements.
+fn sixteen(l: Layout, row: &[u8], b: usize) -> [i32; 2] {
+    let at = b / l.blocks * l.bytes + 192 + 2 * (b % 8);
+    [row[at] as i8 as i32, row[at + 1] as i8 as i32]
 }
 
 /// The portable kernel: each block's integer sum, then its f32 terms, in block order.
 fn dot_plain(l: Layout, x: XRow, row: &[u8]) -> f32 {
     let (mut acc, mut acc_c) = (0f32, 0f32);
-    for (b, blk) in row.chunks_exact(l.bytes).enumerate() {
-        let u = unpack(l, blk);
-        let isum: i32 = u.iter().zip(&x.q[b * 32..][..32]).map(|(&u, &q)| (u as i32 - l.offset) * q as i32).sum();
-        acc = (half_at(blk, 0) * x.d[b]).mul_add(isum as f32, acc);
+    for b in 0..x.d.len() {
+        let u = values(l, row, b);
+        let prod =
+            |r: std::ops::Range<usize>| -> i32 { r.map(|i| (u[i] as i32 - l.offset) * x.q[b * 32 + i] as i32).sum() };
+        let isum = if l.sixteen() {
+            let [s0, s1] = sixteen(l, row, b);
+            s0 * prod(0..16) + s1 * prod(16..32)
+        } else {
+            prod(0..32)
+        };
+        let (d, c) = scales(l, row, b);
+        acc = (d * x.d[b]).mul_add(isum as f32, acc);
         if l.min {
-            acc_c = half_at(blk, 2).mul_add(x.ds[b], acc_c);
+            acc_c = c.mul_add(x.ds[b], acc_c);
         }
     }
     acc + acc_c
@@ -456,7 +596,7 @@ fn dot_plain(l: Layout, x: XRow, row: &[u8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{unpacked_sizes, Layout, Packed, Q8Rows, Unpacked, XRow, LAYOUTS};
+    use super::{k_scales_mins, unpacked_sizes, Kind, Layout, Packed, Q8Rows, RowSource, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s and `b + 1`'s stored unsigned values, 32 each in element order (where `two` is
@@ -507,19 +647,109 @@ mod avx512 {
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512);
         /// Row `r`'s stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
         unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i;
+        /// Q6_K: row `r`'s i8 scales of blocks `b` and `b + 1` (`b` even), each 16 elements'
+        /// scale in the 4 i32 lanes whose `vpdpbusd` sums cover them.
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i;
+    }
+
+    /// Q4_K/Q5_K/Q6_K: the scales of the 16 blocks of super-blocks `s0` and `s1` (`s1` is `s0`
+    /// again where the group has one). Q4_K/Q5_K: `d·scale` and `−dmin·min`, as [`super::scales`];
+    /// Q6_K: `d`, and each block's two i8 scales in the low bytes of its second-term lane (an
+    /// integer, not a number: [`Unpacked`] keeps it there for [`Source::sixteen`]).
+    #[inline(always)]
+    unsafe fn k_scales(l: Layout, s0: *const u8, s1: *const u8) -> (__m512, __m512) {
+        // The f16 pairs at offset o of both super-blocks (one f16 at 208, Q6_K's last two
+        // bytes), [s0's first, s0's second, s1's first, s1's second] as f32, then each over its
+        // 8 lanes.
+        let halves = |o: usize| {
+            let w = |s: *const u8| {
+                let p = s.add(o) as *const u16;
+                p.read_unaligned() as i32 | if o == 208 { 0 } else { (p.add(1).read_unaligned() as i32) << 16 }
+            };
+            _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, w(s1), w(s0))))
+        };
+        let spread = |v: __m512, i: i32| {
+            _mm512_permutexvar_ps(
+                _mm512_set_epi32(i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i, i, i, i, i, i, i, i),
+                v,
+            )
+        };
+        if l.kind == Kind::Q6K {
+            let sc = _mm256_set_m128i(
+                _mm_loadu_si128(s1.add(192) as *const __m128i),
+                _mm_loadu_si128(s0.add(192) as *const __m128i),
+            );
+            return (spread(halves(208), 0), _mm512_castsi512_ps(_mm512_cvtepu16_epi32(sc)));
+        }
+        let dm = halves(0);
+        let ((a0, m0), (a1, m1)) = (k_scales_mins(s0), k_scales_mins(s1));
+        let widen = |lo: u64, hi: u64| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(hi as i64, lo as i64)));
+        let c = _mm512_mul_ps(spread(dm, 1), widen(m0, m1));
+        (_mm512_mul_ps(spread(dm, 0), widen(a0, a1)), _mm512_xor_ps(c, _mm512_set1_ps(-0.0)))
+    }
+
+    /// Q4_K/Q5_K/Q6_K: blocks `b` and `b + 1` (`b` even) of the super-block at `sb`.
+    #[inline(always)]
+    unsafe fn k_values(l: Layout, sb: *const u8, b: usize) -> __m512i {
+        let j = b % 8;
+        let both = |p: *const u8| _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i));
+        let by = |lo: u64, hi: u64| {
+            let (lo, hi) = ((lo * 0x0001_0001_0001_0001) as i64, (hi * 0x0001_0001_0001_0001) as i64);
+            _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo)
+        };
+        if l.kind == Kind::Q6K {
+            // Half j / 4; runs k = j % 4 ∈ {0, 2} and k + 1: low (k = 0) or high nibbles of the
+            // half's 64 ql bytes, and bits 2k.. (2k + 2.. for the second block) of its qh as bits 4, 5.
+            let (h, k) = ((j / 4) as u64, (j % 4) as u64);
+            let ql = _mm512_loadu_si512(sb.add(64 * h as usize) as *const __m512i);
+            let nib = _mm512_and_si512(_mm512_srl_epi16(ql, _mm_cvtsi64_si128(2 * k as i64)), _mm512_set1_epi8(0x0F));
+            let qh = both(sb.add(l.qh.unwrap() + 32 * h as usize));
+            let hb = _mm512_and_si512(_mm512_srlv_epi16(qh, by(2 * k, 2 * k + 2)), _mm512_set1_epi8(3));
+            return _mm512_or_si512(nib, _mm512_slli_epi16::<4>(hb));
+        }
+        let q = both(sb.add(l.qs + 32 * (j / 2)));
+        let mut u = _mm512_and_si512(_mm512_srlv_epi16(q, by(0, 4)), _mm512_set1_epi8(0x0F));
+        if let Some(o) = l.qh {
+            let qh = _mm256_loadu_si256(sb.add(o) as *const __m256i);
+            let lo = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((1u8 << j) as i8)) as u64;
+            let hi = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((2u8 << j) as i8)) as u64;
+            u = _mm512_mask_add_epi8(u, _cvtu64_mask64(lo | hi << 32), u, _mm512_set1_epi8(16));
+        }
+        u
+    }
+
+    /// Four i8 scales at `p`, picked by `idx` into 16 bytes, as 16 i32 lanes.
+    #[inline(always)]
+    unsafe fn sixteen_lanes(v: __m128i, idx: __m128i) -> __m512i {
+        _mm512_cvtepi8_epi32(_mm_shuffle_epi8(v, idx))
     }
 
     impl<const T: usize> Source for Packed<T> {
         #[inline(always)]
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512) {
             let l = LAYOUTS[T];
+            if l.kind != Kind::Plain {
+                let s0 = self.rows.add(r * self.row_bytes + g / 8 * l.bytes);
+                return k_scales(l, s0, if n > 8 { s0.add(l.bytes) } else { s0 });
+            }
             let base = self.rows.add(r * self.row_bytes + g * l.bytes);
             let d = f16x16(base, l.bytes, n);
             (d, if l.min { f16x16(base.add(2), l.bytes, n) } else { d })
         }
         #[inline(always)]
         unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i {
-            weights(LAYOUTS[T], self.rows.add(r * self.row_bytes), b, two)
+            let l = LAYOUTS[T];
+            if l.kind != Kind::Plain {
+                return k_values(l, self.rows.add(r * self.row_bytes + b / 8 * l.bytes), b);
+            }
+            weights(l, self.rows.add(r * self.row_bytes), b, two)
+        }
+        #[inline(always)]
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i {
+            let l = LAYOUTS[T];
+            let p = self.rows.add(r * self.row_bytes + b / 8 * l.bytes + 192 + 2 * (b % 8));
+            let idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            sixteen_lanes(_mm_cvtsi32_si128((p as *const i32).read_unaligned()), idx)
         }
     }
 
@@ -532,6 +762,13 @@ mod avx512 {
         #[inline(always)]
         unsafe fn values(&self, r: usize, b: usize, _two: bool) -> __m512i {
             _mm512_loadu_si512(self.u.add(r * self.values + b * 32) as *const __m512i)
+        }
+        #[inline(always)]
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i {
+            // Blocks b and b + 1's second-term lanes, each holding the block's two scales.
+            let p = self.f.add(r * self.scales + 2 * (b / 16 * 16) + 16 + b % 16);
+            let idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5);
+            sixteen_lanes(_mm_loadl_epi64(p as *const __m128i), idx)
         }
     }
 
@@ -573,8 +810,15 @@ mod avx512 {
     ) -> [[f32; NR]; NT] {
         let l = LAYOUTS[T];
         let nb = xs[0].d.len();
-        let mut acc = [[_mm512_setzero_ps(); NR]; NT];
+        // Two chains per output (even and odd pairs), so one token against one row does not wait
+        // on each FMA's latency; every tile has them, so a result does not depend on NT or NR.
+        let mut acc = [[[_mm512_setzero_ps(); NR]; NT]; 2];
         let mut acc_c = [[_mm512_setzero_ps(); NR]; NT];
+        // Pair p's lanes pick blocks 2p and 2p + 1 of a group's 16 scales.
+        let picks: [__m512i; 8] = std::array::from_fn(|p| {
+            let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+            _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+        });
         for g in (0..nb).step_by(16) {
             let gn = (nb - g).min(16);
             let m: __mmask16 = if gn == 16 { 0xFFFF } else { (1u16 << gn) - 1 };
@@ -590,39 +834,74 @@ mod avx512 {
                     sc[i][r] = _mm512_mul_ps(dw, xd[i]);
                 }
             }
-            for p in 0..gn.div_ceil(2) {
-                let b = g + 2 * p;
-                let two = b + 1 < nb;
-                let x: [__m512i; NT] = std::array::from_fn(|i| {
-                    let q = xs[i].q.as_ptr().add(b * 32);
-                    if two {
-                        _mm512_loadu_si512(q as *const __m512i)
-                    } else {
-                        _mm512_zextsi256_si512(_mm256_loadu_si256(q as *const __m256i))
+            // Pair p of the group (blocks g + 2p and g + 2p + 1). For one token a whole group is
+            // written out pair by pair, so each pair's position in its super-block is a constant
+            // (Q6_K decode: 12.8 -> 8.3 cycles per pair); prompts' 4-token tiles keep the loop
+            // (unrolled, their code outgrew the caches: pp512 490 -> 420).
+            macro_rules! pair {
+                ($p:expr, $chain:literal) => {{
+                    let p: usize = $p;
+                    let b = g + 2 * p;
+                    let two = b + 1 < nb;
+                    let x: [__m512i; NT] = std::array::from_fn(|i| {
+                        let q = xs[i].q.as_ptr().add(b * 32);
+                        if two {
+                            _mm512_loadu_si512(q as *const __m512i)
+                        } else {
+                            _mm512_zextsi256_si512(_mm256_loadu_si256(q as *const __m256i))
+                        }
+                    });
+                    // −offset·Σq of blocks b and b + 1 in lanes 0 and 8; for Q6_K, whose lanes are
+                    // weighted by their 16 elements' scale, each lane's own −32·Σq.
+                    let start: [__m512i; NT] = std::array::from_fn(|i| {
+                        if l.sixteen() {
+                            let z = _mm512_setzero_si512();
+                            return _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(32), x[i]));
+                        }
+                        if l.offset == 0 {
+                            return _mm512_setzero_si512();
+                        }
+                        let s = xs[i].s.as_ptr().add(b);
+                        let a = _mm512_maskz_set1_epi32(0x0001, -l.offset * *s);
+                        if two {
+                            _mm512_mask_set1_epi32(a, 0x0100, -l.offset * *s.add(1))
+                        } else {
+                            a
+                        }
+                    });
+                    let pick = picks[p];
+                    for r in 0..NR {
+                        let u = src.values(r, b, two);
+                        let w16 = if l.sixteen() { src.sixteen(r, b) } else { _mm512_setzero_si512() };
+                        for i in 0..NT {
+                            let mut v = _mm512_dpbusd_epi32(start[i], u, x[i]);
+                            if l.sixteen() {
+                                v = _mm512_mullo_epi32(v, w16);
+                            }
+                            let s = _mm512_cvtepi32_ps(v);
+                            acc[$chain][i][r] =
+                                _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i][r]), acc[$chain][i][r]);
+                        }
                     }
-                });
-                // −offset·Σq of blocks b and b + 1 in lanes 0 and 8.
-                let start: [__m512i; NT] = std::array::from_fn(|i| {
-                    if l.offset == 0 {
-                        return _mm512_setzero_si512();
-                    }
-                    let s = xs[i].s.as_ptr().add(b);
-                    let a = _mm512_maskz_set1_epi32(0x0001, -l.offset * *s);
-                    if two {
-                        _mm512_mask_set1_epi32(a, 0x0100, -l.offset * *s.add(1))
-                    } else {
-                        a
-                    }
-                });
-                let pick = _mm512_add_epi32(
-                    _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                    _mm512_set1_epi32(2 * p as i32),
-                );
-                for r in 0..NR {
-                    let u = src.values(r, b, two);
-                    for i in 0..NT {
-                        let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[i], u, x[i]));
-                        acc[i][r] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i][r]), acc[i][r]);
+                }};
+            }
+            if gn == 16 && NT == 1 {
+                pair!(0, 0);
+                pair!(1, 1);
+                pair!(2, 0);
+                pair!(3, 1);
+                pair!(4, 0);
+                pair!(5, 1);
+                pair!(6, 0);
+                pair!(7, 1);
+            } else {
+                // Even pairs on chain 0, odd on chain 1 (a literal index: the chains stay in
+                // registers).
+                let np = gn.div_ceil(2);
+                for p in (0..np).step_by(2) {
+                    pair!(p, 0);
+                    if p + 1 < np {
+                        pair!(p + 1, 1);
                     }
                 }
             }
@@ -630,7 +909,7 @@ mod avx512 {
         let mut out = [[0f32; NR]; NT];
         for i in 0..NT {
             for r in 0..NR {
-                out[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+                out[i][r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i][r], acc[1][i][r]));
                 if l.min {
                     out[i][r] += _mm512_reduce_add_ps(acc_c[i][r]);
                 }
@@ -645,13 +924,13 @@ mod avx512 {
         run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
     }
 
-    /// Every token of `x` against each of `nr` rows unpacked from type `T`: `put(token, row, v)`.
+    /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn tokens<const T: usize>(
+    pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
         x: &Q8Rows,
         t: usize,
         nr: usize,
-        src: &Unpacked,
+        src: &S,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
         super::tokens_body!(x, t, nr, src, put)
@@ -660,7 +939,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{unpacked_sizes, Layout, Packed, Q8Rows, Unpacked, XRow, LAYOUTS};
+    use super::{k_scales_mins, unpacked_sizes, Kind, Layout, Packed, Q8Rows, RowSource, Unpacked, XRow, LAYOUTS};
     use std::arch::x86_64::*;
 
     /// Block `b`'s 32 stored unsigned values in element order.
@@ -701,19 +980,76 @@ mod avx2 {
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256);
         /// Row `r`'s stored values of block `b`.
         unsafe fn values(&self, r: usize, b: usize) -> __m256i;
+        /// Q6_K: row `r`'s two i8 scales of block `b`, each in the 8 i16 lanes of the
+        /// `vpmaddubsw` pairs of its 16 elements.
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i;
+    }
+
+    /// Q4_K/Q5_K/Q6_K: the scales of the 8 blocks of the super-block at `sb`, as the AVX-512
+    /// module's `k_scales`.
+    #[inline(always)]
+    unsafe fn k_scales(l: Layout, sb: *const u8) -> (__m256, __m256) {
+        let half = |o: usize| _mm256_cvtph_ps(_mm_set1_epi16((sb.add(o) as *const i16).read_unaligned()));
+        if l.kind == Kind::Q6K {
+            let sc = _mm_loadu_si128(sb.add(192) as *const __m128i);
+            return (half(208), _mm256_castsi256_ps(_mm256_cvtepu16_epi32(sc)));
+        }
+        let (a, m) = k_scales_mins(sb);
+        let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+        let c = _mm256_mul_ps(half(2), widen(m));
+        (_mm256_mul_ps(half(0), widen(a)), _mm256_xor_ps(c, _mm256_set1_ps(-0.0)))
+    }
+
+    /// Q4_K/Q5_K/Q6_K: block `b` of the super-block at `sb`.
+    #[inline(always)]
+    unsafe fn k_values(l: Layout, sb: *const u8, b: usize) -> __m256i {
+        let j = b % 8;
+        let load = |o: usize| _mm256_loadu_si256(sb.add(o) as *const __m256i);
+        let shr = |v: __m256i, n: usize| _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32));
+        if l.kind == Kind::Q6K {
+            let (h, k) = (j / 4, j % 4);
+            let nib = _mm256_and_si256(shr(load(64 * h + 32 * (k % 2)), 4 * (k / 2)), _mm256_set1_epi8(0x0F));
+            let hb = _mm256_and_si256(shr(load(l.qh.unwrap() + 32 * h), 2 * k), _mm256_set1_epi8(3));
+            return _mm256_or_si256(nib, _mm256_slli_epi16::<4>(hb));
+        }
+        let u = _mm256_and_si256(shr(load(l.qs + 32 * (j / 2)), 4 * (j % 2)), _mm256_set1_epi8(0x0F));
+        let Some(o) = l.qh else { return u };
+        let bit = _mm256_set1_epi8((1u8 << j) as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(load(o), bit), bit);
+        _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+    }
+
+    /// Two i8 scales in the low bytes of `v`, each over 8 i16 lanes.
+    #[inline(always)]
+    unsafe fn sixteen_lanes(v: i32) -> __m256i {
+        let idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), idx))
     }
 
     impl<const T: usize> Source for Packed<T> {
         #[inline(always)]
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256) {
             let l = LAYOUTS[T];
+            if l.kind != Kind::Plain {
+                return k_scales(l, self.rows.add(r * self.row_bytes + g / 8 * l.bytes));
+            }
             let base = self.rows.add(r * self.row_bytes + g * l.bytes);
             let d = f16x8(base, l.bytes, 0, n);
             (d, if l.min { f16x8(base.add(2), l.bytes, 0, n) } else { d })
         }
         #[inline(always)]
         unsafe fn values(&self, r: usize, b: usize) -> __m256i {
-            weights(LAYOUTS[T], self.rows.add(r * self.row_bytes), b)
+            let l = LAYOUTS[T];
+            if l.kind != Kind::Plain {
+                return k_values(l, self.rows.add(r * self.row_bytes + b / 8 * l.bytes), b);
+            }
+            weights(l, self.rows.add(r * self.row_bytes), b)
+        }
+        #[inline(always)]
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i {
+            let l = LAYOUTS[T];
+            let p = self.rows.add(r * self.row_bytes + b / 8 * l.bytes + 192 + 2 * (b % 8));
+            sixteen_lanes((p as *const u16).read_unaligned() as i32)
         }
     }
 
@@ -727,6 +1063,12 @@ mod avx2 {
         #[inline(always)]
         unsafe fn values(&self, r: usize, b: usize) -> __m256i {
             _mm256_loadu_si256(self.u.add(r * self.values + b * 32) as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i {
+            // Block b's second-term lane holds its two scales.
+            let p = self.f.add(r * self.scales + 2 * (b / 16 * 16) + 16 + b % 16);
+            sixteen_lanes((p as *const i32).read_unaligned())
         }
     }
 
@@ -743,22 +1085,16 @@ mod avx2 {
     ) {
         let (vn, sn) = unpacked_sizes(nb);
         assert!(rows.len() >= nr * row_bytes && u.len() >= nr * vn && f.len() >= nr * sn);
-        let l = LAYOUTS[T];
+        let src = Packed::<T> { rows: rows.as_ptr(), row_bytes };
         for r in 0..nr {
-            let row = rows.as_ptr().add(r * row_bytes);
-            for g in (0..nb).step_by(16) {
-                let (base, n) = (row.add(g * l.bytes), (nb - g).min(16));
-                let o = f.as_mut_ptr().add(r * sn + 2 * g);
-                for half in [0, 8] {
-                    let d = f16x8(base, l.bytes, half, n);
-                    let c = if l.min { f16x8(base.add(2), l.bytes, half, n) } else { d };
-                    _mm256_storeu_ps(o.add(half), d);
-                    _mm256_storeu_ps(o.add(16 + half), c);
-                }
+            for g in (0..nb).step_by(8) {
+                let (d, c) = src.scales(r, g, (nb - g).min(8));
+                let o = f.as_mut_ptr().add(r * sn + 2 * (g / 16 * 16) + g % 16);
+                _mm256_storeu_ps(o, d);
+                _mm256_storeu_ps(o.add(16), c);
             }
-            let out = u.as_mut_ptr().add(r * vn);
             for b in 0..nb {
-                _mm256_storeu_si256(out.add(b * 32) as *mut __m256i, weights(l, row, b));
+                _mm256_storeu_si256(u.as_mut_ptr().add(r * vn + b * 32) as *mut __m256i, src.values(r, b));
             }
         }
     }
@@ -778,7 +1114,8 @@ mod avx2 {
         let l = LAYOUTS[T];
         let signed = l.offset == 128;
         let nb = xs[0].d.len();
-        let mut acc = [[_mm256_setzero_ps(); NR]; NT];
+        // Two chains per output (even and odd blocks), as the AVX-512 kernel's.
+        let mut acc = [[[_mm256_setzero_ps(); NR]; NT]; 2];
         let mut acc_c = [[_mm256_setzero_ps(); NR]; NT];
         let ones = _mm256_set1_epi16(1);
         for g in (0..nb).step_by(8) {
@@ -796,34 +1133,58 @@ mod avx2 {
                     sc[i][r] = _mm256_mul_ps(dw, xd[i]);
                 }
             }
-            for j in 0..gn {
-                let b = g + j;
-                let x: [__m256i; NT] =
-                    std::array::from_fn(|i| _mm256_loadu_si256(xs[i].q.as_ptr().add(b * 32) as *const __m256i));
-                let start: [__m256i; NT] = std::array::from_fn(|i| {
-                    let v = if signed { 0 } else { -l.offset * xs[i].s[b] };
-                    _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
-                });
-                let lane = _mm256_set1_epi32(j as i32);
-                for r in 0..NR {
-                    let u = src.values(r, b);
-                    for i in 0..NT {
-                        let p = if signed {
-                            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x[i], w))
+            // Block j of the group on chain j % 2 (a literal index: the chains stay in registers).
+            macro_rules! block {
+                ($j:expr, $chain:literal) => {{
+                    let j: usize = $j;
+                    let b = g + j;
+                    let x: [__m256i; NT] =
+                        std::array::from_fn(|i| _mm256_loadu_si256(xs[i].q.as_ptr().add(b * 32) as *const __m256i));
+                    let start: [__m256i; NT] = std::array::from_fn(|i| {
+                        let v = if signed || l.sixteen() { 0 } else { -l.offset * xs[i].s[b] };
+                        _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
+                    });
+                    // Q6_K: the pairs' 32·(q + q'), taken from each pair of products (at most
+                    // 2·63·127 before, 2·32·127 after: no i16 overflow) before the scales weigh them.
+                    let x32: [__m256i; NT] = std::array::from_fn(|i| {
+                        if l.sixteen() {
+                            _mm256_maddubs_epi16(_mm256_set1_epi8(32), x[i])
                         } else {
-                            _mm256_maddubs_epi16(u, x[i])
-                        };
-                        let s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p, ones), start[i]));
-                        acc[i][r] = _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i][r], lane), acc[i][r]);
+                            _mm256_setzero_si256()
+                        }
+                    });
+                    let lane = _mm256_set1_epi32(j as i32);
+                    for r in 0..NR {
+                        let u = src.values(r, b);
+                        // The i16 weights of the pairs: the 16 elements' scale (Q6_K), or 1.
+                        let w16 = if l.sixteen() { src.sixteen(r, b) } else { ones };
+                        for i in 0..NT {
+                            let p = if signed {
+                                let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x[i], w))
+                            } else if l.sixteen() {
+                                _mm256_sub_epi16(_mm256_maddubs_epi16(u, x[i]), x32[i])
+                            } else {
+                                _mm256_maddubs_epi16(u, x[i])
+                            };
+                            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p, w16), start[i]));
+                            acc[$chain][i][r] =
+                                _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i][r], lane), acc[$chain][i][r]);
+                        }
                     }
+                }};
+            }
+            for j in (0..gn).step_by(2) {
+                block!(j, 0);
+                if j + 1 < gn {
+                    block!(j + 1, 1);
                 }
             }
         }
         let mut out = [[0f32; NR]; NT];
         for i in 0..NT {
             for r in 0..NR {
-                out[i][r] = hsum(acc[i][r]);
+                out[i][r] = hsum(_mm256_add_ps(acc[0][i][r], acc[1][i][r]));
                 if l.min {
                     out[i][r] += hsum(acc_c[i][r]);
                 }
@@ -845,13 +1206,13 @@ mod avx2 {
         run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
     }
 
-    /// Every token of `x` against each of `nr` rows unpacked from type `T`: `put(token, row, v)`.
+    /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tokens<const T: usize>(
+    pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
         x: &Q8Rows,
         t: usize,
         nr: usize,
-        src: &Unpacked,
+        src: &S,
         put: &mut impl FnMut(usize, usize, f32),
     ) {
         super::tokens_body!(x, t, nr, src, put)
@@ -862,6 +1223,25 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::model::gguf::{dequantize, random_blocks};
+
+    /// Every type with 8-bit kernels.
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// `nb` as a count of 32-element blocks of `ty`, rounded up to whole super-blocks (8 blocks)
+    /// for the K-quants.
+    fn blocks_of(ty: GgmlType, nb: usize) -> usize {
+        let per = layout(ty).unwrap().blocks;
+        nb.div_ceil(per) * per
+    }
 
     fn nmse(got: &[f32], want: &[f32]) -> f64 {
         let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
@@ -885,13 +1265,14 @@ mod tests {
         if Simd::available().contains(&Simd::Avx512) && !vnni() {
             eprintln!("SKIPPED: the AVX-512 VNNI 8-bit kernels (this CPU has AVX-512 without VNNI)");
         }
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+        for ty in TYPES {
             // Activations of mean 0 and of mean 0.5 (where a fixed offset subtracted in f32 would
-            // cancel a large term and show).
+            // cancel a large term and show). The K-quants: 8, 24, 32 and 40 blocks.
             for (nb, mean) in [(1, 0.0), (3, 0.5), (17, 0.0), (27, 0.5), (34, 0.5)] {
+                let nb = blocks_of(ty, nb);
                 let k = nb * 32;
                 let n = 4;
-                let data = random_blocks(ty, n * nb, 5 + nb as u64);
+                let data = random_blocks(ty, n * nb / layout(ty).unwrap().blocks, 5 + nb as u64);
                 let row_bytes = data.len() / n;
                 let wide = dequantize(ty, &data, n * k).unwrap();
                 let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1 + mean).collect();
@@ -933,11 +1314,13 @@ mod tests {
     #[test]
     fn q8_matmul_is_batch_independent_and_close_to_f32() {
         use crate::backend::cpu::{matmul_act, Rows};
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
-            // 27 and 33 blocks: a partial second half of a group of 16 (AVX2's 8-block steps).
+        for ty in TYPES {
+            // 27 and 33 blocks: a partial second half of a group of 16 (AVX2's 8-block steps);
+            // the K-quants: 8, 24, 32 and 40 (a group of 16 with one super-block).
             for (nb, n) in [(3, 37), (18, 21), (27, 9), (33, 6)] {
+                let nb = blocks_of(ty, nb);
                 let k = nb * 32;
-                let data = random_blocks(ty, n * nb, 11);
+                let data = random_blocks(ty, n * nb / layout(ty).unwrap().blocks, 11);
                 let row_bytes = data.len() / n;
                 let w = Rows::Packed { ty, data: &data, row_bytes };
                 let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
@@ -968,10 +1351,10 @@ mod tests {
     #[test]
     fn non_finite_activations_propagate() {
         use crate::backend::cpu::{matmul_act, Rows};
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
-            let (nb, n) = (5, 7);
+        for ty in TYPES {
+            let (nb, n) = (blocks_of(ty, 5), 7);
             let k = nb * 32;
-            let data = random_blocks(ty, n * nb, 3);
+            let data = random_blocks(ty, n * nb / layout(ty).unwrap().blocks, 3);
             let w = Rows::Packed { ty, data: &data, row_bytes: data.len() / n };
             for (t, bad) in [(1, f32::NAN), (6, f32::INFINITY), (6, f32::NAN)] {
                 let mut x: Vec<f32> = (0..t * k).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
@@ -1009,10 +1392,11 @@ mod tests {
             assert_eq!(libc::mprotect((p as *mut u8).add(2 * page) as *mut libc::c_void, page, libc::PROT_NONE), 0);
             (p as *mut u8).add(page)
         };
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
-            for nb in 1..=40 {
+        for ty in TYPES {
+            let per = layout(ty).unwrap().blocks;
+            for nb in (per..=40).step_by(per) {
                 let (k, n) = (nb * 32, 2);
-                let data = random_blocks(ty, n * nb, nb as u64);
+                let data = random_blocks(ty, n * nb / per, nb as u64);
                 assert!(data.len() <= page);
                 for at_end in [false, true] {
                     let off = if at_end { page - data.len() } else { 0 };
@@ -1035,6 +1419,26 @@ mod tests {
         }
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(base.sub(page) as *mut libc::c_void, 3 * page) };
+    }
+
+    /// The eight scales and minimums of a Q4_K/Q5_K super-block, all at once, equal ggml's
+    /// `get_scale_min_k4` one by one, on every byte value in every position.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn k_scales_and_mins_unpack_as_ggml() {
+        let mut sb = [0u8; 16];
+        for v in 0..=255u8 {
+            for at in 0..12 {
+                sb[4..].iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8).wrapping_mul(37) ^ 0x5A);
+                sb[4 + at] = v;
+                // SAFETY: sb holds the 4 + 12 bytes read.
+                let (sc, mn) = unsafe { k_scales_mins(sb.as_ptr()) };
+                for j in 0..8 {
+                    let (s, m) = scale_min_k4(j, &sb[4..]);
+                    assert_eq!(((sc >> (8 * j)) as u8, (mn >> (8 * j)) as u8), (s, m), "byte {at} = {v}, j {j}");
+                }
+            }
+        }
     }
 
     #[test]

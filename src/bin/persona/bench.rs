@@ -83,7 +83,7 @@ pub struct BenchArgs {
     pub adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
-    /// CPU backend: `q8` quantizes the activations of matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+    /// CPU backend: `q8` quantizes the activations of matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K
     /// weights to 8 bits per 32 values, as llama.cpp does; `f32` keeps them exact.
     #[arg(long, value_enum, env = "PERSONA_CPU_ACTIVATIONS", default_value = "f32", ignore_case = true)]
     pub cpu_activations: ActivationsArg,

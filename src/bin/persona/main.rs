@@ -88,7 +88,7 @@ pub enum BackendKind {
 pub enum ActivationsArg {
     /// Exact: f32 activations (outputs equal the widened weights' bit for bit).
     F32,
-    /// 8 bits per 32 values, as llama.cpp does, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights: faster
+    /// 8 bits per 32 values, as llama.cpp does, for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights: faster
     /// decode; each matmul differs from the exact one by the rounding (NMSE about 1e-5).
     Q8,
 }
@@ -142,7 +142,7 @@ pub struct ModelArgs {
     /// anyway, with a warning; without it they are refused.
     #[arg(long)]
     pub force: bool,
-    /// CPU backend: `q8` quantizes the activations of matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+    /// CPU backend: `q8` quantizes the activations of matmuls with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K
     /// weights to 8 bits per 32 values, as llama.cpp does (faster decode; each matmul differs
     /// from the exact one by NMSE about 1e-5); `f32` keeps them exact.
     #[arg(long, value_enum, env = "PERSONA_CPU_ACTIVATIONS", default_value = "f32", ignore_case = true)]
