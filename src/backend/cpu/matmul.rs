@@ -224,7 +224,7 @@ pub fn matmul_act(
     out: &mut [f32],
 ) {
     match w {
-        Rows::Packed { ty, data, row_bytes } if act == Activations::Q8 && q8::supports(ty) && k > 0 => {
+        Rows::Packed { ty, data, row_bytes } if act == Activations::Q8 && q8::supports(ty, k) => {
             matmul_q8(simd, ty, data, row_bytes, x, bias, t, n, k, out)
         }
         _ => matmul_with(simd, x, w, bias, t, n, k, out),

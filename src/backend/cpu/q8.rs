@@ -64,9 +64,11 @@ pub fn set_activations(a: Activations) {
     Q8.store(a == Activations::Q8, Ordering::Relaxed);
 }
 
-/// Whether weights of `ty` take 8-bit activations in [`Activations::Q8`] mode.
-pub fn supports(ty: GgmlType) -> bool {
-    layout(ty).is_some()
+/// Whether weights of `ty` in rows of `k` values take 8-bit activations in [`Activations::Q8`]
+/// mode: a type with 8-bit kernels, and rows of whole stored blocks (32 values; 256 for the
+/// K-quants).
+pub fn supports(ty: GgmlType, k: usize) -> bool {
+    layout(ty).is_some_and(|l| k > 0 && k % (32 * l.blocks) == 0)
 }
 
 /// How a type stores its 32-element blocks.
@@ -217,37 +219,6 @@ impl Q8Rows {
     }
 }
 
-/// Dot products of token `ti` of `x` with up to 4 packed rows of `ty` (`out.len()` of them,
-/// `row_bytes` apart in `rows`); `false`, doing nothing, for a type without 8-bit kernels.
-pub fn dot_rows(
-    ty: GgmlType,
-    x: &Q8Rows,
-    ti: usize,
-    rows: &[u8],
-    row_bytes: usize,
-    out: &mut [f32],
-    simd: Simd,
-) -> bool {
-    let Some(tix) = type_index(ty) else { return false };
-    let l = LAYOUTS[tix];
-    assert!(out.len() <= 4 && row_bytes == row_bytes_of(l, x.k) && rows.len() >= out.len() * row_bytes);
-    if out.is_empty() {
-        return true;
-    }
-    let xr = x.row(ti);
-    #[cfg(target_arch = "x86_64")]
-    if let Some(level) = Level::of(simd) {
-        // SAFETY: Level::of checked the CPU's features; the lengths were checked above.
-        with_type!(tix, T => unsafe { dot_simd::<T>(level, xr, rows, row_bytes, out) });
-        return true;
-    }
-    let _ = simd;
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_plain(l, xr, &rows[r * row_bytes..][..row_bytes]);
-    }
-    true
-}
-
 /// Every token of `x` against a block of packed rows of `ty` (`rows.len() / row_bytes` of
 /// them): `put(token, row, value)`, one row at a time (one stream from memory: interleaving 4
 /// rows' reads cut Q4_K decode from 18 to 12 GB/s). Up to 4 tokens: the rows as stored. More
@@ -264,8 +235,10 @@ pub fn block(
     mut put: impl FnMut(usize, usize, f32),
 ) -> bool {
     let Some(tix) = type_index(ty) else { return false };
-    let nr = rows.len() / row_bytes.max(1);
-    assert!(row_bytes == row_bytes_of(LAYOUTS[tix], x.k) && x.q.len() >= t * x.k);
+    let l = LAYOUTS[tix];
+    // Whole stored blocks only: the kernels read a K-quant row 256 values at a time.
+    assert!(supports(ty, x.k) && row_bytes == row_bytes_of(l, x.k) && x.q.len() >= t * x.k);
+    let nr = rows.len() / row_bytes;
     #[cfg(target_arch = "x86_64")]
     if let Some(level) = Level::of(simd) {
         if t <= 4 {
@@ -299,11 +272,10 @@ pub fn block(
         });
         return true;
     }
+    let _ = simd;
     for r in 0..nr {
         for ti in 0..t {
-            let mut v = [0f32];
-            dot_rows(ty, x, ti, &rows[r * row_bytes..], row_bytes, &mut v, simd);
-            put(ti, r, v[0]);
+            put(ti, r, dot_plain(l, x.row(ti), &rows[r * row_bytes..][..row_bytes]));
         }
     }
     true
@@ -314,37 +286,16 @@ pub fn block(
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_type {
     ($tix:expr, $t:ident => $body:expr) => {
+        with_type!(@arms $tix, $t, $body; 0 1 2 3 4 5 6; 7)
+    };
+    (@arms $tix:expr, $t:ident, $body:expr; $($i:literal)*; $last:literal) => {
         match $tix {
-            0 => {
-                const $t: usize = 0;
+            $($i => {
+                const $t: usize = $i;
                 $body
-            }
-            1 => {
-                const $t: usize = 1;
-                $body
-            }
-            2 => {
-                const $t: usize = 2;
-                $body
-            }
-            3 => {
-                const $t: usize = 3;
-                $body
-            }
-            4 => {
-                const $t: usize = 4;
-                $body
-            }
-            5 => {
-                const $t: usize = 5;
-                $body
-            }
-            6 => {
-                const $t: usize = 6;
-                $body
-            }
+            })*
             _ => {
-                const $t: usize = 7;
+                const $t: usize = $last;
                 $body
             }
         }
@@ -371,27 +322,6 @@ impl Level {
             Simd::Avx512 | Simd::Avx2 => Some(Level::Avx2),
             Simd::Portable => None,
         }
-    }
-}
-
-/// One token against `out.len()` (1..=4) packed rows of type `T`. Safety: `level`'s features
-/// were detected; the caller checked the lengths.
-#[cfg(target_arch = "x86_64")]
-unsafe fn dot_simd<const T: usize>(level: Level, x: XRow, rows: &[u8], row_bytes: usize, out: &mut [f32]) {
-    macro_rules! go {
-        ($nr:literal) => {{
-            let v: [f32; $nr] = match level {
-                Level::Avx512 => avx512::dot::<T, $nr>(x, rows, row_bytes),
-                Level::Avx2 => avx2::dot::<T, $nr>(x, rows, row_bytes),
-            };
-            out.copy_from_slice(&v);
-        }};
-    }
-    match out.len() {
-        1 => go!(1),
-        2 => go!(2),
-        3 => go!(3),
-        _ => go!(4),
     }
 }
 
@@ -467,8 +397,9 @@ impl<const T: usize> RowSource for Packed<T> {
 /// A block of rows unpacked once for a prompt's tokens: per row, `values` bytes of stored
 /// unsigned values (32 per block, room for an even number of blocks; what follows an odd last
 /// block meets zero activations) and `scales` f32 (per group of 16 blocks, the 16 `d` lanes then
-/// the 16 `m` lanes, or `d` again; lanes past the last block repeat it, as the packed rows'
-/// kernels read them).
+/// the 16 second-term lanes, as the packed rows' `Source::scales` gives them: `m`, `−dmin·min`,
+/// `d` again, or for Q6_K each block's two i8 scales as raw bytes; lanes past the last block are
+/// never read by the AVX2 kernels and repeat it for the AVX-512 ones).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Unpacked {
@@ -642,8 +573,9 @@ mod avx512 {
     /// Where the kernel reads a row's blocks: its packed bytes, or an [`Unpacked`] copy. Both
     /// give the same values, so a token's result does not depend on which one ran.
     pub(super) trait Source {
-        /// Row `r`'s scales `d` and second-term factors (`m`, or `d` again) of blocks `g..g + 16`
-        /// (`n` of them; lanes from `n` on repeat the last).
+        /// Row `r`'s scales `d` and second-term lanes (`m`, `−dmin·min`, `d` again, or Q6_K's raw
+        /// scale bytes; see [`Unpacked`]) of blocks `g..g + 16` (`n` of them; lanes from `n` on
+        /// repeat the last).
         unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512);
         /// Row `r`'s stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
         unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i;
@@ -718,7 +650,7 @@ mod avx512 {
         u
     }
 
-    /// Four i8 scales at `p`, picked by `idx` into 16 bytes, as 16 i32 lanes.
+    /// The i8 scales in `v` picked by `idx` into 16 bytes, as 16 i32 lanes.
     #[inline(always)]
     unsafe fn sixteen_lanes(v: __m128i, idx: __m128i) -> __m512i {
         _mm512_cvtepi8_epi32(_mm_shuffle_epi8(v, idx))
@@ -918,12 +850,6 @@ mod avx512 {
         out
     }
 
-    /// One token against `NR` packed rows of type `T`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const T: usize, const NR: usize>(x: XRow, rows: &[u8], row_bytes: usize) -> [f32; NR] {
-        run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
-    }
-
     /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
@@ -966,10 +892,10 @@ mod avx2 {
         u
     }
 
-    /// The f16 at `p + min(from + i, n − 1)·stride` for lanes i < 8, as f32.
+    /// The f16 at `p + min(i, n − 1)·stride` for lanes i < 8, as f32.
     #[inline(always)]
-    unsafe fn f16x8(p: *const u8, stride: usize, from: usize, n: usize) -> __m256 {
-        let at = |i: usize| (p.add((from + i).min(n - 1) * stride) as *const i16).read_unaligned();
+    unsafe fn f16x8(p: *const u8, stride: usize, n: usize) -> __m256 {
+        let at = |i: usize| (p.add(i.min(n - 1) * stride) as *const i16).read_unaligned();
         _mm256_cvtph_ps(_mm_setr_epi16(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7)))
     }
 
@@ -1034,8 +960,8 @@ mod avx2 {
                 return k_scales(l, self.rows.add(r * self.row_bytes + g / 8 * l.bytes));
             }
             let base = self.rows.add(r * self.row_bytes + g * l.bytes);
-            let d = f16x8(base, l.bytes, 0, n);
-            (d, if l.min { f16x8(base.add(2), l.bytes, 0, n) } else { d })
+            let d = f16x8(base, l.bytes, n);
+            (d, if l.min { f16x8(base.add(2), l.bytes, n) } else { d })
         }
         #[inline(always)]
         unsafe fn values(&self, r: usize, b: usize) -> __m256i {
@@ -1200,12 +1126,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
-    /// One token against `NR` packed rows of type `T`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const T: usize, const NR: usize>(x: XRow, rows: &[u8], row_bytes: usize) -> [f32; NR] {
-        run::<_, T, 1, NR>([x], &Packed::<T> { rows: rows.as_ptr(), row_bytes })[0]
-    }
-
     /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
@@ -1251,9 +1171,10 @@ mod tests {
 
     /// The portable kernel against an f64 product of the dequantized weights and the dequantized
     /// activations `d·q` (the same numbers; only f32 rounding differs), and against the f32
-    /// activations (the activations' rounding: NMSE under 1e-3); every SIMD level's kernel
-    /// against the portable one (the same integer sums: within 1e-6 of Σ|products|). On 1..4
-    /// rows and block counts that leave an odd block at the end and partial groups.
+    /// activations (the activations' rounding: NMSE under 1e-3); every SIMD level's kernels,
+    /// decode-sized (1 and 3 tokens, rows as stored) and prompt-sized (6, rows unpacked), against
+    /// the portable one (the same integer sums: within 1e-6 of Σ|products|). On 4 rows and block
+    /// counts that leave an odd block at the end and partial groups.
     #[test]
     fn kernels_match_the_portable_one_and_the_f32_product() {
         for simd in [Simd::Avx2, Simd::Avx512] {
@@ -1275,32 +1196,41 @@ mod tests {
                 let data = random_blocks(ty, n * nb / layout(ty).unwrap().blocks, 5 + nb as u64);
                 let row_bytes = data.len() / n;
                 let wide = dequantize(ty, &data, n * k).unwrap();
-                let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1 + mean).collect();
-                let xq = Q8Rows::quantize(&x, 1, k);
-                let xhat: Vec<f64> = (0..k).map(|j| xq.q[j] as f64 * xq.d[j / 32] as f64).collect();
-                let dot =
-                    |r: usize, x: &dyn Fn(usize) -> f64| (0..k).map(|j| x(j) * wide[r * k + j] as f64).sum::<f64>();
-                let mut plain = vec![0f32; n];
-                assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut plain, Simd::Portable));
+                // 6 tokens: each level runs 1 and 3 of them as decode does (rows as stored) and
+                // all 6 as prompts do (rows unpacked).
+                let t = 6;
+                let x: Vec<f32> =
+                    (0..t * k).map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1 + mean + (i / k) as f32 * 0.03).collect();
+                let xq = Q8Rows::quantize(&x, t, k);
+                let xhat: Vec<f64> = (0..t * k).map(|j| xq.q[j] as f64 * xq.d[j / 32] as f64).collect();
+                let dot = |ti: usize, r: usize, x: &dyn Fn(usize) -> f64| {
+                    (0..k).map(|j| x(ti * k + j) * wide[r * k + j] as f64).sum::<f64>()
+                };
+                let run = |t: usize, simd: Simd| {
+                    let mut out = vec![f32::NAN; t * n];
+                    let xq = Q8Rows::quantize(&x[..t * k], t, k);
+                    assert!(block(ty, &xq, t, &data, row_bytes, simd, |ti, r, v| out[ti * n + r] = v));
+                    out
+                };
+                let plain = run(t, Simd::Portable);
                 // Σ|products|: f32 sums in any order are within a few ulps of it per term.
-                let scale: Vec<f64> =
-                    (0..n).map(|r| (0..k).map(|j| (xhat[j] * wide[r * k + j] as f64).abs()).sum()).collect();
-                for (r, &p) in plain.iter().enumerate() {
-                    let want = dot(r, &|j| xhat[j]);
-                    assert!((p as f64 - want).abs() <= 1e-6 * scale[r], "{ty} nb={nb} row {r}: {p} vs {want}");
+                let scale: Vec<f64> = (0..t * n)
+                    .map(|i| (0..k).map(|j| (xhat[i / n * k + j] * wide[i % n * k + j] as f64).abs()).sum())
+                    .collect();
+                for (i, &p) in plain.iter().enumerate() {
+                    let want = dot(i / n, i % n, &|j| xhat[j]);
+                    assert!((p as f64 - want).abs() <= 1e-6 * scale[i], "{ty} nb={nb} output {i}: {p} vs {want}");
                 }
-                let exact: Vec<f32> = (0..n).map(|r| dot(r, &|j| x[j] as f64) as f32).collect();
+                let exact: Vec<f32> = (0..t * n).map(|i| dot(i / n, i % n, &|j| x[j] as f64) as f32).collect();
                 let e = nmse(&plain, &exact);
                 assert!(e < 1e-3, "{ty} nb={nb}: 8-bit activations NMSE {e:e} against f32");
                 for simd in Simd::available() {
-                    for nr in 1..=n {
-                        let mut got = vec![f32::NAN; nr];
-                        assert!(dot_rows(ty, &xq, 0, &data, row_bytes, &mut got, simd));
-                        for (r, (g, p)) in got.iter().zip(&plain).enumerate() {
+                    for tt in [1, 3, 6] {
+                        for (i, (g, p)) in run(tt, simd).iter().zip(&plain).enumerate() {
                             let err = (g - p).abs() as f64;
                             assert!(
-                                err <= 1e-6 * scale[r],
-                                "{ty} nb={nb} {simd:?} rows={nr}: row {r} {g} vs portable {p}"
+                                err <= 1e-6 * scale[i],
+                                "{ty} nb={nb} {simd:?} t={tt}: output {i} {g} vs portable {p}"
                             );
                         }
                     }
@@ -1324,7 +1254,7 @@ mod tests {
                 let row_bytes = data.len() / n;
                 let w = Rows::Packed { ty, data: &data, row_bytes };
                 let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
-                for t in [1, 7, 33] {
+                for t in [1, 2, 3, 4, 5, 7, 33] {
                     let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 29) as f32 * 0.07 - 1.0).collect();
                     let mut f32_out = vec![0f32; t * n];
                     matmul_act(Simd::Portable, Activations::F32, &x, w, Some(&bias), t, n, k, &mut f32_out);
@@ -1438,6 +1368,20 @@ mod tests {
                     assert_eq!(((sc >> (8 * j)) as u8, (mn >> (8 * j)) as u8), (s, m), "byte {at} = {v}, j {j}");
                 }
             }
+        }
+    }
+
+    /// K-quant rows must be whole super-blocks: other lengths are not taken by the 8-bit path
+    /// (the f32 one decides), and the kernels refuse them instead of reading past the rows.
+    #[test]
+    fn rows_of_partial_super_blocks_are_refused() {
+        assert!(supports(GgmlType::Q4_K, 512) && !supports(GgmlType::Q4_K, 288) && !supports(GgmlType::Q6_K, 32));
+        assert!(supports(GgmlType::Q4_0, 32) && !supports(GgmlType::Q4_0, 0) && !supports(GgmlType::F32, 32));
+        let xq = Q8Rows::quantize(&[0.5; 288], 1, 288);
+        let rows = vec![0u8; 2 * 144];
+        for simd in Simd::available() {
+            let run = || block(GgmlType::Q4_K, &xq, 1, &rows, 144, simd, |_, _, _| {});
+            assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err(), "{simd:?}");
         }
     }
 
