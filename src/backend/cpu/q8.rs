@@ -342,36 +342,45 @@ unsafe fn tokens_simd<const T: usize, S: RowSource + avx512::Source + avx2::Sour
     }
 }
 
-/// The body of each SIMD module's `tokens`: every token of `$x` (`$t` of them, 4 at a time)
-/// against each of `$nr` rows of `$src`, through the module's inlined `run`.
+/// Each SIMD module's `tokens`, compiled for `$features`: every token of `x` (`t` of them, 4 at
+/// a time) against each of `nr` rows of type `T` from `src`, through the module's inlined `run`:
+/// `put(token, row, value)`.
 #[cfg(target_arch = "x86_64")]
-macro_rules! tokens_body {
-    ($x:expr, $t:expr, $nr:expr, $src:expr, $put:expr) => {{
-        let (x, t, src, put) = ($x, $t, $src, $put);
-        let xs: Vec<XRow> = (0..t).map(|i| x.row(i)).collect();
-        for r in 0..$nr {
-            let row = src.row(r);
-            for t0 in (0..t).step_by(4) {
-                macro_rules! go {
-                    ($nt:literal) => {{
-                        let v = run::<_, T, $nt, 1>(std::array::from_fn(|i| xs[t0 + i]), &row);
-                        for (i, v) in v.iter().enumerate() {
-                            put(t0 + i, r, v[0]);
-                        }
-                    }};
-                }
-                match t - t0 {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
+macro_rules! tokens_fn {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
+            x: &Q8Rows,
+            t: usize,
+            nr: usize,
+            src: &S,
+            put: &mut impl FnMut(usize, usize, f32),
+        ) {
+            let xs: Vec<XRow> = (0..t).map(|i| x.row(i)).collect();
+            for r in 0..nr {
+                let row = src.row(r);
+                for t0 in (0..t).step_by(4) {
+                    macro_rules! go {
+                        ($nt:literal) => {{
+                            let v = run::<_, T, $nt>(std::array::from_fn(|i| xs[t0 + i]), &row);
+                            for (i, &v) in v.iter().enumerate() {
+                                put(t0 + i, r, v);
+                            }
+                        }};
+                    }
+                    match t - t0 {
+                        1 => go!(1),
+                        2 => go!(2),
+                        3 => go!(3),
+                        _ => go!(4),
+                    }
                 }
             }
         }
-    }};
+    };
 }
 #[cfg(target_arch = "x86_64")]
-use tokens_body;
+use tokens_fn;
 
 /// Rows of type `T` (an index into [`LAYOUTS`]) as stored, `row_bytes` apart: the decode path's
 /// row source in both SIMD modules.
@@ -454,10 +463,10 @@ fn values(l: Layout, row: &[u8], b: usize) -> [u8; 32] {
         }
         Kind::Plain => {
             let qh = l.qh.map_or(0, |o| u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
-            for j in 0..16 {
-                let q = sb[l.qs + j];
-                u[j] = (q & 0x0F) | (((qh >> j) & 1) << 4) as u8;
-                u[j + 16] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+            for i in 0..16 {
+                let q = sb[l.qs + i];
+                u[i] = (q & 0x0F) | (((qh >> i) & 1) << 4) as u8;
+                u[i + 16] = (q >> 4) | (((qh >> (i + 16)) & 1) << 4) as u8;
             }
         }
         Kind::Q4K | Kind::Q5K => {
@@ -573,15 +582,15 @@ mod avx512 {
     /// Where the kernel reads a row's blocks: its packed bytes, or an [`Unpacked`] copy. Both
     /// give the same values, so a token's result does not depend on which one ran.
     pub(super) trait Source {
-        /// Row `r`'s scales `d` and second-term lanes (`m`, `−dmin·min`, `d` again, or Q6_K's raw
-        /// scale bytes; see [`Unpacked`]) of blocks `g..g + 16` (`n` of them; lanes from `n` on
-        /// repeat the last).
-        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512);
-        /// Row `r`'s stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
-        unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i;
-        /// Q6_K: row `r`'s i8 scales of blocks `b` and `b + 1` (`b` even), each 16 elements'
+        /// The row's scales `d` and second-term lanes (`m`, `−dmin·min`, `d` again, or Q6_K's
+        /// raw scale bytes; see [`Unpacked`]) of blocks `g..g + 16` (`n` of them; lanes from `n`
+        /// on repeat the last).
+        unsafe fn scales(&self, g: usize, n: usize) -> (__m512, __m512);
+        /// The row's stored values of blocks `b` and `b + 1` (zero for `b + 1` unless `two`).
+        unsafe fn values(&self, b: usize, two: bool) -> __m512i;
+        /// Q6_K: the row's i8 scales of blocks `b` and `b + 1` (`b` even), each 16 elements'
         /// scale in the 4 i32 lanes whose `vpdpbusd` sums cover them.
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i;
+        unsafe fn sixteen(&self, b: usize) -> __m512i;
     }
 
     /// Q4_K/Q5_K/Q6_K: the scales of the 16 blocks of super-blocks `s0` and `s1` (`s1` is `s0`
@@ -658,28 +667,28 @@ mod avx512 {
 
     impl<const T: usize> Source for Packed<T> {
         #[inline(always)]
-        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m512, __m512) {
+        unsafe fn scales(&self, g: usize, n: usize) -> (__m512, __m512) {
             let l = LAYOUTS[T];
             if l.kind != Kind::Plain {
-                let s0 = self.rows.add(r * self.row_bytes + g / 8 * l.bytes);
+                let s0 = self.rows.add(g / 8 * l.bytes);
                 return k_scales(l, s0, if n > 8 { s0.add(l.bytes) } else { s0 });
             }
-            let base = self.rows.add(r * self.row_bytes + g * l.bytes);
+            let base = self.rows.add(g * l.bytes);
             let d = f16x16(base, l.bytes, n);
             (d, if l.min { f16x16(base.add(2), l.bytes, n) } else { d })
         }
         #[inline(always)]
-        unsafe fn values(&self, r: usize, b: usize, two: bool) -> __m512i {
+        unsafe fn values(&self, b: usize, two: bool) -> __m512i {
             let l = LAYOUTS[T];
             if l.kind != Kind::Plain {
-                return k_values(l, self.rows.add(r * self.row_bytes + b / 8 * l.bytes), b);
+                return k_values(l, self.rows.add(b / 8 * l.bytes), b);
             }
-            weights(l, self.rows.add(r * self.row_bytes), b, two)
+            weights(l, self.rows, b, two)
         }
         #[inline(always)]
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i {
+        unsafe fn sixteen(&self, b: usize) -> __m512i {
             let l = LAYOUTS[T];
-            let p = self.rows.add(r * self.row_bytes + b / 8 * l.bytes + 192 + 2 * (b % 8));
+            let p = self.rows.add(b / 8 * l.bytes + 192 + 2 * (b % 8));
             let idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             sixteen_lanes(_mm_cvtsi32_si128((p as *const i32).read_unaligned()), idx)
         }
@@ -687,18 +696,18 @@ mod avx512 {
 
     impl Source for Unpacked {
         #[inline(always)]
-        unsafe fn scales(&self, r: usize, g: usize, _n: usize) -> (__m512, __m512) {
-            let p = self.f.add(r * self.scales + 2 * g);
+        unsafe fn scales(&self, g: usize, _n: usize) -> (__m512, __m512) {
+            let p = self.f.add(2 * g);
             (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
         }
         #[inline(always)]
-        unsafe fn values(&self, r: usize, b: usize, _two: bool) -> __m512i {
-            _mm512_loadu_si512(self.u.add(r * self.values + b * 32) as *const __m512i)
+        unsafe fn values(&self, b: usize, _two: bool) -> __m512i {
+            _mm512_loadu_si512(self.u.add(b * 32) as *const __m512i)
         }
         #[inline(always)]
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m512i {
+        unsafe fn sixteen(&self, b: usize) -> __m512i {
             // Blocks b and b + 1's second-term lanes, each holding the block's two scales.
-            let p = self.f.add(r * self.scales + 2 * (b / 16 * 16) + 16 + b % 16);
+            let p = self.f.add(2 * (b / 16 * 16) + 16 + b % 16);
             let idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5);
             sixteen_lanes(_mm_loadl_epi64(p as *const __m128i), idx)
         }
@@ -718,34 +727,32 @@ mod avx512 {
         assert!(rows.len() >= nr * row_bytes && u.len() >= nr * vn && f.len() >= nr * sn);
         let src = Packed::<T> { rows: rows.as_ptr(), row_bytes };
         for r in 0..nr {
+            let row = src.row(r);
             for g in (0..nb).step_by(16) {
-                let (d, c) = src.scales(r, g, (nb - g).min(16));
+                let (d, c) = row.scales(g, (nb - g).min(16));
                 _mm512_storeu_ps(f.as_mut_ptr().add(r * sn + 2 * g), d);
                 _mm512_storeu_ps(f.as_mut_ptr().add(r * sn + 2 * g + 16), c);
             }
             for b in (0..nb).step_by(2) {
-                let v = src.values(r, b, b + 1 < nb);
+                let v = row.values(b, b + 1 < nb);
                 _mm512_storeu_si512(u.as_mut_ptr().add(r * vn + b * 32) as *mut __m512i, v);
             }
         }
     }
 
-    /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, 16 blocks at a time: each
+    /// `NT` tokens' dot products with one row of type `T` from `src`, 16 blocks at a time: the
     /// row's 16 scales (and minimums) in one register, then each pair of blocks in one register:
     /// 64 products in `vpdpbusd`, started at the blocks' `−offset·Σq` (lanes 0 and 8), scaled
-    /// lane-wise by their block's `d·dx` (permuted from the 16) into 16 f32 lanes. Each (token,
-    /// row) is its own chain, the same whatever NT, NR and the source.
+    /// lane-wise by their block's `d·dx` (permuted from the 16) into 16 f32 lanes. Each token has
+    /// its own chains, the same whatever NT and the source.
     #[inline(always)]
-    unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
-        xs: [XRow; NT],
-        src: &S,
-    ) -> [[f32; NR]; NT] {
+    unsafe fn run<S: Source, const T: usize, const NT: usize>(xs: [XRow; NT], src: &S) -> [f32; NT] {
         let l = LAYOUTS[T];
         let nb = xs[0].d.len();
-        // Two chains per output (even and odd pairs), so one token against one row does not wait
-        // on each FMA's latency; every tile has them, so a result does not depend on NT or NR.
-        let mut acc = [[[_mm512_setzero_ps(); NR]; NT]; 2];
-        let mut acc_c = [[_mm512_setzero_ps(); NR]; NT];
+        // Two chains per output (even and odd pairs), so one token does not wait on each FMA's
+        // latency; every tile has them, so a result does not depend on NT.
+        let mut acc = [[_mm512_setzero_ps(); NT]; 2];
+        let mut acc_c = [_mm512_setzero_ps(); NT];
         // Pair p's lanes pick blocks 2p and 2p + 1 of a group's 16 scales.
         let picks: [__m512i; 8] = std::array::from_fn(|p| {
             let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
@@ -756,20 +763,17 @@ mod avx512 {
             let m: __mmask16 = if gn == 16 { 0xFFFF } else { (1u16 << gn) - 1 };
             let xd: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].d.as_ptr().add(g)));
             let xs_: [__m512; NT] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, xs[i].ds.as_ptr().add(g)));
-            let mut sc = [[_mm512_setzero_ps(); NR]; NT];
-            for r in 0..NR {
-                let (dw, c) = src.scales(r, g, gn);
+            let (dw, c) = src.scales(g, gn);
+            if l.min {
                 for i in 0..NT {
-                    if l.min {
-                        acc_c[i][r] = _mm512_fmadd_ps(c, xs_[i], acc_c[i][r]);
-                    }
-                    sc[i][r] = _mm512_mul_ps(dw, xd[i]);
+                    acc_c[i] = _mm512_fmadd_ps(c, xs_[i], acc_c[i]);
                 }
             }
+            let sc: [__m512; NT] = std::array::from_fn(|i| _mm512_mul_ps(dw, xd[i]));
             // Pair p of the group (blocks g + 2p and g + 2p + 1). For one token a whole group is
             // written out pair by pair, so each pair's position in its super-block is a constant
             // (Q6_K decode: 12.8 -> 8.3 cycles per pair); prompts' 4-token tiles keep the loop
-            // (unrolled, their code outgrew the caches: pp512 490 -> 420).
+            // (unrolling them was not measured to help).
             macro_rules! pair {
                 ($p:expr, $chain:literal) => {{
                     let p: usize = $p;
@@ -802,18 +806,15 @@ mod avx512 {
                         }
                     });
                     let pick = picks[p];
-                    for r in 0..NR {
-                        let u = src.values(r, b, two);
-                        let w16 = if l.sixteen() { src.sixteen(r, b) } else { _mm512_setzero_si512() };
-                        for i in 0..NT {
-                            let mut v = _mm512_dpbusd_epi32(start[i], u, x[i]);
-                            if l.sixteen() {
-                                v = _mm512_mullo_epi32(v, w16);
-                            }
-                            let s = _mm512_cvtepi32_ps(v);
-                            acc[$chain][i][r] =
-                                _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i][r]), acc[$chain][i][r]);
+                    let u = src.values(b, two);
+                    let w16 = if l.sixteen() { src.sixteen(b) } else { _mm512_setzero_si512() };
+                    for i in 0..NT {
+                        let mut v = _mm512_dpbusd_epi32(start[i], u, x[i]);
+                        if l.sixteen() {
+                            v = _mm512_mullo_epi32(v, w16);
                         }
+                        let s = _mm512_cvtepi32_ps(v);
+                        acc[$chain][i] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(pick, sc[i]), acc[$chain][i]);
                     }
                 }};
             }
@@ -838,29 +839,17 @@ mod avx512 {
                 }
             }
         }
-        let mut out = [[0f32; NR]; NT];
-        for i in 0..NT {
-            for r in 0..NR {
-                out[i][r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i][r], acc[1][i][r]));
-                if l.min {
-                    out[i][r] += _mm512_reduce_add_ps(acc_c[i][r]);
-                }
+        std::array::from_fn(|i| {
+            let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
+            if l.min {
+                v + _mm512_reduce_add_ps(acc_c[i])
+            } else {
+                v
             }
-        }
-        out
+        })
     }
 
-    /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
-        x: &Q8Rows,
-        t: usize,
-        nr: usize,
-        src: &S,
-        put: &mut impl FnMut(usize, usize, f32),
-    ) {
-        super::tokens_body!(x, t, nr, src, put)
-    }
+    super::tokens_fn!("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c");
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -901,14 +890,14 @@ mod avx2 {
 
     /// As the AVX-512 module's, 8 blocks at a time.
     pub(super) trait Source {
-        /// Row `r`'s scales and second-term factors of blocks `g..g + 8` (`g` a multiple of 8;
+        /// The row's scales and second-term factors of blocks `g..g + 8` (`g` a multiple of 8;
         /// `n` of them, lanes from `n` on repeat the last).
-        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256);
-        /// Row `r`'s stored values of block `b`.
-        unsafe fn values(&self, r: usize, b: usize) -> __m256i;
-        /// Q6_K: row `r`'s two i8 scales of block `b`, each in the 8 i16 lanes of the
+        unsafe fn scales(&self, g: usize, n: usize) -> (__m256, __m256);
+        /// The row's stored values of block `b`.
+        unsafe fn values(&self, b: usize) -> __m256i;
+        /// Q6_K: the row's two i8 scales of block `b`, each in the 8 i16 lanes of the
         /// `vpmaddubsw` pairs of its 16 elements.
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i;
+        unsafe fn sixteen(&self, b: usize) -> __m256i;
     }
 
     /// Q4_K/Q5_K/Q6_K: the scales of the 8 blocks of the super-block at `sb`, as the AVX-512
@@ -954,46 +943,46 @@ mod avx2 {
 
     impl<const T: usize> Source for Packed<T> {
         #[inline(always)]
-        unsafe fn scales(&self, r: usize, g: usize, n: usize) -> (__m256, __m256) {
+        unsafe fn scales(&self, g: usize, n: usize) -> (__m256, __m256) {
             let l = LAYOUTS[T];
             if l.kind != Kind::Plain {
-                return k_scales(l, self.rows.add(r * self.row_bytes + g / 8 * l.bytes));
+                return k_scales(l, self.rows.add(g / 8 * l.bytes));
             }
-            let base = self.rows.add(r * self.row_bytes + g * l.bytes);
+            let base = self.rows.add(g * l.bytes);
             let d = f16x8(base, l.bytes, n);
             (d, if l.min { f16x8(base.add(2), l.bytes, n) } else { d })
         }
         #[inline(always)]
-        unsafe fn values(&self, r: usize, b: usize) -> __m256i {
+        unsafe fn values(&self, b: usize) -> __m256i {
             let l = LAYOUTS[T];
             if l.kind != Kind::Plain {
-                return k_values(l, self.rows.add(r * self.row_bytes + b / 8 * l.bytes), b);
+                return k_values(l, self.rows.add(b / 8 * l.bytes), b);
             }
-            weights(l, self.rows.add(r * self.row_bytes), b)
+            weights(l, self.rows, b)
         }
         #[inline(always)]
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i {
+        unsafe fn sixteen(&self, b: usize) -> __m256i {
             let l = LAYOUTS[T];
-            let p = self.rows.add(r * self.row_bytes + b / 8 * l.bytes + 192 + 2 * (b % 8));
+            let p = self.rows.add(b / 8 * l.bytes + 192 + 2 * (b % 8));
             sixteen_lanes((p as *const u16).read_unaligned() as i32)
         }
     }
 
     impl Source for Unpacked {
         #[inline(always)]
-        unsafe fn scales(&self, r: usize, g: usize, _n: usize) -> (__m256, __m256) {
+        unsafe fn scales(&self, g: usize, _n: usize) -> (__m256, __m256) {
             // Group g / 16's 16 d lanes then its 16 second-term lanes; g is its first or second 8.
-            let p = self.f.add(r * self.scales + 2 * (g / 16 * 16) + g % 16);
+            let p = self.f.add(2 * (g / 16 * 16) + g % 16);
             (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(16)))
         }
         #[inline(always)]
-        unsafe fn values(&self, r: usize, b: usize) -> __m256i {
-            _mm256_loadu_si256(self.u.add(r * self.values + b * 32) as *const __m256i)
+        unsafe fn values(&self, b: usize) -> __m256i {
+            _mm256_loadu_si256(self.u.add(b * 32) as *const __m256i)
         }
         #[inline(always)]
-        unsafe fn sixteen(&self, r: usize, b: usize) -> __m256i {
+        unsafe fn sixteen(&self, b: usize) -> __m256i {
             // Block b's second-term lane holds its two scales.
-            let p = self.f.add(r * self.scales + 2 * (b / 16 * 16) + 16 + b % 16);
+            let p = self.f.add(2 * (b / 16 * 16) + 16 + b % 16);
             sixteen_lanes((p as *const i32).read_unaligned())
         }
     }
@@ -1013,19 +1002,20 @@ mod avx2 {
         assert!(rows.len() >= nr * row_bytes && u.len() >= nr * vn && f.len() >= nr * sn);
         let src = Packed::<T> { rows: rows.as_ptr(), row_bytes };
         for r in 0..nr {
+            let row = src.row(r);
             for g in (0..nb).step_by(8) {
-                let (d, c) = src.scales(r, g, (nb - g).min(8));
+                let (d, c) = row.scales(g, (nb - g).min(8));
                 let o = f.as_mut_ptr().add(r * sn + 2 * (g / 16 * 16) + g % 16);
                 _mm256_storeu_ps(o, d);
                 _mm256_storeu_ps(o.add(16), c);
             }
             for b in 0..nb {
-                _mm256_storeu_si256(u.as_mut_ptr().add(r * vn + b * 32) as *mut __m256i, src.values(r, b));
+                _mm256_storeu_si256(u.as_mut_ptr().add(r * vn + b * 32) as *mut __m256i, row.values(b));
             }
         }
     }
 
-    /// `NT` tokens' dot products with `NR` rows of type `T` from `src`, one block at a time:
+    /// `NT` tokens' dot products with one row of type `T` from `src`, one block at a time:
     /// `vpmaddubsw` of the stored values (at most 31 for Q4/Q5, so pairs of products stay under
     /// 2·31·127) with the activations, pairs summed to 8 i32 lanes, `−offset·Σq` added to lane 0,
     /// scaled by the block's `d·dx` (picked from 8 blocks' at a time) into 8 f32 lanes. Q8_0's
@@ -1033,32 +1023,26 @@ mod avx2 {
     /// back to signed and multiplied by the sign trick (|w| by x signed by w, at most 2·128·127),
     /// which gives the same exact sum.
     #[inline(always)]
-    unsafe fn run<S: Source, const T: usize, const NT: usize, const NR: usize>(
-        xs: [XRow; NT],
-        src: &S,
-    ) -> [[f32; NR]; NT] {
+    unsafe fn run<S: Source, const T: usize, const NT: usize>(xs: [XRow; NT], src: &S) -> [f32; NT] {
         let l = LAYOUTS[T];
         let signed = l.offset == 128;
         let nb = xs[0].d.len();
         // Two chains per output (even and odd blocks), as the AVX-512 kernel's.
-        let mut acc = [[[_mm256_setzero_ps(); NR]; NT]; 2];
-        let mut acc_c = [[_mm256_setzero_ps(); NR]; NT];
+        let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+        let mut acc_c = [_mm256_setzero_ps(); NT];
         let ones = _mm256_set1_epi16(1);
         for g in (0..nb).step_by(8) {
             let gn = (nb - g).min(8);
             let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(gn as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             let xd: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].d.as_ptr().add(g), m));
             let xs_: [__m256; NT] = std::array::from_fn(|i| _mm256_maskload_ps(xs[i].ds.as_ptr().add(g), m));
-            let mut sc = [[_mm256_setzero_ps(); NR]; NT];
-            for r in 0..NR {
-                let (dw, c) = src.scales(r, g, gn);
+            let (dw, c) = src.scales(g, gn);
+            if l.min {
                 for i in 0..NT {
-                    if l.min {
-                        acc_c[i][r] = _mm256_fmadd_ps(c, xs_[i], acc_c[i][r]);
-                    }
-                    sc[i][r] = _mm256_mul_ps(dw, xd[i]);
+                    acc_c[i] = _mm256_fmadd_ps(c, xs_[i], acc_c[i]);
                 }
             }
+            let sc: [__m256; NT] = std::array::from_fn(|i| _mm256_mul_ps(dw, xd[i]));
             // Block j of the group on chain j % 2 (a literal index: the chains stay in registers).
             macro_rules! block {
                 ($j:expr, $chain:literal) => {{
@@ -1080,23 +1064,20 @@ mod avx2 {
                         }
                     });
                     let lane = _mm256_set1_epi32(j as i32);
-                    for r in 0..NR {
-                        let u = src.values(r, b);
-                        // The i16 weights of the pairs: the 16 elements' scale (Q6_K), or 1.
-                        let w16 = if l.sixteen() { src.sixteen(r, b) } else { ones };
-                        for i in 0..NT {
-                            let p = if signed {
-                                let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-                                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x[i], w))
-                            } else if l.sixteen() {
-                                _mm256_sub_epi16(_mm256_maddubs_epi16(u, x[i]), x32[i])
-                            } else {
-                                _mm256_maddubs_epi16(u, x[i])
-                            };
-                            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p, w16), start[i]));
-                            acc[$chain][i][r] =
-                                _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i][r], lane), acc[$chain][i][r]);
-                        }
+                    let u = src.values(b);
+                    // The i16 weights of the pairs: the 16 elements' scale (Q6_K), or 1.
+                    let w16 = if l.sixteen() { src.sixteen(b) } else { ones };
+                    for i in 0..NT {
+                        let p = if signed {
+                            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x[i], w))
+                        } else if l.sixteen() {
+                            _mm256_sub_epi16(_mm256_maddubs_epi16(u, x[i]), x32[i])
+                        } else {
+                            _mm256_maddubs_epi16(u, x[i])
+                        };
+                        let s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p, w16), start[i]));
+                        acc[$chain][i] = _mm256_fmadd_ps(s, _mm256_permutevar8x32_ps(sc[i], lane), acc[$chain][i]);
                     }
                 }};
             }
@@ -1107,16 +1088,14 @@ mod avx2 {
                 }
             }
         }
-        let mut out = [[0f32; NR]; NT];
-        for i in 0..NT {
-            for r in 0..NR {
-                out[i][r] = hsum(_mm256_add_ps(acc[0][i][r], acc[1][i][r]));
-                if l.min {
-                    out[i][r] += hsum(acc_c[i][r]);
-                }
+        std::array::from_fn(|i| {
+            let v = hsum(_mm256_add_ps(acc[0][i], acc[1][i]));
+            if l.min {
+                v + hsum(acc_c[i])
+            } else {
+                v
             }
-        }
-        out
+        })
     }
 
     #[inline(always)]
@@ -1126,17 +1105,7 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
-    /// Every token of `x` against each of `nr` rows of type `T` from `src`: `put(token, row, v)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tokens<const T: usize, S: Source + RowSource>(
-        x: &Q8Rows,
-        t: usize,
-        nr: usize,
-        src: &S,
-        put: &mut impl FnMut(usize, usize, f32),
-    ) {
-        super::tokens_body!(x, t, nr, src, put)
-    }
+    super::tokens_fn!("avx2,fma,f16c");
 }
 
 #[cfg(test)]
