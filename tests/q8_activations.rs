@@ -26,8 +26,14 @@ fn log_softmax(l: &[f32]) -> Vec<f64> {
     l.iter().map(|&v| v as f64 - z).collect()
 }
 
+/// Held while a test sets the process-wide mode: the tests of this binary run in parallel
+/// threads (the ignored 1.5B case with `--include-ignored`), and one must not switch the mode
+/// under another's forward pass.
+static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Teacher-forced logits at every position of `ids` under `act`.
 fn logits(m: &LoadedModel<CpuBackend>, ids: &[u32], act: Activations) -> Vec<f32> {
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
     set_activations(act);
     let mut cache = m.engine.new_cache(1, ids.len()).unwrap();
     let input = SeqInput { slot: 0, tokens: ids, logits_from: Some(0), ..Default::default() };
