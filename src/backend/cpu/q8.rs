@@ -25,6 +25,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::simd::Simd;
+#[cfg(target_arch = "x86_64")]
+use crate::model::gguf::k_scales_mins;
 use crate::model::gguf::{half_at, scale_min_k4, GgmlType};
 
 /// How the CPU matmul takes its activations.
@@ -429,19 +431,6 @@ impl RowSource for Unpacked {
 #[cfg(target_arch = "x86_64")]
 fn unpacked_sizes(nb: usize) -> (usize, usize) {
     (nb.div_ceil(2) * 64, nb.div_ceil(16) * 32)
-}
-
-/// A Q4_K/Q5_K super-block's eight 6-bit scales and eight 6-bit minimums (at `sb + 4`, 12 bytes),
-/// one per byte of each u64 in block order: [`scale_min_k4`] for all eight at once.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn k_scales_mins(sb: *const u8) -> (u64, u64) {
-    let w = |o: usize| (sb.add(4 + o) as *const u32).read_unaligned() as u64;
-    let (u0, u1, u2) = (w(0), w(4), w(8));
-    let (m6, m4, m2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x0303_0303);
-    let sc = (u0 & m6) | ((u2 & m4) | ((u0 >> 6) & m2) << 4) << 32;
-    let mn = (u1 & m6) | (((u2 >> 4) & m4) | ((u1 >> 6) & m2) << 4) << 32;
-    (sc, mn)
 }
 
 #[cfg(target_arch = "x86_64")]
