@@ -156,6 +156,21 @@ unsafe fn decode_avx2(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Prefetch for kernels that read several rows at once: the hardware prefetcher did not
+/// follow their interleaved streams (6 Q4_K rows of k = 1536 from memory: 6.7-7.2 GB/s with
+/// per-row prefetches two super-blocks ahead or none, 12-14 GB/s this way). The rows of a
+/// task are adjacent, so they are read as one stream: with `done` of its bytes consumed and
+/// `step` more about to be, fetch the lines of the step 4 KB further on (32, 64 and 128
+/// lines ahead measured alike; never faults past the end).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn stream_ahead(base: *const u8, done: usize, step: usize) {
+    let first = done / 64 + 64;
+    for l in first..first + step.div_ceil(64) {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.wrapping_add(l * 64) as *const i8);
+    }
+}
+
 /// Hand-written AVX2 block decoders for the common types. Each value is computed with the same
 /// f32 operations in the same order as the plain block code (a multiply, then an add or
 /// subtract; never fused), so the results are identical.
@@ -312,6 +327,7 @@ mod avx2 {
                 assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
                 let mut acc = [_mm256_setzero_ps(); 3];
                 for blk in 0..nb {
+                    super::stream_ahead(rows.as_ptr(), blk * $s * nr, $s * nr);
                     let xp = x.as_ptr().add(32 * blk);
                     let xv = [
                         _mm256_loadu_ps(xp),
@@ -322,9 +338,6 @@ mod avx2 {
                     for j in 0..3 {
                         if j < nr {
                             let p = rows.as_ptr().add(j * row_bytes + blk * $s);
-                            // Fetch ahead of use: 4 blocks ahead measured best of 4, 8 and 24
-                            // (decode 65 vs 63 vs 58 tok/s on the default model, 2 cores).
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * $s) as *const i8);
                             let w = $regs(p);
                             for c in 0..4 {
                                 acc[j] = _mm256_fmadd_ps(xv[c], w[c], acc[j]);
@@ -416,20 +429,6 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-
-    /// Prefetch for kernels that read several rows at once: the hardware prefetcher did not
-    /// follow their interleaved streams (6 Q4_K rows of k = 1536 from memory: 6.7-7.2 GB/s with
-    /// per-row prefetches two super-blocks ahead or none, 12-14 GB/s this way). The rows of a
-    /// task are adjacent, so they are read as one stream: with `done` of its bytes consumed and
-    /// `step` more about to be, fetch the lines of the step 4 KB further on (32, 64 and 128
-    /// lines ahead measured alike; never faults past the end).
-    #[inline(always)]
-    unsafe fn stream_ahead(base: *const u8, done: usize, step: usize) {
-        let first = done / 64 + 64;
-        for l in first..first + step.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(l * 64) as *const i8);
-        }
-    }
 
     /// The f16 at `b`, as f32 in every lane.
     #[inline(always)]
@@ -548,7 +547,7 @@ mod avx512 {
         let base = rows.as_ptr();
         let mut acc = [_mm512_setzero_ps(); 3];
         for blk in 0..nb {
-            stream_ahead(base, blk * 144 * nr, 144 * nr);
+            super::stream_ahead(base, blk * 144 * nr, 144 * nr);
             let mut sm = [[([0f32; 8], [0f32; 8]); 2]; 3];
             for p in 0..3 {
                 if p < np {
@@ -633,7 +632,7 @@ mod avx512 {
         let second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
         let mut acc = [_mm512_setzero_ps(); 3];
         for blk in 0..nb {
-            stream_ahead(base, blk * 210 * nr, 210 * nr);
+            super::stream_ahead(base, blk * 210 * nr, 210 * nr);
             let mut sc = [(_mm512_setzero_ps(), _mm512_setzero_ps()); 3];
             for (p, s) in sc.iter_mut().enumerate().take(np) {
                 let a = rows.as_ptr().add(2 * p * row_bytes + blk * 210);
@@ -695,7 +694,7 @@ mod avx512 {
                 assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
                 let mut acc = [_mm512_setzero_ps(); 3];
                 for blk in 0..nb {
-                    stream_ahead(rows.as_ptr(), blk * $s * nr, $s * nr);
+                    super::stream_ahead(rows.as_ptr(), blk * $s * nr, $s * nr);
                     let xp = x.as_ptr().add(32 * blk);
                     let xv = [
                         _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
