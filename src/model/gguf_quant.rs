@@ -98,8 +98,11 @@ pub fn decode_into(ty: GgmlType, data: &[u8], out: &mut [f32], simd: bool) {
 /// fused kernel for them, and the caller decodes rows and runs its f32 tile instead).
 pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
     match (simd, ty) {
-        (Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K) => 6,
-        (Simd::Avx2 | Simd::Avx512, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0) => 3,
+        (
+            Simd::Avx512,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K,
+        ) => 6,
+        (Simd::Avx2, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0) => 3,
         _ => 0,
     }
 }
@@ -123,6 +126,7 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
             (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4_1(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4_0(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q5_0) => avx512::dot_q5_0(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q8_0) => avx512::dot_q8_0(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q4_K) => avx512::dot_q4_k(x, rows, row_bytes, lanes),
             (Simd::Avx512, GgmlType::Q6_K) => avx512::dot_q6_k(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
@@ -160,12 +164,13 @@ unsafe fn decode_avx2(ty: GgmlType, data: &[u8], out: &mut [f32]) {
 /// follow their interleaved streams (6 Q4_K rows of k = 1536 from memory: 6.7-7.2 GB/s with
 /// per-row prefetches two super-blocks ahead or none, 12-14 GB/s this way). The rows of a
 /// task are adjacent, so they are read as one stream: with `done` of its bytes consumed and
-/// `step` more about to be, fetch the lines of the step 4 KB further on (32, 64 and 128
-/// lines ahead measured alike; never faults past the end).
+/// `step` more about to be, fetch the lines of the step 8 KB further on (never faults past the
+/// end). Distance: Q8_0 from memory read 14-16 GB/s at 1-4 KB, 25-26 at 8 KB, 22-25 at 12-16 KB;
+/// Q4_0/Q4_1, Q5_0, Q4_K and Q6_K, slower to compute, measured alike from 4 to 12 KB.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn stream_ahead(base: *const u8, done: usize, step: usize) {
-    let first = done / 64 + 64;
+    let first = done / 64 + 128;
     for l in first..first + step.div_ceil(64) {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.wrapping_add(l * 64) as *const i8);
     }
@@ -278,7 +283,7 @@ mod avx2 {
 
     /// A Q8_0 block as 4 registers of 8 values.
     #[inline(always)]
-    unsafe fn q8_0_regs(b: *const u8) -> [__m256; 4] {
+    pub(super) unsafe fn q8_0_regs(b: *const u8) -> [__m256; 4] {
         let d = _mm256_set1_ps(h(b));
         [
             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2) as *const __m128i))), d),
@@ -418,103 +423,80 @@ mod avx2 {
     }
 }
 
-/// AVX-512 fused decode and dot for Q4_0, Q4_1 and Q5_0, two rows per 512-bit register: the low
-/// half of an accumulator holds row `2p`'s 8 lanes, the high half row `2p + 1`'s, so each lane
-/// still runs the one 8-lane FMA chain of the f32 tile, chunk by chunk in order. A block's
-/// possible values (16 for Q4_0/Q4_1: `d·q + m`, `(q − 8)·d`; 32 for Q5_0: `(q − 16)·d`),
-/// computed with the plain code's operations, sit in registers, and each chunk's weights are
-/// picked from the two rows' tables by index (`vpermt2ps`) instead of being converted and scaled
-/// one by one. The values are those of the plain decoder bit for bit (the same operation on the
-/// same q), so results do not change.
+/// AVX-512 fused decode and dot. Each row keeps the f32 tile's one 8-lane FMA chain, chunk by
+/// chunk in order, in a 256-bit register (AVX-512VL), with 6 rows in flight; Q6_K holds two
+/// rows per 512-bit register (low half row 2p, high half 2p + 1). Where a block has few possible
+/// values (16 for Q4_0/Q4_1 and per Q4_K sub-block, 32 for Q5_0), they are computed once with the
+/// plain code's operations and each chunk's weights are picked by index (`vpermt2ps`, whose
+/// 8-lane form reads a 16-entry table of two registers) instead of being converted and scaled
+/// one by one. The values are those of the plain decoder bit for bit (the same operations on
+/// the same q), so results do not change.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// The f16 at `b`, as f32 in every lane.
+    /// The f16 `d` (and for Q4_1 `m`) at a block's start: (d, m) in every lane.
     #[inline(always)]
-    unsafe fn scale(b: *const u8) -> __m512 {
-        _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((b as *const u16).read_unaligned() as i32)))
-    }
-
-    /// A block's table of its 16 values: `q·d + m` (Q4_1) or `(q − 8)·d` (Q4_0), q = 0..16.
-    #[inline(always)]
-    unsafe fn table<const Q4_1: bool>(b: *const u8) -> __m512 {
-        // f16 d (and m for Q4_1) at the block's start, converted together.
+    unsafe fn dm(b: *const u8) -> (__m256, __m256) {
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
-        let d = _mm512_broadcastss_ps(dm);
-        if Q4_1 {
-            let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-            _mm512_add_ps(_mm512_mul_ps(iota, d), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)))
+        (_mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)))
+    }
+
+    /// A block's 16 bytes of nibbles at `q` as 4 registers of 32-bit indices, one per chunk of 8
+    /// elements: low nibbles are elements 0..16, high nibbles 16..32. The low nibbles keep their
+    /// byte's high bits: a 16-entry permute reads index bits 0..4 only.
+    #[inline(always)]
+    unsafe fn nibbles(q: *const u8) -> [__m256i; 4] {
+        let b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+        let b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i));
+        [b0, b1, _mm256_srli_epi32::<4>(b0), _mm256_srli_epi32::<4>(b1)]
+    }
+
+    /// A Q4_1 (`Q4_1`: `q·d + m`) or Q4_0 (`(q − 8)·d`) block as 4 chunks of 8 weights.
+    #[inline(always)]
+    unsafe fn q4_regs<const Q4_1: bool>(b: *const u8) -> [__m256; 4] {
+        let (d, m) = dm(b);
+        let (t0, t1) = if Q4_1 {
+            let (lo, hi) =
+                (_mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.), _mm256_setr_ps(8., 9., 10., 11., 12., 13., 14., 15.));
+            (_mm256_add_ps(_mm256_mul_ps(lo, d), m), _mm256_add_ps(_mm256_mul_ps(hi, d), m))
         } else {
-            let iota = _mm512_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.);
-            _mm512_mul_ps(iota, d)
-        }
-    }
-
-    /// Two rows' 16 bytes of nibbles (at `a`, `b`) as 4 registers of 32-bit indices, one per
-    /// chunk of 8 elements: low nibbles are elements 0..16, high nibbles 16..32; each register's
-    /// low half is row a's, its high half row b's, whose bytes are ORed with `offset`'s.
-    #[inline(always)]
-    unsafe fn nibbles(a: *const u8, b: *const u8, offset: __m256i) -> [__m512i; 4] {
-        let mask = _mm256_set1_epi8(0x0F);
-        let q = _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
-            _mm_loadu_si128(b as *const __m128i),
-        );
-        let lo = _mm256_and_si256(q, mask);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-        // Qwords [a 0..8, b 0..8, a 8..16, b 8..16].
-        let lo = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(lo), offset);
-        let hi = _mm256_or_si256(_mm256_permute4x64_epi64::<0b11_01_10_00>(hi), offset);
+            let (lo, hi) = (
+                _mm256_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1.),
+                _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
+            );
+            (_mm256_mul_ps(lo, d), _mm256_mul_ps(hi, d))
+        };
+        let n = nibbles(b.add(if Q4_1 { 4 } else { 2 }));
         [
-            _mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)),
-            _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(lo)),
-            _mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)),
-            _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(hi)),
+            _mm256_permutex2var_ps(t0, n[0], t1),
+            _mm256_permutex2var_ps(t0, n[1], t1),
+            _mm256_permutex2var_ps(t0, n[2], t1),
+            _mm256_permutex2var_ps(t0, n[3], t1),
         ]
     }
 
-    /// A Q4_1 (`Q4_1`) or Q4_0 block of rows `a` and `b` as the 4 chunks of weights of a pair.
+    /// A Q5_0 block (`(q − 16)·d`, q = nibble + 16 · the element's bit of `qh`) as 4 chunks of
+    /// 8 weights: the 32 values are two 16-entry tables (q < 16, q ≥ 16), and each chunk's 8
+    /// bits of `qh` pick between them lane by lane.
     #[inline(always)]
-    unsafe fn q4_pair<const Q4_1: bool>(a: *const u8, b: *const u8) -> [__m512; 4] {
-        let qoff = if Q4_1 { 4 } else { 2 };
-        let (ta, tb) = (table::<Q4_1>(a), table::<Q4_1>(b));
-        // Bytes of the second row's qwords (1 and 3 after the permute) index its table (+16).
-        let second = _mm256_setr_epi64x(0, 0x1010_1010_1010_1010, 0, 0x1010_1010_1010_1010);
-        let idx = nibbles(a.add(qoff), b.add(qoff), second);
-        [
-            _mm512_permutex2var_ps(ta, idx[0], tb),
-            _mm512_permutex2var_ps(ta, idx[1], tb),
-            _mm512_permutex2var_ps(ta, idx[2], tb),
-            _mm512_permutex2var_ps(ta, idx[3], tb),
-        ]
-    }
-
-    /// A Q5_0 block (`(q − 16)·d`, q = nibble + 16 · the element's bit of `qh`) of rows `a` and
-    /// `b` as the 4 chunks of weights of a pair: each row's 32 values are two registers (q < 16
-    /// and q ≥ 16), each lane's fifth bit is set by a mask from `qh`, and each half of a chunk is
-    /// picked from its own row's tables.
-    #[inline(always)]
-    unsafe fn q5_0_pair(a: *const u8, b: *const u8) -> [__m512; 4] {
-        let low = _mm512_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9., -8., -7., -6., -5., -4., -3., -2., -1.);
-        let high = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-        let (da, db) = (scale(a), scale(b));
-        // Tables: values for q = 0..16 and q = 16..32, `(q − 16) as f32 · d` as the plain code.
-        let (ta, ta2) = (_mm512_mul_ps(low, da), _mm512_mul_ps(high, da));
-        let (tb, tb2) = (_mm512_mul_ps(low, db), _mm512_mul_ps(high, db));
-        let qha = (a.add(2) as *const u32).read_unaligned();
-        let qhb = (b.add(2) as *const u32).read_unaligned();
-        let nib = nibbles(a.add(6), b.add(6), _mm256_setzero_si256());
-        let mut w = [_mm512_setzero_ps(); 4];
+    unsafe fn q5_0_regs(b: *const u8) -> [__m256; 4] {
+        let (d, _) = dm(b);
+        let t = [
+            _mm256_mul_ps(_mm256_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9.), d),
+            _mm256_mul_ps(_mm256_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1.), d),
+            _mm256_mul_ps(_mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.), d),
+            _mm256_mul_ps(_mm256_setr_ps(8., 9., 10., 11., 12., 13., 14., 15.), d),
+        ];
+        let qh = (b.add(2) as *const u32).read_unaligned();
+        let n = nibbles(b.add(6));
+        let mut w = [_mm256_setzero_ps(); 4];
         for c in 0..4 {
             // Chunk c is elements 8c..8c + 8: their fifth bits are bits 8c.. of qh.
-            let fifth = (((qha >> (8 * c)) & 0xFF) | (((qhb >> (8 * c)) & 0xFF) << 8)) as __mmask16;
-            let idx = _mm512_mask_or_epi32(nib[c], fifth, nib[c], _mm512_set1_epi32(16));
-            w[c] = _mm512_mask_blend_ps(
-                0xFF00,
-                _mm512_permutex2var_ps(ta, idx, ta2),
-                _mm512_permutex2var_ps(tb, idx, tb2),
-            );
+            let fifth = ((qh >> (8 * c)) & 0xFF) as __mmask8;
+            let low = _mm256_permutex2var_ps(t[0], n[c], t[1]);
+            let high = _mm256_permutex2var_ps(t[2], n[c], t[3]);
+            w[c] = _mm256_mask_blend_ps(fifth, low, high);
         }
         w
     }
@@ -525,9 +507,8 @@ mod avx512 {
     /// and each chunk of 8 weights is picked from it by nibble (AVX-512VL's two-table permute
     /// on 8 lanes). A run of 64 elements is 32 bytes: the low nibbles are elements 0..32
     /// (sub-block 2i), the high nibbles 32..64 (2i + 1). The chunks are multiplied in element
-    /// order, so each row's chain is the f32 tile's. (Rows in pairs per 512-bit register, as
-    /// [`pair_dot!`], ran 7% slower: 24.4 vs 26.3 G weights/s on 2 cores, and need the second
-    /// row's index offset.)
+    /// order, so each row's chain is the f32 tile's. (Rows in pairs per 512-bit register ran 7%
+    /// slower: 24.4 vs 26.3 G weights/s on 2 cores.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
         let nb = x.len() / 256;
@@ -592,7 +573,7 @@ mod avx512 {
     }
 
     /// One token's 8-lane accumulators against up to 6 packed Q6_K rows (`lanes.len()`), in pairs
-    /// as [`pair_dot!`]. Each 32-element run's 6-bit values are assembled as bytes for a whole
+    /// per 512-bit register (row 2p's lanes in the low half, 2p + 1's in the high half). Each 32-element run's 6-bit values are assembled as bytes for a whole
     /// run of a row at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is
     /// then widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
     /// decoder does, and the pair's chunks go through the FMA chain in element order.
@@ -682,50 +663,45 @@ mod avx512 {
     }
 
     /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`; 32-element
-    /// blocks of `S` bytes) in pairs, `$pair(a, b)` giving a block's 4 chunks of weights for rows
-    /// `a` and `b` (the AVX2 module's `fused_dot!`, two rows per register).
-    macro_rules! pair_dot {
-        ($name:ident, $pair:expr, $s:literal) => {
+    /// blocks of `S` bytes), one row per 256-bit register, `$regs(block)` giving a block's 4
+    /// chunks of weights (the AVX2 module's `fused_dot!`, with twice the rows in flight).
+    macro_rules! row_dot {
+        ($name:ident, $regs:expr, $s:literal) => {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
             pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
                 let nb = x.len() / 32;
                 let nr = lanes.len().min(6);
-                let np = nr.div_ceil(2);
                 assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
-                let mut acc = [_mm512_setzero_ps(); 3];
+                let base = rows.as_ptr();
+                let mut acc = [_mm256_setzero_ps(); 6];
                 for blk in 0..nb {
-                    super::stream_ahead(rows.as_ptr(), blk * $s * nr, $s * nr);
+                    super::stream_ahead(base, blk * $s * nr, $s * nr);
                     let xp = x.as_ptr().add(32 * blk);
                     let xv = [
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+                        _mm256_loadu_ps(xp),
+                        _mm256_loadu_ps(xp.add(8)),
+                        _mm256_loadu_ps(xp.add(16)),
+                        _mm256_loadu_ps(xp.add(24)),
                     ];
-                    for p in 0..3 {
-                        if p < np {
-                            let a = rows.as_ptr().add(2 * p * row_bytes + blk * $s);
-                            // An odd last row is paired with itself; its high half is not stored.
-                            let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
-                            let w = $pair(a, b);
+                    for r in 0..6 {
+                        if r < nr {
+                            let w = $regs(base.add(r * row_bytes + blk * $s));
                             for c in 0..4 {
-                                acc[p] = _mm512_fmadd_ps(xv[c], w[c], acc[p]);
+                                acc[r] = _mm256_fmadd_ps(xv[c], w[c], acc[r]);
                             }
                         }
                     }
                 }
-                // Row 2p's lanes are the low half of acc[p], row 2p + 1's the high half.
-                for (r, l) in lanes.iter_mut().enumerate().take(6) {
-                    let half = acc[r / 2];
-                    let v = if r % 2 == 0 { _mm512_castps512_ps256(half) } else { _mm512_extractf32x8_ps::<1>(half) };
-                    _mm256_storeu_ps(l.as_mut_ptr(), v);
+                for (r, l) in lanes.iter_mut().enumerate().take(nr) {
+                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
                 }
             }
         };
     }
-    pair_dot!(dot_q4_1, q4_pair::<true>, 20);
-    pair_dot!(dot_q4_0, q4_pair::<false>, 18);
-    pair_dot!(dot_q5_0, q5_0_pair, 22);
+    row_dot!(dot_q4_1, q4_regs::<true>, 20);
+    row_dot!(dot_q4_0, q4_regs::<false>, 18);
+    row_dot!(dot_q5_0, q5_0_regs, 22);
+    row_dot!(dot_q8_0, super::avx2::q8_0_regs, 34);
 }
 
 #[inline(always)]
