@@ -424,8 +424,8 @@ mod avx2 {
 }
 
 /// AVX-512 fused decode and dot. Each row keeps the f32 tile's one 8-lane FMA chain, chunk by
-/// chunk in order, in a 256-bit register (AVX-512VL), with 6 rows in flight; Q6_K holds two
-/// rows per 512-bit register (low half row 2p, high half 2p + 1). Where a block has few possible
+/// chunk in order, in a 256-bit register (AVX-512VL), with 6 rows in flight (rows in pairs per
+/// 512-bit register ran 7-35% slower, or no faster for Q6_K). Where a block has few possible
 /// values (16 for Q4_0/Q4_1 and per Q4_K sub-block, 32 for Q5_0), they are computed once with the
 /// plain code's operations and each chunk's weights are picked by index (`vpermt2ps`, whose
 /// 8-lane form reads a 16-entry table of two registers) instead of being converted and scaled
@@ -572,24 +572,17 @@ mod avx512 {
         }
     }
 
-    /// One token's 8-lane accumulators against up to 6 packed Q6_K rows (`lanes.len()`), in pairs
-    /// per 512-bit register (row 2p's lanes in the low half, 2p + 1's in the high half). Each 32-element run's 6-bit values are assembled as bytes for a whole
-    /// run of a row at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is
-    /// then widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
-    /// decoder does, and the pair's chunks go through the FMA chain in element order.
+    /// One token's 8-lane accumulators against up to 6 packed Q6_K rows (`lanes.len()`), one row
+    /// per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
+    /// whole run at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is then
+    /// widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
+    /// decoder does, and goes through the row's FMA chain in element order. (Two rows per 512-bit
+    /// register measured the same, 17-18 GB/s from memory.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn dot_q6_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
         let nb = x.len() / 256;
         let nr = lanes.len().min(6);
-        let np = nr.div_ceil(2);
         assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 210);
-        // A row's 16 scales `d · sc` (sc as i8), with the plain code's product.
-        #[inline(always)]
-        unsafe fn scales(b: *const u8) -> __m512 {
-            let d = _mm_cvtph_ps(_mm_cvtsi32_si128((b.add(208) as *const u16).read_unaligned() as i32));
-            let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192) as *const __m128i)));
-            _mm512_mul_ps(_mm512_broadcastss_ps(d), sc)
-        }
         // Run g (0..4) of half h of a row as 32 signed bytes q − 32: `ql` nibble (low for runs
         // 0, 1; high for 2, 3) | bits 2g, 2g + 1 of `qh` at bits 4, 5.
         #[inline(always)]
@@ -610,55 +603,43 @@ mod avx512 {
             _mm256_sub_epi8(q, _mm256_set1_epi8(32))
         }
         let base = rows.as_ptr();
-        let second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
-        let mut acc = [_mm512_setzero_ps(); 3];
+        let mut acc = [_mm256_setzero_ps(); 6];
         for blk in 0..nb {
             super::stream_ahead(base, blk * 210 * nr, 210 * nr);
-            let mut sc = [(_mm512_setzero_ps(), _mm512_setzero_ps()); 3];
-            for (p, s) in sc.iter_mut().enumerate().take(np) {
-                let a = rows.as_ptr().add(2 * p * row_bytes + blk * 210);
-                let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
-                *s = (scales(a), scales(b));
+            // Each row's 16 scales `d · sc` (sc as i8), with the plain code's product.
+            let mut sc = [[0f32; 16]; 6];
+            for (r, v) in sc.iter_mut().enumerate().take(nr) {
+                let b = base.add(r * row_bytes + blk * 210);
+                let d = _mm_cvtph_ps(_mm_cvtsi32_si128((b.add(208) as *const u16).read_unaligned() as i32));
+                let s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192) as *const __m128i)));
+                _mm512_storeu_ps(v.as_mut_ptr(), _mm512_mul_ps(_mm512_broadcastss_ps(d), s));
             }
             for h in 0..2 {
                 for g in 0..4 {
                     let xp = x.as_ptr().add(256 * blk + 128 * h + 32 * g);
                     let xv = [
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp)),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(8))),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(16))),
-                        _mm512_broadcast_f32x8(_mm256_loadu_ps(xp.add(24))),
+                        _mm256_loadu_ps(xp),
+                        _mm256_loadu_ps(xp.add(8)),
+                        _mm256_loadu_ps(xp.add(16)),
+                        _mm256_loadu_ps(xp.add(24)),
                     ];
-                    for p in 0..3 {
-                        if p < np {
-                            let a = rows.as_ptr().add(2 * p * row_bytes + blk * 210);
-                            // An odd last row is paired with itself; its high half is not stored.
-                            let b = if 2 * p + 1 < nr { a.add(row_bytes) } else { a };
-                            let (qa, qb) = (run(a, h, g), run(b, h, g));
-                            // Qwords [a 0..8, b 0..8 | a 16..24, b 16..24] and [8..16 | 24..32].
-                            let (lo, hi) = (_mm256_unpacklo_epi64(qa, qb), _mm256_unpackhi_epi64(qa, qb));
-                            let chunks = [
-                                _mm256_castsi256_si128(lo),
-                                _mm256_castsi256_si128(hi),
-                                _mm256_extracti128_si256::<1>(lo),
-                                _mm256_extracti128_si256::<1>(hi),
-                            ];
-                            for (c, q) in chunks.into_iter().enumerate() {
-                                // Elements 16·(c / 2).. of the run share scale 8h + c/2 + 2g.
-                                let j = _mm512_add_epi32(_mm512_set1_epi32((8 * h + c / 2 + 2 * g) as i32), second);
-                                let s = _mm512_permutex2var_ps(sc[p].0, j, sc[p].1);
-                                let w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-                                acc[p] = _mm512_fmadd_ps(xv[c], w, acc[p]);
+                    for r in 0..6 {
+                        if r < nr {
+                            let q = run(base.add(r * row_bytes + blk * 210), h, g);
+                            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                            let chunks = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                            for (c, qc) in chunks.into_iter().enumerate() {
+                                let s = _mm256_set1_ps(sc[r][8 * h + 2 * g + c / 2]);
+                                let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qc)));
+                                acc[r] = _mm256_fmadd_ps(xv[c], w, acc[r]);
                             }
                         }
                     }
                 }
             }
         }
-        for (r, l) in lanes.iter_mut().enumerate().take(6) {
-            let half = acc[r / 2];
-            let v = if r % 2 == 0 { _mm512_castps512_ps256(half) } else { _mm512_extractf32x8_ps::<1>(half) };
-            _mm256_storeu_ps(l.as_mut_ptr(), v);
+        for (r, l) in lanes.iter_mut().enumerate().take(nr) {
+            _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
         }
     }
 
