@@ -102,7 +102,10 @@ pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
             Simd::Avx512,
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K,
         ) => 6,
-        (Simd::Avx2, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0) => 3,
+        (
+            Simd::Avx2,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K,
+        ) => 3,
         _ => 0,
     }
 }
@@ -110,7 +113,8 @@ pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
 /// One token's 8-lane dot-product accumulators against up to [`dot_rows_max`] packed rows
 /// (`lanes.len()`), the decode fused into the product: the same lanes as the matmul's f32 tile
 /// on the decoded rows, bit for bit. Returns false, doing nothing, where [`dot_rows_max`] is
-/// smaller than `lanes.len()` or `x.len()` (the row length k) is not a multiple of 32.
+/// smaller than `lanes.len()` or `x.len()` (the row length k) is not a whole number of blocks
+/// (32 elements; 256 for the K-quants).
 pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]], simd: Simd) -> bool {
     // A level above what this CPU runs is lowered to the detected one.
     let simd = simd.min(crate::backend::cpu::simd::detected());
@@ -133,6 +137,8 @@ pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &
             (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q8_0) => avx2::dot_q8_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q5_0) => avx2::dot_q5_0(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q4_K) => avx2::dot_q4_k(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q6_K) => avx2::dot_q6_k(x, rows, row_bytes, lanes),
             _ => return false,
         }
         true
@@ -176,9 +182,10 @@ unsafe fn stream_ahead(base: *const u8, done: usize, step: usize) {
     }
 }
 
-/// Hand-written AVX2 block decoders for the common types. Each value is computed with the same
-/// f32 operations in the same order as the plain block code (a multiply, then an add or
-/// subtract; never fused), so the results are identical.
+/// Hand-written AVX2 block decoders for the common types, and the fused decode-dot kernels
+/// (3 rows at a time; the AVX-512 module reuses some of their pieces with 6). Each value is
+/// computed with the same f32 operations in the same order as the plain block code (a multiply,
+/// then an add or subtract; never fused), so the results are identical.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -361,6 +368,152 @@ mod avx2 {
     fused_dot!(dot_q8_0, q8_0_regs, 34);
     fused_dot!(dot_q5_0, q5_0_regs, 22);
 
+    /// A Q4_K super-block's eight sub-block scales `d·s_j` and mins `dmin·m_j` (the plain code's
+    /// products).
+    #[inline(always)]
+    pub(super) unsafe fn k_scales_mins_f32(b: *const u8) -> ([f32; 8], [f32; 8]) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+        let (sc, mn) = super::k_scales_mins(b);
+        let wide = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+        let (mut d, mut m) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_mul_ps(_mm256_broadcastss_ps(dm), wide(sc)));
+        _mm256_storeu_ps(m.as_mut_ptr(), _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), wide(mn)));
+        (d, m)
+    }
+
+    /// One token's 8-lane accumulators against up to 3 packed Q4_K rows (`lanes.len()`): each
+    /// chunk of 8 weights converted and scaled as the plain decoder does (`d·s · q − dmin·m`,
+    /// multiplied then subtracted), in element order through the row's FMA chain.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
+        let nb = x.len() / 256;
+        let nr = lanes.len().min(3);
+        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144);
+        let base = rows.as_ptr();
+        let mask = _mm256_set1_epi32(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 3];
+        for blk in 0..nb {
+            super::stream_ahead(base, blk * 144 * nr, 144 * nr);
+            let mut sm = [([0f32; 8], [0f32; 8]); 3];
+            for (r, v) in sm.iter_mut().enumerate().take(nr) {
+                *v = k_scales_mins_f32(base.add(r * row_bytes + blk * 144));
+            }
+            for i in 0..4 {
+                let xp = x.as_ptr().add(256 * blk + 64 * i);
+                for r in 0..3 {
+                    if r < nr {
+                        let q = base.add(r * row_bytes + blk * 144 + 16 + 32 * i);
+                        let (d, m) = &sm[r];
+                        // Bytes 8c..8c + 8: elements 8c.. (low nibbles, sub-block 2i), then
+                        // 32 + 8c.. (high nibbles, 2i + 1).
+                        let mut b = [_mm256_setzero_si256(); 4];
+                        for (c, v) in b.iter_mut().enumerate() {
+                            *v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8 * c) as *const __m128i));
+                        }
+                        let (d1, m1) = (_mm256_set1_ps(d[2 * i]), _mm256_set1_ps(m[2 * i]));
+                        for c in 0..4 {
+                            let w =
+                                _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(b[c], mask))), m1);
+                            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8 * c)), w, acc[r]);
+                        }
+                        let (d2, m2) = (_mm256_set1_ps(d[2 * i + 1]), _mm256_set1_ps(m[2 * i + 1]));
+                        for c in 0..4 {
+                            let w =
+                                _mm256_sub_ps(_mm256_mul_ps(d2, _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b[c]))), m2);
+                            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(32 + 8 * c)), w, acc[r]);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, l) in lanes.iter_mut().enumerate().take(nr) {
+            _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
+        }
+    }
+
+    /// One token's 8-lane accumulators against up to `$rows` packed Q6_K rows (`lanes.len()`), one row
+    /// per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
+    /// whole run at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is then
+    /// widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
+    /// decoder does, and goes through the row's FMA chain in element order. (Two rows per 512-bit
+    /// register measured the same, 17-18 GB/s from memory.)
+    macro_rules! q6_k_dot {
+        ($name:ident, $features:literal, $rows:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
+                let nb = x.len() / 256;
+                let nr = lanes.len().min($rows);
+                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 210);
+                // Run g (0..4) of half h of a row as 32 signed bytes q − 32: `ql` nibble (low for runs
+                // 0, 1; high for 2, 3) | bits 2g, 2g + 1 of `qh` at bits 4, 5.
+                #[inline(always)]
+                unsafe fn run(b: *const u8, h: usize, g: usize) -> __m256i {
+                    let ql = _mm256_loadu_si256(b.add(64 * h + 32 * (g % 2)) as *const __m256i);
+                    let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
+                    let m4 = _mm256_set1_epi8(0x0F);
+                    let nib =
+                        if g < 2 { _mm256_and_si256(ql, m4) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4) };
+                    // Bits 2g, 2g + 1 of each byte moved to 4, 5 (16-bit shifts; the bits that cross a
+                    // byte boundary are masked off).
+                    let hi = match g {
+                        0 => _mm256_slli_epi16::<4>(qh),
+                        1 => _mm256_slli_epi16::<2>(qh),
+                        2 => qh,
+                        _ => _mm256_srli_epi16::<2>(qh),
+                    };
+                    let q = _mm256_or_si256(nib, _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
+                    _mm256_sub_epi8(q, _mm256_set1_epi8(32))
+                }
+                let base = rows.as_ptr();
+                let mut acc = [_mm256_setzero_ps(); $rows];
+                for blk in 0..nb {
+                    $crate::model::gguf_quant::stream_ahead(base, blk * 210 * nr, 210 * nr);
+                    // Each row's 16 scales `d · sc` (sc as i8), with the plain code's product.
+                    let mut sc = [[0f32; 16]; $rows];
+                    for (r, v) in sc.iter_mut().enumerate().take(nr) {
+                        let b = base.add(r * row_bytes + blk * 210);
+                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128((b.add(208) as *const u16).read_unaligned() as i32));
+                        let d = _mm256_broadcastss_ps(d);
+                        for half in 0..2 {
+                            let s = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                b.add(192 + 8 * half) as *const __m128i
+                            )));
+                            _mm256_storeu_ps(v.as_mut_ptr().add(8 * half), _mm256_mul_ps(d, s));
+                        }
+                    }
+                    for h in 0..2 {
+                        for g in 0..4 {
+                            let xp = x.as_ptr().add(256 * blk + 128 * h + 32 * g);
+                            let xv = [
+                                _mm256_loadu_ps(xp),
+                                _mm256_loadu_ps(xp.add(8)),
+                                _mm256_loadu_ps(xp.add(16)),
+                                _mm256_loadu_ps(xp.add(24)),
+                            ];
+                            for r in 0..$rows {
+                                if r < nr {
+                                    let q = run(base.add(r * row_bytes + blk * 210), h, g);
+                                    let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                                    let chunks = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                                    for (c, qc) in chunks.into_iter().enumerate() {
+                                        let s = _mm256_set1_ps(sc[r][8 * h + 2 * g + c / 2]);
+                                        let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qc)));
+                                        acc[r] = _mm256_fmadd_ps(xv[c], w, acc[r]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (r, l) in lanes.iter_mut().enumerate().take(nr) {
+                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
+                }
+            }
+        };
+    }
+    pub(super) use q6_k_dot;
+    q6_k_dot!(dot_q6_k, "avx2,fma,f16c", 3);
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4_k(b: *const u8, y: *mut f32) {
         let d = h(b);
@@ -516,24 +669,13 @@ mod avx512 {
         assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144);
         let lo = _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.);
         let hi = _mm256_setr_ps(8., 9., 10., 11., 12., 13., 14., 15.);
-        // A row's eight sub-block scales `d·s_j` and mins `dmin·m_j` (the plain code's products).
-        #[inline(always)]
-        unsafe fn scales_mins(b: *const u8) -> ([f32; 8], [f32; 8]) {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
-            let (sc, mn) = super::k_scales_mins(b);
-            let wide = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
-            let (mut d, mut m) = ([0f32; 8], [0f32; 8]);
-            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_mul_ps(_mm256_broadcastss_ps(dm), wide(sc)));
-            _mm256_storeu_ps(m.as_mut_ptr(), _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), wide(mn)));
-            (d, m)
-        }
         let base = rows.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 6];
         for blk in 0..nb {
             super::stream_ahead(base, blk * 144 * nr, 144 * nr);
             let mut sm = [([0f32; 8], [0f32; 8]); 6];
             for (r, v) in sm.iter_mut().enumerate().take(nr) {
-                *v = scales_mins(base.add(r * row_bytes + blk * 144));
+                *v = super::avx2::k_scales_mins_f32(base.add(r * row_bytes + blk * 144));
             }
             for i in 0..4 {
                 let xp = x.as_ptr().add(256 * blk + 64 * i);
@@ -572,76 +714,7 @@ mod avx512 {
         }
     }
 
-    /// One token's 8-lane accumulators against up to 6 packed Q6_K rows (`lanes.len()`), one row
-    /// per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
-    /// whole run at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is then
-    /// widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
-    /// decoder does, and goes through the row's FMA chain in element order. (Two rows per 512-bit
-    /// register measured the same, 17-18 GB/s from memory.)
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q6_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-        let nb = x.len() / 256;
-        let nr = lanes.len().min(6);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 210);
-        // Run g (0..4) of half h of a row as 32 signed bytes q − 32: `ql` nibble (low for runs
-        // 0, 1; high for 2, 3) | bits 2g, 2g + 1 of `qh` at bits 4, 5.
-        #[inline(always)]
-        unsafe fn run(b: *const u8, h: usize, g: usize) -> __m256i {
-            let ql = _mm256_loadu_si256(b.add(64 * h + 32 * (g % 2)) as *const __m256i);
-            let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
-            let m4 = _mm256_set1_epi8(0x0F);
-            let nib = if g < 2 { _mm256_and_si256(ql, m4) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4) };
-            // Bits 2g, 2g + 1 of each byte moved to 4, 5 (16-bit shifts; the bits that cross a
-            // byte boundary are masked off).
-            let hi = match g {
-                0 => _mm256_slli_epi16::<4>(qh),
-                1 => _mm256_slli_epi16::<2>(qh),
-                2 => qh,
-                _ => _mm256_srli_epi16::<2>(qh),
-            };
-            let q = _mm256_or_si256(nib, _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
-            _mm256_sub_epi8(q, _mm256_set1_epi8(32))
-        }
-        let base = rows.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 6];
-        for blk in 0..nb {
-            super::stream_ahead(base, blk * 210 * nr, 210 * nr);
-            // Each row's 16 scales `d · sc` (sc as i8), with the plain code's product.
-            let mut sc = [[0f32; 16]; 6];
-            for (r, v) in sc.iter_mut().enumerate().take(nr) {
-                let b = base.add(r * row_bytes + blk * 210);
-                let d = _mm_cvtph_ps(_mm_cvtsi32_si128((b.add(208) as *const u16).read_unaligned() as i32));
-                let s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192) as *const __m128i)));
-                _mm512_storeu_ps(v.as_mut_ptr(), _mm512_mul_ps(_mm512_broadcastss_ps(d), s));
-            }
-            for h in 0..2 {
-                for g in 0..4 {
-                    let xp = x.as_ptr().add(256 * blk + 128 * h + 32 * g);
-                    let xv = [
-                        _mm256_loadu_ps(xp),
-                        _mm256_loadu_ps(xp.add(8)),
-                        _mm256_loadu_ps(xp.add(16)),
-                        _mm256_loadu_ps(xp.add(24)),
-                    ];
-                    for r in 0..6 {
-                        if r < nr {
-                            let q = run(base.add(r * row_bytes + blk * 210), h, g);
-                            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-                            let chunks = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
-                            for (c, qc) in chunks.into_iter().enumerate() {
-                                let s = _mm256_set1_ps(sc[r][8 * h + 2 * g + c / 2]);
-                                let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qc)));
-                                acc[r] = _mm256_fmadd_ps(xv[c], w, acc[r]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for (r, l) in lanes.iter_mut().enumerate().take(nr) {
-            _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-        }
-    }
+    super::avx2::q6_k_dot!(dot_q6_k, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", 6);
 
     /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`; 32-element
     /// blocks of `S` bytes), one row per 256-bit register, `$regs(block)` giving a block's 4

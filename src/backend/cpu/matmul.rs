@@ -8,8 +8,8 @@
 //! registers), so prefill is bound by arithmetic; with AVX-512, 8 tokens × 6 rows (two tokens
 //! per register). f32 rows in decode-sized batches stream from memory and run one row per tile.
 //! For one token, the common packed types skip the scratch: their decode is fused into the dot
-//! products ([`crate::model::gguf::dot_rows`]: AVX2 for Q4_0, Q4_1, Q5_0, Q8_0; AVX-512 for
-//! Q4_0, Q4_1, Q5_0, Q4_K and Q6_K, two rows per register).
+//! products ([`crate::model::gguf::dot_rows`]: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K; 3 rows at
+//! a time with AVX2, 6 with AVX-512).
 //!
 //! Every output is one 8-lane FMA chain over the row in order, reduced the same way, whatever
 //! tile it falls in and whichever SIMD level runs it: a token's result does not depend on its position
