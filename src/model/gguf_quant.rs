@@ -94,51 +94,76 @@ pub fn decode_into(ty: GgmlType, data: &[u8], out: &mut [f32], simd: bool) {
     decode_plain(ty, data, out)
 }
 
-/// How many packed rows of `ty` [`dot_rows`] takes at once at SIMD level `simd` (0: it has no
-/// fused kernel for them, and the caller decodes rows and runs its f32 tile instead).
-pub fn dot_rows_max(ty: GgmlType, simd: Simd) -> usize {
-    match (simd, ty) {
-        (
-            Simd::Avx512,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K,
-        ) => 6,
-        (
-            Simd::Avx2,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K,
-        ) => 3,
+/// How many packed rows of `ty` [`dot_rows`] takes at once for `t` tokens at SIMD level `simd`
+/// (0: it has no fused kernel for them, and the caller decodes rows and runs its f32 tile
+/// instead): with AVX-512, 6 rows for one token and 3 for 2 to 4; with AVX2, 3 for one token.
+pub fn dot_rows_max(ty: GgmlType, simd: Simd, t: usize) -> usize {
+    use GgmlType::*;
+    if !matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4_K | Q6_K) {
+        return 0;
+    }
+    match (simd, t) {
+        (Simd::Avx512, 1) => 6,
+        (Simd::Avx512, 2..=4) | (Simd::Avx2, 1) => 3,
         _ => 0,
     }
 }
 
-/// One token's 8-lane dot-product accumulators against up to [`dot_rows_max`] packed rows
-/// (`lanes.len()`), the decode fused into the product: the same lanes as the matmul's f32 tile
-/// on the decoded rows, bit for bit. Returns false, doing nothing, where [`dot_rows_max`] is
-/// smaller than `lanes.len()` or `x.len()` (the row length k) is not a whole number of blocks
-/// (32 elements; 256 for the K-quants).
-pub fn dot_rows(ty: GgmlType, x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]], simd: Simd) -> bool {
+/// The 8-lane dot-product accumulators of `t` tokens (`x`, `t` rows of k) against up to
+/// [`dot_rows_max`] packed rows (`lanes.len() / t`; row r's lanes for token i in
+/// `lanes[r · t + i]`), the decode fused into the product and shared by the tokens: the same
+/// lanes as the matmul's f32 tile on the decoded rows, bit for bit. Returns false, doing
+/// nothing, where [`dot_rows_max`] is smaller than the number of rows, `lanes.len()` or
+/// `x.len()` is not a multiple of `t`, or k is not a whole number of blocks (32 elements; 256
+/// for the K-quants).
+pub fn dot_rows(
+    ty: GgmlType,
+    x: &[f32],
+    t: usize,
+    rows: &[u8],
+    row_bytes: usize,
+    lanes: &mut [[f32; 8]],
+    simd: Simd,
+) -> bool {
     // A level above what this CPU runs is lowered to the detected one.
     let simd = simd.min(crate::backend::cpu::simd::detected());
     let block = ty.block_layout().map_or(32, |b| b.0 as usize);
-    if lanes.len() > dot_rows_max(ty, simd) || x.len() % block != 0 {
+    if t == 0 || x.len() % t != 0 || lanes.len() % t != 0 {
+        return false;
+    }
+    let k = x.len() / t;
+    if lanes.len() / t > dot_rows_max(ty, simd, t) || k % block != 0 {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: simd is at most the detected level, and dot_rows_max is non-zero only from Avx2
-    // (AVX2, FMA and F16C; Avx512 adds AVX-512 F/BW/VL/DQ); the kernels check the lengths.
+    // (AVX2, FMA and F16C; Avx512 adds AVX-512 F/BW/VL/DQ) and for t ≤ 4 (1 with AVX2); the
+    // kernels check the lengths.
     unsafe {
+        // AVX-512 kernels: one token with 6 rows in flight, 2 to 4 tokens with 3.
+        macro_rules! tokens {
+            ($f:ident) => {
+                match t {
+                    1 => avx512::$f::<1, 6>([x], rows, row_bytes, lanes),
+                    2 => avx512::$f::<2, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
+                    3 => avx512::$f::<3, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
+                    _ => avx512::$f::<4, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
+                }
+            };
+        }
         match (simd, ty) {
-            (Simd::Avx512, GgmlType::Q4_1) => avx512::dot_q4_1(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q4_0) => avx512::dot_q4_0(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q5_0) => avx512::dot_q5_0(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q8_0) => avx512::dot_q8_0(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q4_K) => avx512::dot_q4_k(x, rows, row_bytes, lanes),
-            (Simd::Avx512, GgmlType::Q6_K) => avx512::dot_q6_k(x, rows, row_bytes, lanes),
+            (Simd::Avx512, GgmlType::Q4_1) => tokens!(dot_q4_1),
+            (Simd::Avx512, GgmlType::Q4_0) => tokens!(dot_q4_0),
+            (Simd::Avx512, GgmlType::Q5_0) => tokens!(dot_q5_0),
+            (Simd::Avx512, GgmlType::Q8_0) => tokens!(dot_q8_0),
+            (Simd::Avx512, GgmlType::Q4_K) => tokens!(dot_q4_k),
+            (Simd::Avx512, GgmlType::Q6_K) => tokens!(dot_q6_k),
             (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q8_0) => avx2::dot_q8_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q5_0) => avx2::dot_q5_0(x, rows, row_bytes, lanes),
             (_, GgmlType::Q4_K) => avx2::dot_q4_k(x, rows, row_bytes, lanes),
-            (_, GgmlType::Q6_K) => avx2::dot_q6_k(x, rows, row_bytes, lanes),
+            (_, GgmlType::Q6_K) => avx2::dot_q6_k::<1, 3>([x], rows, row_bytes, lanes),
             _ => return false,
         }
         true
@@ -368,6 +393,53 @@ mod avx2 {
     fused_dot!(dot_q8_0, q8_0_regs, 34);
     fused_dot!(dot_q5_0, q5_0_regs, 22);
 
+    /// Row r's accumulator for token t into `lanes[r · NT + t]`, for the first `nr` rows.
+    #[inline(always)]
+    pub(super) unsafe fn store_lanes<const NT: usize, const R: usize>(
+        acc: &[[__m256; NT]; R],
+        nr: usize,
+        lanes: &mut [[f32; 8]],
+    ) {
+        for (r, a) in acc.iter().enumerate().take(nr) {
+            for (tk, v) in a.iter().enumerate() {
+                _mm256_storeu_ps(lanes[r * NT + tk].as_mut_ptr(), *v);
+            }
+        }
+    }
+
+    /// The tokens' chunks of 8 activations at `off + 8c` (c < C) for the multi-row kernels: one
+    /// token's are loaded once for all the rows; more tokens' at each use (kept in registers
+    /// they spilled, and 4 tokens ran slower than the decoded-scratch path).
+    pub(super) struct XChunks<'a, const NT: usize, const C: usize> {
+        xs: &'a [&'a [f32]; NT],
+        off: usize,
+        one: [__m256; C],
+    }
+
+    impl<'a, const NT: usize, const C: usize> XChunks<'a, NT, C> {
+        /// Safety: every row of `xs` holds `off + 8C` values.
+        #[inline(always)]
+        pub(super) unsafe fn new(xs: &'a [&'a [f32]; NT], off: usize) -> Self {
+            let mut one = [_mm256_setzero_ps(); C];
+            if NT == 1 {
+                for (c, v) in one.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(xs[0].as_ptr().add(off + 8 * c));
+                }
+            }
+            XChunks { xs, off, one }
+        }
+
+        /// Token `tk`'s chunk `c`.
+        #[inline(always)]
+        pub(super) unsafe fn at(&self, tk: usize, c: usize) -> __m256 {
+            if NT == 1 {
+                self.one[c]
+            } else {
+                _mm256_loadu_ps(self.xs[tk].as_ptr().add(self.off + 8 * c))
+            }
+        }
+    }
+
     /// A Q4_K super-block's eight sub-block scales `d·s_j` and mins `dmin·m_j` (the plain code's
     /// products).
     #[inline(always)]
@@ -431,19 +503,26 @@ mod avx2 {
         }
     }
 
-    /// One token's 8-lane accumulators against up to `$rows` packed Q6_K rows (`lanes.len()`), one row
-    /// per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q6_K rows (`lanes.len() / NT`),
+    /// one row and token per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
     /// whole run at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is then
     /// widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
     /// decoder does, and goes through the row's FMA chain in element order. (Two rows per 512-bit
     /// register measured the same, 17-18 GB/s from memory.)
     macro_rules! q6_k_dot {
-        ($name:ident, $features:literal, $rows:literal) => {
+        ($name:ident, $features:literal) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-                let nb = x.len() / 256;
-                let nr = lanes.len().min($rows);
-                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 210);
+            pub(super) unsafe fn $name<const NT: usize, const R: usize>(
+                xs: [&[f32]; NT],
+                rows: &[u8],
+                row_bytes: usize,
+                lanes: &mut [[f32; 8]],
+            ) {
+                let nb = xs[0].len() / 256;
+                let nr = (lanes.len() / NT).min(R);
+                assert!(
+                    rows.len() >= nr * row_bytes && row_bytes >= nb * 210 && xs.iter().all(|x| x.len() >= nb * 256)
+                );
                 // Run g (0..4) of half h of a row as 32 signed bytes q − 32: `ql` nibble (low for runs
                 // 0, 1; high for 2, 3) | bits 2g, 2g + 1 of `qh` at bits 4, 5.
                 #[inline(always)]
@@ -465,11 +544,11 @@ mod avx2 {
                     _mm256_sub_epi8(q, _mm256_set1_epi8(32))
                 }
                 let base = rows.as_ptr();
-                let mut acc = [_mm256_setzero_ps(); $rows];
+                let mut acc = [[_mm256_setzero_ps(); NT]; R];
                 for blk in 0..nb {
                     $crate::model::gguf_quant::stream_ahead(base, blk * 210 * nr, 210 * nr);
                     // Each row's 16 scales `d · sc` (sc as i8), with the plain code's product.
-                    let mut sc = [[0f32; 16]; $rows];
+                    let mut sc = [[0f32; 16]; R];
                     for (r, v) in sc.iter_mut().enumerate().take(nr) {
                         let b = base.add(r * row_bytes + blk * 210);
                         let d = _mm_cvtph_ps(_mm_cvtsi32_si128((b.add(208) as *const u16).read_unaligned() as i32));
@@ -483,14 +562,11 @@ mod avx2 {
                     }
                     for h in 0..2 {
                         for g in 0..4 {
-                            let xp = x.as_ptr().add(256 * blk + 128 * h + 32 * g);
-                            let xv = [
-                                _mm256_loadu_ps(xp),
-                                _mm256_loadu_ps(xp.add(8)),
-                                _mm256_loadu_ps(xp.add(16)),
-                                _mm256_loadu_ps(xp.add(24)),
-                            ];
-                            for r in 0..$rows {
+                            let xv = $crate::model::gguf_quant::avx2::XChunks::<NT, 4>::new(
+                                &xs,
+                                256 * blk + 128 * h + 32 * g,
+                            );
+                            for r in 0..R {
                                 if r < nr {
                                     let q = run(base.add(r * row_bytes + blk * 210), h, g);
                                     let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
@@ -498,21 +574,21 @@ mod avx2 {
                                     for (c, qc) in chunks.into_iter().enumerate() {
                                         let s = _mm256_set1_ps(sc[r][8 * h + 2 * g + c / 2]);
                                         let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qc)));
-                                        acc[r] = _mm256_fmadd_ps(xv[c], w, acc[r]);
+                                        for tk in 0..NT {
+                                            acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w, acc[r][tk]);
+                                        }
                                     }
                                 }
                             }
                         }
                     }
                 }
-                for (r, l) in lanes.iter_mut().enumerate().take(nr) {
-                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-                }
+                $crate::model::gguf_quant::avx2::store_lanes(&acc, nr, lanes);
             }
         };
     }
     pub(super) use q6_k_dot;
-    q6_k_dot!(dot_q6_k, "avx2,fma,f16c", 3);
+    q6_k_dot!(dot_q6_k, "avx2,fma,f16c");
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4_k(b: *const u8, y: *mut f32) {
@@ -654,8 +730,8 @@ mod avx512 {
         w
     }
 
-    /// One token's 8-lane accumulators against up to 6 packed Q4_K rows (`lanes.len()`), one row
-    /// per 256-bit register: each 32-element sub-block's 16 values `d·s·q − dmin·m` (q = 0..16,
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q4_K rows (`lanes.len() /
+    /// NT`), one row and token per 256-bit register: each 32-element sub-block's 16 values `d·s·q − dmin·m` (q = 0..16,
     /// multiplied then subtracted as the plain decoder) form a table of two registers per row,
     /// and each chunk of 8 weights is picked from it by nibble (AVX-512VL's two-table permute
     /// on 8 lanes). A run of 64 elements is 32 bytes: the low nibbles are elements 0..32
@@ -663,27 +739,28 @@ mod avx512 {
     /// order, so each row's chain is the f32 tile's. (Rows in pairs per 512-bit register ran 7%
     /// slower: 24.4 vs 26.3 G weights/s on 2 cores.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-        let nb = x.len() / 256;
-        let nr = lanes.len().min(6);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144);
+    pub(super) unsafe fn dot_q4_k<const NT: usize, const R: usize>(
+        xs: [&[f32]; NT],
+        rows: &[u8],
+        row_bytes: usize,
+        lanes: &mut [[f32; 8]],
+    ) {
+        let nb = xs[0].len() / 256;
+        let nr = (lanes.len() / NT).min(R);
+        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144 && xs.iter().all(|x| x.len() >= nb * 256));
         let lo = _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.);
         let hi = _mm256_setr_ps(8., 9., 10., 11., 12., 13., 14., 15.);
         let base = rows.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 6];
+        let mut acc = [[_mm256_setzero_ps(); NT]; R];
         for blk in 0..nb {
             super::stream_ahead(base, blk * 144 * nr, 144 * nr);
-            let mut sm = [([0f32; 8], [0f32; 8]); 6];
+            let mut sm = [([0f32; 8], [0f32; 8]); R];
             for (r, v) in sm.iter_mut().enumerate().take(nr) {
                 *v = super::avx2::k_scales_mins_f32(base.add(r * row_bytes + blk * 144));
             }
             for i in 0..4 {
-                let xp = x.as_ptr().add(256 * blk + 64 * i);
-                let mut xv = [_mm256_setzero_ps(); 8];
-                for (c, v) in xv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(xp.add(8 * c));
-                }
-                for r in 0..6 {
+                let xv = super::avx2::XChunks::<NT, 8>::new(&xs, 256 * blk + 64 * i);
+                for r in 0..R {
                     if r < nr {
                         let q = base.add(r * row_bytes + blk * 144 + 16 + 32 * i);
                         let (d, m) = &sm[r];
@@ -699,56 +776,59 @@ mod avx512 {
                             *v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8 * c) as *const __m128i));
                         }
                         for c in 0..4 {
-                            acc[r] = _mm256_fmadd_ps(xv[c], _mm256_permutex2var_ps(t1.0, b[c], t1.1), acc[r]);
+                            let w = _mm256_permutex2var_ps(t1.0, b[c], t1.1);
+                            for tk in 0..NT {
+                                acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w, acc[r][tk]);
+                            }
                         }
                         for c in 0..4 {
                             let w = _mm256_permutex2var_ps(t2.0, _mm256_srli_epi32::<4>(b[c]), t2.1);
-                            acc[r] = _mm256_fmadd_ps(xv[4 + c], w, acc[r]);
+                            for tk in 0..NT {
+                                acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, 4 + c), w, acc[r][tk]);
+                            }
                         }
                     }
                 }
             }
         }
-        for (r, l) in lanes.iter_mut().enumerate().take(nr) {
-            _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-        }
+        super::avx2::store_lanes(&acc, nr, lanes);
     }
 
-    super::avx2::q6_k_dot!(dot_q6_k, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", 6);
+    super::avx2::q6_k_dot!(dot_q6_k, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
-    /// One token's 8-lane accumulators against up to 6 packed rows (`lanes.len()`; 32-element
-    /// blocks of `S` bytes), one row per 256-bit register, `$regs(block)` giving a block's 4
-    /// chunks of weights (the AVX2 module's `fused_dot!`, with twice the rows in flight).
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed rows (`lanes.len() / NT`;
+    /// 32-element blocks of `S` bytes), one row and token per 256-bit register, `$regs(block)`
+    /// giving a block's 4 chunks of weights, made once for all the tokens (the AVX2 module's
+    /// `fused_dot!`, with more rows or tokens in flight).
     macro_rules! row_dot {
         ($name:ident, $regs:expr, $s:literal) => {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-            pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-                let nb = x.len() / 32;
-                let nr = lanes.len().min(6);
-                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
+            pub(super) unsafe fn $name<const NT: usize, const R: usize>(
+                xs: [&[f32]; NT],
+                rows: &[u8],
+                row_bytes: usize,
+                lanes: &mut [[f32; 8]],
+            ) {
+                let nb = xs[0].len() / 32;
+                let nr = (lanes.len() / NT).min(R);
+                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s && xs.iter().all(|x| x.len() >= nb * 32));
                 let base = rows.as_ptr();
-                let mut acc = [_mm256_setzero_ps(); 6];
+                let mut acc = [[_mm256_setzero_ps(); NT]; R];
                 for blk in 0..nb {
                     super::stream_ahead(base, blk * $s * nr, $s * nr);
-                    let xp = x.as_ptr().add(32 * blk);
-                    let xv = [
-                        _mm256_loadu_ps(xp),
-                        _mm256_loadu_ps(xp.add(8)),
-                        _mm256_loadu_ps(xp.add(16)),
-                        _mm256_loadu_ps(xp.add(24)),
-                    ];
-                    for r in 0..6 {
+                    let xv = super::avx2::XChunks::<NT, 4>::new(&xs, 32 * blk);
+                    for r in 0..R {
                         if r < nr {
                             let w = $regs(base.add(r * row_bytes + blk * $s));
                             for c in 0..4 {
-                                acc[r] = _mm256_fmadd_ps(xv[c], w[c], acc[r]);
+                                for tk in 0..NT {
+                                    acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w[c], acc[r][tk]);
+                                }
                             }
                         }
                     }
                 }
-                for (r, l) in lanes.iter_mut().enumerate().take(nr) {
-                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-                }
+                super::avx2::store_lanes(&acc, nr, lanes);
             }
         };
     }

@@ -290,9 +290,9 @@ pub fn matmul_with(
         Rows::Packed { data, row_bytes, .. } => assert!(data.len() >= n * row_bytes),
     }
     // Decode-sized batches: blocks of 3 rows, or as many as the fused decode-dot kernel takes
-    // for one token (6 for Q4_0/Q4_1/Q5_0 with AVX-512: three pairs of rows).
+    // for these tokens (6 for one token with AVX-512).
     let fused = match w {
-        Rows::Packed { ty, .. } if t == 1 => crate::model::gguf::dot_rows_max(ty, simd),
+        Rows::Packed { ty, .. } if t <= 4 => crate::model::gguf::dot_rows_max(ty, simd, t),
         _ => 0,
     };
     let rows_per_task: usize = if t <= 4 { fused.max(3) } else { 12 };
@@ -358,16 +358,21 @@ pub fn matmul_with(
             data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
                 let rows = bytes.len() / row_bytes;
                 if rows <= fused {
-                    // Decode fused into the dot products (same lanes as the tile on decoded rows).
-                    let mut lanes = [[0f32; 8]; 6];
-                    if crate::model::gguf::dot_rows(ty, &x[..k], bytes, row_bytes, &mut lanes[..rows], simd) {
-                        for (r, l) in lanes[..rows].iter().enumerate() {
-                            let mut v = finish(l, &x[..k], &x[..k], k);
+                    // Decode fused into the dot products (same lanes as the tile on decoded rows);
+                    // row r's lanes for token i in lanes[r·t + i].
+                    let mut lanes = [[0f32; 8]; 12];
+                    let lanes = &mut lanes[..rows * t];
+                    if crate::model::gguf::dot_rows(ty, &x[..t * k], t, bytes, row_bytes, lanes, simd) {
+                        for (ri, l) in lanes.iter().enumerate() {
+                            let (r, ti) = (ri / t, ri % t);
+                            let c = blk * rows_per_task + r;
+                            // k is a whole number of blocks (dot_rows checked), so no tail.
+                            let mut v = finish(l, &[], &[], 0);
                             if let Some(b) = bias {
-                                v += b[blk * rows_per_task + r];
+                                v += b[c];
                             }
-                            // SAFETY: column blk·rows_per_task + r belongs to this block only (t = 1).
-                            unsafe { *o.0.add(blk * rows_per_task + r) = v };
+                            // SAFETY: column c belongs to this block only, and ti < t.
+                            unsafe { *o.0.add(ti * n + c) = v };
                         }
                         return;
                     }
@@ -409,7 +414,7 @@ mod tests {
             let row_bytes = data.len() / n;
             let wide = dequantize(ty, &data, n * k).unwrap();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
-            for t in [1, 7, 33, 129] {
+            for t in [1, 2, 3, 4, 7, 33, 129] {
                 let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
                 let mut want = vec![0f32; t * n];
                 matmul_with(Simd::Portable, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut want);
