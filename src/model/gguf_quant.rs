@@ -731,12 +731,13 @@ mod avx512 {
     }
 
     /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q4_K rows (`lanes.len() /
-    /// NT`), one row and token per 256-bit register: each 32-element sub-block's 16 values `d·s·q − dmin·m` (q = 0..16,
-    /// multiplied then subtracted as the plain decoder) form a table of two registers per row,
-    /// and each chunk of 8 weights is picked from it by nibble (AVX-512VL's two-table permute
-    /// on 8 lanes). A run of 64 elements is 32 bytes: the low nibbles are elements 0..32
-    /// (sub-block 2i), the high nibbles 32..64 (2i + 1). The chunks are multiplied in element
-    /// order, so each row's chain is the f32 tile's. (Rows in pairs per 512-bit register ran 7%
+    /// NT`), one row and token per 256-bit register: each 32-element sub-block's 16 values
+    /// `d·s·q − dmin·m` (q = 0..16, multiplied then subtracted as the plain decoder) form a table
+    /// of two registers per row, and each chunk of 8 weights is picked from it by nibble
+    /// (AVX-512VL's two-table permute on 8 lanes), once for all the tokens. A run of 64 elements
+    /// is 32 bytes: the low nibbles are elements 0..32 (sub-block 2i), the high nibbles 32..64
+    /// (2i + 1). The chunks are multiplied in element order, so each row's chain is the f32
+    /// tile's. (Rows in pairs per 512-bit register ran 7%
     /// slower: 24.4 vs 26.3 G weights/s on 2 cores.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_k<const NT: usize, const R: usize>(
