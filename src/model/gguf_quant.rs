@@ -158,11 +158,12 @@ pub fn dot_rows(
             (Simd::Avx512, GgmlType::Q8_0) => tokens!(dot_q8_0),
             (Simd::Avx512, GgmlType::Q4_K) => tokens!(dot_q4_k),
             (Simd::Avx512, GgmlType::Q6_K) => tokens!(dot_q6_k),
-            (_, GgmlType::Q4_1) => avx2::dot_q4_1(x, rows, row_bytes, lanes),
-            (_, GgmlType::Q4_0) => avx2::dot_q4_0(x, rows, row_bytes, lanes),
-            (_, GgmlType::Q8_0) => avx2::dot_q8_0(x, rows, row_bytes, lanes),
-            (_, GgmlType::Q5_0) => avx2::dot_q5_0(x, rows, row_bytes, lanes),
-            (_, GgmlType::Q4_K) => avx2::dot_q4_k(x, rows, row_bytes, lanes),
+            // AVX2: one token, 3 rows.
+            (_, GgmlType::Q4_1) => avx2::dot_q4_1::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q4_0) => avx2::dot_q4_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q8_0) => avx2::dot_q8_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q5_0) => avx2::dot_q5_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q4_K) => avx2::dot_q4_k::<1, 3>([x], rows, row_bytes, lanes),
             (_, GgmlType::Q6_K) => avx2::dot_q6_k::<1, 3>([x], rows, row_bytes, lanes),
             _ => return false,
         }
@@ -352,46 +353,65 @@ mod avx2 {
         store32(q5_0_regs(b), y)
     }
 
-    /// Fused decode and dot product for one token: the 8-lane FMA accumulators of `x` against
-    /// each of up to 3 packed rows (32-element blocks, `S` bytes each), chunk by chunk in order —
-    /// the arithmetic of the matmul's f32 tile on the decoded rows, without writing them out.
-    macro_rules! fused_dot {
-        ($name:ident, $regs:ident, $s:literal) => {
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-                let nb = x.len() / 32;
-                let nr = lanes.len().min(3);
-                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s);
-                let mut acc = [_mm256_setzero_ps(); 3];
+    /// The checks every fused kernel makes before it reads: `(nb, nr)`, the number of blocks of
+    /// `elems` values (`bytes` bytes) in a row and the number of rows (at most `R`) whose lanes
+    /// fit in `lanes` for `NT` tokens; panics where `rows` or a token's activations are short.
+    #[inline(always)]
+    pub(super) fn fused_lens<const NT: usize, const R: usize>(
+        xs: &[&[f32]; NT],
+        rows: &[u8],
+        row_bytes: usize,
+        lanes: &[[f32; 8]],
+        elems: usize,
+        bytes: usize,
+    ) -> (usize, usize) {
+        let nb = xs[0].len() / elems;
+        let nr = (lanes.len() / NT).min(R);
+        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * bytes && xs.iter().all(|x| x.len() >= nb * elems));
+        (nb, nr)
+    }
+
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed rows (`lanes.len() / NT`;
+    /// 32-element blocks of `$s` bytes), one row and token per 256-bit register, chunk by chunk in
+    /// order (the arithmetic of the matmul's f32 tile on the decoded rows, without writing them
+    /// out); `$regs(block)` gives a block's 4 chunks of weights, made once for all the tokens.
+    /// Compiled for `$features`: AVX2 runs it with 3 rows, AVX-512 with 6 (or 3 for 2-4 tokens).
+    macro_rules! row_dot {
+        ($name:ident, $regs:expr, $s:literal, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const NT: usize, const R: usize>(
+                xs: [&[f32]; NT],
+                rows: &[u8],
+                row_bytes: usize,
+                lanes: &mut [[f32; 8]],
+            ) {
+                use $crate::model::gguf_quant::avx2::{fused_lens, store_lanes, XChunks};
+                let (nb, nr) = fused_lens::<NT, R>(&xs, rows, row_bytes, lanes, 32, $s);
+                let base = rows.as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); NT]; R];
                 for blk in 0..nb {
-                    super::stream_ahead(rows.as_ptr(), blk * $s * nr, $s * nr);
-                    let xp = x.as_ptr().add(32 * blk);
-                    let xv = [
-                        _mm256_loadu_ps(xp),
-                        _mm256_loadu_ps(xp.add(8)),
-                        _mm256_loadu_ps(xp.add(16)),
-                        _mm256_loadu_ps(xp.add(24)),
-                    ];
-                    for j in 0..3 {
-                        if j < nr {
-                            let p = rows.as_ptr().add(j * row_bytes + blk * $s);
-                            let w = $regs(p);
+                    $crate::model::gguf_quant::stream_ahead(base, blk * $s * nr, $s * nr);
+                    let xv = XChunks::<NT, 4>::new(&xs, 32 * blk);
+                    for r in 0..R {
+                        if r < nr {
+                            let w = $regs(base.add(r * row_bytes + blk * $s));
                             for c in 0..4 {
-                                acc[j] = _mm256_fmadd_ps(xv[c], w[c], acc[j]);
+                                for tk in 0..NT {
+                                    acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w[c], acc[r][tk]);
+                                }
                             }
                         }
                     }
                 }
-                for j in 0..nr {
-                    _mm256_storeu_ps(lanes[j].as_mut_ptr(), acc[j]);
-                }
+                store_lanes(&acc, nr, lanes);
             }
         };
     }
-    fused_dot!(dot_q4_1, q4_1_regs, 20);
-    fused_dot!(dot_q4_0, q4_0_regs, 18);
-    fused_dot!(dot_q8_0, q8_0_regs, 34);
-    fused_dot!(dot_q5_0, q5_0_regs, 22);
+    pub(super) use row_dot;
+    row_dot!(dot_q4_1, q4_1_regs, 20, "avx2,fma,f16c");
+    row_dot!(dot_q4_0, q4_0_regs, 18, "avx2,fma,f16c");
+    row_dot!(dot_q8_0, q8_0_regs, 34, "avx2,fma,f16c");
+    row_dot!(dot_q5_0, q5_0_regs, 22, "avx2,fma,f16c");
 
     /// Row r's accumulator for token t into `lanes[r · NT + t]`, for the first `nr` rows.
     #[inline(always)]
@@ -453,26 +473,30 @@ mod avx2 {
         (d, m)
     }
 
-    /// One token's 8-lane accumulators against up to 3 packed Q4_K rows (`lanes.len()`): each
-    /// chunk of 8 weights converted and scaled as the plain decoder does (`d·s · q − dmin·m`,
-    /// multiplied then subtracted), in element order through the row's FMA chain.
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q4_K rows (`lanes.len() /
+    /// NT`; AVX2 runs one token with 3): each chunk of 8 weights converted and scaled as the plain
+    /// decoder does (`d·s · q − dmin·m`, multiplied then subtracted), in element order through
+    /// the row's FMA chain.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_k(x: &[f32], rows: &[u8], row_bytes: usize, lanes: &mut [[f32; 8]]) {
-        let nb = x.len() / 256;
-        let nr = lanes.len().min(3);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144);
+    pub(super) unsafe fn dot_q4_k<const NT: usize, const R: usize>(
+        xs: [&[f32]; NT],
+        rows: &[u8],
+        row_bytes: usize,
+        lanes: &mut [[f32; 8]],
+    ) {
+        let (nb, nr) = fused_lens::<NT, R>(&xs, rows, row_bytes, lanes, 256, 144);
         let base = rows.as_ptr();
         let mask = _mm256_set1_epi32(0x0F);
-        let mut acc = [_mm256_setzero_ps(); 3];
+        let mut acc = [[_mm256_setzero_ps(); NT]; R];
         for blk in 0..nb {
             super::stream_ahead(base, blk * 144 * nr, 144 * nr);
-            let mut sm = [([0f32; 8], [0f32; 8]); 3];
+            let mut sm = [([0f32; 8], [0f32; 8]); R];
             for (r, v) in sm.iter_mut().enumerate().take(nr) {
                 *v = k_scales_mins_f32(base.add(r * row_bytes + blk * 144));
             }
             for i in 0..4 {
-                let xp = x.as_ptr().add(256 * blk + 64 * i);
-                for r in 0..3 {
+                let xv = XChunks::<NT, 8>::new(&xs, 256 * blk + 64 * i);
+                for r in 0..R {
                     if r < nr {
                         let q = base.add(r * row_bytes + blk * 144 + 16 + 32 * i);
                         let (d, m) = &sm[r];
@@ -486,29 +510,31 @@ mod avx2 {
                         for c in 0..4 {
                             let w =
                                 _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(b[c], mask))), m1);
-                            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8 * c)), w, acc[r]);
+                            for tk in 0..NT {
+                                acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w, acc[r][tk]);
+                            }
                         }
                         let (d2, m2) = (_mm256_set1_ps(d[2 * i + 1]), _mm256_set1_ps(m[2 * i + 1]));
                         for c in 0..4 {
                             let w =
                                 _mm256_sub_ps(_mm256_mul_ps(d2, _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b[c]))), m2);
-                            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(32 + 8 * c)), w, acc[r]);
+                            for tk in 0..NT {
+                                acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, 4 + c), w, acc[r][tk]);
+                            }
                         }
                     }
                 }
             }
         }
-        for (r, l) in lanes.iter_mut().enumerate().take(nr) {
-            _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-        }
+        store_lanes(&acc, nr, lanes);
     }
 
-    /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q6_K rows (`lanes.len() / NT`),
-    /// one row and token per 256-bit register. Each 32-element run's 6-bit values are assembled as bytes for the
-    /// whole run at once (nibble of `ql` | two bits of `qh` << 4, minus 32); a chunk of 8 is then
-    /// widened, converted and multiplied by its scale `d·sc` (per 16 elements) as the plain
-    /// decoder does, and goes through the row's FMA chain in element order. (Two rows per 512-bit
-    /// register measured the same, 17-18 GB/s from memory.)
+    /// The 8-lane accumulators of `NT` tokens against up to `R` packed Q6_K rows (`lanes.len() /
+    /// NT`), one row and token per 256-bit register. Each 32-element run's 6-bit values are
+    /// assembled as bytes for the whole run at once (nibble of `ql` | two bits of `qh` << 4, minus
+    /// 32); a chunk of 8 is then widened, converted and multiplied by its scale `d·sc` (per 16
+    /// elements) as the plain decoder does, and goes through the row's FMA chain in element order.
+    /// (Two rows per 512-bit register measured the same, 17-18 GB/s from memory.)
     macro_rules! q6_k_dot {
         ($name:ident, $features:literal) => {
             #[target_feature(enable = $features)]
@@ -518,11 +544,8 @@ mod avx2 {
                 row_bytes: usize,
                 lanes: &mut [[f32; 8]],
             ) {
-                let nb = xs[0].len() / 256;
-                let nr = (lanes.len() / NT).min(R);
-                assert!(
-                    rows.len() >= nr * row_bytes && row_bytes >= nb * 210 && xs.iter().all(|x| x.len() >= nb * 256)
-                );
+                let (nb, nr) =
+                    $crate::model::gguf_quant::avx2::fused_lens::<NT, R>(&xs, rows, row_bytes, lanes, 256, 210);
                 // Run g (0..4) of half h of a row as 32 signed bytes q − 32: `ql` nibble (low for runs
                 // 0, 1; high for 2, 3) | bits 2g, 2g + 1 of `qh` at bits 4, 5.
                 #[inline(always)]
@@ -737,8 +760,8 @@ mod avx512 {
     /// (AVX-512VL's two-table permute on 8 lanes), once for all the tokens. A run of 64 elements
     /// is 32 bytes: the low nibbles are elements 0..32 (sub-block 2i), the high nibbles 32..64
     /// (2i + 1). The chunks are multiplied in element order, so each row's chain is the f32
-    /// tile's. (Rows in pairs per 512-bit register ran 7%
-    /// slower: 24.4 vs 26.3 G weights/s on 2 cores.)
+    /// tile's. (Rows in pairs per 512-bit register ran 7% slower: 24.4 vs 26.3 G weights/s on 2
+    /// cores.)
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_k<const NT: usize, const R: usize>(
         xs: [&[f32]; NT],
@@ -746,9 +769,7 @@ mod avx512 {
         row_bytes: usize,
         lanes: &mut [[f32; 8]],
     ) {
-        let nb = xs[0].len() / 256;
-        let nr = (lanes.len() / NT).min(R);
-        assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * 144 && xs.iter().all(|x| x.len() >= nb * 256));
+        let (nb, nr) = super::avx2::fused_lens::<NT, R>(&xs, rows, row_bytes, lanes, 256, 144);
         let lo = _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.);
         let hi = _mm256_setr_ps(8., 9., 10., 11., 12., 13., 14., 15.);
         let base = rows.as_ptr();
@@ -797,46 +818,11 @@ mod avx512 {
 
     super::avx2::q6_k_dot!(dot_q6_k, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
-    /// The 8-lane accumulators of `NT` tokens against up to `R` packed rows (`lanes.len() / NT`;
-    /// 32-element blocks of `S` bytes), one row and token per 256-bit register, `$regs(block)`
-    /// giving a block's 4 chunks of weights, made once for all the tokens (the AVX2 module's
-    /// `fused_dot!`, with more rows or tokens in flight).
-    macro_rules! row_dot {
-        ($name:ident, $regs:expr, $s:literal) => {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-            pub(super) unsafe fn $name<const NT: usize, const R: usize>(
-                xs: [&[f32]; NT],
-                rows: &[u8],
-                row_bytes: usize,
-                lanes: &mut [[f32; 8]],
-            ) {
-                let nb = xs[0].len() / 32;
-                let nr = (lanes.len() / NT).min(R);
-                assert!(rows.len() >= nr * row_bytes && row_bytes >= nb * $s && xs.iter().all(|x| x.len() >= nb * 32));
-                let base = rows.as_ptr();
-                let mut acc = [[_mm256_setzero_ps(); NT]; R];
-                for blk in 0..nb {
-                    super::stream_ahead(base, blk * $s * nr, $s * nr);
-                    let xv = super::avx2::XChunks::<NT, 4>::new(&xs, 32 * blk);
-                    for r in 0..R {
-                        if r < nr {
-                            let w = $regs(base.add(r * row_bytes + blk * $s));
-                            for c in 0..4 {
-                                for tk in 0..NT {
-                                    acc[r][tk] = _mm256_fmadd_ps(xv.at(tk, c), w[c], acc[r][tk]);
-                                }
-                            }
-                        }
-                    }
-                }
-                super::avx2::store_lanes(&acc, nr, lanes);
-            }
-        };
-    }
-    row_dot!(dot_q4_1, q4_regs::<true>, 20);
-    row_dot!(dot_q4_0, q4_regs::<false>, 18);
-    row_dot!(dot_q5_0, q5_0_regs, 22);
-    row_dot!(dot_q8_0, super::avx2::q8_0_regs, 34);
+    // The AVX2 module's kernel over this module's table-lookup blocks (Q8_0: its converter).
+    super::avx2::row_dot!(dot_q4_1, q4_regs::<true>, 20, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+    super::avx2::row_dot!(dot_q4_0, q4_regs::<false>, 18, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+    super::avx2::row_dot!(dot_q5_0, q5_0_regs, 22, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+    super::avx2::row_dot!(dot_q8_0, super::avx2::q8_0_regs, 34, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 }
 
 #[inline(always)]
