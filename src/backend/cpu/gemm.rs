@@ -86,7 +86,7 @@ impl Backend for CpuGemmBackend {
     }
     fn upload(&self, t: &HostTensor) -> Result<CpuWeight> {
         // Training reads every weight as f32 (the backward GEMMs), so widen them all.
-        Ok(CpuWeight::f32(t))
+        CpuWeight::f32(t)
     }
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         CpuBackend.alloc(len)

@@ -6,6 +6,7 @@
 
 mod gemm;
 mod matmul;
+mod pages;
 pub mod q8;
 mod residual;
 pub mod simd;
@@ -46,21 +47,42 @@ pub struct CpuWeight {
 }
 
 pub enum WeightData {
-    /// f32 values (shared when the loader already produced f32).
-    F32(std::sync::Arc<Vec<f32>>),
+    /// f32 values.
+    F32(F32Values),
     /// Rows of `ty` (ggml quantized blocks, F16 or BF16), `row_bytes` each, in the tensor's
     /// storage (a range of the file's memory map, or bytes the loader reordered).
     Packed { ty: GgmlType, row_bytes: usize, tensor: HostTensor },
 }
 
+/// A weight's f32 values: shared with the loader where it already produced f32; widened into
+/// huge pages otherwise (decode streams them faster; [`pages`]).
+pub enum F32Values {
+    Shared(std::sync::Arc<Vec<f32>>),
+    Huge(pages::HugeF32),
+}
+
+impl std::ops::Deref for F32Values {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Values::Shared(v) => v,
+            F32Values::Huge(v) => v,
+        }
+    }
+}
+
 impl CpuWeight {
     /// A weight widened to f32 (what the reference kernels of training read).
-    pub fn f32(t: &HostTensor) -> CpuWeight {
+    pub fn f32(t: &HostTensor) -> Result<CpuWeight> {
         let data = match &t.storage {
-            Storage::F32(v) => v.clone(),
-            _ => std::sync::Arc::new(t.to_f32()),
+            Storage::F32(v) => F32Values::Shared(v.clone()),
+            _ => {
+                let v = t.to_f32();
+                F32Values::Huge(pages::HugeF32::filled(v.len(), |o| o.copy_from_slice(&v))?)
+            }
         };
-        CpuWeight { data: WeightData::F32(data), shape: t.shape.clone() }
+        Ok(CpuWeight { data: WeightData::F32(data), shape: t.shape.clone() })
     }
 
     /// The weight's rows as the matmul reads them.
@@ -152,10 +174,10 @@ impl Backend for CpuBackend {
     fn upload(&self, t: &HostTensor) -> Result<CpuWeight> {
         // Vectors (norms, biases) are small and read by f32 code: widen them.
         if t.shape.len() < 2 || t.numel() == 0 {
-            return Ok(CpuWeight::f32(t));
+            return CpuWeight::f32(t);
         }
         let ty = match &t.storage {
-            Storage::F32(_) | Storage::Mapped { dtype: DType::F32, .. } => return Ok(CpuWeight::f32(t)),
+            Storage::F32(_) | Storage::Mapped { dtype: DType::F32, .. } => return CpuWeight::f32(t),
             Storage::Mapped { dtype: DType::F16, .. } => GgmlType::F16,
             Storage::Mapped { dtype: DType::BF16, .. } => GgmlType::BF16,
             Storage::Quant { ty, .. } => *ty,
