@@ -1032,7 +1032,8 @@ fn block_q3_k(b: &[u8], y: &mut [f32]) {
 
 /// The eight 6-bit scales and mins of the Q4_K/Q5_K super-block at `sb` (its 12 bytes at offset
 /// 4), one per byte of each u64 in block order: [`scale_min_k4`] for all eight at once.
-/// `sb` must point at a whole super-block.
+/// `sb` must point at a whole super-block. (Only the x86-64 kernels use it.)
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn k_scales_mins(sb: *const u8) -> (u64, u64) {
     let w = |o: usize| (sb.add(4 + o) as *const u32).read_unaligned() as u64;
