@@ -29,9 +29,9 @@ use crate::model::gguf_types::{
 };
 use crate::model::tensor::{Bytes, DType, HostTensor, Storage};
 
-pub use crate::model::gguf_quant::{decode_into, dequantize, dot_rows, dot_rows_max, random_blocks};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use crate::model::gguf_quant::k_scales_mins;
+pub use crate::model::gguf_quant::{decode_into, dequantize, dot_rows, dot_rows_max, random_blocks};
 pub(crate) use crate::model::gguf_quant::{half_at, scale_min_k4};
 pub use crate::model::gguf_types::{GgmlType, GgufTensorInfo, GgufValue};
 pub use crate::model::gguf_write::write_gguf;

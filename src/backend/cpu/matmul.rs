@@ -315,7 +315,12 @@ pub fn matmul_with(
         Rows::Packed { ty, .. } if t <= 4 => crate::model::gguf::dot_rows_max(ty, simd, t),
         _ => 0,
     };
-    let rows_per_task: usize = if t <= 4 { fused.max(3) } else { 12 };
+    let rows_per_task: usize = match (t, fused) {
+        (..=4, 0) => 3,
+        // At least 3 rows, whole calls of the fused kernel.
+        (..=4, f) => f * 3usize.div_ceil(f),
+        _ => 12,
+    };
     let avx2 = simd >= Simd::Avx2;
     // f32 rows in decode-sized batches stream from memory, and one row at a time streams fastest:
     // interleaving 2 or 3 rows halved the bandwidth (default model's F32 copy, 2 cores, tg64:
@@ -399,14 +404,21 @@ pub fn matmul_with(
         Rows::Packed { ty, data, row_bytes } => {
             data[..n * row_bytes].par_chunks(rows_per_task * row_bytes).enumerate().for_each(|(blk, bytes)| {
                 let rows = bytes.len() / row_bytes;
-                if rows <= fused {
-                    // Decode fused into the dot products (same lanes as the tile on decoded rows);
-                    // row r's lanes for token i in lanes[r·t + i].
-                    let mut lanes = [[0f32; 8]; 12];
-                    let lanes = &mut lanes[..rows * t];
-                    if crate::model::gguf::dot_rows(ty, &x[..t * k], t, bytes, row_bytes, lanes, simd) {
+                // Decode fused into the dot products (same lanes as the tile on decoded rows),
+                // `fused` rows per call; row r's lanes for token i in lanes[r·t + i]. Every call
+                // has the same k, so the first one refusing (k not whole blocks) is the only way
+                // to end up in the scratch path below.
+                let fused_ran = fused > 0
+                    && (0..rows).step_by(fused).all(|g0| {
+                        let gr = (rows - g0).min(fused);
+                        let mut lanes = [[0f32; 8]; 12];
+                        let lanes = &mut lanes[..gr * t];
+                        let group = &bytes[g0 * row_bytes..(g0 + gr) * row_bytes];
+                        if !crate::model::gguf::dot_rows(ty, &x[..t * k], t, group, row_bytes, lanes, simd) {
+                            return false;
+                        }
                         for (ri, l) in lanes.iter().enumerate() {
-                            let (r, ti) = (ri / t, ri % t);
+                            let (r, ti) = (g0 + ri / t, ri % t);
                             let c = blk * rows_per_task + r;
                             // k is a whole number of blocks (dot_rows checked), so no tail.
                             let mut v = finish(l, &[], &[], 0);
@@ -416,8 +428,10 @@ pub fn matmul_with(
                             // SAFETY: column c belongs to this block only, and ti < t.
                             unsafe { *o.0.add(ti * n + c) = v };
                         }
-                        return;
-                    }
+                        true
+                    });
+                if fused_ran {
+                    return;
                 }
                 SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
