@@ -175,15 +175,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// arithmetic of [`dot`], computed in tiles that share their loads; `put(i, j, value)`.
 pub fn dot_tiles(xs: &[&[f32]], ws: &[&[f32]], mut put: impl FnMut(usize, usize, f32)) {
     let avx2 = active() >= Simd::Avx2;
+    // One x (a decode step's query head against its keys): 8 rows per tile, so 8 chains hide
+    // the FMA latency that 3 left exposed.
+    let rows = if xs.len() == 1 { 8 } else { 3 };
     for i0 in (0..xs.len()).step_by(4) {
-        for j0 in (0..ws.len()).step_by(3) {
-            let (nt, nr) = ((xs.len() - i0).min(4), (ws.len() - j0).min(3));
+        for j0 in (0..ws.len()).step_by(rows) {
+            let (nt, nr) = ((xs.len() - i0).min(4), (ws.len() - j0).min(rows));
             tile_at(avx2, nt, nr, |i| xs[i0 + i], |j| ws[j0 + j], |i, j, v| put(i0 + i, j0 + j, v));
         }
     }
 }
 
-/// One tile of `nt` ≤ 4 rows `xr(i)` × `nr` ≤ 3 rows `wr(j)`, dispatched to a fixed-size tile;
+/// One tile of `nt` ≤ 4 rows `xr(i)` × `nr` ≤ 3 rows `wr(j)` (up to 8 when `nt` is 1),
+/// dispatched to a fixed-size tile;
 /// `put(i, j, value)` with tile-local indices.
 #[inline(always)]
 fn tile_at<'a>(
@@ -214,6 +218,11 @@ fn tile_at<'a>(
         (2, 3) => go!(2, 3),
         (2, 2) => go!(2, 2),
         (2, 1) => go!(2, 1),
+        (1, 8) => go!(1, 8),
+        (1, 7) => go!(1, 7),
+        (1, 6) => go!(1, 6),
+        (1, 5) => go!(1, 5),
+        (1, 4) => go!(1, 4),
         (1, 3) => go!(1, 3),
         (1, 2) => go!(1, 2),
         _ => go!(1, 1),
@@ -483,6 +492,26 @@ mod tests {
                     matmul_with(simd, &x, Rows::F32(&wide), Some(&bias), t, n, k, &mut f);
                     let same = f.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{ty} t={t} {simd:?}: f32 path differs across SIMD levels");
+                }
+            }
+        }
+    }
+
+    /// `dot_tiles` gives every pair exactly `dot`'s value, whatever the tile it falls in (one x
+    /// against up to 8 rows per tile, or 4 × 3), at the active SIMD level.
+    #[test]
+    fn dot_tiles_equal_dot() {
+        for (nx, nw, k) in [(1, 1, 64), (1, 7, 64), (1, 8, 128), (1, 19, 37), (3, 10, 64), (5, 4, 13)] {
+            let v = |seed: usize, i: usize| ((i * 7919 + seed * 104729) % 23) as f32 * 0.07 - 0.8;
+            let xs: Vec<Vec<f32>> = (0..nx).map(|a| (0..k).map(|i| v(a, i)).collect()).collect();
+            let ws: Vec<Vec<f32>> = (0..nw).map(|b| (0..k).map(|i| v(100 + b, i)).collect()).collect();
+            let (xr, wr): (Vec<&[f32]>, Vec<&[f32]>) =
+                (xs.iter().map(|x| &x[..]).collect(), ws.iter().map(|w| &w[..]).collect());
+            let mut got = vec![f32::NAN; nx * nw];
+            dot_tiles(&xr, &wr, |i, j, val| got[i * nw + j] = val);
+            for i in 0..nx {
+                for j in 0..nw {
+                    assert_eq!(got[i * nw + j].to_bits(), dot(xr[i], wr[j]).to_bits(), "{nx}x{nw} k{k} [{i},{j}]");
                 }
             }
         }

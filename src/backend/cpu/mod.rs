@@ -123,6 +123,21 @@ pub struct CpuLayout {
 /// sum (no FMA), so every SIMD width gives the same values. The compiler vectorizes the inner
 /// loop; with AVX2 or AVX-512 enabled it runs 8 or 16 lanes instead of SSE's 4.
 fn weighted_values(o: &mut [f32], scores: &[f32], inv: &[f32], rows: &[usize], vc: &[f32], hd: usize, n: usize) {
+    weighted_values_at(simd::active(), o, scores, inv, rows, vc, hd, n)
+}
+
+/// [`weighted_values`] at SIMD level `level` (at most what the CPU has; tests run each).
+#[allow(clippy::too_many_arguments)]
+fn weighted_values_at(
+    level: simd::Simd,
+    o: &mut [f32],
+    scores: &[f32],
+    inv: &[f32],
+    rows: &[usize],
+    vc: &[f32],
+    hd: usize,
+    n: usize,
+) {
     #[inline(always)]
     fn run(o: &mut [f32], scores: &[f32], inv: &[f32], rows: &[usize], vc: &[f32], hd: usize, n: usize) {
         o.fill(0.0);
@@ -138,6 +153,80 @@ fn weighted_values(o: &mut [f32], scores: &[f32], inv: &[f32], rows: &[usize], v
     }
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::x86_64::*;
+        // Head dimensions of 64 and 128 (every model persona runs): one head at a time with its
+        // output in registers over all the keys; the generic loop stored and reloaded each
+        // head's output at every key. Same operations in the same order per element.
+        macro_rules! heads {
+            ($name:ident, $feat:literal, $w:literal, $v:ty, $zero:ident, $set1:ident, $load:ident, $mul:ident, $add:ident, $store:ident) => {
+                #[target_feature(enable = $feat)]
+                unsafe fn $name<const HD: usize>(
+                    o: &mut [f32],
+                    s: &[f32],
+                    inv: &[f32],
+                    rows: &[usize],
+                    vc: &[f32],
+                    n: usize,
+                ) {
+                    // At most 8 registers of outputs per pass over the keys (AVX2 with 128
+                    // takes two passes).
+                    const { assert!(HD / $w <= 8 || (HD / $w) % 8 == 0) };
+                    let per = (HD / $w).min(8);
+                    for (h, oh) in o.chunks_exact_mut(HD).enumerate() {
+                        let sh = &s[h * n..][..n];
+                        for c0 in (0..HD / $w).step_by(per) {
+                            let mut acc: [$v; 8] = [$zero(); 8];
+                            for (j, &r) in rows.iter().enumerate() {
+                                let p = $set1(sh[j] * inv[h]);
+                                let vr = &vc[r..r + HD];
+                                for (c, a) in acc.iter_mut().enumerate().take(per) {
+                                    *a = $add(*a, $mul(p, $load(vr.as_ptr().add((c0 + c) * $w))));
+                                }
+                            }
+                            for (c, a) in acc.iter().enumerate().take(per) {
+                                $store(oh.as_mut_ptr().add((c0 + c) * $w), *a);
+                            }
+                        }
+                    }
+                }
+            };
+        }
+        heads!(
+            heads_avx512,
+            "avx512f,avx2",
+            16,
+            __m512,
+            _mm512_setzero_ps,
+            _mm512_set1_ps,
+            _mm512_loadu_ps,
+            _mm512_mul_ps,
+            _mm512_add_ps,
+            _mm512_storeu_ps
+        );
+        heads!(
+            heads_avx2,
+            "avx2",
+            8,
+            __m256,
+            _mm256_setzero_ps,
+            _mm256_set1_ps,
+            _mm256_loadu_ps,
+            _mm256_mul_ps,
+            _mm256_add_ps,
+            _mm256_storeu_ps
+        );
+        let level = level.min(simd::detected());
+        // SAFETY: the level is at most what the CPU has (lowered above); o holds whole heads of
+        // hd values, and every V row is sliced in bounds.
+        unsafe {
+            match (level, hd) {
+                (simd::Simd::Avx512, 64) => return heads_avx512::<64>(o, scores, inv, rows, vc, n),
+                (simd::Simd::Avx512, 128) => return heads_avx512::<128>(o, scores, inv, rows, vc, n),
+                (simd::Simd::Avx2, 64) => return heads_avx2::<64>(o, scores, inv, rows, vc, n),
+                (simd::Simd::Avx2, 128) => return heads_avx2::<128>(o, scores, inv, rows, vc, n),
+                _ => {}
+            }
+        }
         #[target_feature(enable = "avx512f,avx2")]
         unsafe fn run_avx512(o: &mut [f32], s: &[f32], i: &[f32], r: &[usize], v: &[f32], hd: usize, n: usize) {
             run(o, s, i, r, v, hd, n)
@@ -146,8 +235,8 @@ fn weighted_values(o: &mut [f32], scores: &[f32], inv: &[f32], rows: &[usize], v
         unsafe fn run_avx2(o: &mut [f32], s: &[f32], i: &[f32], r: &[usize], v: &[f32], hd: usize, n: usize) {
             run(o, s, i, r, v, hd, n)
         }
-        match simd::active() {
-            // SAFETY: the level is at most what the CPU has (simd::active).
+        match level {
+            // SAFETY: the level is at most what the CPU has (lowered above).
             simd::Simd::Avx512 => return unsafe { run_avx512(o, scores, inv, rows, vc, hd, n) },
             simd::Simd::Avx2 => return unsafe { run_avx2(o, scores, inv, rows, vc, hd, n) },
             simd::Simd::Portable => {}
@@ -416,5 +505,31 @@ impl Backend for CpuBackend {
             out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention's weighted sum of values gives the same bits at every SIMD level the CPU has,
+    /// for the head sizes with their own kernels and one without.
+    #[test]
+    fn weighted_values_are_the_same_at_every_level() {
+        for (hd, heads, n) in [(64, 3, 37), (128, 2, 9), (48, 2, 5), (64, 1, 1)] {
+            let f = |i: usize| ((i * 7919) % 29) as f32 * 0.031 - 0.4;
+            let rows: Vec<usize> = (0..n).map(|j| ((j * 5) % n) * hd).collect();
+            let vc: Vec<f32> = (0..n * hd).map(f).collect();
+            let scores: Vec<f32> = (0..heads * n).map(|i| f(i + 3).abs()).collect();
+            let inv: Vec<f32> = (0..heads).map(|h| 0.3 + h as f32 * 0.1).collect();
+            let mut want = vec![f32::NAN; heads * hd];
+            weighted_values_at(simd::Simd::Portable, &mut want, &scores, &inv, &rows, &vc, hd, n);
+            for level in simd::Simd::available() {
+                let mut got = vec![f32::NAN; heads * hd];
+                weighted_values_at(level, &mut got, &scores, &inv, &rows, &vc, hd, n);
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "hd {hd} heads {heads} n {n}: {level:?} differs from portable");
+            }
+        }
     }
 }
