@@ -8,8 +8,10 @@
 //! Weights are packed one after another into 2 MB-aligned anonymous mappings of at least
 //! [`CHUNK`] bytes advised `MADV_HUGEPAGE` (Linux; elsewhere, and where the advice is refused,
 //! the same memory in ordinary pages). A chunk is unmapped when the last weight in it is
-//! dropped. Only touched memory is resident: the unused end of a chunk costs address space, and
-//! at most one partly used 2 MB page.
+//! dropped, except the one being filled, which stays mapped until it is full: after a model is
+//! dropped, up to [`CHUNK`] bytes of its smaller weights can stay resident until the next weights
+//! fill that chunk. Only touched memory is resident: the unused end of a chunk costs address
+//! space, and at most one partly used 2 MB page.
 
 use std::sync::{Arc, Mutex};
 
