@@ -5,14 +5,14 @@
 //! 530 MB row-by-row f32 matrix-vector product, 2 threads: 21.7-22.5 vs 25.7-26.6 GB/s; a plain
 //! read 30 vs 35-37 GB/s): fewer TLB misses and page walks under the streams.
 //!
-//! Weights are packed one after another into 2 MB-aligned anonymous mappings of at least
-//! [`CHUNK`] bytes advised `MADV_HUGEPAGE` (Linux; elsewhere, and where the advice is refused,
-//! the same memory in ordinary pages). A chunk is unmapped when the last weight in it is
-//! dropped, except the one being filled, which stays mapped until it is full: after a model is
-//! dropped, up to [`CHUNK`] bytes of its smaller weights can stay resident until the next weights
-//! fill that chunk. Only touched memory is resident: the unused end of a chunk costs address
-//! space, and at most one partly used 2 MB page.
+//! Weights are packed one after another into 2 MB-aligned anonymous mappings of [`CHUNK`]
+//! bytes (a weight of more than half that gets one of its own) advised `MADV_HUGEPAGE` (Linux;
+//! elsewhere, and where the advice is refused, the same memory in ordinary pages). A chunk is unmapped when the last weight in it is
+//! dropped (the chunk being filled too: it is let go when its last weight goes). Only touched
+//! memory is resident: the unused end of a chunk costs address space, and at most one partly
+//! used 2 MB page.
 
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
@@ -57,22 +57,26 @@ impl Chunk {
     }
 }
 
-/// The chunk weights are being packed into, and the bytes of it already given out.
-static OPEN: Mutex<Option<(Arc<Chunk>, usize)>> = Mutex::new(None);
-
-/// `len` f32 values in huge-page-backed memory.
-pub struct HugeF32 {
-    chunk: Arc<Chunk>,
-    offset: usize,
-    len: usize,
+/// Where weights are packed: the chunk being filled, and the bytes of it already given out.
+/// Every clone and drop of a chunk's `Arc` happens under the lock, so its count is exact there.
+struct Arena {
+    open: Mutex<Option<(Arc<Chunk>, usize)>>,
 }
 
-impl HugeF32 {
+impl Arena {
+    const fn new() -> Arena {
+        Arena { open: Mutex::new(None) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Arc<Chunk>, usize)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// `len` values written by `fill` (which gets them zeroed).
-    pub fn filled(len: usize, fill: impl FnOnce(&mut [f32])) -> Result<HugeF32> {
+    fn filled(&'static self, len: usize, fill: impl FnOnce(&mut [f32])) -> Result<HugeF32> {
         let bytes = len * 4;
         let (chunk, offset) = {
-            let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+            let mut open = self.lock();
             match open.as_mut() {
                 Some((c, used)) if *used + bytes <= c.len => {
                     let at = *used;
@@ -91,7 +95,37 @@ impl HugeF32 {
         // weight was given any of it; fresh anonymous memory reads as zeros, a valid f32.
         let values = unsafe { std::slice::from_raw_parts_mut(chunk.base.add(offset) as *mut f32, len) };
         fill(values);
-        Ok(HugeF32 { chunk, offset, len })
+        Ok(HugeF32 { chunk: ManuallyDrop::new(chunk), offset, len, arena: self })
+    }
+}
+
+static ARENA: Arena = Arena::new();
+
+/// `len` f32 values in huge-page-backed memory.
+pub struct HugeF32 {
+    /// Dropped in `drop`, under the arena's lock.
+    chunk: ManuallyDrop<Arc<Chunk>>,
+    offset: usize,
+    len: usize,
+    arena: &'static Arena,
+}
+
+impl HugeF32 {
+    /// `len` values written by `fill` (which gets them zeroed).
+    pub fn filled(len: usize, fill: impl FnOnce(&mut [f32])) -> Result<HugeF32> {
+        ARENA.filled(len, fill)
+    }
+}
+
+impl Drop for HugeF32 {
+    fn drop(&mut self) {
+        let mut open = self.arena.lock();
+        // The last weight in the chunk being filled: let the chunk go with it.
+        if open.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &self.chunk) && Arc::strong_count(c) == 2) {
+            *open = None;
+        }
+        // SAFETY: dropped once, here; the field is not used again.
+        unsafe { ManuallyDrop::drop(&mut self.chunk) };
     }
 }
 
@@ -126,5 +160,25 @@ mod tests {
         drop(ws);
         let empty = HugeF32::filled(0, |_| {}).unwrap();
         assert!(empty.is_empty());
+    }
+
+    /// The chunk being filled is unmapped with its last weight, not kept for later ones.
+    #[test]
+    fn the_open_chunk_goes_with_its_last_weight() {
+        // An arena of its own: the global one is shared with tests running in parallel.
+        let arena: &'static Arena = Box::leak(Box::new(Arena::new()));
+        let a = arena.filled(1000, |v| v.fill(1.0)).unwrap();
+        let b = arena.filled(1000, |v| v.fill(2.0)).unwrap();
+        let chunk = Arc::downgrade(&a.chunk);
+        assert!(Arc::ptr_eq(&a.chunk, &b.chunk));
+        drop(a);
+        assert!(chunk.upgrade().is_some(), "b still uses the chunk");
+        assert_eq!(b[999], 2.0);
+        drop(b);
+        assert!(chunk.upgrade().is_none(), "the chunk outlived its weights");
+        assert!(arena.lock().is_none());
+        // The next weight opens a new chunk.
+        let c = arena.filled(10, |v| v.fill(3.0)).unwrap();
+        assert_eq!(&c[..], &[3.0; 10]);
     }
 }
