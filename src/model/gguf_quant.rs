@@ -148,64 +148,35 @@ pub fn dot_rows(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: simd is at most the detected level, and dot_rows_max is non-zero only from Avx2
     // (AVX2, FMA and F16C; Avx512 adds AVX-512 F/BW/VL/DQ) and for t ≤ 4 (with AVX2, 1 except
-    // for Q4_K and Q6_K, so `avx2_one!` is reached with t = 1 only); the kernels check the lengths.
+    // for Q4_K and Q6_K, so the one-token AVX2 calls get t = 1 only); the kernels check the lengths.
     unsafe {
-        // AVX-512 kernels: one token with 6 rows in flight, 2 to 4 tokens with 3.
+        // `$m::$f` for this call's tokens: one token with `$one` rows in flight, 2 to 4 with
+        // `$batch`. AVX-512: 6 and 3; AVX2 (16 registers): 3 and, for the K-quants, 2.
         macro_rules! tokens {
-            ($f:ident) => {
+            ($m:ident :: $f:ident, $one:expr, $batch:expr) => {{
+                let xs = |i: usize| &x[i * k..][..k];
                 match t {
-                    1 => avx512::$f::<1, 6>([x], rows, row_bytes, lanes),
-                    2 => avx512::$f::<2, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
-                    3 => avx512::$f::<3, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
-                    _ => avx512::$f::<4, 3>(std::array::from_fn(|i| &x[i * k..][..k]), rows, row_bytes, lanes),
+                    1 => $m::$f::<1, { $one }>([x], rows, row_bytes, lanes),
+                    2 => $m::$f::<2, { $batch }>(std::array::from_fn(xs), rows, row_bytes, lanes),
+                    3 => $m::$f::<3, { $batch }>(std::array::from_fn(xs), rows, row_bytes, lanes),
+                    _ => $m::$f::<4, { $batch }>(std::array::from_fn(xs), rows, row_bytes, lanes),
                 }
-            };
-        }
-        // AVX2 kernels (16 registers): one token with 3 rows, 2 to 4 (K-quants) with 2.
-        macro_rules! avx2_tokens {
-            ($f:ident) => {
-                match t {
-                    1 => avx2::$f::<1, 3>([x], rows, row_bytes, lanes),
-                    2 => avx2::$f::<2, AVX2_BATCH_ROWS>(
-                        std::array::from_fn(|i| &x[i * k..][..k]),
-                        rows,
-                        row_bytes,
-                        lanes,
-                    ),
-                    3 => avx2::$f::<3, AVX2_BATCH_ROWS>(
-                        std::array::from_fn(|i| &x[i * k..][..k]),
-                        rows,
-                        row_bytes,
-                        lanes,
-                    ),
-                    _ => avx2::$f::<4, AVX2_BATCH_ROWS>(
-                        std::array::from_fn(|i| &x[i * k..][..k]),
-                        rows,
-                        row_bytes,
-                        lanes,
-                    ),
-                }
-            };
-        }
-        // The 32-element types take one token only (dot_rows_max).
-        macro_rules! avx2_one {
-            ($f:ident) => {
-                avx2::$f::<1, 3>([x], rows, row_bytes, lanes)
-            };
+            }};
         }
         match (simd, ty) {
-            (Simd::Avx512, GgmlType::Q4_1) => tokens!(dot_q4_1),
-            (Simd::Avx512, GgmlType::Q4_0) => tokens!(dot_q4_0),
-            (Simd::Avx512, GgmlType::Q5_0) => tokens!(dot_q5_0),
-            (Simd::Avx512, GgmlType::Q8_0) => tokens!(dot_q8_0),
-            (Simd::Avx512, GgmlType::Q4_K) => tokens!(dot_q4_k),
-            (Simd::Avx512, GgmlType::Q6_K) => tokens!(dot_q6_k),
-            (_, GgmlType::Q4_1) => avx2_one!(dot_q4_1),
-            (_, GgmlType::Q4_0) => avx2_one!(dot_q4_0),
-            (_, GgmlType::Q8_0) => avx2_one!(dot_q8_0),
-            (_, GgmlType::Q5_0) => avx2_one!(dot_q5_0),
-            (_, GgmlType::Q4_K) => avx2_tokens!(dot_q4_k),
-            (_, GgmlType::Q6_K) => avx2_tokens!(dot_q6_k),
+            (Simd::Avx512, GgmlType::Q4_1) => tokens!(avx512::dot_q4_1, 6, 3),
+            (Simd::Avx512, GgmlType::Q4_0) => tokens!(avx512::dot_q4_0, 6, 3),
+            (Simd::Avx512, GgmlType::Q5_0) => tokens!(avx512::dot_q5_0, 6, 3),
+            (Simd::Avx512, GgmlType::Q8_0) => tokens!(avx512::dot_q8_0, 6, 3),
+            (Simd::Avx512, GgmlType::Q4_K) => tokens!(avx512::dot_q4_k, 6, 3),
+            (Simd::Avx512, GgmlType::Q6_K) => tokens!(avx512::dot_q6_k, 6, 3),
+            // AVX2: the 32-element types take one token only (dot_rows_max).
+            (_, GgmlType::Q4_1) => avx2::dot_q4_1::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q4_0) => avx2::dot_q4_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q8_0) => avx2::dot_q8_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q5_0) => avx2::dot_q5_0::<1, 3>([x], rows, row_bytes, lanes),
+            (_, GgmlType::Q4_K) => tokens!(avx2::dot_q4_k, 3, AVX2_BATCH_ROWS),
+            (_, GgmlType::Q6_K) => tokens!(avx2::dot_q6_k, 3, AVX2_BATCH_ROWS),
             _ => return false,
         }
         true
