@@ -153,68 +153,33 @@ fn weighted_values_at(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::*;
-        // Head dimensions of 64 and 128 (every model persona runs): one head at a time with its
-        // output in registers over all the keys; the generic loop stored and reloaded each
-        // head's output at every key. Same operations in the same order per element.
-        macro_rules! heads {
-            ($name:ident, $feat:literal, $w:literal, $v:ty, $zero:ident, $set1:ident, $load:ident, $mul:ident, $add:ident, $store:ident) => {
-                #[target_feature(enable = $feat)]
-                unsafe fn $name<const HD: usize>(
-                    o: &mut [f32],
-                    s: &[f32],
-                    inv: &[f32],
-                    rows: &[usize],
-                    vc: &[f32],
-                    n: usize,
-                ) {
-                    // At most 8 registers of outputs per pass over the keys (AVX2 with 128
-                    // takes two passes).
-                    const { assert!(HD / $w <= 8 || (HD / $w) % 8 == 0) };
-                    let per = (HD / $w).min(8);
-                    for (h, oh) in o.chunks_exact_mut(HD).enumerate() {
-                        let sh = &s[h * n..][..n];
-                        for c0 in (0..HD / $w).step_by(per) {
-                            let mut acc: [$v; 8] = [$zero(); 8];
-                            for (j, &r) in rows.iter().enumerate() {
-                                let p = $set1(sh[j] * inv[h]);
-                                let vr = &vc[r..r + HD];
-                                for (c, a) in acc.iter_mut().enumerate().take(per) {
-                                    *a = $add(*a, $mul(p, $load(vr.as_ptr().add((c0 + c) * $w))));
-                                }
-                            }
-                            for (c, a) in acc.iter().enumerate().take(per) {
-                                $store(oh.as_mut_ptr().add((c0 + c) * $w), *a);
-                            }
-                        }
+        // Head dimensions of 64 and 128 (every model persona runs): one head at a time, its
+        // output a fixed-size array the compiler keeps in registers over all the keys (the
+        // generic loop stored and reloaded it at every key). Same operations in the same order
+        // per element.
+        #[inline(always)]
+        fn heads<const HD: usize>(o: &mut [f32], s: &[f32], inv: &[f32], rows: &[usize], vc: &[f32], n: usize) {
+            for (h, oh) in o.chunks_exact_mut(HD).enumerate() {
+                let sh = &s[h * n..][..n];
+                let mut acc = [0f32; HD];
+                for (j, &r) in rows.iter().enumerate() {
+                    let p = sh[j] * inv[h];
+                    let vr: &[f32; HD] = vc[r..r + HD].try_into().unwrap();
+                    for (a, &v) in acc.iter_mut().zip(vr) {
+                        *a += p * v;
                     }
                 }
-            };
+                oh.copy_from_slice(&acc);
+            }
         }
-        heads!(
-            heads_avx512,
-            "avx512f,avx2",
-            16,
-            __m512,
-            _mm512_setzero_ps,
-            _mm512_set1_ps,
-            _mm512_loadu_ps,
-            _mm512_mul_ps,
-            _mm512_add_ps,
-            _mm512_storeu_ps
-        );
-        heads!(
-            heads_avx2,
-            "avx2",
-            8,
-            __m256,
-            _mm256_setzero_ps,
-            _mm256_set1_ps,
-            _mm256_loadu_ps,
-            _mm256_mul_ps,
-            _mm256_add_ps,
-            _mm256_storeu_ps
-        );
+        #[target_feature(enable = "avx512f,avx2")]
+        unsafe fn heads_avx512<const HD: usize>(o: &mut [f32], s: &[f32], i: &[f32], r: &[usize], v: &[f32], n: usize) {
+            heads::<HD>(o, s, i, r, v, n)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn heads_avx2<const HD: usize>(o: &mut [f32], s: &[f32], i: &[f32], r: &[usize], v: &[f32], n: usize) {
+            heads::<HD>(o, s, i, r, v, n)
+        }
         let level = level.min(simd::detected());
         // SAFETY: the level is at most what the CPU has (lowered above); o holds whole heads of
         // hd values, and every V row is sliced in bounds.
